@@ -1,0 +1,3 @@
+from fedbip_cli.cli import main
+
+main()

@@ -1,0 +1,330 @@
+"""Read and validate PEFT LoRA adapters lazily; write merged adapters.
+
+An adapter is checked once, here, from its ``adapter_config.json`` and the safetensors header: every
+later step can assume well-formed, supported LoRA factors. Tensor data is only read on demand
+(``Adapter.factors``) through ``safetensors.safe_open``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fedbip_cli.errors import AdapterError
+from fedbip_cli.sources import ResolvedSource
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+SUPPORTED = "supported: plain LoRA adapters (peft_type LORA) on linear layers, saved as adapter_model.safetensors"
+
+_FACTOR_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+# Tensor names that mark a kind of adapter whose delta is not s * B @ A, with what to tell the user.
+_UNSUPPORTED_TENSORS = (
+    ("lora_magnitude_vector", "DoRA adapters (use_dora) are not supported"),
+    ("lora_embedding_", "LoRA on embedding layers is not supported"),
+    ("modules_to_save", "modules_to_save (fully trained extra modules) are not supported"),
+    ("trainable_tokens", "trainable token adapters are not supported"),
+)
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA-adapted module: ΔW = scale · B @ A, with B of shape (out, r) and A of shape (r, in)."""
+
+    name: str
+    rank: int
+    scale: float
+    out_features: int
+    in_features: int
+    dtype: torch.dtype
+
+
+@dataclass
+class Adapter:
+    """A validated adapter whose tensors are read lazily."""
+
+    name: str
+    source: ResolvedSource
+    config: dict[str, Any]
+    fan_in_fan_out: bool
+    modules: dict[str, LoraModule]
+    weights_path: Path
+    sha256: str
+    _prefix: str = field(default=KEY_PREFIX, repr=False)
+
+    @property
+    def where(self) -> str:
+        return str(self.source.path)
+
+    def factors(
+        self, module: str, *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(scale · B, A)`` for ``module`` in ``dtype`` on ``device``.
+
+        Raises AdapterError when a tensor holds NaN or Inf.
+        """
+        spec = self.modules[module]
+        with safe_open(self.weights_path, framework="pt") as f:
+            a = f.get_tensor(f"{self._prefix}{module}.lora_A.weight")
+            b = f.get_tensor(f"{self._prefix}{module}.lora_B.weight")
+        for which, t in (("lora_A", a), ("lora_B", b)):
+            if not torch.isfinite(t).all():
+                raise AdapterError(
+                    f"{module}.{which} contains NaN or Inf values",
+                    where=str(self.weights_path),
+                    hint="the adapter's training diverged or the file is damaged; re-train or re-save it",
+                )
+        b = b.to(device=device, dtype=dtype) * spec.scale
+        return b, a.to(device=device, dtype=dtype)
+
+
+def load_adapter(source: ResolvedSource) -> Adapter:
+    """Validate the adapter at ``source.path`` (config and safetensors header) and return it."""
+    directory = source.path
+    config = _read_config(directory / CONFIG_NAME)
+    _check_config(config, directory / CONFIG_NAME)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        if (directory / PICKLE_NAME).is_file():
+            raise AdapterError(
+                f"only pickled weights ({PICKLE_NAME}) found; they are not read because unpickling can run code",
+                where=str(directory),
+                hint=f"re-save the adapter with safetensors (peft: save_pretrained(..., safe_serialization=True)); {SUPPORTED}",
+            )
+        raise AdapterError(f"{WEIGHTS_NAME} is missing", where=str(directory), hint=SUPPORTED)
+    shapes, dtypes = _read_header(weights)
+    prefix = KEY_PREFIX if all(k.startswith(KEY_PREFIX) for k in shapes) else ""
+    modules = _parse_modules(shapes, dtypes, prefix, config, weights)
+    if not modules:
+        raise AdapterError("no LoRA tensors (*.lora_A.weight / *.lora_B.weight) found", where=str(weights), hint=SUPPORTED)
+    return Adapter(
+        name=source.name,
+        source=source,
+        config=config,
+        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+        modules=modules,
+        weights_path=weights,
+        sha256=file_sha256(weights),
+        _prefix=prefix,
+    )
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise AdapterError(f"{CONFIG_NAME} is missing", where=str(path.parent), hint="point at a PEFT adapter directory (as written by save_pretrained)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"cannot read {CONFIG_NAME}: {exc}", where=str(path), hint="the file must be valid JSON as written by peft") from None
+    if not isinstance(config, dict):
+        raise AdapterError("expected a JSON object", where=str(path), hint="the file must be a PEFT adapter config")
+    return config
+
+
+def _check_config(config: dict[str, Any], path: Path) -> None:
+    where = str(path)
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterError(f"peft_type {peft_type!r} is not supported", where=where, hint=SUPPORTED)
+    if config.get("use_dora"):
+        raise AdapterError("DoRA adapters (use_dora: true) are not supported", where=where, hint=SUPPORTED)
+    if config.get("lora_bias"):
+        raise AdapterError("LoRA bias (lora_bias: true) is not supported", where=where, hint=SUPPORTED)
+    if config.get("bias", "none") != "none":
+        raise AdapterError(f"bias {config.get('bias')!r} is not supported (trained biases are not a low-rank delta)", where=where, hint=SUPPORTED)
+    r = config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise AdapterError(f"lora rank r={r!r} in {CONFIG_NAME}; expected a positive integer", where=where)
+    alpha = config.get("lora_alpha", 8)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise AdapterError(f"lora_alpha={alpha!r}; expected a number", where=where)
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise AdapterError(f"{key} must be an object mapping module patterns to numbers", where=where)
+
+
+def _read_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+            slices = {k: f.get_slice(k) for k in keys}
+            shapes = {k: list(s.get_shape()) for k, s in slices.items()}
+            dtypes = {k: s.get_dtype() for k, s in slices.items()}
+    except Exception as exc:  # safetensors raises its own error types and OSError for damaged files
+        raise AdapterError(
+            f"corrupt or truncated safetensors file ({exc})",
+            where=str(path),
+            hint="re-download or re-save the adapter",
+        ) from None
+    return shapes, dtypes
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """peft's lookup: the first pattern key that matches the end of the module name wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _parse_modules(
+    shapes: dict[str, list[int]], dtypes: dict[str, str], prefix: str, config: dict[str, Any], path: Path
+) -> dict[str, LoraModule]:
+    where = str(path)
+    factors: dict[str, dict[str, str]] = {}
+    for key in shapes:
+        for marker, problem in _UNSUPPORTED_TENSORS:
+            if marker in key:
+                raise AdapterError(f"{problem} (tensor {key})", where=where, hint=SUPPORTED)
+        match = _FACTOR_RE.match(key[len(prefix):])
+        if match is None:
+            if key.endswith(".lora_B.bias"):
+                raise AdapterError(f"LoRA bias is not supported (tensor {key})", where=where, hint=SUPPORTED)
+            if key.endswith(".bias"):
+                raise AdapterError(f"trained biases are not supported (tensor {key})", where=where, hint=SUPPORTED)
+            raise AdapterError(f"unexpected tensor {key}", where=where, hint=SUPPORTED)
+        factors.setdefault(match["module"], {})[match["which"]] = key
+
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    modules: dict[str, LoraModule] = {}
+    for name in sorted(factors):
+        pair = factors[name]
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise AdapterError(f"{name} has no {missing}.weight", where=where, hint="the adapter file is incomplete; re-save it")
+        a_shape, b_shape = shapes[pair["A"]], shapes[pair["B"]]
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            raise AdapterError(
+                f"{name}: lora_A {a_shape} / lora_B {b_shape} are not matrices (LoRA on convolutions is not supported)",
+                where=where,
+                hint=SUPPORTED,
+            )
+        if a_shape[0] != b_shape[1]:
+            raise AdapterError(
+                f"{name}: lora_A has shape {a_shape} and lora_B {b_shape}; their ranks differ",
+                where=where,
+                hint="lora_A must be (r, in_features) and lora_B (out_features, r)",
+            )
+        rank = a_shape[0]
+        expected = _pattern_value(rank_pattern, name, config["r"])
+        if expected != rank:
+            raise AdapterError(
+                f"{name}: tensors have rank {rank} but {CONFIG_NAME} gives r={expected} for this module",
+                where=where,
+                hint="the config and the weights do not belong together",
+            )
+        alpha = _pattern_value(alpha_pattern, name, config.get("lora_alpha", 8))
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        dtype_name = dtypes[pair["A"]]
+        if dtype_name not in _DTYPES or dtypes[pair["B"]] not in _DTYPES:
+            raise AdapterError(f"{name}: unsupported dtype {dtype_name}", where=where, hint="use float32, float16 or bfloat16 weights")
+        modules[name] = LoraModule(name, rank, float(scale), b_shape[0], a_shape[1], _DTYPES[dtype_name])
+    return modules
+
+
+def write_adapter(directory: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], config: dict[str, Any], dtype: torch.dtype) -> None:
+    """Write a PEFT adapter (config + safetensors) whose modules have scale 1: ΔW = B @ A.
+
+    ``factors`` maps module name to ``(B, A)``; ``config`` is the template (task type, base model,
+    fan_in_fan_out). Ranks go in ``r`` (the most common) and ``rank_pattern`` / ``alpha_pattern``
+    for the others, with ``lora_alpha`` equal to the rank everywhere so that peft's scale is 1.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    ranks = {name: int(a.shape[0]) for name, (_, a) in factors.items()}
+    counts: dict[int, int] = {}
+    for r in ranks.values():
+        counts[r] = counts.get(r, 0) + 1
+    common = max(sorted(counts), key=lambda r: counts[r])
+    pattern = {re.escape(name): r for name, r in ranks.items() if r != common}
+    out_config = {
+        "peft_type": "LORA",
+        "task_type": config.get("task_type"),
+        "base_model_name_or_path": config.get("base_model_name_or_path"),
+        "revision": config.get("revision"),
+        "r": common,
+        "lora_alpha": common,
+        "use_rslora": False,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted(factors),
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+    (directory / CONFIG_NAME).write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in sorted(factors):
+        b, a = factors[name]
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a.to(dtype=dtype, device="cpu").contiguous()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b.to(dtype=dtype, device="cpu").contiguous()
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def base_weight_shapes(base_dir: Path) -> dict[str, list[int]]:
+    """Shapes of every tensor in a base model directory, from the safetensors headers only."""
+    files = sorted(base_dir.glob("*.safetensors"))
+    if not files:
+        raise AdapterError(
+            "no *.safetensors weights found",
+            where=str(base_dir),
+            hint="--base must be a Hugging Face model directory saved with safetensors",
+        )
+    shapes: dict[str, list[int]] = {}
+    for path in files:
+        shapes.update(_read_header(path)[0])
+    return shapes
+
+
+def check_against_base(adapters: list[Adapter], base_dir: Path) -> None:
+    """Check that every adapted module exists in the base with the shape its factors imply."""
+    shapes = base_weight_shapes(base_dir)
+    for adapter in adapters:
+        for name, spec in adapter.modules.items():
+            expected = [spec.in_features, spec.out_features] if adapter.fan_in_fan_out else [spec.out_features, spec.in_features]
+            # Adapters trained on a task head (e.g. BertForSequenceClassification) carry a prefix
+            # ("bert.") that a bare base checkpoint lacks, and the reverse: match on the name's tail.
+            found = [
+                key
+                for key in shapes
+                if key.endswith(".weight")
+                and (key[: -len(".weight")] == name or name.endswith("." + key[: -len(".weight")]) or key[: -len(".weight")].endswith("." + name))
+            ]
+            if not found:
+                raise AdapterError(
+                    f"module {name} does not exist in the base model",
+                    where=adapter.where,
+                    hint=f"this adapter was trained on another model than {base_dir}",
+                )
+            if all(shapes[key] != expected for key in found):
+                raise AdapterError(
+                    f"module {name}: the factors imply a weight of shape {expected}, the base has {shapes[found[0]]}",
+                    where=adapter.where,
+                    hint=f"this adapter was trained on another model than {base_dir}",
+                )

@@ -1,0 +1,320 @@
+"""One call per command: sources → adapters → similarity → weights → merge → writers.
+
+``load`` resolves and validates everything up front (so a bad input fails before any compute or
+output), ``inspect`` computes similarities, ``merge`` writes one personalized adapter per client.
+Progress is reported through an optional callback; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedbip_cli import manifest
+from fedbip_cli.adapters import Adapter, check_against_base, file_sha256, load_adapter, write_adapter
+from fedbip_cli.errors import AdapterError, OutputError, SourceError, UsageError
+from fedbip_cli.merge import combiner
+from fedbip_cli.similarity import SimilarityResult, module_inner_products, similarity_from_inner
+from fedbip_cli.sources import ResolvedSource, resolve_model_dir, resolve_sources
+from fedbip_cli.taskvec import all_modules, group_modules, module_factors
+from fedbip_cli.weights import WeightOptions, personalized_weights
+
+# progress(stage, total) starts a stage and returns the function that advances it.
+Progress = Callable[[str, int], Callable[[int], None]]
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _no_progress(stage: str, total: int) -> Callable[[int], None]:
+    return lambda n: None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a user error."""
+    if name not in DEVICES:
+        raise UsageError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is available", hint="use --device cpu or auto")
+    return torch.device(name)
+
+
+@dataclass
+class Workspace:
+    """Validated inputs: every adapter checked, modules consistent across clients."""
+
+    specs: list[str]
+    sources: list[ResolvedSource]
+    adapters: list[Adapter]
+    modules: list[str]
+    base: str | None = None
+    base_revision: str | None = None
+
+    @property
+    def clients(self) -> list[str]:
+        return [a.name for a in self.adapters]
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Every option that changes a merge's result (recorded in the manifest)."""
+
+    granularity: str = "model"
+    weights: WeightOptions = field(default_factory=WeightOptions)
+    combine: str = "svd"
+    rank: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        combiner(self.combine)  # raises on an unknown name, listing the valid ones
+        if self.rank is not None and self.rank < 1:
+            raise UsageError(f"--rank {self.rank} must be a positive integer")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "granularity": self.granularity,
+            "weighting": self.weights.weighting,
+            "negative": self.weights.negative,
+            "temperature": self.weights.temperature,
+            "top_k": self.weights.top_k,
+            "combine": self.combine,
+            "rank": self.rank,
+        }
+
+
+@dataclass
+class MergeResult:
+    similarity: SimilarityResult
+    weights: dict[str, torch.Tensor]  # per group, (K, K)
+    rank: int
+    energy: dict[str, dict[str, float | None]]  # client -> module -> energy kept
+    out: Path
+    manifest: dict[str, Any]
+
+
+def load(specs: Sequence[str], *, base: str | None = None) -> Workspace:
+    """Resolve and validate every source (and the base, when given)."""
+    sources = resolve_sources(list(specs))
+    if len(sources) < 2:
+        raise SourceError(
+            f"found {len(sources)} adapter(s); merging needs at least 2 clients",
+            where=", ".join(specs) or "SOURCES",
+            hint="pass a directory of adapter directories, several adapter directories, or an @list file",
+        )
+    adapters = [load_adapter(s) for s in sources]
+    _check_consistent(adapters)
+    workspace = Workspace(list(specs), sources, adapters, all_modules(adapters))
+    if base is not None:
+        base_dir, revision = resolve_model_dir(base)
+        check_against_base(adapters, base_dir)
+        workspace.base, workspace.base_revision = base, revision
+    return workspace
+
+
+def _check_consistent(adapters: Sequence[Adapter]) -> None:
+    """The same module must have the same shape in every client, and the layouts must agree."""
+    seen: dict[str, tuple[str, int, int]] = {}
+    for adapter in adapters:
+        for name, spec in adapter.modules.items():
+            first = seen.setdefault(name, (adapter.name, spec.out_features, spec.in_features))
+            if first[1:] != (spec.out_features, spec.in_features):
+                raise AdapterError(
+                    f"module {name} is {spec.out_features}x{spec.in_features} here but "
+                    f"{first[1]}x{first[2]} in client {first[0]}",
+                    where=adapter.where,
+                    hint="all adapters must be trained on the same base model",
+                )
+    layouts = {a.fan_in_fan_out for a in adapters}
+    if len(layouts) > 1:
+        odd = next(a for a in adapters if a.fan_in_fan_out != adapters[0].fan_in_fan_out)
+        raise AdapterError(
+            "fan_in_fan_out differs between clients",
+            where=odd.where,
+            hint="all adapters must be trained on the same base model architecture",
+        )
+
+
+def inspect(
+    workspace: Workspace, *, granularity: str = "model", device: str = "auto", progress: Progress | None = None
+) -> SimilarityResult:
+    """Exact similarity of the clients' task vectors at ``granularity``."""
+    groups = group_modules(workspace.modules, granularity)
+    advance = (progress or _no_progress)("similarity", len(workspace.modules))
+    inner = module_inner_products(workspace.adapters, workspace.modules, device=resolve_device(device), progress=advance)
+    return similarity_from_inner(workspace.clients, granularity, groups, inner)
+
+
+def default_rank(workspace: Workspace, options: MergeOptions) -> int:
+    """``--rank`` or the largest input rank."""
+    return options.rank or max(m.rank for a in workspace.adapters for m in a.modules.values())
+
+
+def plan(workspace: Workspace, options: MergeOptions) -> dict[str, Any]:
+    """What a merge would do, without computing: clients, ranks, modules, groups, output size."""
+    groups = group_modules(workspace.modules, options.granularity)
+    rank = default_rank(workspace, options)
+    shapes = {name: (m.out_features, m.in_features) for a in workspace.adapters for name, m in a.modules.items()}
+    total_rank = {name: sum(a.modules[name].rank for a in workspace.adapters if name in a.modules) for name in workspace.modules}
+    out_rank = {name: total_rank[name] if options.combine == "cat" else min(rank, total_rank[name]) for name in workspace.modules}
+    itemsize = torch.empty(0, dtype=_output_dtype(workspace.adapters)).element_size()
+    per_client = sum(out_rank[n] * (shapes[n][0] + shapes[n][1]) * itemsize for n in workspace.modules)
+    return {
+        "clients": [
+            {
+                "name": a.name,
+                "source": a.source.origin,
+                "revision": a.source.revision,
+                "modules": len(a.modules),
+                "ranks": sorted({m.rank for m in a.modules.values()}),
+            }
+            for a in workspace.adapters
+        ],
+        "modules": len(workspace.modules),
+        "granularity": options.granularity,
+        "groups": {name: len(members) for name, members in groups.items()},
+        "combine": options.combine,
+        "rank": rank if options.combine != "cat" else None,
+        # An upper bound for cat, which only stacks clients with non-zero weight.
+        "output_bytes": per_client * len(workspace.adapters),
+    }
+
+
+def _output_dtype(adapters: Sequence[Adapter]) -> torch.dtype:
+    """The inputs' dtype when they all agree, else float32."""
+    dtypes = {m.dtype for a in adapters for m in a.modules.values()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def merge(
+    workspace: Workspace,
+    options: MergeOptions,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    similarity: SimilarityResult | None = None,
+) -> MergeResult:
+    """Write one personalized adapter per client into ``out`` (atomically) and the manifest."""
+    out = Path(out).absolute()
+    _check_out(out, workspace, overwrite)
+    device = resolve_device(options.device)
+    start = progress or _no_progress
+    similarity = similarity or inspect(workspace, granularity=options.granularity, device=options.device, progress=progress)
+    weights = {name: personalized_weights(g.similarity, options.weights) for name, g in similarity.groups.items()}
+    group_of = {m: name for name, g in similarity.groups.items() for m in g.modules}
+    rank = default_rank(workspace, options)
+    combine = combiner(options.combine)
+    dtype = _output_dtype(workspace.adapters)
+    clients = workspace.clients
+
+    merged: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {c: {} for c in clients}
+    energy: dict[str, dict[str, float | None]] = {c: {} for c in clients}
+    advance = start("merge", len(workspace.modules))
+    for module in workspace.modules:
+        factors = module_factors(workspace.adapters, module, device=device)
+        rows = weights[group_of[module]]
+        for i, client in enumerate(clients):
+            result = combine(factors, rows[i].to(device), rank)
+            if result is None:  # no contributing client targets this module: ΔW = 0, leave it out
+                continue
+            merged[client][module] = (result.b.cpu(), result.a.cpu())
+            energy[client][module] = result.energy
+        advance(1)
+
+    tmp = out.parent / f".{out.name}.fedbip-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        advance = start("write", len(clients))
+        outputs: dict[str, dict[str, str]] = {}
+        for adapter in workspace.adapters:
+            write_adapter(tmp / adapter.name, merged[adapter.name], adapter.config, dtype)
+            outputs[adapter.name] = {
+                f"{adapter.name}/{f.name}": file_sha256(f) for f in sorted((tmp / adapter.name).iterdir())
+            }
+            advance(1)
+        record = _manifest(workspace, options, similarity, weights, rank, energy, outputs)
+        manifest.dump(record, tmp / manifest.MANIFEST_NAME)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return MergeResult(similarity, weights, rank, energy, out, record)
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def _check_out(out: Path, workspace: Workspace, overwrite: bool) -> None:
+    real = out.resolve()
+    inputs = [s.path.resolve() for s in workspace.sources]
+    inputs += [Path(s).resolve() for s in workspace.specs if not s.startswith(("hf://", "@")) and Path(s).exists()]
+    for path in inputs:
+        if _inside(real, path):
+            raise OutputError(f"output directory lies inside the source {path}", where=str(out), hint="choose an --out outside every source")
+        if _inside(path, real):
+            raise OutputError(f"output directory contains the source {path}", where=str(out), hint="choose an --out that holds no input")
+    if real.exists() and not real.is_dir():
+        raise OutputError("exists and is not a directory", where=str(out), hint="choose another --out")
+    if real.is_dir() and any(real.iterdir()) and not overwrite:
+        raise OutputError("output directory exists and is not empty", where=str(out), hint="pass --overwrite to replace it, or choose another --out")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` into place; an old ``out`` is removed only after the move."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.fedbip-old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _manifest(
+    workspace: Workspace,
+    options: MergeOptions,
+    similarity: SimilarityResult,
+    weights: dict[str, torch.Tensor],
+    rank: int,
+    energy: dict[str, dict[str, float | None]],
+    outputs: dict[str, dict[str, str]],
+) -> dict[str, Any]:
+    return {
+        "fedbip_manifest": 1,
+        "versions": manifest.library_versions(),
+        "options": options.as_dict(),
+        "base": {"source": workspace.base, "revision": workspace.base_revision} if workspace.base else None,
+        "inputs": [
+            {
+                "name": a.name,
+                "source": a.source.origin,
+                "revision": a.source.revision,
+                "sha256": a.sha256,
+                "modules": len(a.modules),
+                "ranks": sorted({m.rank for m in a.modules.values()}),
+            }
+            for a in workspace.adapters
+        ],
+        "clients": similarity.clients,
+        "granularity": similarity.granularity,
+        "groups": {
+            name: {
+                "modules": g.modules,
+                "similarity": manifest.matrix(g.similarity),
+                "weights": manifest.matrix(weights[name]),
+            }
+            for name, g in similarity.groups.items()
+        },
+        "combine": options.combine,
+        "rank": rank if options.combine == "svd" else None,
+        "energy_kept": energy,
+        "outputs": outputs,
+    }

@@ -1,0 +1,58 @@
+"""Task vectors as per-module LoRA factors, and the grouping of modules for similarity.
+
+Granularity decides which modules share one similarity (and so one weight matrix):
+``model`` (all modules together, FedBip), ``block`` (one transformer block, FedBip-L) or ``module``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from fedbip_cli.adapters import Adapter
+from fedbip_cli.errors import UsageError
+
+GRANULARITIES = ("model", "block", "module")
+MODEL_GROUP = "model"
+
+# The index of a transformer block in a module path: encoder.layer.3, model.layers.12, transformer.h.0, blocks.7
+_BLOCK_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?=\.|$)")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders ``layer.2`` before ``layer.10``."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name))
+
+
+def block_of(module: str) -> str:
+    """The block a module belongs to (its path up to the block index), or the module itself."""
+    match = _BLOCK_RE.search(module)
+    return module[: match.end(1)].lstrip(".") if match else module
+
+
+def group_modules(modules: Iterable[str], granularity: str) -> dict[str, list[str]]:
+    """Group module names by ``granularity``; groups and their members in natural order."""
+    if granularity not in GRANULARITIES:
+        raise UsageError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+    ordered = sorted(set(modules), key=natural_key)
+    if granularity == "model":
+        return {MODEL_GROUP: ordered}
+    groups: dict[str, list[str]] = {}
+    for name in ordered:
+        key = name if granularity == "module" else block_of(name)
+        groups.setdefault(key, []).append(name)
+    return dict(sorted(groups.items(), key=lambda item: natural_key(item[0])))
+
+
+def all_modules(adapters: Sequence[Adapter]) -> list[str]:
+    """The union of every adapter's modules (a module an adapter lacks is a zero delta for it)."""
+    return sorted({m for a in adapters for m in a.modules}, key=natural_key)
+
+
+def module_factors(
+    adapters: Sequence[Adapter], module: str, *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
+) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Each adapter's ``(scale · B, A)`` at ``module``, or None where the adapter does not target it."""
+    return [a.factors(module, dtype=dtype, device=device) if module in a.modules else None for a in adapters]
