@@ -1,0 +1,299 @@
+"""Tests of SOURCES resolution: local directories, @lists, and hf:// through the real Hub cache code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hubcache import make_hub_cache, use_offline_cache
+
+from fedbip_cli.errors import SourceError
+from fedbip_cli.sources import HubRef, ResolvedSource, resolve_model_dir, resolve_sources
+
+CONFIG = json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}).encode()
+WEIGHTS = b"not parsed by sources"
+
+
+def adapter(directory: Path) -> Path:
+    """A minimal adapter directory (sources only looks for adapter_config.json)."""
+    directory.mkdir(parents=True)
+    (directory / "adapter_config.json").write_bytes(CONFIG)
+    (directory / "adapter_model.safetensors").write_bytes(WEIGHTS)
+    return directory
+
+
+def names(sources: list[ResolvedSource]) -> list[str]:
+    return [s.name for s in sources]
+
+
+# --- local directories -------------------------------------------------------------------------
+
+
+def test_directory_of_adapters_sorted_and_filtered(tmp_path: Path) -> None:
+    for name in ("zeta", "alpha", "mid", ".hidden"):
+        adapter(tmp_path / "clients" / name)
+    (tmp_path / "clients" / "notes").mkdir()
+    (tmp_path / "clients" / "README.md").write_text("not an adapter")
+
+    sources = resolve_sources(["clients"], base_dir=tmp_path)
+
+    assert names(sources) == ["alpha", "mid", "zeta"]
+    for source in sources:
+        assert source.path == (tmp_path / "clients" / source.name).resolve()
+        assert source.path.is_absolute()
+        assert source.origin == str(source.path)
+        assert source.revision is None
+
+
+def test_single_adapter_directories_keep_order(tmp_path: Path) -> None:
+    b = adapter(tmp_path / "b")
+    a = adapter(tmp_path / "x" / "a")
+
+    sources = resolve_sources([str(b), "x/a/"], base_dir=tmp_path)
+
+    assert sources == [
+        ResolvedSource("b", b.resolve(), str(b.resolve())),
+        ResolvedSource("a", a.resolve(), str(a.resolve())),
+    ]
+
+
+def test_dot_names_the_client_after_the_directory(tmp_path: Path) -> None:
+    adapter(tmp_path / "solo")
+    assert names(resolve_sources(["."], base_dir=tmp_path / "solo")) == ["solo"]
+
+
+def test_directory_without_adapters(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    adapter(tmp_path / "empty" / ".hidden")
+    with pytest.raises(SourceError) as info:
+        resolve_sources(["empty"], base_dir=tmp_path)
+    assert info.value.where == "empty"
+    assert "adapter_config.json" in info.value.hint
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(SourceError) as info:
+        resolve_sources(["nope"], base_dir=tmp_path)
+    assert info.value.message == "no such file or directory"
+    assert "@FILE" in info.value.hint and "hf://" in info.value.hint
+
+
+def test_file_is_not_a_source(tmp_path: Path) -> None:
+    (tmp_path / "weights.safetensors").write_bytes(WEIGHTS)
+    with pytest.raises(SourceError, match="not a directory"):
+        resolve_sources(["weights.safetensors"], base_dir=tmp_path)
+
+
+def test_duplicate_names_are_listed(tmp_path: Path) -> None:
+    adapter(tmp_path / "one" / "a")
+    adapter(tmp_path / "one" / "b")
+    adapter(tmp_path / "two" / "a")
+    with pytest.raises(SourceError) as info:
+        resolve_sources(["one", "two"], base_dir=tmp_path)
+    message = info.value.message
+    assert "'a'" in message and "'b'" not in message
+    assert str((tmp_path / "one" / "a").resolve()) in message
+    assert str((tmp_path / "two" / "a").resolve()) in message
+    assert "rename" in info.value.hint
+
+
+# --- @lists ------------------------------------------------------------------------------------
+
+
+def test_list_with_comments_relative_paths_and_nesting(tmp_path: Path) -> None:
+    adapter(tmp_path / "lists" / "near")
+    adapter(tmp_path / "far" / "f1")
+    adapter(tmp_path / "far" / "f2")
+    adapter(tmp_path / "lists" / "inner" / "deep")
+    (tmp_path / "lists" / "inner" / "more.txt").write_text("deep  # relative to inner/\n", encoding="utf-8")
+    (tmp_path / "lists" / "main.txt").write_text(
+        "# clients of the March run\n\nnear\n   ../far   # a directory of adapters\n@inner/more.txt\n",
+        encoding="utf-8",
+    )
+
+    sources = resolve_sources(["@lists/main.txt"], base_dir=tmp_path)
+
+    assert names(sources) == ["near", "f1", "f2", "deep"]
+    assert sources[-1].path == (tmp_path / "lists" / "inner" / "deep").resolve()
+
+
+def test_list_cycle(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("@b.txt\n")
+    (tmp_path / "b.txt").write_text("# back to a\n@a.txt\n")
+    with pytest.raises(SourceError) as info:
+        resolve_sources(["@a.txt"], base_dir=tmp_path)
+    assert "includes itself" in str(info.value)
+    assert info.value.where == f"{tmp_path / 'a.txt'}:1"
+    assert f"{tmp_path / 'b.txt'}:2" in str(info.value)
+
+
+def test_list_error_names_file_and_line(tmp_path: Path) -> None:
+    adapter(tmp_path / "ok")
+    (tmp_path / "list.txt").write_text("ok\n\nmissing\n")
+    with pytest.raises(SourceError) as info:
+        resolve_sources(["@list.txt"], base_dir=tmp_path)
+    assert info.value.where == f"{tmp_path / 'list.txt'}:3"
+    assert "missing: no such file or directory" in info.value.message
+
+
+def test_missing_list_file(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="cannot read list file") as info:
+        resolve_sources(["@absent.txt"], base_dir=tmp_path)
+    assert info.value.where == str(tmp_path / "absent.txt")
+
+
+# --- HubRef ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "ref"),
+    [
+        ("hf://owner/repo", HubRef("owner/repo")),
+        ("hf://owner/repo@v1.0", HubRef("owner/repo", "v1.0")),
+        ("hf://owner/repo/sub/dir", HubRef("owner/repo", None, "sub/dir")),
+        ("hf://owner/repo@main/sub", HubRef("owner/repo", "main", "sub")),
+        ("hf://owner/repo@refs%2Fpr%2F3/sub", HubRef("owner/repo", "refs/pr/3", "sub")),
+    ],
+)
+def test_hubref_round_trip(text: str, ref: HubRef) -> None:
+    assert HubRef.parse(text) == ref
+    assert str(ref) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "hf://",
+        "hf://onlyowner",
+        "hf://owner/",
+        "hf:///repo",
+        "hf://owner/repo@",
+        "hf://owner/repo/",
+        "hf://owner/repo/a//b",
+        "hf://owner/repo/../x",
+        "hf://owner/re po",
+        "owner/repo",
+    ],
+)
+def test_hubref_malformed(text: str) -> None:
+    with pytest.raises(SourceError) as info:
+        HubRef.parse(text)
+    assert info.value.where == text
+    assert "hf://owner/repo" in info.value.hint
+
+
+# --- hf:// through the real huggingface_hub cache ----------------------------------------------
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "hub"
+    use_offline_cache(monkeypatch, cache)
+    return cache
+
+
+ADAPTER = {"adapter_config.json": CONFIG, "adapter_model.safetensors": WEIGHTS}
+
+
+def test_hub_repo_root(hub: Path) -> None:
+    commit = make_hub_cache(hub, "owner/repo", {**ADAPTER, "README.md": b"# card"})
+
+    [source] = resolve_sources(["hf://owner/repo"])
+
+    assert source == ResolvedSource(
+        "repo", hub.resolve() / "models--owner--repo" / "snapshots" / commit, "hf://owner/repo", commit
+    )
+    assert (source.path / "adapter_model.safetensors").read_bytes() == WEIGHTS
+
+
+def test_hub_subfolder_at_branch(hub: Path) -> None:
+    commit = make_hub_cache(hub, "owner/repo", {f"sub/{k}": v for k, v in ADAPTER.items()})
+
+    [source] = resolve_sources(["hf://owner/repo@main/sub"])
+
+    assert (source.name, source.origin, source.revision) == ("sub", "hf://owner/repo@main/sub", commit)
+    assert json.loads((source.path / "adapter_config.json").read_text()) == json.loads(CONFIG)
+
+
+def test_hub_pinned_commit_is_not_the_branch_head(hub: Path) -> None:
+    old = make_hub_cache(hub, "owner/repo", {**ADAPTER, "adapter_model.safetensors": b"old"})
+    new = make_hub_cache(hub, "owner/repo", ADAPTER)
+    assert old != new
+
+    [pinned] = resolve_sources([f"hf://owner/repo@{old}"])
+    [head] = resolve_sources(["hf://owner/repo"])
+
+    assert (pinned.revision, head.revision) == (old, new)
+    assert (pinned.path / "adapter_model.safetensors").read_bytes() == b"old"
+
+
+def test_hub_folder_of_adapters_expands(hub: Path, tmp_path: Path) -> None:
+    files = {f"clients/{c}/{k}": v for c in ("b", "a") for k, v in ADAPTER.items()}
+    commit = make_hub_cache(hub, "owner/repo", {**files, "clients/notes/x.txt": b"x"})
+    adapter(tmp_path / "local")
+
+    sources = resolve_sources(["local", "hf://owner/repo/clients"], base_dir=tmp_path)
+
+    assert names(sources) == ["local", "a", "b"]
+    assert [s.origin for s in sources[1:]] == ["hf://owner/repo/clients/a", "hf://owner/repo/clients/b"]
+    assert {s.revision for s in sources[1:]} == {commit}
+
+
+def test_hub_repo_not_in_cache_offline(hub: Path) -> None:
+    with pytest.raises(SourceError) as info:
+        resolve_sources(["hf://owner/absent"])
+    assert info.value.where == "hf://owner/absent"
+    assert "HF_HUB_OFFLINE" in info.value.message
+    assert "run once online" in info.value.hint
+
+
+def test_hub_revision_not_in_cache_offline(hub: Path) -> None:
+    make_hub_cache(hub, "owner/repo", ADAPTER)
+    for revision in ("v2", "0" * 40):
+        with pytest.raises(SourceError, match="revision .* not in the local Hub cache"):
+            resolve_sources([f"hf://owner/repo@{revision}"])
+
+
+def test_hub_interrupted_download_is_reported(hub: Path) -> None:
+    make_hub_cache(hub, "owner/repo", ADAPTER, missing={"adapter_model.safetensors"})
+    with pytest.raises(SourceError, match="repository not in the local Hub cache .*partly downloaded"):
+        resolve_sources(["hf://owner/repo"])
+
+
+def test_hub_without_adapter(hub: Path) -> None:
+    make_hub_cache(hub, "owner/repo", {"README.md": b"no adapter here"})
+    with pytest.raises(SourceError, match="no adapter_config.json") as info:
+        resolve_sources(["hf://owner/repo"])
+    assert info.value.where == "hf://owner/repo"
+
+
+def test_hub_missing_subfolder(hub: Path) -> None:
+    make_hub_cache(hub, "owner/repo", ADAPTER)
+    with pytest.raises(SourceError, match="no folder 'nested'"):
+        resolve_sources(["hf://owner/repo/nested"])
+
+
+def test_hub_duplicates_with_local(hub: Path, tmp_path: Path) -> None:
+    make_hub_cache(hub, "owner/repo", ADAPTER)
+    adapter(tmp_path / "repo")
+    with pytest.raises(SourceError, match="duplicate client names: 'repo'"):
+        resolve_sources(["repo", "hf://owner/repo"], base_dir=tmp_path)
+
+
+# --- --base ------------------------------------------------------------------------------------
+
+
+def test_model_dir_local_and_hub(hub: Path, tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    assert resolve_model_dir(str(tmp_path / "base")) == ((tmp_path / "base").resolve(), None)
+
+    commit = make_hub_cache(hub, "owner/base", {"m/config.json": b"{}", "m/model.safetensors": WEIGHTS})
+    path, revision = resolve_model_dir("hf://owner/base/m")
+    assert revision == commit
+    assert (path / "model.safetensors").read_bytes() == WEIGHTS
+
+
+def test_model_dir_missing(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="no such file or directory"):
+        resolve_model_dir(str(tmp_path / "absent"))
