@@ -11,12 +11,13 @@ class FedbipError(Exception):
     """A failure the user can fix. ``where`` names the file or input, ``hint`` says how."""
 
     exit_code = 1
+    default_hint: str | None = None
 
     def __init__(self, message: str, *, where: str | None = None, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.where = where
-        self.hint = hint
+        self.hint = hint or self.default_hint
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}" if self.where else self.message
@@ -26,15 +27,25 @@ class UsageError(FedbipError):
     """Bad options or option combinations (exit code 2, like a parse error)."""
 
     exit_code = 2
+    default_hint = "run the command with --help to see the accepted options and values"
 
 
 class SourceError(FedbipError):
     """A source could not be parsed or resolved (path, @list, hf:// reference)."""
 
+    default_hint = (
+        "a SOURCE is an adapter directory, a directory of adapter directories, @FILE, "
+        "or hf://owner/repo[@revision][/subfolder]"
+    )
+
 
 class AdapterError(FedbipError):
     """An adapter or checkpoint is unreadable, unsupported or inconsistent."""
 
+    default_hint = "fedbip reads LoRA adapters as peft's save_pretrained writes them; fix or re-save this one"
+
 
 class OutputError(FedbipError):
     """The output location cannot be written as asked."""
+
+    default_hint = "choose another --out"

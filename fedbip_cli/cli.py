@@ -1,0 +1,197 @@
+"""The ``fedbip`` command line: typer wiring only (parse, one library call, render, exit code)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fedbip_cli import __version__, pipeline, report
+from fedbip_cli.errors import FedbipError
+from fedbip_cli.weights import WeightOptions
+
+app = typer.Typer(
+    name="fedbip",
+    help="Personalized task-vector merging of LoRA adapters (after FedBip, arXiv 2509.12697).",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+SOURCES_HELP = (
+    "Adapters: a directory of adapter directories, adapter directories, @FILE (one source a line), "
+    "or hf://owner/repo\\[@revision]\\[/subfolder]."
+)
+Sources = Annotated[list[str], typer.Argument(help=SOURCES_HELP, show_default=False)]
+Layerwise = Annotated[bool, typer.Option("--layerwise", help="One similarity per transformer block (FedBip-L); same as --granularity block.")]
+Granularity = Annotated[Optional[str], typer.Option("--granularity", help="model (default), block or module.", show_default=False)]
+Base = Annotated[Optional[str], typer.Option("--base", help="Base model (directory or hf://) to check module names and shapes against.")]
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out_console.print(f"fedbip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
+) -> None:
+    """Compare many LoRA adapters of one base model and merge one personalized adapter per client."""
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn a FedbipError into one line plus a hint and its exit code (traceback with FEDBIP_DEBUG=1)."""
+    try:
+        yield
+    except FedbipError as exc:
+        if os.environ.get("FEDBIP_DEBUG") == "1":
+            raise
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        if exc.hint:
+            err_console.print(f"[dim]hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[pipeline.Progress | None]:
+    """A rich progress bar on a terminal; nothing when piped or under --json."""
+    if not enabled or not err_console.is_terminal:
+        yield None
+        return
+    columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+
+        def start(stage: str, total: int) -> Callable[[int], None]:
+            task = bar.add_task(stage, total=total)
+            return lambda n: bar.advance(task, n)
+
+        yield start
+
+
+def _granularity(layerwise: bool, granularity: str | None) -> str:
+    if layerwise and granularity not in (None, "block"):
+        raise typer.BadParameter(f"--layerwise means --granularity block, not {granularity}", param_hint="--layerwise")
+    return "block" if layerwise else (granularity or "model")
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+MERGE_EPILOG = """[b]Examples[/b]
+
+  fedbip merge adapters/ --out merged/
+
+  fedbip merge adapters/ --layerwise --top-k 4 --out merged/ --overwrite
+
+  fedbip merge hf://org/adapters@v1/client-a ./client-b @more.txt --base ./base-model --out merged/
+
+  fedbip merge adapters/ --out merged/ --dry-run --json
+"""
+
+
+@app.command(epilog=MERGE_EPILOG)
+def merge(
+    sources: Sources,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory: one PEFT adapter per client plus fedbip-manifest.json.")],
+    base: Base = None,
+    layerwise: Layerwise = False,
+    granularity: Granularity = None,
+    weighting: Annotated[str, typer.Option(help="paper (S⁺ normalised per row) or softmax.")] = "paper",
+    negative: Annotated[str, typer.Option(help="clip (negatively similar clients get weight 0) or keep.")] = "clip",
+    temperature: Annotated[float, typer.Option(help="Softmax temperature (with --weighting softmax).")] = 1.0,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep each client and its K-1 nearest neighbours.", show_default=False)] = None,
+    combine: Annotated[
+        str,
+        typer.Option(help="svd: exact merge truncated to --rank (default); cat: exact, rank = sum of ranks; linear: A and B averaged separately (FedIT-style, inexact, equal ranks only)."),
+    ] = "svd",
+    rank: Annotated[Optional[int], typer.Option(help="Output rank for svd (default: the largest input rank).", show_default=False)] = None,
+    device: Device = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and validate every source and print the plan; compute nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
+) -> None:
+    """Write one personalized merged adapter per client."""
+    gran = _granularity(layerwise, granularity)
+    with _user_errors():
+        options = pipeline.MergeOptions(
+            granularity=gran,
+            weights=WeightOptions(weighting=weighting, negative=negative, temperature=temperature, top_k=top_k),
+            combine=combine,
+            rank=rank,
+            device=device,
+        )
+        workspace = pipeline.load(sources, base=base)
+        if dry_run:
+            the_plan = pipeline.plan(workspace, options)
+            _print_json({"dry_run": True, "out": str(out), **the_plan}) if as_json else out_console.print(report.plan_table(the_plan, out))
+            return
+        with _progress(not as_json) as progress:
+            result = pipeline.merge(workspace, options, out, overwrite=overwrite, progress=progress)
+    if as_json:
+        _print_json(report.merge_summary(result))
+    else:
+        out_console.print(report.merge_table(result))
+
+
+INSPECT_EPILOG = """[b]Examples[/b]
+
+  fedbip inspect-similarity adapters/
+
+  fedbip inspect-similarity adapters/ --layerwise --heatmap similarity.png
+
+  fedbip inspect-similarity adapters/ --format json | jq '.groups.model.similarity'
+"""
+
+
+@app.command("inspect-similarity", epilog=INSPECT_EPILOG)
+def inspect_similarity(
+    sources: Sources,
+    base: Base = None,
+    layerwise: Layerwise = False,
+    granularity: Granularity = None,
+    output_format: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
+    heatmap: Annotated[Optional[Path], typer.Option("--heatmap", help="Also write a heatmap PNG (one panel per group).", show_default=False)] = None,
+    neighbours: Annotated[int, typer.Option(help="Nearest neighbours to list per client.")] = 3,
+    device: Device = "auto",
+) -> None:
+    """Show how similar the clients' task vectors are, with nearest neighbours and clusters."""
+    gran = _granularity(layerwise, granularity)
+    if output_format not in ("table", "json", "csv"):
+        raise typer.BadParameter(f"{output_format!r}; choose one of table, json, csv", param_hint="--format")
+    with _user_errors():
+        workspace = pipeline.load(sources, base=base)
+        with _progress(output_format == "table") as progress:
+            result = pipeline.inspect(workspace, granularity=gran, device=device, progress=progress)
+        if heatmap is not None:
+            report.write_heatmap(result, heatmap)
+    if output_format == "json":
+        _print_json(report.similarity_json(result))
+    elif output_format == "csv":
+        sys.stdout.write(report.similarity_csv(result))
+    else:
+        for renderable in report.similarity_tables(result, neighbours=neighbours):
+            out_console.print(renderable)
+        if heatmap is not None:
+            out_console.print(f"heatmap written to {heatmap}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

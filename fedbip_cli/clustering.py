@@ -1,0 +1,145 @@
+"""Read structure out of a client-by-client cosine similarity matrix.
+
+Pure functions over a K x K similarity tensor (diagonal 1, values in [-1, 1]): the nearest
+neighbours of each client, a suggested partition of the clients into clusters, and a one-matrix
+overview of a layer-wise result. Nothing here prints; ``report`` renders what these return.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import squareform
+
+# A split must beat this mean silhouette to be reported. Unrelated task vectors are nearly
+# orthogonal, and random partitions of 10 random unit vectors in 1,000+ dimensions score below 0.04,
+# while two blocks of cosine 0.4 against 0.05 across score about 0.37.
+MIN_SILHOUETTE = 0.1
+
+
+class _HasGroups(Protocol):
+    """What ``mean_similarity`` needs of a ``similarity.SimilarityResult``."""
+
+    groups: dict
+
+
+def nearest_neighbours(similarity: torch.Tensor, k: int = 3) -> list[list[tuple[int, float]]]:
+    """The ``k`` most similar other clients of every client.
+
+    Args:
+        similarity: K x K similarity matrix.
+        k: neighbours per client (fewer when K - 1 < k).
+
+    Returns:
+        For each client i, ``[(j, S_ij), ...]`` without i itself, by similarity descending; equal
+        similarities are ordered by the smaller index first.
+    """
+    values = _as_square(similarity)
+    result = []
+    for i, row in enumerate(values):
+        others = sorted((j for j in range(len(row)) if j != i), key=lambda j: (-row[j], j))
+        result.append([(j, float(row[j])) for j in others[:k]])
+    return result
+
+
+def suggest_clusters(similarity: torch.Tensor, min_silhouette: float = MIN_SILHOUETTE) -> list[list[int]]:
+    """Partition the clients into groups of mutually similar task vectors.
+
+    Average-linkage hierarchical clustering on the cosine distance ``1 - S``; the number of
+    clusters is the one in 2..K-1 with the best mean silhouette (ties go to fewer clusters). When
+    K < 3 or no cut reaches ``min_silhouette``, there is no structure worth reporting and all
+    clients form one cluster.
+
+    Args:
+        similarity: K x K similarity matrix.
+        min_silhouette: the best silhouette must exceed this to split the clients.
+
+    Returns:
+        Clusters as sorted lists of client indices, ordered by their smallest index.
+    """
+    distance = _cosine_distance(similarity)
+    k = distance.shape[0]
+    if k < 3:
+        return [list(range(k))] if k else []
+    tree = linkage(squareform(distance, checks=False), method="average")
+    best_labels, best_score = None, min_silhouette
+    for n_clusters in range(2, k):
+        labels = fcluster(tree, n_clusters, criterion="maxclust")
+        score = silhouette(distance, labels)
+        # Strictly better only, so that equal scores keep the coarser partition found first.
+        if score > best_score:
+            best_labels, best_score = labels, score
+    if best_labels is None:
+        return [list(range(k))]
+    clusters: dict[int, list[int]] = {}
+    for index, label in enumerate(best_labels.tolist()):
+        clusters.setdefault(label, []).append(index)
+    return sorted(clusters.values(), key=lambda members: members[0])
+
+
+def silhouette(distance: np.ndarray, labels: np.ndarray) -> float:
+    """Mean silhouette of a partition under a precomputed distance matrix.
+
+    For client i, ``a`` is its mean distance to the rest of its cluster and ``b`` the smallest mean
+    distance to another cluster; ``s_i = (b - a) / max(a, b)``, and 0 for a client alone in its
+    cluster (the usual convention). A partition with a single cluster scores 0.
+
+    Args:
+        distance: K x K symmetric distance matrix with zero diagonal.
+        labels: K cluster labels.
+
+    Returns:
+        The mean of ``s_i`` over all clients, in [-1, 1].
+    """
+    labels = np.asarray(labels)
+    names = np.unique(labels)
+    if len(names) < 2:
+        return 0.0
+    scores = np.zeros(len(labels))
+    for i in range(len(labels)):
+        own = labels == labels[i]
+        if own.sum() == 1:
+            continue
+        a = distance[i, own].sum() / (own.sum() - 1)
+        b = min(distance[i, labels == name].mean() for name in names if name != labels[i])
+        if max(a, b) > 0:
+            scores[i] = (b - a) / max(a, b)
+    return float(scores.mean())
+
+
+def mean_similarity(result: _HasGroups) -> torch.Tensor:
+    """One overview matrix of a result: the plain mean of its groups' similarity matrices.
+
+    Every group (block or module) counts equally, whatever its size or the norms of the task
+    vectors in it, so this is a layer-wise overview and not the whole-model cosine. For a result
+    with a single group (granularity "model") it is that group's matrix.
+
+    Args:
+        result: a ``similarity.SimilarityResult`` (anything with ``groups`` mapping to objects with a
+            K x K ``similarity`` tensor).
+
+    Returns:
+        K x K float64 tensor.
+    """
+    matrices = [group.similarity.to(torch.float64) for group in result.groups.values()]
+    if not matrices:
+        raise ValueError("similarity result has no groups")
+    return torch.stack(matrices).mean(dim=0)
+
+
+def _as_square(similarity: torch.Tensor) -> np.ndarray:
+    values = torch.as_tensor(similarity).detach().to("cpu", torch.float64).numpy()
+    if values.ndim != 2 or values.shape[0] != values.shape[1]:
+        raise ValueError(f"similarity must be a square K x K matrix, got shape {tuple(values.shape)}")
+    return values
+
+
+def _cosine_distance(similarity: torch.Tensor) -> np.ndarray:
+    # Float noise can leave S slightly outside [-1, 1] or asymmetric; linkage needs a clean metric.
+    distance = np.clip(1.0 - _as_square(similarity), 0.0, 2.0)
+    distance = (distance + distance.T) / 2.0
+    np.fill_diagonal(distance, 0.0)
+    return distance

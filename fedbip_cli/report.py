@@ -1,0 +1,370 @@
+"""Render a similarity result: rich tables, JSON, CSV and heatmap images.
+
+Everything here takes a ``similarity.SimilarityResult`` (read by duck typing: ``clients``,
+``granularity`` and ``groups``, each group with ``modules``, ``similarity`` and ``norms``) and only
+formats it; the structure it shows (neighbours, clusters, the mean over groups) comes from
+``clustering``. Nothing prints: tables are returned for the CLI to render.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from rich.console import RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from fedbip_cli.clustering import mean_similarity, nearest_neighbours, suggest_clusters
+from fedbip_cli.errors import OutputError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# Client names longer than this are shortened in tables and plots (JSON and CSV keep them whole).
+NAME_WIDTH = 24
+# Group names keep their tail, which tells blocks and modules apart ("…layer.11.attn.q_proj").
+GROUP_WIDTH = 32
+# Heatmap cells carry their value when there are at most this many clients and panels; beyond,
+# the numbers are unreadable and thousands of text objects make drawing slow.
+ANNOTATE_MAX_CLIENTS = 12
+ANNOTATE_MAX_PANELS = 36
+
+# Metadata that would embed the date or the library version; dropping it makes re-runs
+# byte-identical.
+_DETERMINISTIC_METADATA: dict[str, dict[str, None]] = {
+    "png": {"Software": None},
+    "pdf": {"Creator": None, "Producer": None, "CreationDate": None},
+    "svg": {"Creator": None, "Date": None},
+}
+
+
+def similarity_tables(result: Any, *, neighbours: int = 3) -> list[RenderableType]:
+    """Tables that summarise a similarity result for the terminal.
+
+    For granularity "model": the K x K matrix with each client's nearest neighbours, then the
+    suggested clusters. Layer-wise: the same for the mean of the per-group matrices, then one row
+    per group with its number of modules and its own suggested clusters (by client number).
+
+    Args:
+        result: a ``similarity.SimilarityResult``.
+        neighbours: nearest neighbours listed per client.
+
+    Returns:
+        rich renderables, in display order.
+    """
+    clients = list(result.clients)
+    overview = mean_similarity(result)
+    if result.granularity == "model":
+        title = "Cosine similarity of task vectors (whole model)"
+    else:
+        title = (
+            f"Mean cosine similarity over {len(result.groups)} {result.granularity} groups "
+            "(plain mean of the per-group matrices)"
+        )
+    renderables: list[RenderableType] = [
+        _matrix_table(clients, overview, title, neighbours),
+        _clusters_line(clients, suggest_clusters(overview)),
+    ]
+    if result.granularity != "model":
+        renderables.append(_groups_table(result))
+    return renderables
+
+
+def similarity_json(result: Any, *, neighbours: int = 3) -> dict[str, Any]:
+    """A JSON-ready dict of a similarity result, floats at full precision.
+
+    ``clusters`` and ``neighbours`` are read from the model-level matrix, or for a layer-wise
+    result from the plain mean of its group matrices.
+
+    Args:
+        result: a ``similarity.SimilarityResult``.
+        neighbours: nearest neighbours listed per client.
+
+    Returns:
+        ``{"clients", "granularity", "groups": {name: {"similarity", "modules", "norms"}},
+        "clusters": [[client, ...], ...], "neighbours": {client: [[client, similarity], ...]}}``.
+    """
+    clients = list(result.clients)
+    overview = mean_similarity(result)
+    return {
+        "clients": clients,
+        "granularity": result.granularity,
+        "groups": {
+            name: {
+                "similarity": group.similarity.to(torch.float64).tolist(),
+                "modules": list(group.modules),
+                "norms": group.norms.to(torch.float64).tolist(),
+            }
+            for name, group in result.groups.items()
+        },
+        "clusters": [[clients[i] for i in cluster] for cluster in suggest_clusters(overview)],
+        "neighbours": {
+            clients[i]: [[clients[j], value] for j, value in row]
+            for i, row in enumerate(nearest_neighbours(overview, neighbours))
+        },
+    }
+
+
+def similarity_csv(result: Any) -> str:
+    """Every group's matrix in long format, one row per ordered pair (diagonal included).
+
+    Args:
+        result: a ``similarity.SimilarityResult``.
+
+    Returns:
+        CSV text with header ``group,client_i,client_j,similarity``, groups in result order, then
+        i, then j; similarities written with ``repr(float)`` so they read back exactly.
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["group", "client_i", "client_j", "similarity"])
+    for name, group in result.groups.items():
+        for i, row in enumerate(group.similarity.to(torch.float64).tolist()):
+            for j, value in enumerate(row):
+                writer.writerow([name, result.clients[i], result.clients[j], repr(float(value))])
+    return buffer.getvalue()
+
+
+def write_heatmap(result: Any, path: Path) -> None:
+    """Draw the similarity matrices as heatmaps and write the image atomically.
+
+    One panel per group on a grid sharing one colour scale: a diverging map centred on 0, over
+    -1..1, or over 0..1 (its upper half) when no similarity is negative. Cells carry their values
+    when there are at most ``ANNOTATE_MAX_CLIENTS`` clients and ``ANNOTATE_MAX_PANELS`` groups.
+    Re-runs write byte-identical files.
+
+    Args:
+        result: a ``similarity.SimilarityResult``.
+        path: the image to write; its suffix picks the format (.png, .pdf or .svg).
+
+    Raises:
+        OutputError: unknown format, missing directory, or the path is a directory.
+    """
+    path = Path(path)
+    image_format = path.suffix.lower().lstrip(".")
+    if image_format not in _DETERMINISTIC_METADATA:
+        valid = ", ".join(f".{name}" for name in _DETERMINISTIC_METADATA)
+        raise OutputError(f"unknown image format {path.suffix!r}", where=str(path), hint=f"name a {valid} file")
+    if path.is_dir():
+        raise OutputError("is a directory", where=str(path), hint="name an image file")
+    if not path.parent.is_dir():
+        raise OutputError("directory does not exist", where=str(path), hint="create it first")
+    figure = _heatmap_figure(result)
+    # A hidden temporary name in the same directory, so that os.replace is atomic and a crash
+    # leaves no half-written image under the real name.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        import matplotlib
+
+        # svg ids are random unless salted.
+        with matplotlib.rc_context({"svg.hashsalt": "fedbip"}):
+            metadata = _DETERMINISTIC_METADATA[image_format]
+            figure.savefig(temporary, format=image_format, dpi=150, metadata=metadata)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _matrix_table(clients: list[str], matrix: torch.Tensor, title: str, neighbours: int) -> Table:
+    # Columns are numbered like the rows: long names then cost no width beyond the name column.
+    table = Table(title=title, caption="columns are the clients numbered in #", title_justify="left")
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("client", overflow="ellipsis", max_width=NAME_WIDTH)
+    for i in range(len(clients)):
+        table.add_column(str(i), justify="right")
+    table.add_column("nearest")
+    rows = zip(clients, matrix.to(torch.float64).tolist(), nearest_neighbours(matrix, neighbours))
+    for i, (name, row, near) in enumerate(rows):
+        nearest = ", ".join(f"{_shorten(clients[j], NAME_WIDTH)} {_format_value(v)}" for j, v in near)
+        cells = [_value_cell(value, diagonal=(i == j)) for j, value in enumerate(row)]
+        table.add_row(str(i), name, *cells, nearest)
+    return table
+
+
+def _groups_table(result: Any) -> Table:
+    table = Table(title="Per group (clients by number)", title_justify="left")
+    table.add_column("group", overflow="fold")
+    table.add_column("modules", justify="right")
+    table.add_column("suggested clusters")
+    for name, group in result.groups.items():
+        clusters = suggest_clusters(group.similarity)
+        text = "one cluster" if len(clusters) <= 1 else "  ".join(
+            "{" + ", ".join(map(str, cluster)) + "}" for cluster in clusters
+        )
+        table.add_row(name, str(len(group.modules)), text)
+    return table
+
+
+def _clusters_line(clients: list[str], clusters: list[list[int]]) -> Text:
+    line = Text("Suggested clusters: ", style="bold")
+    if len(clusters) <= 1:
+        line.append("none; no split of the clients is clearly better than one cluster", style="not bold")
+        return line
+    line.append("  ".join("{" + ", ".join(clients[i] for i in cluster) + "}" for cluster in clusters),
+                style="not bold")
+    return line
+
+
+def _format_value(value: float) -> str:
+    # A tiny negative value would show as "-0.00" and read as a sign that means something.
+    text = f"{value:.2f}"
+    return "0.00" if text == "-0.00" else text
+
+
+def _value_cell(value: float, *, diagonal: bool) -> Text:
+    text = _format_value(value)
+    if diagonal:
+        return Text(text, style="dim")
+    if value >= 0.5:
+        style = "bold green"
+    elif value >= 0.2:
+        style = "green"
+    elif value <= -0.2:
+        style = "bold red"
+    elif value < 0 and text != "0.00":
+        style = "red"
+    else:
+        style = ""
+    return Text(text, style=style)
+
+
+def _shorten(name: str, width: int, *, keep_tail: bool = False) -> str:
+    if len(name) <= width:
+        return name
+    return "…" + name[-(width - 1):] if keep_tail else name[: width - 1] + "…"
+
+
+def _heatmap_figure(result: Any) -> Figure:
+    # Figure without pyplot: no global backend switch, no figure registry; savefig renders png
+    # through Agg.
+    import matplotlib
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    clients = [_shorten(name, NAME_WIDTH) for name in result.clients]
+    groups = list(result.groups.items())
+    if not groups:
+        raise ValueError("similarity result has no groups")
+    matrices = [group.similarity.to(torch.float64).numpy() for _, group in groups]
+    k = len(clients)
+    diverging = matplotlib.colormaps["RdBu_r"]
+    if min(float(m.min()) for m in matrices) >= -1e-9:
+        colormap, low = ListedColormap(diverging(np.linspace(0.5, 1.0, 256))), 0.0
+    else:
+        colormap, low = diverging, -1.0
+    columns = math.ceil(math.sqrt(len(groups)))
+    rows = math.ceil(len(groups) / columns)
+    annotate = k <= ANNOTATE_MAX_CLIENTS and len(groups) <= ANNOTATE_MAX_PANELS
+    # Inches per cell: room for "-0.00" at 7 pt when annotated, else for an 8 pt tick label.
+    panel = max(2.4, (0.42 if annotate else 0.2) * k + 1.2)
+    figure = Figure(figsize=(columns * panel + 1.6, rows * panel + 0.9), dpi=100, layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for index, ((name, group), matrix) in enumerate(zip(groups, matrices)):
+        axis = axes[index]
+        image = axis.imshow(matrix, cmap=colormap, vmin=low, vmax=1.0, interpolation="nearest")
+        if result.granularity != "model":
+            title = f"{_shorten(name, GROUP_WIDTH, keep_tail=True)} ({len(group.modules)})"
+            axis.set_title(title, fontsize=9)
+        axis.set_xticks(range(k))
+        axis.set_yticks(range(k))
+        # Names only on the outer panels; inner ones keep bare ticks to stay legible.
+        bottom = index + columns >= len(groups)
+        axis.set_xticklabels(
+            clients if bottom else [], rotation=45, ha="right", rotation_mode="anchor", fontsize=8
+        )
+        axis.set_yticklabels(clients if index % columns == 0 else [], fontsize=8)
+        if annotate:
+            for (i, j), value in np.ndenumerate(matrix):
+                axis.text(j, i, _format_value(value), ha="center", va="center", fontsize=7,
+                          color="white" if abs(value) > 0.6 else "black")
+    for axis in axes[len(groups):]:
+        axis.set_visible(False)
+    colorbar = figure.colorbar(image, ax=axes[: len(groups)].tolist(), shrink=0.8 if rows > 1 else 1.0)
+    colorbar.set_label("cosine similarity")
+    if result.granularity == "model":
+        figure.suptitle("Task-vector cosine similarity (whole model)")
+    else:
+        figure.suptitle(
+            f"Task-vector cosine similarity per {result.granularity} "
+            f"({len(groups)} groups; panel titles give the number of modules)"
+        )
+    return figure
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def plan_table(plan: dict[str, Any], out: Path) -> Table:
+    """The dry-run plan: one row per client, the totals in the caption."""
+    table = Table(title=f"merge plan → {out}", caption=(
+        f"{plan['modules']} modules in {len(plan['groups'])} {plan['granularity']} group(s); "
+        f"combine {plan['combine']}" + (f" at rank {plan['rank']}" if plan["rank"] else "")
+        + f"; about {_size(plan['output_bytes'])} to write"
+    ))
+    for column in ("client", "source", "modules", "ranks"):
+        table.add_column(column)
+    for client in plan["clients"]:
+        source = client["source"] + (f" @ {client['revision'][:12]}" if client["revision"] else "")
+        table.add_row(client["name"], source, str(client["modules"]), ", ".join(map(str, client["ranks"])))
+    return table
+
+
+def _energy_stats(values: dict[str, float | None]) -> tuple[float | None, float | None]:
+    known = [v for v in values.values() if v is not None]
+    if not known:
+        return None, None
+    return min(known), sum(known) / len(known)
+
+
+def merge_summary(result: Any) -> dict[str, Any]:
+    """The ``merge --json`` document: where outputs went, weights and energy per client."""
+    clients = result.similarity.clients
+    summary_energy = {}
+    for client in clients:
+        low, mean = _energy_stats(result.energy[client])
+        summary_energy[client] = {"min": low, "mean": mean}
+    return {
+        "out": str(result.out),
+        "clients": clients,
+        "granularity": result.similarity.granularity,
+        "combine": result.manifest["combine"],
+        "rank": result.manifest["rank"],
+        "weights": {name: [[float(x) for x in row] for row in w.tolist()] for name, w in result.weights.items()},
+        "energy_kept": summary_energy,
+        "outputs": result.manifest["outputs"],
+        "manifest": str(result.out / "fedbip-manifest.json"),
+    }
+
+
+def merge_table(result: Any, top: int = 3) -> Table:
+    """One row per client: its largest weights (averaged over groups) and the energy kept."""
+    clients = result.similarity.clients
+    mean_weights = sum(result.weights.values()) / len(result.weights)
+    table = Table(title=f"personalized adapters written to {result.out}", caption=(
+        f"granularity {result.similarity.granularity} ({len(result.weights)} group(s)); combine "
+        f"{result.manifest['combine']}" + (f" at rank {result.rank}" if result.manifest["rank"] else "")
+    ))
+    table.add_column("client")
+    table.add_column("largest weights" + (" (mean over groups)" if len(result.weights) > 1 else ""))
+    table.add_column("energy kept (min / mean)", justify="right")
+    for i, client in enumerate(clients):
+        row = mean_weights[i]
+        order = sorted(range(len(clients)), key=lambda j: (-float(row[j]), j))[:top]
+        text = ", ".join(f"{clients[j]} {float(row[j]):.2f}" for j in order if row[j] > 0)
+        low, mean = _energy_stats(result.energy[client])
+        energy = "n/a" if low is None else f"{low:.4f} / {mean:.4f}"
+        table.add_row(client, text, energy)
+    return table
