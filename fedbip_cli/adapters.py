@@ -259,7 +259,8 @@ def write_adapter(directory: Path, factors: dict[str, tuple[torch.Tensor, torch.
     for r in ranks.values():
         counts[r] = counts.get(r, 0) + 1
     common = max(sorted(counts), key=lambda r: counts[r])
-    pattern = {re.escape(name): r for name, r in ranks.items() if r != common}
+    # Plain full names: every peft version matches them against the module path's tail.
+    pattern = {name: r for name, r in ranks.items() if r != common}
     out_config = {
         "peft_type": "LORA",
         "task_type": config.get("task_type"),
