@@ -1,0 +1,1 @@
+"""Federated LoRA fine-tuning simulation: data, partition, client training, strategies, round loop."""
