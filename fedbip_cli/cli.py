@@ -192,6 +192,87 @@ def inspect_similarity(
             out_console.print(f"heatmap written to {heatmap}")
 
 
+SIMULATE_EPILOG = """[b]Examples[/b]
+
+  fedbip simulate --rounds 50
+
+  fedbip simulate --compare fedbip,fedbip-layerwise,fedavg,local,oracle --seed 1 --out runs/seed1
+
+  fedbip simulate --partition dirichlet --alpha 0.1 --participation 0.5 --out runs/dir
+
+  fedbip simulate --data my-clients/ --strategy fedbip-layerwise --out runs/mine
+
+  fedbip simulate --out runs/seed1 --resume
+"""
+
+
+@app.command(epilog=SIMULATE_EPILOG)
+def simulate(
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 50,
+    clients: Annotated[int, typer.Option(help="Number of clients (ignored with --data).")] = 10,
+    strategy: Annotated[str, typer.Option(help="fedbip, fedbip-layerwise, fedavg, local or oracle.")] = "fedbip",
+    compare: Annotated[Optional[str], typer.Option(help="Comma-separated strategies run on identical data, seeds and initial adapter.", show_default=False)] = None,
+    partition: Annotated[str, typer.Option(help="tasks (conflicting task groups) or dirichlet (label skew on one task).")] = "tasks",
+    groups: Annotated[int, typer.Option(help="Task groups for --partition tasks.")] = 3,
+    alpha: Annotated[Optional[float], typer.Option(help="Dirichlet concentration (default 1.0 within task groups, 0.1 for dirichlet).", show_default=False)] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Your own clients: DIR/<client>.jsonl or .csv with text and label.", show_default=False)] = None,
+    max_examples: Annotated[int, typer.Option(help="Sentences of the embedded data used in all (0 = all).")] = 6000,
+    model: Annotated[Optional[str], typer.Option(help="A local Hugging Face encoder directory or hf:// reference (default: the embedded all-MiniLM-L6-v2).", show_default=False)] = None,
+    num_layers: Annotated[Optional[int], typer.Option(help="Keep only the first N encoder layers (quick experiments).", show_default=False)] = None,
+    target_modules: Annotated[str, typer.Option(help="Comma-separated LoRA target modules.")] = "query,value",
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    local_steps: Annotated[int, typer.Option(help="Local optimizer steps per round.")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Local batch size.")] = 16,
+    lr: Annotated[float, typer.Option(help="Local AdamW learning rate.")] = 1e-3,
+    max_length: Annotated[int, typer.Option(help="Tokens per sentence.")] = 32,
+    eval_every: Annotated[int, typer.Option(help="Evaluate every N rounds (and at the last).")] = 5,
+    participation: Annotated[float, typer.Option(help="Fraction of clients sampled per round.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the partition, initial adapter, batches and sampling.")] = 0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("fedbip-simulation"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete round in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    device: Device = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print summary.json on stdout; no progress or round lines.")] = False,
+) -> None:
+    """Run federated LoRA fine-tuning rounds on non-IID data with FedBip or a baseline."""
+    from fedbip_cli.simulate.loop import SimulationConfig
+    from fedbip_cli.simulate.runner import simulate as run_simulation
+
+    with _user_errors():
+        config = SimulationConfig(
+            strategies=tuple(s.strip() for s in (compare or strategy).split(",") if s.strip()),
+            rounds=rounds,
+            clients=clients,
+            partition=partition,
+            groups=groups,
+            alpha=alpha,
+            data_dir=str(data) if data is not None else None,
+            max_examples=max_examples or None,
+            model=model,
+            num_layers=num_layers,
+            target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()),
+            rank=rank,
+            local_steps=local_steps,
+            batch_size=batch_size,
+            lr=lr,
+            max_length=max_length,
+            eval_every=eval_every,
+            participation=participation,
+            seed=seed,
+        )
+
+        def round_line(name: str, round_: int, accuracy: float | None) -> None:
+            if accuracy is not None and not as_json:
+                err_console.print(f"{name:<17} round {round_:>3}/{rounds}  mean accuracy {accuracy:.4f}", highlight=False)
+
+        with _progress(not as_json) as progress:
+            result = run_simulation(config, out, resume=resume, overwrite=overwrite, device=device, progress=progress, round_done=round_line)
+    if as_json:
+        _print_json(result.summary)
+    else:
+        out_console.print(report.simulation_table(result.summary, out))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -143,3 +143,32 @@ def _cosine_distance(similarity: torch.Tensor) -> np.ndarray:
     distance = (distance + distance.T) / 2.0
     np.fill_diagonal(distance, 0.0)
     return distance
+
+
+def adjusted_rand_index(labels_a: list[int], labels_b: list[int]) -> float:
+    """Adjusted Rand index of two labelings of the same items (1 = identical partitions, ~0 = chance).
+
+    Hubert & Arabie (1985): (index − expected) / (max − expected) over pair counts of the
+    contingency table; two partitions that are both trivial (all one cluster) score 1.
+    """
+    if len(labels_a) != len(labels_b):
+        raise ValueError("labelings differ in length")
+    pairs = lambda n: n * (n - 1) / 2  # noqa: E731
+    _, a = np.unique(np.asarray(labels_a), return_inverse=True)
+    _, b = np.unique(np.asarray(labels_b), return_inverse=True)
+    table = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(table, (a, b), 1)
+    index = pairs(table).sum()
+    rows, cols = pairs(table.sum(axis=1)).sum(), pairs(table.sum(axis=0)).sum()
+    expected = rows * cols / pairs(len(labels_a)) if len(labels_a) > 1 else 0.0
+    maximum = (rows + cols) / 2
+    return 1.0 if maximum == expected else float((index - expected) / (maximum - expected))
+
+
+def cluster_labels(clusters: list[list[int]], size: int) -> list[int]:
+    """Per-item cluster numbers from a list of clusters of item indices."""
+    labels = [0] * size
+    for number, members in enumerate(clusters):
+        for i in members:
+            labels[i] = number
+    return labels

@@ -86,6 +86,21 @@ def combine_linear(factors: Sequence[Factors | None], row: torch.Tensor, rank: i
     return Combined(b, a, None)
 
 
+def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Exact personalized merge of dense deltas: out[i] = Σ_j weights[i, j] · deltas[j].
+
+    Args:
+        deltas: (K, ...) stacked per-client deltas.
+        weights: (K_out, K) weight rows.
+
+    Returns:
+        (K_out, ...) tensor in the deltas' dtype (accumulated in float64).
+    """
+    flat = deltas.reshape(deltas.shape[0], -1).to(torch.float64)
+    merged = weights.to(device=flat.device, dtype=torch.float64) @ flat
+    return merged.reshape(weights.shape[0], *deltas.shape[1:]).to(deltas.dtype)
+
+
 COMBINERS: dict[str, Callable[[Sequence[Factors | None], torch.Tensor, int], Combined | None]] = {
     "svd": combine_svd,
     "cat": combine_cat,

@@ -9,6 +9,7 @@ formats it; the structure it shows (neighbours, clusters, the mean over groups) 
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 import io
 import math
 import os
@@ -148,6 +149,36 @@ def write_heatmap(result: Any, path: Path) -> None:
     Raises:
         OutputError: unknown format, missing directory, or the path is a directory.
     """
+    _save_figure(lambda: _heatmap_figure(result), path)
+
+
+def write_accuracy_plot(curves: dict[str, dict[int, float]], path: Path) -> None:
+    """Plot mean personalized test accuracy per round, one line per strategy, atomically.
+
+    Args:
+        curves: strategy -> {round: mean accuracy}.
+        path: the image to write (.png, .pdf or .svg).
+    """
+
+    def draw() -> Figure:
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(7, 4.2), dpi=100, layout="constrained")
+        axis = figure.subplots()
+        for strategy, curve in curves.items():
+            axis.plot(list(curve), list(curve.values()), marker="o", markersize=3, label=strategy)
+        axis.set_xlabel("round")
+        axis.set_ylabel("mean personalized test accuracy")
+        axis.grid(alpha=0.3)
+        axis.legend()
+        figure.suptitle("fedbip simulate: accuracy per round")
+        return figure
+
+    _save_figure(draw, path)
+
+
+def _save_figure(draw: Callable[[], Figure], path: Path) -> None:
+    """Check ``path``, draw, and write the figure atomically with deterministic metadata."""
     path = Path(path)
     image_format = path.suffix.lower().lstrip(".")
     if image_format not in _DETERMINISTIC_METADATA:
@@ -157,7 +188,7 @@ def write_heatmap(result: Any, path: Path) -> None:
         raise OutputError("is a directory", where=str(path), hint="name an image file")
     if not path.parent.is_dir():
         raise OutputError("directory does not exist", where=str(path), hint="create it first")
-    figure = _heatmap_figure(result)
+    figure = draw()
     # A hidden temporary name in the same directory, so that os.replace is atomic and a crash
     # leaves no half-written image under the real name.
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -367,4 +398,24 @@ def merge_table(result: Any, top: int = 3) -> Table:
         low, mean = _energy_stats(result.energy[client])
         energy = "n/a" if low is None else f"{low:.4f} / {mean:.4f}"
         table.add_row(client, text, energy)
+    return table
+
+
+def simulation_table(summary: dict[str, Any], out: Path) -> Table:
+    """Final personalized accuracy per strategy (mean, worst client), ARI and time split."""
+    table = Table(title=f"fedbip simulate → {out}", caption="accuracy: each client's personalized model on its own test split")
+    for column in ("strategy", "mean acc", "worst acc", "ARI", "train s", "eval s", "server s"):
+        table.add_column(column, justify="left" if column == "strategy" else "right")
+    for name, entry in summary["strategies"].items():
+        ari = entry.get("ari")
+        seconds = entry["seconds"]
+        table.add_row(
+            name,
+            f"{entry['mean_accuracy']:.4f}",
+            f"{entry['worst_accuracy']:.4f}",
+            "n/a" if ari is None else f"{ari:.2f}",
+            f"{seconds['train']:.1f}",
+            f"{seconds['eval']:.1f}",
+            f"{seconds['server']:.2f}",
+        )
     return table

@@ -62,6 +62,25 @@ def factor_inner_products(factors: Sequence[tuple[torch.Tensor, torch.Tensor] | 
     return (owner.T @ products @ owner).cpu()
 
 
+def dense_inner_products(deltas: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """All pairwise inner products of dense deltas (any shape, flattened), in float64.
+
+    Args:
+        deltas: per client a tensor, or None for a zero delta.
+
+    Returns:
+        (K, K) float64 tensor.
+    """
+    k = len(deltas)
+    present = [i for i, d in enumerate(deltas) if d is not None]
+    inner = torch.zeros(k, k, dtype=torch.float64)
+    if present:
+        x = torch.stack([deltas[i].reshape(-1).to(torch.float64) for i in present])
+        idx = torch.tensor(present)
+        inner[idx[:, None], idx[None, :]] = (x @ x.T).cpu()
+    return inner
+
+
 def cosine_from_inner(inner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine matrix and norms from a Gram of inner products.
 

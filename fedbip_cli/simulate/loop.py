@@ -1,0 +1,296 @@
+"""The federated round loop: local LoRA training, the server step, evaluation, checkpoints.
+
+Every random draw is a function of (seed, round, client), never of what ran before, so a run
+resumed from its last complete round ends with exactly the metrics of an uninterrupted one, and
+strategies compared in one run see identical partitions, initial adapters, batches and participants.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedbip_cli.errors import OutputError, UsageError
+from fedbip_cli.sources import resolve_model_dir
+from fedbip_cli.simulate.data import ClientData, load_bbc, load_client_files
+from fedbip_cli.simulate.model import ClientModel, Tokens, embedded_model_dir
+from fedbip_cli.simulate.partition import PARTITIONS, partition_dirichlet, partition_tasks
+from fedbip_cli.simulate.strategies import RoundUpdates, State, check_strategies, server_step
+
+CHECKPOINTS = "checkpoints"
+# What an encoder needs from the Hub: config, weights and tokenizer files.
+MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")
+METRICS = "metrics.jsonl"
+SIMILARITY = "similarity.jsonl"
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Everything that determines a simulation's result (recorded in summary.json and checkpoints)."""
+
+    strategies: tuple[str, ...] = ("fedbip",)
+    rounds: int = 50
+    clients: int = 10
+    partition: str = "tasks"
+    groups: int = 3
+    alpha: float | None = None  # Dirichlet concentration: 1.0 for tasks, 0.1 for dirichlet
+    data_dir: str | None = None
+    max_examples: int | None = 6000
+    test_fraction: float = 0.2
+    model: str | None = None  # a local HF encoder directory; None = the embedded MiniLM
+    num_layers: int | None = None  # keep only the first N encoder layers (tests)
+    target_modules: tuple[str, ...] = ("query", "value")
+    rank: int = 8
+    lora_alpha: int = 16
+    local_steps: int = 4
+    batch_size: int = 16
+    lr: float = 1e-3
+    max_length: int = 32
+    eval_every: int = 5
+    participation: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_strategies(list(self.strategies))
+        if self.partition not in PARTITIONS:
+            raise UsageError(f"unknown partition {self.partition!r}; choose one of {', '.join(PARTITIONS)}")
+        for name in ("rounds", "clients", "local_steps", "batch_size", "max_length", "eval_every", "rank"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.participation <= 1:
+            raise UsageError(f"--participation {self.participation} must be in (0, 1]")
+        if not self.lr > 0:
+            raise UsageError(f"--lr {self.lr} must be positive")
+
+
+@dataclass
+class ClientTokens:
+    name: str
+    train: Tokens
+    train_labels: torch.Tensor
+    test: Tokens
+    test_labels: torch.Tensor
+    group: int | None
+
+
+@dataclass
+class StrategyRun:
+    """One strategy's state, checkpointed after every round."""
+
+    strategy: str
+    round: int = 0
+    bar: dict[str, State] = field(default_factory=dict)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    similarity: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=lambda: {"train": 0.0, "eval": 0.0, "server": 0.0})
+
+
+# round_done(strategy, round, mean accuracy or None when not evaluated)
+RoundCallback = Callable[[str, int, float | None], None]
+# on_round(the run after its checkpoint, mean accuracy or None)
+RunCallback = Callable[["StrategyRun", float | None], None]
+Progress = Callable[[str, int], Callable[[int], None]]
+
+
+def load_clients(config: SimulationConfig) -> tuple[list[ClientData], list[str]]:
+    """The clients' data: the user's files (--data) or the embedded BBC News, partitioned."""
+    if config.data_dir is not None:
+        return load_client_files(Path(config.data_dir), test_fraction=config.test_fraction, seed=config.seed)
+    data = load_bbc()
+    common = {"num_clients": config.clients, "seed": config.seed, "test_fraction": config.test_fraction, "max_examples": config.max_examples}
+    if config.partition == "tasks":
+        return partition_tasks(data, groups=config.groups, alpha=config.alpha or 1.0, **common)
+    return partition_dirichlet(data, alpha=config.alpha or 0.1, **common)
+
+
+def participants(config: SimulationConfig, clients: list[str], round_: int) -> list[str]:
+    """The clients sampled in ``round_`` (a function of seed and round only), in client order."""
+    count = max(1, round(config.participation * len(clients)))
+    if count >= len(clients):
+        return list(clients)
+    chosen = np.random.default_rng([config.seed, round_]).choice(len(clients), size=count, replace=False)
+    return [clients[i] for i in sorted(chosen.tolist())]
+
+
+def batch_generator(config: SimulationConfig, round_: int, client_index: int) -> torch.Generator:
+    """The generator of one client's batches in one round."""
+    return torch.Generator().manual_seed(((config.seed * 1_000_003) + round_ * 10_007 + client_index) % (2**63))
+
+
+class Simulation:
+    """Runs every configured strategy on one partition, writing metrics and checkpoints to ``out``."""
+
+    def __init__(self, config: SimulationConfig, out: Path, *, device: str = "cpu") -> None:
+        self.config = config
+        self.out = Path(out)
+        self.clients, self.label_names = load_clients(config)
+        model_dir = resolve_model_dir(config.model, allow_patterns=MODEL_FILES)[0] if config.model else embedded_model_dir()
+        self.model = ClientModel(
+            model_dir,
+            num_labels=len(self.label_names),
+            target_modules=config.target_modules,
+            rank=config.rank,
+            lora_alpha=config.lora_alpha,
+            max_length=config.max_length,
+            seed=config.seed,
+            device=device,
+            num_layers=config.num_layers,
+        )
+        self.data = [
+            ClientTokens(
+                c.name,
+                self.model.tokenize(c.train_texts),
+                torch.tensor(c.train_labels),
+                self.model.tokenize(c.test_texts),
+                torch.tensor(c.test_labels),
+                c.group,
+            )
+            for c in self.clients
+        ]
+        self.names = [c.name for c in self.clients]
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _checkpoint_paths(self, strategy: str) -> tuple[Path, Path]:
+        directory = self.out / CHECKPOINTS
+        return directory / f"{strategy}.safetensors", directory / f"{strategy}.json"
+
+    def save_checkpoint(self, run: StrategyRun) -> None:
+        """Write the run's state atomically: tensors first, then the JSON that names the round."""
+        tensors_path, meta_path = self._checkpoint_paths(run.strategy)
+        tensors_path.parent.mkdir(parents=True, exist_ok=True)
+        flat = {f"{client}/{name}": t.contiguous() for client, state in run.bar.items() for name, t in state.items()}
+        tmp = tensors_path.with_suffix(".tmp")
+        save_file(flat, str(tmp), metadata={"round": str(run.round)})
+        os.replace(tmp, tensors_path)
+        meta = {
+            "config": asdict(self.config),
+            "round": run.round,
+            "metrics": run.metrics,
+            "similarity": run.similarity,
+            "seconds": run.seconds,
+        }
+        tmp = meta_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta) + "\n", encoding="utf-8")
+        os.replace(tmp, meta_path)
+
+    def load_checkpoint(self, strategy: str) -> StrategyRun | None:
+        """The last complete round of ``strategy``, or None when it has not started."""
+        tensors_path, meta_path = self._checkpoint_paths(strategy)
+        if not meta_path.is_file():
+            return None
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta["config"] != json.loads(json.dumps(asdict(self.config))):
+            raise UsageError(
+                f"the checkpoint in {self.out} was written with other options",
+                where=str(meta_path),
+                hint="resume with the same options, or start afresh with --overwrite",
+            )
+        bar: dict[str, State] = {c: {} for c in self.names}
+        for key, tensor in load_file(str(tensors_path)).items():
+            client, name = key.split("/", 1)
+            bar[client][name] = tensor
+        return StrategyRun(strategy, meta["round"], bar, meta["metrics"], meta["similarity"], meta["seconds"])
+
+    # -- one strategy ----------------------------------------------------------------------------
+    def run_strategy(
+        self, strategy: str, *, resume: bool, progress: Progress | None = None, on_round: RunCallback | None = None
+    ) -> StrategyRun:
+        """All rounds of one strategy (from its checkpoint when resuming)."""
+        run = self.load_checkpoint(strategy) if resume else None
+        if run is None:
+            initial = self.model.initial_state()
+            run = StrategyRun(strategy, 0, {c: dict(initial) for c in self.names})
+        advance = (progress or (lambda stage, total: lambda n: None))(strategy, self.config.rounds * len(self.names))
+        advance(run.round * len(self.names))
+        examples = {d.name: len(d.train) for d in self.data}
+        groups = {d.name: d.group for d in self.data}
+        for round_ in range(run.round + 1, self.config.rounds + 1):
+            chosen = participants(self.config, self.names, round_)
+            trained: dict[str, State] = {}
+            losses: dict[str, float] = {}
+            start = time.perf_counter()
+            for index, data in enumerate(self.data):
+                if data.name in chosen:
+                    self.model.load_state(run.bar[data.name])
+                    losses[data.name] = self.model.train(
+                        data.train,
+                        data.train_labels,
+                        steps=self.config.local_steps,
+                        batch_size=self.config.batch_size,
+                        lr=self.config.lr,
+                        generator=batch_generator(self.config, round_, index),
+                    )
+                    trained[data.name] = self.model.state()
+                advance(1)
+            run.seconds["train"] += time.perf_counter() - start
+
+            start = time.perf_counter()
+            step = server_step(strategy, RoundUpdates(self.names, chosen, run.bar, trained, examples, groups))
+            run.bar = step.bar
+            run.seconds["server"] += time.perf_counter() - start
+            run.similarity.append(
+                {"strategy": strategy, "round": round_, "clients": step.similarity.clients,
+                 "similarity": step.similarity.groups["model"].similarity.tolist()}
+            )
+
+            accuracy: dict[str, float] = {}
+            if round_ % self.config.eval_every == 0 or round_ == self.config.rounds:
+                start = time.perf_counter()
+                for data in self.data:
+                    self.model.load_state(run.bar[data.name])
+                    accuracy[data.name] = self.model.evaluate(data.test, data.test_labels)
+                run.seconds["eval"] += time.perf_counter() - start
+            for data in self.data:
+                run.metrics.append(
+                    {
+                        "strategy": strategy,
+                        "round": round_,
+                        "client": data.name,
+                        "train_loss": losses.get(data.name),
+                        "test_accuracy": accuracy.get(data.name),
+                        "examples": examples[data.name],
+                    }
+                )
+            run.round = round_
+            self.save_checkpoint(run)
+            if on_round is not None:
+                on_round(run, sum(accuracy.values()) / len(accuracy) if accuracy else None)
+        return run
+
+
+def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix a new run into an old one: a non-empty ``out`` needs --resume or --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise OutputError("exists and is not a directory", where=str(out))
+    busy = out.is_dir() and any(out.iterdir())
+    if busy and not (resume or overwrite):
+        raise OutputError("output directory exists and is not empty", where=str(out), hint="pass --resume to continue it or --overwrite to start afresh")
+    if busy and overwrite and not resume:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def mean_accuracy_by_round(metrics: list[dict[str, Any]]) -> dict[int, float]:
+    """Mean test accuracy over clients at each evaluated round."""
+    by_round: dict[int, list[float]] = {}
+    for row in metrics:
+        if row["test_accuracy"] is not None:
+            by_round.setdefault(row["round"], []).append(row["test_accuracy"])
+    return {r: sum(v) / len(v) for r, v in sorted(by_round.items())}
+
+
+def final_accuracy(metrics: list[dict[str, Any]]) -> dict[str, float]:
+    """Each client's test accuracy at the last evaluated round."""
+    last = max(row["round"] for row in metrics if row["test_accuracy"] is not None)
+    return {row["client"]: row["test_accuracy"] for row in metrics if row["round"] == last and row["test_accuracy"] is not None}
+

@@ -1,0 +1,136 @@
+"""``fedbip simulate`` as one library call: run every strategy, then write the results.
+
+Outputs in ``out``: ``metrics.jsonl`` (per strategy, round and client), ``similarity.jsonl``
+(the participants' update similarity of every round), ``summary.json``, the final personalized
+adapters as PEFT directories (``adapters/<client>``, or ``adapters/<strategy>/<client>`` when
+several strategies are compared), ``accuracy.png`` and ``similarity.png``, and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedbip_cli import __version__, report
+from fedbip_cli.clustering import adjusted_rand_index, cluster_labels, suggest_clusters
+from fedbip_cli.pipeline import resolve_device
+from fedbip_cli.similarity import GroupSimilarity, SimilarityResult
+from fedbip_cli.simulate.loop import (
+    METRICS,
+    SIMILARITY,
+    Progress,
+    RoundCallback,
+    Simulation,
+    SimulationConfig,
+    StrategyRun,
+    final_accuracy,
+    mean_accuracy_by_round,
+    prepare_out,
+)
+
+SUMMARY = "summary.json"
+
+
+@dataclass
+class SimulationResult:
+    out: Path
+    summary: dict[str, Any]
+
+
+def simulate(
+    config: SimulationConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    progress: Progress | None = None,
+    round_done: RoundCallback | None = None,
+) -> SimulationResult:
+    """Run every strategy of ``config`` on one partition and write the outputs into ``out``."""
+    out = Path(out)
+    torch_device = resolve_device(device)
+    prepare_out(out, resume=resume, overwrite=overwrite)
+    simulation = Simulation(config, out, device=str(torch_device))
+    runs: list[StrategyRun] = []
+
+    def on_round(run: StrategyRun, accuracy: float | None) -> None:
+        # metrics.jsonl is rewritten each round so that it can be followed while the run goes on
+        _write_jsonl(out / METRICS, [row for r in [*runs, run] for row in r.metrics])
+        if round_done is not None:
+            round_done(run.strategy, run.round, accuracy)
+
+    for strategy in config.strategies:
+        runs.append(simulation.run_strategy(strategy, resume=resume, progress=progress, on_round=on_round))
+
+    _write_jsonl(out / METRICS, [row for r in runs for row in r.metrics])
+    _write_jsonl(out / SIMILARITY, [row for r in runs for row in r.similarity])
+    _write_adapters(simulation, runs, out)
+    summary = _summary(config, simulation, runs, str(torch_device))
+    _atomic_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    report.write_accuracy_plot({r.strategy: mean_accuracy_by_round(r.metrics) for r in runs}, out / "accuracy.png")
+    report.write_heatmap(_final_similarity(runs[0]), out / "similarity.png")
+    return SimulationResult(out, summary)
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    _atomic_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_adapters(simulation: Simulation, runs: list[StrategyRun], out: Path) -> None:
+    root = out / "adapters"
+    shutil.rmtree(root, ignore_errors=True)
+    for run in runs:
+        directory = root if len(runs) == 1 else root / run.strategy
+        for client, state in run.bar.items():
+            simulation.model.save_adapter(state, directory / client)
+
+
+def _final_similarity(run: StrategyRun) -> SimilarityResult:
+    last = run.similarity[-1]
+    matrix = torch.tensor(last["similarity"], dtype=torch.float64)
+    group = GroupSimilarity("model", [], matrix, torch.ones(matrix.shape[0], dtype=torch.float64))
+    return SimilarityResult(list(last["clients"]), "model", {"model": group})
+
+
+def _summary(config: SimulationConfig, simulation: Simulation, runs: list[StrategyRun], device: str) -> dict[str, Any]:
+    groups = {d.name: d.group for d in simulation.data}
+    strategies: dict[str, Any] = {}
+    for run in runs:
+        accuracy = final_accuracy(run.metrics)
+        similarity = _final_similarity(run)
+        entry: dict[str, Any] = {
+            "mean_accuracy": sum(accuracy.values()) / len(accuracy),
+            "worst_accuracy": min(accuracy.values()),
+            "accuracy": accuracy,
+            "seconds": run.seconds,
+            "rounds": run.round,
+            "clusters": [[similarity.clients[i] for i in c] for c in suggest_clusters(similarity.groups["model"].similarity)],
+        }
+        if all(groups[c] is not None for c in similarity.clients):
+            found = cluster_labels(suggest_clusters(similarity.groups["model"].similarity), len(similarity.clients))
+            entry["ari"] = adjusted_rand_index(found, [groups[c] for c in similarity.clients])
+        strategies[run.strategy] = entry
+    return {
+        "fedbip": __version__,
+        "device": device,
+        "config": asdict(config),
+        "clients": [
+            {"name": d.name, "group": d.group, "train_examples": len(d.train), "test_examples": len(d.test)}
+            for d in simulation.data
+        ],
+        "labels": simulation.label_names,
+        "strategies": strategies,
+    }

@@ -1,0 +1,158 @@
+"""Server steps of the federated simulation.
+
+Every strategy is the same two verbs: choose weight rows over the participants' task vectors
+τ_k = θ_k − θ̄_k (and which clients receive them), then θ̄_r ← θ̄_r + Σ_k P_rk τ_k. Similarities,
+weights and the merge itself are the library's own (``similarity``, ``weights``, ``merge``);
+strategies differ only in how P is chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fedbip_cli.errors import UsageError
+from fedbip_cli.merge import weighted_sum
+from fedbip_cli.similarity import SimilarityResult, dense_inner_products, similarity_from_inner
+from fedbip_cli.taskvec import block_of, natural_key
+from fedbip_cli.weights import WeightOptions, personalized_weights
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class RoundUpdates:
+    """What the server sees after local training in one round."""
+
+    clients: list[str]  # every client, in order
+    participants: list[str]  # those that trained this round, in client order
+    bar: dict[str, State]  # θ̄ for every client, before this round's step
+    trained: dict[str, State]  # θ for each participant
+    examples: dict[str, int]  # training examples per client
+    groups: dict[str, int | None]  # true task groups; only the oracle may look
+
+
+@dataclass
+class Plan:
+    """Weight rows per parameter group: receivers[r] gets Σ_k rows[g][r, k] τ_k (k over participants)."""
+
+    receivers: list[str]
+    rows: dict[str, torch.Tensor]
+
+
+@dataclass
+class ServerStep:
+    bar: dict[str, State]  # θ̄ for every client after the step
+    similarity: SimilarityResult  # of the participants' task vectors (whole model)
+    plan: Plan
+
+
+def parameter_groups(names: list[str], granularity: str) -> dict[str, list[str]]:
+    """Group trainable tensors: all together (``model``) or by transformer block (``block``).
+
+    A tensor outside any block (the classification head) groups with its own module, so the
+    head's weight and bias form one group.
+    """
+    ordered = sorted(names, key=natural_key)
+    if granularity == "model":
+        return {"model": ordered}
+    groups: dict[str, list[str]] = {}
+    for name in ordered:
+        groups.setdefault(block_of(name.rsplit(".", 1)[0]), []).append(name)
+    return groups
+
+
+def task_vectors(updates: RoundUpdates) -> dict[str, torch.Tensor]:
+    """τ_k = θ_k − θ̄_k per tensor name, stacked over participants on dim 0."""
+    names = list(updates.bar[updates.clients[0]])
+    return {
+        name: torch.stack([updates.trained[c][name] - updates.bar[c][name] for c in updates.participants])
+        for name in names
+    }
+
+
+def update_similarity(participants: list[str], tau: dict[str, torch.Tensor], granularity: str) -> SimilarityResult:
+    """Exact cosine similarity of the participants' task vectors at ``granularity``."""
+    inner = {name: dense_inner_products(list(t)) for name, t in tau.items()}
+    return similarity_from_inner(participants, granularity, parameter_groups(list(tau), granularity), inner)
+
+
+def _uniform_rows(updates: RoundUpdates, receivers: list[str], same: Callable[[str, str], bool]) -> torch.Tensor:
+    """Sample-weighted rows: receiver r averages the participants k with same(r, k)."""
+    rows = torch.zeros(len(receivers), len(updates.participants), dtype=torch.float64)
+    for r, receiver in enumerate(receivers):
+        for k, sender in enumerate(updates.participants):
+            if same(receiver, sender):
+                rows[r, k] = updates.examples[sender]
+    return rows / rows.sum(dim=1, keepdim=True)
+
+
+def plan_local(updates: RoundUpdates, tau: dict[str, torch.Tensor]) -> Plan:
+    """No communication: each participant keeps its own update (P = I)."""
+    return Plan(list(updates.participants), {"model": torch.eye(len(updates.participants), dtype=torch.float64)})
+
+
+def plan_fedavg(updates: RoundUpdates, tau: dict[str, torch.Tensor]) -> Plan:
+    """FedAvg / FedIT: one global model, the sample-weighted mean of the updates, sent to everyone."""
+    return Plan(list(updates.clients), {"model": _uniform_rows(updates, updates.clients, lambda r, k: True)})
+
+
+def plan_oracle(updates: RoundUpdates, tau: dict[str, torch.Tensor]) -> Plan:
+    """Upper reference: FedAvg within each true task group (every member of a group that took part)."""
+    if any(updates.groups[c] is None for c in updates.clients):
+        raise UsageError("the oracle strategy needs known task groups", hint="use --partition tasks")
+    active = {updates.groups[c] for c in updates.participants}
+    receivers = [c for c in updates.clients if updates.groups[c] in active]
+    same = lambda r, k: updates.groups[r] == updates.groups[k]  # noqa: E731
+    return Plan(receivers, {"model": _uniform_rows(updates, receivers, same)})
+
+
+def _fedbip(granularity: str) -> Callable[[RoundUpdates, dict[str, torch.Tensor]], Plan]:
+    def plan(updates: RoundUpdates, tau: dict[str, torch.Tensor]) -> Plan:
+        similarity = update_similarity(updates.participants, tau, granularity)
+        rows = {name: personalized_weights(g.similarity, WeightOptions()) for name, g in similarity.groups.items()}
+        return Plan(list(updates.participants), rows)
+
+    plan.__doc__ = f"FedBip at {granularity} granularity: P from the cosine of the participants' updates."
+    return plan
+
+
+STRATEGIES: dict[str, Callable[[RoundUpdates, dict[str, torch.Tensor]], Plan]] = {
+    "fedbip": _fedbip("model"),
+    "fedbip-layerwise": _fedbip("block"),
+    "fedavg": plan_fedavg,
+    "local": plan_local,
+    "oracle": plan_oracle,
+}
+
+
+def check_strategies(names: list[str]) -> list[str]:
+    """Validate strategy names; an unknown one lists the valid ones."""
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown or not names:
+        raise UsageError(
+            f"unknown strategy {', '.join(unknown) or '(none)'}; choose from {', '.join(STRATEGIES)}",
+            hint="e.g. --compare fedbip,fedbip-layerwise,fedavg,local",
+        )
+    return names
+
+
+def server_step(strategy: str, updates: RoundUpdates) -> ServerStep:
+    """One round's aggregation: θ̄_r ← θ̄_r + Σ_k P_rk τ_k for every receiver r."""
+    tau = task_vectors(updates)
+    plan = STRATEGIES[strategy](updates, tau)
+    if set(plan.rows) == {"model"}:
+        group_of = {name: "model" for name in tau}
+    else:
+        group_of = {name: g for g, members in parameter_groups(list(tau), "block").items() for name in members}
+    bar = dict(updates.bar)
+    for receiver in plan.receivers:
+        bar[receiver] = dict(bar[receiver])
+    for name, stacked in tau.items():
+        merged = weighted_sum(stacked, plan.rows[group_of[name]])
+        for r, receiver in enumerate(plan.receivers):
+            bar[receiver][name] = updates.bar[receiver][name] + merged[r]
+    similarity = update_similarity(updates.participants, tau, "model")
+    return ServerStep(bar, similarity, plan)
