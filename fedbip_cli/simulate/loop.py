@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from fedbip_cli.errors import OutputError, UsageError
+from fedbip_cli.errors import AdapterError, OutputError, UsageError
 from fedbip_cli.sources import resolve_model_dir
 from fedbip_cli.simulate.data import ClientData, load_bbc, load_client_files
 from fedbip_cli.simulate.model import ClientModel, Tokens, embedded_model_dir
@@ -28,6 +29,7 @@ from fedbip_cli.simulate.partition import PARTITIONS, partition_dirichlet, parti
 from fedbip_cli.simulate.strategies import RoundUpdates, State, check_strategies, server_step
 
 CHECKPOINTS = "checkpoints"
+CHECKPOINT_KEY = "fedbip_checkpoint"
 # What an encoder needs from the Hub: config, weights and tokenizer files.
 MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")
 METRICS = "metrics.jsonl"
@@ -71,6 +73,8 @@ class SimulationConfig:
             raise UsageError(f"--participation {self.participation} must be in (0, 1]")
         if not self.lr > 0:
             raise UsageError(f"--lr {self.lr} must be positive")
+        if self.seed < 0:  # numpy's generators take only non-negative seeds
+            raise UsageError(f"--seed {self.seed} must be a non-negative integer")
 
 
 @dataclass
@@ -160,18 +164,21 @@ class Simulation:
         self.names = [c.name for c in self.clients]
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def _checkpoint_paths(self, strategy: str) -> tuple[Path, Path]:
-        directory = self.out / CHECKPOINTS
-        return directory / f"{strategy}.safetensors", directory / f"{strategy}.json"
+    def _checkpoint_path(self, strategy: str) -> Path:
+        return self.out / CHECKPOINTS / f"{strategy}.safetensors"
 
     def save_checkpoint(self, run: StrategyRun) -> None:
-        """Write the run's state atomically: tensors first, then the JSON that names the round."""
-        tensors_path, meta_path = self._checkpoint_paths(run.strategy)
-        tensors_path.parent.mkdir(parents=True, exist_ok=True)
-        flat = {f"{client}/{name}": t.contiguous() for client, state in run.bar.items() for name, t in state.items()}
-        tmp = tensors_path.with_suffix(".tmp")
-        save_file(flat, str(tmp), metadata={"round": str(run.round)})
-        os.replace(tmp, tensors_path)
+        """Write the run's state as one file, atomically: the tensors, with the round, options,
+        metrics and timings in the safetensors header, so no interruption can split them."""
+        path = self._checkpoint_path(run.strategy)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Clients that have not yet received an update share the initial tensors, and safetensors
+        # refuses tensors that share memory: save a copy of each.
+        flat = {
+            f"{client}/{name}": t.clone(memory_format=torch.contiguous_format)
+            for client, state in run.bar.items()
+            for name, t in state.items()
+        }
         meta = {
             "config": asdict(self.config),
             "round": run.round,
@@ -179,24 +186,29 @@ class Simulation:
             "similarity": run.similarity,
             "seconds": run.seconds,
         }
-        tmp = meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta) + "\n", encoding="utf-8")
-        os.replace(tmp, meta_path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(flat, str(tmp), metadata={CHECKPOINT_KEY: json.dumps(meta)})
+        os.replace(tmp, path)
 
     def load_checkpoint(self, strategy: str) -> StrategyRun | None:
         """The last complete round of ``strategy``, or None when it has not started."""
-        tensors_path, meta_path = self._checkpoint_paths(strategy)
-        if not meta_path.is_file():
+        path = self._checkpoint_path(strategy)
+        if not path.is_file():
             return None
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = json.loads((handle.metadata() or {})[CHECKPOINT_KEY])
+                flat = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as exc:  # a damaged file: safetensors, JSON and key errors alike
+            raise AdapterError(f"unreadable checkpoint ({exc})", where=str(path), hint="start afresh with --overwrite") from None
         if meta["config"] != json.loads(json.dumps(asdict(self.config))):
             raise UsageError(
                 f"the checkpoint in {self.out} was written with other options",
-                where=str(meta_path),
+                where=str(path),
                 hint="resume with the same options, or start afresh with --overwrite",
             )
         bar: dict[str, State] = {c: {} for c in self.names}
-        for key, tensor in load_file(str(tensors_path)).items():
+        for key, tensor in flat.items():
             client, name = key.split("/", 1)
             bar[client][name] = tensor
         return StrategyRun(strategy, meta["round"], bar, meta["metrics"], meta["similarity"], meta["seconds"])
@@ -268,14 +280,23 @@ class Simulation:
         return run
 
 
-def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix a new run into an old one: a non-empty ``out`` needs --resume or --overwrite."""
+def check_out(out: Path, *, resume: bool, overwrite: bool) -> bool:
+    """Refuse to mix a new run into an old one: a non-empty ``out`` needs --resume or --overwrite.
+
+    Writes nothing; returns whether ``out`` holds an old run that --overwrite will remove.
+    """
     if out.exists() and not out.is_dir():
         raise OutputError("exists and is not a directory", where=str(out))
     busy = out.is_dir() and any(out.iterdir())
     if busy and not (resume or overwrite):
         raise OutputError("output directory exists and is not empty", where=str(out), hint="pass --resume to continue it or --overwrite to start afresh")
-    if busy and overwrite and not resume:
+    return busy and overwrite and not resume
+
+
+def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Create ``out`` (emptied with --overwrite). Call it once the inputs have loaded, so that a
+    bad input leaves neither a new directory nor a removed old run behind."""
+    if check_out(out, resume=resume, overwrite=overwrite):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 

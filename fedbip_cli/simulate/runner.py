@@ -29,6 +29,7 @@ from fedbip_cli.simulate.loop import (
     Simulation,
     SimulationConfig,
     StrategyRun,
+    check_out,
     final_accuracy,
     mean_accuracy_by_round,
     prepare_out,
@@ -56,8 +57,9 @@ def simulate(
     """Run every strategy of ``config`` on one partition and write the outputs into ``out``."""
     out = Path(out)
     torch_device = resolve_device(device)
-    prepare_out(out, resume=resume, overwrite=overwrite)
+    check_out(out, resume=resume, overwrite=overwrite)  # fail fast, before loading data and model
     simulation = Simulation(config, out, device=str(torch_device))
+    prepare_out(out, resume=resume, overwrite=overwrite)
     runs: list[StrategyRun] = []
 
     def on_round(run: StrategyRun, accuracy: float | None) -> None:

@@ -1,0 +1,348 @@
+"""``fedbip simulate`` end to end: outputs, final adapters, resume, --data files and user errors.
+
+Small on purpose: the embedded MiniLM cut to 2 encoder layers, 300 BBC sentences, a few clients,
+rounds and local steps of batch 8. Each test reads the results it needs from a handful of runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
+from transformers import AutoModel
+from typer.testing import CliRunner
+
+from fedbip_cli.adapters import KEY_PREFIX
+from fedbip_cli.cli import app
+from fedbip_cli.errors import AdapterError, OutputError, UsageError
+from fedbip_cli.simulate import loop
+from fedbip_cli.simulate.loop import SimulationConfig
+from fedbip_cli.simulate.model import HEAD_NAME, embedded_model_dir
+from fedbip_cli.simulate.runner import simulate
+from fedbip_cli.simulate.strategies import STRATEGIES
+
+LAYERS = 2
+ALL = ("fedbip", "fedbip-layerwise", "fedavg", "local", "oracle")
+# Four clients in two task groups (client-00 and -02 in group 0, -01 and -03 in group 1), so that
+# the oracle has groups of two to average within.
+CONFIG = SimulationConfig(
+    strategies=ALL,
+    num_layers=LAYERS,
+    batch_size=8,
+    max_length=32,
+    local_steps=2,
+    rounds=2,
+    clients=4,
+    groups=2,
+    max_examples=300,
+    eval_every=1,
+)
+CLIENTS = ["client-00", "client-01", "client-02", "client-03"]
+SMALL = ["--num-layers", str(LAYERS), "--batch-size", "8", "--device", "cpu"]
+PNG = b"\x89PNG\r\n\x1a\n"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quick() -> Iterator[None]:
+    """One intra-op thread (on a busy machine, two threads spin against each other and a step is
+    tens of times slower) and the BBC corpus read once for all the runs of this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "load_bbc", functools.cache(loop.load_bbc))
+        yield
+    torch.set_num_threads(threads)
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(result, *needles: str, code: int) -> None:
+    """One error line plus a hint on stderr, the exit code, and no traceback."""
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    assert "error:" in result.stderr and "hint:" in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in " ".join(result.stderr.split()), (needle, result.stderr)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def file_bytes(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` by relative path."""
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def adapter_bytes(out: Path, strategy: str, client: str) -> bytes:
+    directory = out / "adapters" / strategy / client
+    return (directory / "adapter_model.safetensors").read_bytes() + (directory / HEAD_NAME).read_bytes()
+
+
+def without_seconds(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary less its wall-clock timings, the only part a re-run may change."""
+    strategies = {name: {k: v for k, v in entry.items() if k != "seconds"} for name, entry in summary["strategies"].items()}
+    return {**summary, "strategies": strategies}
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """One --compare run of every strategy on the same partition."""
+    out = tmp_path_factory.mktemp("compare") / "run"
+    result = simulate(CONFIG, out, device="cpu")
+    assert result.out == out
+    return out, result.summary
+
+
+def test_compare_run_writes_metrics_similarity_summary_and_plots(compared: tuple[Path, dict[str, Any]]) -> None:
+    out, summary = compared
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert [c["name"] for c in summary["clients"]] == CLIENTS
+    assert [c["group"] for c in summary["clients"]] == [0, 1, 0, 1]
+    examples = {c["name"]: c["train_examples"] for c in summary["clients"]}
+
+    metrics = read_jsonl(out / "metrics.jsonl")
+    keys = [(r["strategy"], r["round"], r["client"]) for r in metrics]
+    assert keys == [(s, r, c) for s in ALL for r in (1, 2) for c in CLIENTS]
+    for row in metrics:
+        assert set(row) == {"strategy", "round", "client", "train_loss", "test_accuracy", "examples"}
+        assert row["train_loss"] > 0 and 0 <= row["test_accuracy"] <= 1
+        assert row["examples"] == examples[row["client"]]
+
+    similarity = read_jsonl(out / "similarity.jsonl")
+    assert [(r["strategy"], r["round"]) for r in similarity] == [(s, r) for s in ALL for r in (1, 2)]
+    for row in similarity:
+        s = torch.tensor(row["similarity"])
+        assert row["clients"] == CLIENTS and s.shape == (4, 4)
+        torch.testing.assert_close(s, s.T)
+        torch.testing.assert_close(s.diagonal(), torch.ones(4))
+
+    assert list(summary["strategies"]) == list(ALL)
+    for strategy, entry in summary["strategies"].items():
+        final = [r["test_accuracy"] for r in metrics if r["strategy"] == strategy and r["round"] == 2]
+        assert entry["mean_accuracy"] == pytest.approx(sum(final) / len(final))
+        assert entry["worst_accuracy"] == min(final) and 0 <= entry["worst_accuracy"] <= entry["mean_accuracy"] <= 1
+        assert set(entry["seconds"]) == {"train", "eval", "server"}
+        assert entry["seconds"]["train"] > 0 and entry["seconds"]["eval"] > 0 and entry["seconds"]["server"] >= 0
+        assert entry["rounds"] == 2
+        assert -1 <= entry["ari"] <= 1  # the tasks partition knows the true groups
+        assert sorted(c for cluster in entry["clusters"] for c in cluster) == CLIENTS
+
+    assert (out / "accuracy.png").read_bytes()[:8] == PNG
+    assert (out / "similarity.png").read_bytes()[:8] == PNG
+    for strategy in ALL:
+        meta = checkpoint_meta(out / "checkpoints" / f"{strategy}.safetensors")
+        assert meta["round"] == 2 and meta["config"]["strategies"] == list(ALL)
+        assert sorted({key.split("/")[0] for key in load_file(out / "checkpoints" / f"{strategy}.safetensors")}) == CLIENTS
+        assert sorted(p.name for p in (out / "adapters" / strategy).iterdir()) == CLIENTS
+
+
+def checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The round, options and metrics stored in a checkpoint's safetensors header."""
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads(handle.metadata()["fedbip_checkpoint"])
+
+
+def test_final_adapters_follow_each_strategy(compared: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = compared
+    local = [adapter_bytes(out, "local", c) for c in CLIENTS]
+    assert len(set(local)) == 4  # no communication: every client its own adapter
+    assert len({adapter_bytes(out, "fedavg", c) for c in CLIENTS}) == 1  # one global model, bitwise
+    oracle = [adapter_bytes(out, "oracle", c) for c in CLIENTS]
+    assert oracle[0] == oracle[2] and oracle[1] == oracle[3] and oracle[0] != oracle[1]
+    assert len({adapter_bytes(out, "fedbip", c) for c in CLIENTS}) > 1  # personalized
+
+
+# PeftModel.from_pretrained calls a transformers API that transformers 5 deprecates.
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_adapters_are_inspectable_and_load_in_peft(compared: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = compared
+    result = invoke("inspect-similarity", out / "adapters" / "fedbip", "--format", "json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    inspected = json.loads(result.stdout)
+    assert inspected["clients"] == CLIENTS
+    assert torch.tensor(inspected["groups"]["model"]["similarity"]).diagonal().tolist() == pytest.approx([1.0] * 4)
+
+    # The adapter holds the final state of the checkpoint: peft's ΔW = scale · B @ A, and the head.
+    checkpoint = load_file(out / "checkpoints" / "fedbip.safetensors")
+    state = {key.split("/", 1)[1]: t for key, t in checkpoint.items() if key.startswith("client-01/")}
+    directory = out / "adapters" / "fedbip" / "client-01"
+    base = AutoModel.from_pretrained(embedded_model_dir(), num_hidden_layers=LAYERS)
+    model = PeftModel.from_pretrained(base, directory)
+    layers = {n.removeprefix(KEY_PREFIX): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert sorted(layers) == [f"encoder.layer.{i}.attention.self.{m}" for i in range(LAYERS) for m in ("query", "value")]
+    scale = CONFIG.lora_alpha / CONFIG.rank
+    for name, layer in layers.items():
+        expected = scale * state[f"{name}.lora_B"] @ state[f"{name}.lora_A"]
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(layer.get_delta_weight("default"), expected, atol=1e-6, rtol=1e-5)
+    head = load_file(directory / HEAD_NAME)
+    assert torch.equal(head["classifier.weight"], state["classifier.weight"])
+    assert torch.equal(head["classifier.bias"], state["classifier.bias"])
+
+
+class Interrupted(KeyboardInterrupt):
+    """The test's own Ctrl-C, told apart from a real one."""
+
+
+def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path: Path) -> None:
+    config = replace(CONFIG, strategies=("fedavg", "fedbip"), rounds=3, clients=3, groups=3, local_steps=1, eval_every=2)
+    whole = simulate(config, tmp_path / "a", device="cpu")
+
+    def stop(strategy: str, round_: int, accuracy: float | None) -> None:
+        assert (accuracy is None) == (round_ == 1)  # evaluated every 2 rounds and at the last
+        if (strategy, round_) == ("fedbip", 2):
+            raise Interrupted
+
+    b = tmp_path / "b"
+    with pytest.raises(Interrupted):
+        simulate(config, b, device="cpu", round_done=stop)
+    # what survives the interruption: fedavg complete, fedbip after its round 2
+    assert checkpoint_meta(b / "checkpoints" / "fedavg.safetensors")["round"] == 3
+    assert checkpoint_meta(b / "checkpoints" / "fedbip.safetensors")["round"] == 2
+    assert [(r["strategy"], r["round"]) for r in read_jsonl(b / "metrics.jsonl")][-1] == ("fedbip", 2)
+    assert not (b / "summary.json").exists()
+    # a damaged checkpoint is named, not resumed from
+    path = b / "checkpoints" / "fedbip.safetensors"
+    good = path.read_bytes()
+    path.write_bytes(good[:-10])
+    with pytest.raises(AdapterError, match="unreadable checkpoint") as info:
+        simulate(config, b, device="cpu", resume=True)
+    assert str(path) in str(info.value)
+    path.write_bytes(good)
+
+    resumed = simulate(config, b, device="cpu", resume=True)
+    a = tmp_path / "a"
+    for name in ("metrics.jsonl", "similarity.jsonl"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert without_seconds(resumed.summary) == without_seconds(whole.summary)
+    assert resumed.summary["strategies"]["fedbip"]["rounds"] == 3
+    adapters_a, adapters_b = file_bytes(a / "adapters"), file_bytes(b / "adapters")
+    assert len(adapters_a) == 2 * 3 * 3  # 2 strategies x 3 clients x (config, weights, head)
+    assert adapters_a == adapters_b
+
+    # resuming with other options names the checkpoint it refuses, and changes nothing
+    with pytest.raises(UsageError, match="other options") as info:
+        simulate(replace(config, lr=2e-3), b, device="cpu", resume=True)
+    assert str(b / "checkpoints" / "fedavg.safetensors") in str(info.value)
+    assert file_bytes(b / "adapters") == adapters_b
+    # and a non-empty --out is neither mixed into nor removed without --resume or --overwrite
+    with pytest.raises(OutputError, match="not empty") as info:
+        simulate(config, a, device="cpu")
+    assert "--resume" in (info.value.hint or "") and "--overwrite" in (info.value.hint or "")
+    assert file_bytes(a / "adapters") == adapters_a
+
+
+SPORT = ["the striker scored twice in the cup final", "the team won the league match at home",
+         "the tennis player won the open final", "the coach praised the players after the game",
+         "the sprinter broke the world record at the olympics"]
+MONEY = ["the bank raised interest rates again", "shares fell after the company reported losses",
+         "oil prices pushed inflation to a new high", "the firm cut jobs after sales slumped",
+         "investors sold bonds as the market dropped"]
+
+
+def client_rows(offset: int) -> list[dict[str, str]]:
+    """Twenty separable rows: sport and money sentences, made distinct by a number."""
+    return [
+        {"text": f"{text} {offset + i}", "label": label}
+        for i in range(2)
+        for sentences, label in ((SPORT, "sport"), (MONEY, "money"))
+        for text in sentences
+    ]
+
+
+def write_clients(directory: Path) -> Path:
+    """alpha.jsonl, beta.csv and gamma.jsonl with 20 rows each."""
+    directory.mkdir()
+    for name, offset in (("alpha", 0), ("gamma", 200)):
+        (directory / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in client_rows(offset)))
+    rows = client_rows(100)
+    (directory / "beta.csv").write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    return directory
+
+
+def test_data_dir_through_the_cli_prints_only_the_json_summary(tmp_path: Path) -> None:
+    data = write_clients(tmp_path / "clients")
+    out = tmp_path / "out"
+    result = invoke("simulate", "--data", data, *SMALL, "--rounds", "1", "--local-steps", "1", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)  # stdout is exactly the summary
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary["config"]["data_dir"] == str(data)
+    assert [(c["name"], c["group"]) for c in summary["clients"]] == [("alpha", None), ("beta", None), ("gamma", None)]
+    assert [c["train_examples"] + c["test_examples"] for c in summary["clients"]] == [20, 20, 20]
+    assert summary["labels"] == ["money", "sport"]
+    entry = summary["strategies"]["fedbip"]
+    assert "ari" not in entry and 0 <= entry["mean_accuracy"] <= 1
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["alpha", "beta", "gamma"]  # one strategy: no subfolder
+    assert "round" not in result.stderr  # --json: no round lines
+
+
+def test_unknown_strategy_lists_the_valid_ones(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = invoke("simulate", "--compare", "fedbip,fedprox", "--out", out)
+    assert_user_error(result, "fedprox", ", ".join(STRATEGIES), code=2)
+    assert not out.exists()
+
+
+def test_data_row_without_label_names_file_and_line_and_keeps_the_old_run(tmp_path: Path) -> None:
+    data = write_clients(tmp_path / "clients")
+    bad = data / "gamma.jsonl"
+    lines = bad.read_text().splitlines()
+    lines[2] = json.dumps({"text": "a sentence with no label"})
+    bad.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    result = invoke("simulate", "--data", data, *SMALL, "--out", out)
+    assert_user_error(result, f"{bad}:3", "'label'", code=1)
+    assert not out.exists()  # nothing written
+    # with --overwrite, a bad input must not cost the previous run
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("previous run\n")
+    assert_user_error(invoke("simulate", "--data", data, *SMALL, "--out", out, "--overwrite"), f"{bad}:3", code=1)
+    assert (out / "metrics.jsonl").read_text() == "previous run\n"
+
+
+def test_option_errors_exit_2(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert_user_error(invoke("simulate", "--participation", "0", "--out", out), "--participation 0", code=2)
+    assert_user_error(invoke("simulate", "--seed", "-1", "--out", out), "--seed -1", code=2)
+    if not torch.cuda.is_available():
+        assert_user_error(invoke("simulate", "--device", "cuda", "--out", out), "no CUDA device", code=2)
+    assert not out.exists()
+
+
+def test_partial_participation_samples_the_same_clients_for_every_strategy(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = invoke(
+        "simulate", "--compare", "fedavg,local", "--clients", "4", "--groups", "2", "--participation", "0.5",
+        "--rounds", "2", "--local-steps", "1", "--max-examples", "300", "--eval-every", "1", *SMALL, "--out", out, "--json",
+    )
+    assert result.exit_code == 0, result.output
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert len(metrics) == 2 * 2 * 4
+    similarity = {(r["strategy"], r["round"]): r["clients"] for r in read_jsonl(out / "similarity.jsonl")}
+    for round_ in (1, 2):
+        chosen = {}
+        for strategy in ("fedavg", "local"):
+            rows = [r for r in metrics if r["strategy"] == strategy and r["round"] == round_]
+            chosen[strategy] = [r["client"] for r in rows if r["train_loss"] is not None]
+            assert len(chosen[strategy]) == 2  # half of 4
+            assert all(r["test_accuracy"] is not None for r in rows)  # everyone is evaluated
+            assert similarity[strategy, round_] == chosen[strategy]  # only participants are compared
+        assert chosen["fedavg"] == chosen["local"]
+    # fedavg sends the global update to the clients that sat out too
+    assert len({adapter_bytes(out, "fedavg", c) for c in CLIENTS}) == 1
