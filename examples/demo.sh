@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # End-to-end fedbip demo on CPU, a few minutes on 2 cores, fully offline:
-#   1. fine-tune six real LoRA adapters of all-MiniLM-L6-v2 on BBC News (three tasks, two clients
-#      each; examples/make_adapters.py), skipped when $OUT/adapters exists unless FORCE=1;
+#   1. a short federated simulation with no communication (`--strategy local`): six clients
+#      fine-tune real LoRA adapters of all-MiniLM-L6-v2 on their own slices of BBC News, two
+#      clients in each of three task groups whose labels conflict; skipped when $OUT/sim exists
+#      unless FORCE=1;
 #   2. show how similar the clients' task vectors are, globally and layer by layer (+ heatmap);
 #   3. write one personalized, layer-wise merged adapter per client;
 #   4. load one merged adapter back with peft.
-# Usage: [OUT=demo-out] [FORCE=1] [THREADS=n] bash examples/demo.sh   (or: make demo)
+# Usage: [OUT=demo-out] [FORCE=1] bash examples/demo.sh   (or: make demo)
 set -euo pipefail
 
 OUT=${OUT:-demo-out}
@@ -15,26 +17,23 @@ SECONDS=0
 
 step() { printf '\n== [%3ss] %s\n' "$SECONDS" "$*"; }
 
-if [[ -d "$OUT/adapters" && "${FORCE:-0}" != 1 ]]; then
-    step "reusing $OUT/adapters (FORCE=1 retrains)"
+if [[ -f "$OUT/sim/summary.json" && "${FORCE:-0}" != 1 ]]; then
+    step "reusing the client adapters in $OUT/sim/adapters (FORCE=1 retrains)"
 else
-    step "training client adapters into $OUT/adapters"
-    # Train into a temporary directory and rename, so an interrupted run leaves no partial set.
-    rm -rf "$OUT/adapters.partial"
-    # THREADS=1 is much faster when other jobs share the cores (torch threads then thrash).
-    python examples/make_adapters.py --out "$OUT/adapters.partial" ${THREADS:+--threads "$THREADS"}
-    rm -rf "$OUT/adapters"
-    mv "$OUT/adapters.partial" "$OUT/adapters"
+    step "fine-tuning six client adapters (fedbip simulate --strategy local) into $OUT/sim"
+    fedbip simulate --strategy local --clients 6 --groups 3 --rounds 8 --local-steps 5 \
+        --eval-every 4 --out "$OUT/sim" --overwrite
 fi
+ADAPTERS="$OUT/sim/adapters"
 
 step "global similarity of the clients' task vectors"
-fedbip inspect-similarity "$OUT/adapters"
+fedbip inspect-similarity "$ADAPTERS"
 
 step "layer-wise similarity, heatmap in $OUT/similarity.png"
-fedbip inspect-similarity "$OUT/adapters" --layerwise --heatmap "$OUT/similarity.png"
+fedbip inspect-similarity "$ADAPTERS" --layerwise --heatmap "$OUT/similarity.png"
 
 step "personalized layer-wise merge (FedBip-L) into $OUT/merged"
-fedbip merge "$OUT/adapters" --layerwise --out "$OUT/merged" --overwrite
+fedbip merge "$ADAPTERS" --layerwise --out "$OUT/merged" --overwrite
 
 step "loading a merged adapter with peft"
 python -W ignore::FutureWarning - "$OUT/merged" <<'PY'
