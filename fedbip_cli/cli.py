@@ -182,7 +182,7 @@ def inspect_similarity(
         if heatmap is not None:
             report.write_heatmap(result, heatmap)
     if output_format == "json":
-        _print_json(report.similarity_json(result))
+        _print_json(report.similarity_json(result, neighbours=neighbours))
     elif output_format == "csv":
         sys.stdout.write(report.similarity_csv(result))
     else:
