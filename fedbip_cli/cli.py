@@ -210,7 +210,7 @@ SIMULATE_EPILOG = """[b]Examples[/b]
 def simulate(
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 50,
     clients: Annotated[int, typer.Option(help="Number of clients (ignored with --data).")] = 10,
-    strategy: Annotated[str, typer.Option(help="fedbip, fedbip-layerwise, fedavg, local or oracle.")] = "fedbip",
+    strategy: Annotated[str, typer.Option(help="fedbip, fedbip-layerwise, fedavg, local, oracle, or the variants fedbip-cumulative, fedbip-layerwise-cumulative (similarity of whole trajectories).")] = "fedbip",
     compare: Annotated[Optional[str], typer.Option(help="Comma-separated strategies run on identical data, seeds and initial adapter.", show_default=False)] = None,
     partition: Annotated[str, typer.Option(help="tasks (conflicting task groups) or dirichlet (label skew on one task).")] = "tasks",
     groups: Annotated[int, typer.Option(help="Task groups for --partition tasks.")] = 3,

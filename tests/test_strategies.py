@@ -45,6 +45,8 @@ def add(x: State, y: State) -> State:
     return {name: x[name] + y[name] for name in x}
 
 
+INITIAL = state([0.5, -0.5], [0.25, 0.0], [0.0, 1.0], 0.5)  # θ⁰, the shared initial adapter
+
 # Every client starts the round from a θ̄ of its own (all entries equal to its index), so that a
 # step that mixed up θ̄ and θ, or θ̄ of two clients, would show.
 BAR = {c: state([i, i], [i, i], [i, i], i) for i, c in enumerate(CLIENTS)}
@@ -64,6 +66,7 @@ def updates(
         trained={c: add(BAR[c], t) for c, t in tau.items()},
         examples=examples or {c: 1 for c in CLIENTS},
         groups=groups or {c: None for c in CLIENTS},
+        initial=INITIAL,
     )
 
 
@@ -195,6 +198,30 @@ def test_fedbip_matches_a_numpy_reference_for_participants_only() -> None:
     assert_state(step.bar["b"], BAR["b"])
 
 
+def test_cumulative_variant_weighs_by_whole_trajectories() -> None:
+    """fedbip-cumulative: S from θ_k − θ⁰ (here θ̄ + τ − θ⁰), while the round's τ is what is merged."""
+    tau = {
+        "a": state([1, -2], [3, 0], [1, 1], -1),
+        "c": state([2, -1], [1, 1], [0, 2], 0),
+        "d": state([-1, 2], [-3, 1], [1, -1], 2),
+    }
+    step = server_step("fedbip-cumulative", updates(tau))
+    x = np.stack([flat(tau[c]) for c in tau])
+    whole = np.stack([flat(BAR[c]) + flat(tau[c]) - flat(INITIAL) for c in tau])
+    s = np.array([[cosine(u, v) for v in whole] for u in whole])
+    p = np.clip(s, 0, None)
+    p /= p.sum(axis=1, keepdims=True)
+    update_s = np.array([[cosine(u, v) for v in x] for u in x])
+    assert not np.allclose(s, update_s)  # the two bases really differ here
+    np.testing.assert_allclose(step.plan.rows["model"].numpy(), p, atol=1e-12)
+    for i, c in enumerate(tau):
+        np.testing.assert_allclose(flat(step.bar[c]), flat(BAR[c]) + p[i] @ x, rtol=1e-6)
+    no_initial = updates(tau)
+    no_initial.initial = None
+    with pytest.raises(UsageError, match="initial adapter"):
+        server_step("fedbip-cumulative", no_initial)
+
+
 def test_parameter_groups_put_the_head_in_one_group() -> None:
     names = [W, B1, "encoder.layer.10.attention.self.query.lora_A", BIAS, A0, A0.replace("lora_A", "lora_B")]
     assert parameter_groups(names, "block") == {
@@ -247,7 +274,7 @@ def test_every_weight_row_sums_to_one(strategy: str) -> None:
 
 def test_check_strategies_lists_the_valid_names() -> None:
     assert check_strategies(["fedavg", "fedbip"]) == ["fedavg", "fedbip"]
-    with pytest.raises(UsageError, match="unknown strategy fedprox; choose from fedbip, fedbip-layerwise, fedavg, local, oracle"):
+    with pytest.raises(UsageError, match="unknown strategy fedprox; choose from fedbip, fedbip-layerwise, fedavg, local, oracle, fedbip-cumulative, fedbip-layerwise-cumulative"):
         check_strategies(["fedbip", "fedprox"])
     with pytest.raises(UsageError, match=r"\(none\)"):
         check_strategies([])

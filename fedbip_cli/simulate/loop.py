@@ -162,6 +162,7 @@ class Simulation:
             for c in self.clients
         ]
         self.names = [c.name for c in self.clients]
+        self.initial = self.model.initial_state()
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _checkpoint_path(self, strategy: str) -> Path:
@@ -220,8 +221,7 @@ class Simulation:
         """All rounds of one strategy (from its checkpoint when resuming)."""
         run = self.load_checkpoint(strategy) if resume else None
         if run is None:
-            initial = self.model.initial_state()
-            run = StrategyRun(strategy, 0, {c: dict(initial) for c in self.names})
+            run = StrategyRun(strategy, 0, {c: dict(self.initial) for c in self.names})
         advance = (progress or (lambda stage, total: lambda n: None))(strategy, self.config.rounds * len(self.names))
         advance(run.round * len(self.names))
         examples = {d.name: len(d.train) for d in self.data}
@@ -247,7 +247,7 @@ class Simulation:
             run.seconds["train"] += time.perf_counter() - start
 
             start = time.perf_counter()
-            step = server_step(strategy, RoundUpdates(self.names, chosen, run.bar, trained, examples, groups))
+            step = server_step(strategy, RoundUpdates(self.names, chosen, run.bar, trained, examples, groups, self.initial))
             run.bar = step.bar
             run.seconds["server"] += time.perf_counter() - start
             run.similarity.append(

@@ -32,6 +32,7 @@ class RoundUpdates:
     trained: dict[str, State]  # θ for each participant
     examples: dict[str, int]  # training examples per client
     groups: dict[str, int | None]  # true task groups; only the oracle may look
+    initial: State | None = None  # the shared initial adapter θ⁰ (for similarity of whole trajectories)
 
 
 @dataclass
@@ -73,6 +74,16 @@ def task_vectors(updates: RoundUpdates) -> dict[str, torch.Tensor]:
     }
 
 
+def cumulative_vectors(updates: RoundUpdates) -> dict[str, torch.Tensor]:
+    """θ_k − θ⁰ per tensor name: each participant's whole trajectory so far, stacked on dim 0."""
+    if updates.initial is None:
+        raise UsageError("cumulative similarity needs the initial adapter")
+    return {
+        name: torch.stack([updates.trained[c][name] - initial for c in updates.participants])
+        for name, initial in updates.initial.items()
+    }
+
+
 def update_similarity(participants: list[str], tau: dict[str, torch.Tensor], granularity: str) -> SimilarityResult:
     """Exact cosine similarity of the participants' task vectors at ``granularity``."""
     inner = {name: dense_inner_products(list(t)) for name, t in tau.items()}
@@ -109,13 +120,18 @@ def plan_oracle(updates: RoundUpdates, tau: dict[str, torch.Tensor]) -> Plan:
     return Plan(receivers, {"model": _uniform_rows(updates, receivers, same)})
 
 
-def _fedbip(granularity: str) -> Callable[[RoundUpdates, dict[str, torch.Tensor]], Plan]:
+def _fedbip(granularity: str, basis: str = "update") -> Callable[[RoundUpdates, dict[str, torch.Tensor]], Plan]:
+    """FedBip weights from the cosine of this round's updates τ (the paper) or, with ``basis``
+    ``cumulative``, of each participant's whole trajectory θ_k − θ⁰; either way the round's
+    updates τ are what is merged."""
+
     def plan(updates: RoundUpdates, tau: dict[str, torch.Tensor]) -> Plan:
-        similarity = update_similarity(updates.participants, tau, granularity)
+        vectors = tau if basis == "update" else cumulative_vectors(updates)
+        similarity = update_similarity(updates.participants, vectors, granularity)
         rows = {name: personalized_weights(g.similarity, WeightOptions()) for name, g in similarity.groups.items()}
         return Plan(list(updates.participants), rows)
 
-    plan.__doc__ = f"FedBip at {granularity} granularity: P from the cosine of the participants' updates."
+    plan.__doc__ = f"FedBip at {granularity} granularity, similarity of the {basis} vectors."
     return plan
 
 
@@ -125,6 +141,10 @@ STRATEGIES: dict[str, Callable[[RoundUpdates, dict[str, torch.Tensor]], Plan]] =
     "fedavg": plan_fedavg,
     "local": plan_local,
     "oracle": plan_oracle,
+    # Variants (not in the paper): similarity of whole trajectories, which accumulate task signal
+    # while a single round's few-step updates are dominated by minibatch noise.
+    "fedbip-cumulative": _fedbip("model", "cumulative"),
+    "fedbip-layerwise-cumulative": _fedbip("block", "cumulative"),
 }
 
 
