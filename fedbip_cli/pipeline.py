@@ -90,8 +90,9 @@ class MergeOptions:
         """Refuse the options that do not apply to inputs of ``kind`` (``lora`` or ``full``)."""
         if kind == LORA and self.to_lora is not None:
             raise UsageError("--to-lora applies to full fine-tuned checkpoints", hint="merged adapters take --rank R")
-        if kind == FULL and self.rank is not None:
-            raise UsageError("--rank applies to LoRA adapters", hint="full checkpoints are merged whole, or written as adapters with --to-lora R")
+        if kind == FULL and (self.rank is not None or self.combine != "svd"):
+            option = "--rank" if self.rank is not None else f"--combine {self.combine}"
+            raise UsageError(f"{option} applies to LoRA adapters", hint="full checkpoints are merged whole, or written as adapters with --to-lora R")
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -417,6 +417,8 @@ def break_set(ref: Reference, root: Path, how: str) -> tuple[list[str], tuple[st
         return [str(checkpoints), *base], ("task vector is zero", "ft_b"), 1
     if how == "rank":
         return [str(checkpoints), *base, "--rank", "4"], ("--rank applies to LoRA adapters",), 2
+    if how == "combine":
+        return [str(checkpoints), *base, "--combine", "cat"], ("--combine cat applies to LoRA adapters",), 2
     if how == "shard-size":
         return [str(checkpoints), *base, "--max-shard-size", "2 parsecs"], ("--max-shard-size",), 2
     raise ValueError(how)
@@ -424,7 +426,7 @@ def break_set(ref: Reference, root: Path, how: str) -> tuple[list[str], tuple[st
 
 @pytest.mark.parametrize(
     "how",
-    ["no-base", "extra-tensor", "missing-tensor", "shape", "nan", "pickled", "shard-missing", "mixed", "copy-of-base", "rank", "shard-size"],
+    ["no-base", "extra-tensor", "missing-tensor", "shape", "nan", "pickled", "shard-missing", "mixed", "copy-of-base", "rank", "combine", "shard-size"],
 )
 def test_bad_checkpoints_are_one_line_errors_and_nothing_is_written(bert: Reference, tmp_path: Path, how: str) -> None:
     args, needles, code = break_set(bert, tmp_path, how)
