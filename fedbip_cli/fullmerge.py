@@ -55,7 +55,8 @@ BASE_FILES = (
 )
 # The files of an hf:// base to fetch: weights, configs and tokenizer files.
 BASE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja")
-CHUNK_ELEMENTS = 1 << 24  # 128 MiB of float64 per client and range
+# Elements per range of rows: a few float64 copies per client (read, delta, merged) of 32 MiB each.
+CHUNK_ELEMENTS = 1 << 22
 
 
 def load_checkpoints(specs: Sequence[str], sources: Sequence[ResolvedSource], base: str | None) -> CheckpointWorkspace:

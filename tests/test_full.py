@@ -138,19 +138,22 @@ def test_the_fixture_is_not_trivial(bert: Reference) -> None:
 
 @pytest.mark.parametrize("chunk", [None, CHUNK])
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_similarity_matches_dense_reference(bert: Reference, granularity: str, chunk: int | None) -> None:
-    result = pipeline.inspect(load(bert, chunk), granularity=granularity, device="cpu")
-    expected = reference_groups(bert, granularity)
-    assert result.clients == bert.full.clients
+@pytest.mark.parametrize("model", ["bert", "gpt2"])
+def test_similarity_matches_dense_reference(model: str, granularity: str, chunk: int | None, request: pytest.FixtureRequest) -> None:
+    ref: Reference = request.getfixturevalue(model)
+    result = pipeline.inspect(load(ref, chunk), granularity=granularity, device="cpu")
+    expected = reference_groups(ref, granularity)
+    assert result.clients == ref.full.clients
     assert {name: set(g.modules) for name, g in result.groups.items()} == expected
     if granularity == "block":
-        assert {"embeddings.word_embeddings", "embeddings.LayerNorm", "encoder.layer.1", "pooler.dense"} <= set(expected)
+        outside = {"embeddings.word_embeddings", "embeddings.LayerNorm", "pooler.dense"} if model == "bert" else {"wte", "wpe", "ln_f"}
+        assert outside | {"encoder.layer.1" if model == "bert" else "h.1"} <= set(expected)
     for name, group in result.groups.items():
-        dense = reference_cosine(bert.deltas, sorted(expected[name]))
+        dense = reference_cosine(ref.deltas, sorted(expected[name]))
         assert torch.allclose(group.similarity, dense, atol=SIM_ATOL, rtol=0), name
-        norms = torch.stack([torch.cat([d[n].flatten() for n in expected[name]]).norm() for d in bert.deltas])
+        norms = torch.stack([torch.cat([d[n].flatten() for n in expected[name]]).norm() for d in ref.deltas])
         assert torch.allclose(group.norms, norms, rtol=1e-12, atol=0), name
-    if granularity == "module":  # a client that left the embeddings alone is similar to no one there
+    if granularity == "module" and model == "bert":  # a client that left the embeddings alone is similar to no one there
         s = result.groups["embeddings.word_embeddings"].similarity
         assert s[1].tolist() == [0.0, 1.0, 0.0, 0.0]
 

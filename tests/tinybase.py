@@ -152,7 +152,7 @@ class FineTune:
 
 @dataclass(frozen=True)
 class FullSet:
-    """A saved base model and a directory holding one fine-tuned model directory per client."""
+    """A saved base model and a directory holding one fine-tuned model directory per client (clients sorted, as fedbip orders them)."""
 
     base: Path
     checkpoints: Path
@@ -200,14 +200,14 @@ def save_finetuned(base_dir: Path, out_dir: Path, clients: Sequence[FineTune], *
 def full_bert(directory: Path) -> FullSet:
     """A tiny BERT base in ``directory/base`` and the ``FULL_BERT_CLIENTS`` in ``directory/checkpoints``."""
     base = save_bert_base(directory / "base")
-    return FullSet(base, save_finetuned(base, directory / "checkpoints", FULL_BERT_CLIENTS), [c.name for c in FULL_BERT_CLIENTS])
+    return FullSet(base, save_finetuned(base, directory / "checkpoints", FULL_BERT_CLIENTS), sorted(c.name for c in FULL_BERT_CLIENTS))
 
 
 def full_gpt2(directory: Path, *, tail: float = 1.0) -> FullSet:
     """A tiny GPT-2 base and the ``FULL_GPT2_CLIENTS``, whose matrices have a dense spectral tail."""
     base = save_gpt2_base(directory / "base")
     checkpoints = save_finetuned(base, directory / "checkpoints", FULL_GPT2_CLIENTS, tail=tail)
-    return FullSet(base, checkpoints, [c.name for c in FULL_GPT2_CLIENTS])
+    return FullSet(base, checkpoints, sorted(c.name for c in FULL_GPT2_CLIENTS))
 
 
 def tiny_bert(directory: Path) -> TinySet:
