@@ -94,8 +94,8 @@ class CheckpointWorkspace:
     specs: list[str]
     sources: list[ResolvedSource]
     checkpoints: list[Checkpoint]
-    base: Checkpoint
-    base_spec: str
+    base_checkpoint: Checkpoint
+    base: str  # as given (directory or hf:// reference)
     base_revision: str | None = None
     chunk_elements: int | None = CHUNK_ELEMENTS  # rows read at a time hold at most this many elements
     kind: ClassVar[str] = FULL
@@ -107,14 +107,14 @@ class CheckpointWorkspace:
     @property
     def tensors(self) -> list[str]:
         """The tensors that carry a task vector (the floating ones), in natural order."""
-        return sorted((n for n, t in self.base.tensors.items() if t.floating), key=natural_key)
+        return sorted((n for n, t in self.base_checkpoint.tensors.items() if t.floating), key=natural_key)
 
     def inspect(self, *, granularity: str = "model", device: str = "auto", progress: Progress | None = None) -> SimilarityResult:
         """Exact similarity of the checkpoints' task vectors at ``granularity`` (tensors grouped by module)."""
         groups = group_modules(self.tensors, granularity, module_of=tensor_module)
         advance = _start(progress, "similarity", len(self.tensors))
         inner = checkpoint_inner_products(
-            self.checkpoints, self.base, self.tensors, device=resolve_device(device), max_elements=self.chunk_elements, progress=advance
+            self.checkpoints, self.base_checkpoint, self.tensors, device=resolve_device(device), max_elements=self.chunk_elements, progress=advance
         )
         return similarity_from_inner(self.clients, granularity, groups, inner)
 
@@ -125,12 +125,12 @@ class CheckpointWorkspace:
             shards = plan_shards(self._output_order(), parse_size(options.max_shard_size)).shards
             per_client = sum(t.nbytes for _, tensors in shards for t in tensors)
         else:
-            targets, _ = lora_targets(self.base.source.path, self.tensors)
+            targets, _ = lora_targets(self.base_checkpoint.source.path, self.tensors)
             shards = []
-            per_client = sum(_lora_bytes(self.base.tensors[t.tensor], options.to_lora) for t in targets)
+            per_client = sum(_lora_bytes(self.base_checkpoint.tensors[t.tensor], options.to_lora) for t in targets)
         return {
             "kind": FULL,
-            "base": {"source": self.base_spec, "revision": self.base_revision},
+            "base": {"source": self.base, "revision": self.base_revision},
             "clients": [
                 {
                     "name": c.name,
@@ -141,7 +141,7 @@ class CheckpointWorkspace:
                 }
                 for c in self.checkpoints
             ],
-            "tensors": len(self.base.tensors),
+            "tensors": len(self.base_checkpoint.tensors),
             "task_tensors": len(self.tensors),
             "granularity": options.granularity,
             "groups": {name: len(members) for name, members in groups.items()},
@@ -183,7 +183,7 @@ class CheckpointWorkspace:
 
     def _output_order(self) -> list[TensorSpec]:
         """Every base tensor, in natural order: the order of the output shards."""
-        return [self.base.tensors[n] for n in sorted(self.base.tensors, key=natural_key)]
+        return [self.base_checkpoint.tensors[n] for n in sorted(self.base_checkpoint.tensors, key=natural_key)]
 
     def _merged(
         self,
@@ -202,9 +202,9 @@ class CheckpointWorkspace:
         for spec in specs:
             for part in row_ranges(spec.shape, None if spec.name in whole else self.chunk_elements):
                 if not spec.floating:
-                    yield spec, self.base.read(spec.name, part), None
+                    yield spec, self.base_checkpoint.read(spec.name, part), None
                     continue
-                base_rows, deltas = checkpoint_deltas(self.checkpoints, self.base, spec.name, part, device=device)
+                base_rows, deltas = checkpoint_deltas(self.checkpoints, self.base_checkpoint, spec.name, part, device=device)
                 yield spec, base_rows, weighted_sum(deltas, rows[spec.name])
             advance(1)
 
@@ -225,8 +225,8 @@ class CheckpointWorkspace:
                 writer.close()
         for client in self.clients:
             for name in BASE_FILES:
-                if (self.base.source.path / name).is_file():
-                    shutil.copyfile(self.base.source.path / name, tmp / client / name)
+                if (self.base_checkpoint.source.path / name).is_file():
+                    shutil.copyfile(self.base_checkpoint.source.path / name, tmp / client / name)
 
     def _write_adapters(
         self, rows: dict[str, torch.Tensor], tmp: Path, rank: int, device: torch.device, progress: Progress | None
@@ -235,14 +235,14 @@ class CheckpointWorkspace:
 
         Returns the energy kept per client and module, and the manifest's ``to_lora`` record.
         """
-        targets, skipped = lora_targets(self.base.source.path, self.tensors)
+        targets, skipped = lora_targets(self.base_checkpoint.source.path, self.tensors)
         target_of: dict[str, LoraTarget] = {t.tensor: t for t in targets}
         clients = self.clients
         factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {c: {} for c in clients}
         energy: dict[str, dict[str, float | None]] = {c: {} for c in clients}
         total = torch.zeros(len(clients), dtype=torch.float64)  # ‖M_i‖² over every task tensor
         kept = torch.zeros(len(clients), dtype=torch.float64)  # Σ kept σ² over the written modules
-        specs = [self.base.tensors[n] for n in self.tensors]
+        specs = [self.base_checkpoint.tensors[n] for n in self.tensors]
         advance = _start(progress, "to-lora", len(specs))
         for spec, _, merged in self._merged(specs, rows, device, advance, whole=target_of):
             assert merged is not None  # only task tensors are asked for
@@ -261,15 +261,15 @@ class CheckpointWorkspace:
         if empty:
             raise AdapterError(
                 f"the personalized delta of {', '.join(empty)} has nothing on a linear layer: the adapter would be empty",
-                where=str(self.base.source.path),
+                where=str(self.base_checkpoint.source.path),
                 hint="merge into full checkpoints (without --to-lora)",
             )
         config = {
-            "base_model_name_or_path": self.base_spec,
+            "base_model_name_or_path": self.base,
             "revision": self.base_revision,
             "fan_in_fan_out": any(t.transposed for t in targets),
         }
-        dtype = self.base.tensors[targets[0].tensor].dtype
+        dtype = self.base_checkpoint.tensors[targets[0].tensor].dtype
         for client in clients:
             write_adapter(tmp / client, factors[client], config, dtype)
         record = {
@@ -297,7 +297,7 @@ class CheckpointWorkspace:
             "kind": FULL,
             "versions": manifest.library_versions(),
             "options": {**options.as_dict(), "to_lora": options.to_lora, "max_shard_size": options.max_shard_size},
-            "base": {"source": self.base_spec, "revision": self.base_revision, "files": self.base.files},
+            "base": {"source": self.base, "revision": self.base_revision, "files": self.base_checkpoint.files},
             "inputs": [
                 {
                     "name": c.name,

@@ -279,7 +279,8 @@ def _inside(child: Path, parent: Path) -> bool:
 def _check_out(out: Path, workspace: Workspace, overwrite: bool) -> None:
     real = out.resolve()
     inputs = [s.path.resolve() for s in workspace.sources]
-    inputs += [Path(s).resolve() for s in workspace.specs if not s.startswith(("hf://", "@")) and Path(s).exists()]
+    given = [*workspace.specs, *([workspace.base] if workspace.base else [])]  # the base is an input too
+    inputs += [Path(s).resolve() for s in given if not s.startswith(("hf://", "@")) and Path(s).exists()]
     for path in inputs:
         if _inside(real, path):
             raise OutputError(f"output directory lies inside the source {path}", where=str(out), hint="choose an --out outside every source")

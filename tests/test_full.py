@@ -439,6 +439,17 @@ def test_bad_checkpoints_are_one_line_errors_and_nothing_is_written(bert: Refere
     assert not any(p.name.startswith(".merged") for p in tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("where", ["base", "inside"])
+def test_out_may_not_be_or_lie_in_the_base(bert: Reference, tmp_path: Path, where: str) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(bert.full.base, base)
+    before = tree_bytes(base)
+    out = base if where == "base" else base / "merged"
+    result = invoke("merge", bert.full.checkpoints, "--base", base, "--out", out, "--overwrite")
+    assert_user_error(result, "lies inside the source", str(base))
+    assert tree_bytes(base) == before
+
+
 def test_to_lora_is_refused_for_adapters(tmp_path: Path) -> None:
     shapes = {"layers.0.q": (4, 3)}
     for name in ("a", "b"):
