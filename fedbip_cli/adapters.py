@@ -103,7 +103,7 @@ def load_adapter(source: ResolvedSource) -> Adapter:
                 hint=f"re-save the adapter with safetensors (peft: save_pretrained(..., safe_serialization=True)); {SUPPORTED}",
             )
         raise AdapterError(f"{WEIGHTS_NAME} is missing", where=str(directory), hint=SUPPORTED)
-    shapes, dtypes = _read_header(weights)
+    shapes, dtypes = read_header(weights)
     prefix = KEY_PREFIX if all(k.startswith(KEY_PREFIX) for k in shapes) else ""
     modules = _parse_modules(shapes, dtypes, prefix, config, weights)
     if not modules:
@@ -163,7 +163,8 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
             raise AdapterError(f"{key} must be an object mapping module patterns to numbers", where=where)
 
 
-def _read_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+def read_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """Shapes and dtype names (``F32``, ``BF16``, ...) of every tensor in a safetensors file, from its header."""
     try:
         with safe_open(path, framework="pt") as f:
             keys = list(f.keys())
@@ -174,7 +175,7 @@ def _read_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
         raise AdapterError(
             f"corrupt or truncated safetensors file ({exc})",
             where=str(path),
-            hint="re-download or re-save the adapter",
+            hint="re-download or re-save it",
         ) from None
     return shapes, dtypes
 
@@ -187,7 +188,8 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# The floating dtypes fedbip computes with, by their safetensors names.
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def _parse_modules(
@@ -240,9 +242,9 @@ def _parse_modules(
         alpha = _pattern_value(alpha_pattern, name, config.get("lora_alpha", 8))
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         dtype_name = dtypes[pair["A"]]
-        if dtype_name not in _DTYPES or dtypes[pair["B"]] not in _DTYPES:
+        if dtype_name not in FLOAT_DTYPES or dtypes[pair["B"]] not in FLOAT_DTYPES:
             raise AdapterError(f"{name}: unsupported dtype {dtype_name}", where=where, hint="use float32, float16 or bfloat16 weights")
-        modules[name] = LoraModule(name, rank, float(scale), b_shape[0], a_shape[1], _DTYPES[dtype_name])
+        modules[name] = LoraModule(name, rank, float(scale), b_shape[0], a_shape[1], FLOAT_DTYPES[dtype_name])
     return modules
 
 
@@ -299,7 +301,7 @@ def base_weight_shapes(base_dir: Path) -> dict[str, list[int]]:
         )
     shapes: dict[str, list[int]] = {}
     for path in files:
-        shapes.update(_read_header(path)[0])
+        shapes.update(read_header(path)[0])
     return shapes
 
 

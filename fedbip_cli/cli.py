@@ -31,13 +31,16 @@ out_console = Console()
 err_console = Console(stderr=True)
 
 SOURCES_HELP = (
-    "Adapters: a directory of adapter directories, adapter directories, @FILE (one source a line), "
-    "or hf://owner/repo\\[@revision]\\[/subfolder]."
+    "Adapters or full fine-tuned models (with --base): a directory of them, single directories, "
+    "@FILE (one source a line), or hf://owner/repo\\[@revision]\\[/subfolder]."
 )
 Sources = Annotated[list[str], typer.Argument(help=SOURCES_HELP, show_default=False)]
 Layerwise = Annotated[bool, typer.Option("--layerwise", help="One similarity per transformer block (FedBip-L); same as --granularity block.")]
 Granularity = Annotated[Optional[str], typer.Option("--granularity", help="model (default), block or module.", show_default=False)]
-Base = Annotated[Optional[str], typer.Option("--base", help="Base model (directory or hf://) to check module names and shapes against.")]
+Base = Annotated[
+    Optional[str],
+    typer.Option("--base", help="Base model (directory or hf://): adapters are checked against it; full checkpoints need it (ΔW = W - W_base)."),
+]
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
 
 
@@ -103,6 +106,10 @@ MERGE_EPILOG = """[b]Examples[/b]
   fedbip merge hf://org/adapters@v1/client-a ./client-b @more.txt --base ./base-model --out merged/
 
   fedbip merge adapters/ --out merged/ --dry-run --json
+
+  fedbip merge full-ckpts/ --base base/ --out merged/ --max-shard-size 5GB
+
+  fedbip merge full-ckpts/ --base base/ --out merged-adapters/ --to-lora 16
 """
 
 
@@ -122,6 +129,11 @@ def merge(
         typer.Option(help="svd: exact merge truncated to --rank (default); cat: exact, rank = sum of ranks; linear: A and B averaged separately (FedIT-style, inexact, equal ranks only)."),
     ] = "svd",
     rank: Annotated[Optional[int], typer.Option(help="Output rank for svd (default: the largest input rank).", show_default=False)] = None,
+    to_lora: Annotated[
+        Optional[int],
+        typer.Option("--to-lora", help="Full checkpoints: write a rank-R PEFT adapter of each personalized delta (linear layers) instead of checkpoints.", show_default=False),
+    ] = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Full checkpoints: the largest output shard (2GB = 2·10⁹ bytes, 500MiB, ...).")] = pipeline.DEFAULT_MAX_SHARD_SIZE,
     device: Device = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and validate every source and print the plan; compute nothing.")] = False,
@@ -136,6 +148,8 @@ def merge(
             combine=combine,
             rank=rank,
             device=device,
+            to_lora=to_lora,
+            max_shard_size=max_shard_size,
         )
         workspace = pipeline.load(sources, base=base)
         if dry_run:
@@ -157,6 +171,8 @@ INSPECT_EPILOG = """[b]Examples[/b]
   fedbip inspect-similarity adapters/ --layerwise --heatmap similarity.png
 
   fedbip inspect-similarity adapters/ --format json | jq '.groups.model.similarity'
+
+  fedbip inspect-similarity full-ckpts/ --base base/ --layerwise
 """
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fedbip_cli import __version__
+from fedbip_cli.similarity import SimilarityResult
 
 MANIFEST_NAME = "fedbip-manifest.json"
 
@@ -32,6 +33,14 @@ def library_versions() -> dict[str, str]:
 def matrix(t: torch.Tensor) -> list[list[float]]:
     """A float64 matrix as nested lists of python floats (full precision in JSON)."""
     return [[float(x) for x in row] for row in t.tolist()]
+
+
+def groups(similarity: SimilarityResult, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Each group's members, similarity and weight matrices, as recorded in the manifest."""
+    return {
+        name: {"modules": g.modules, "similarity": matrix(g.similarity), "weights": matrix(weights[name])}
+        for name, g in similarity.groups.items()
+    }
 
 
 def dump(data: dict[str, Any], path: Path) -> None:

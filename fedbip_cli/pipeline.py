@@ -2,17 +2,20 @@
 
 ``load`` resolves and validates everything up front (so a bad input fails before any compute or
 output), ``inspect`` computes similarities, ``merge`` writes one personalized adapter per client.
-Progress is reported through an optional callback; nothing here prints.
+Full fine-tuned checkpoints are loaded into a ``fullmerge.CheckpointWorkspace``, to which
+``inspect``, ``plan`` and ``merge`` hand over. Progress is reported through an optional callback;
+nothing here prints.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -20,8 +23,9 @@ from fedbip_cli import manifest
 from fedbip_cli.adapters import Adapter, check_against_base, file_sha256, load_adapter, write_adapter
 from fedbip_cli.errors import AdapterError, OutputError, SourceError, UsageError
 from fedbip_cli.merge import combiner
+from fedbip_cli.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from fedbip_cli.similarity import SimilarityResult, module_inner_products, similarity_from_inner
-from fedbip_cli.sources import ResolvedSource, resolve_model_dir, resolve_sources
+from fedbip_cli.sources import FULL, LORA, ResolvedSource, resolve_model_dir, resolve_sources
 from fedbip_cli.taskvec import all_modules, group_modules, module_factors
 from fedbip_cli.weights import WeightOptions, personalized_weights
 
@@ -55,6 +59,7 @@ class Workspace:
     modules: list[str]
     base: str | None = None
     base_revision: str | None = None
+    kind: ClassVar[str] = LORA
 
     @property
     def clients(self) -> list[str]:
@@ -70,11 +75,24 @@ class MergeOptions:
     combine: str = "svd"
     rank: int | None = None
     device: str = "auto"
+    to_lora: int | None = None  # full checkpoints: write rank-R adapters instead of checkpoints
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE  # full checkpoints: the largest output shard
 
     def __post_init__(self) -> None:
         combiner(self.combine)  # raises on an unknown name, listing the valid ones
         if self.rank is not None and self.rank < 1:
             raise UsageError(f"--rank {self.rank} must be a positive integer")
+        if self.to_lora is not None and self.to_lora < 1:
+            raise UsageError(f"--to-lora {self.to_lora} must be a positive integer")
+        parse_size(self.max_shard_size)
+
+    def check_kind(self, kind: str) -> None:
+        """Refuse the options that do not apply to inputs of ``kind`` (``lora`` or ``full``)."""
+        if kind == LORA and self.to_lora is not None:
+            raise UsageError("--to-lora applies to full fine-tuned checkpoints", hint="merged adapters take --rank R")
+        if kind == FULL and (self.rank is not None or self.combine != "svd"):
+            option = "--rank" if self.rank is not None else f"--combine {self.combine}"
+            raise UsageError(f"{option} applies to LoRA adapters", hint="full checkpoints are merged whole, or written as adapters with --to-lora R")
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -107,6 +125,11 @@ def load(specs: Sequence[str], *, base: str | None = None) -> Workspace:
             where=", ".join(specs) or "SOURCES",
             hint="pass a directory of adapter directories, several adapter directories, or an @list file",
         )
+    if any(s.kind == FULL for s in sources):
+        # Imported here: fullmerge builds on this module (options, results, output directory).
+        from fedbip_cli.fullmerge import load_checkpoints
+
+        return load_checkpoints(specs, sources, base)
     adapters = [load_adapter(s) for s in sources]
     _check_consistent(adapters)
     workspace = Workspace(list(specs), sources, adapters, all_modules(adapters))
@@ -144,6 +167,8 @@ def inspect(
     workspace: Workspace, *, granularity: str = "model", device: str = "auto", progress: Progress | None = None
 ) -> SimilarityResult:
     """Exact similarity of the clients' task vectors at ``granularity``."""
+    if workspace.kind == FULL:
+        return workspace.inspect(granularity=granularity, device=device, progress=progress)
     groups = group_modules(workspace.modules, granularity)
     advance = (progress or _no_progress)("similarity", len(workspace.modules))
     inner = module_inner_products(workspace.adapters, workspace.modules, device=resolve_device(device), progress=advance)
@@ -157,6 +182,9 @@ def default_rank(workspace: Workspace, options: MergeOptions) -> int:
 
 def plan(workspace: Workspace, options: MergeOptions) -> dict[str, Any]:
     """What a merge would do, without computing: clients, ranks, modules, groups, output size."""
+    options.check_kind(workspace.kind)
+    if workspace.kind == FULL:
+        return workspace.plan(options)
     groups = group_modules(workspace.modules, options.granularity)
     rank = default_rank(workspace, options)
     shapes = {name: (m.out_features, m.in_features) for a in workspace.adapters for name, m in a.modules.items()}
@@ -201,6 +229,9 @@ def merge(
     similarity: SimilarityResult | None = None,
 ) -> MergeResult:
     """Write one personalized adapter per client into ``out`` (atomically) and the manifest."""
+    options.check_kind(workspace.kind)
+    if workspace.kind == FULL:
+        return workspace.merge(options, out, overwrite=overwrite, progress=progress, similarity=similarity)
     out = Path(out).absolute()
     _check_out(out, workspace, overwrite)
     device = resolve_device(options.device)
@@ -227,10 +258,7 @@ def merge(
             energy[client][module] = result.energy
         advance(1)
 
-    tmp = out.parent / f".{out.name}.fedbip-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_output(out, workspace, overwrite=overwrite) as tmp:
         advance = start("write", len(clients))
         outputs: dict[str, dict[str, str]] = {}
         for adapter in workspace.adapters:
@@ -241,10 +269,6 @@ def merge(
             advance(1)
         record = _manifest(workspace, options, similarity, weights, rank, energy, outputs)
         manifest.dump(record, tmp / manifest.MANIFEST_NAME)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return MergeResult(similarity, weights, rank, energy, out, record)
 
 
@@ -255,7 +279,8 @@ def _inside(child: Path, parent: Path) -> bool:
 def _check_out(out: Path, workspace: Workspace, overwrite: bool) -> None:
     real = out.resolve()
     inputs = [s.path.resolve() for s in workspace.sources]
-    inputs += [Path(s).resolve() for s in workspace.specs if not s.startswith(("hf://", "@")) and Path(s).exists()]
+    given = [*workspace.specs, *([workspace.base] if workspace.base else [])]  # the base is an input too
+    inputs += [Path(s).resolve() for s in given if not s.startswith(("hf://", "@")) and Path(s).exists()]
     for path in inputs:
         if _inside(real, path):
             raise OutputError(f"output directory lies inside the source {path}", where=str(out), hint="choose an --out outside every source")
@@ -265,6 +290,25 @@ def _check_out(out: Path, workspace: Workspace, overwrite: bool) -> None:
         raise OutputError("exists and is not a directory", where=str(out), hint="choose another --out")
     if real.is_dir() and any(real.iterdir()) and not overwrite:
         raise OutputError("output directory exists and is not empty", where=str(out), hint="pass --overwrite to replace it, or choose another --out")
+
+
+@contextmanager
+def atomic_output(out: Path, workspace: Any, *, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary directory beside ``out`` that replaces it when the block succeeds.
+
+    ``out`` is checked first (not inside or around a source of ``workspace``; empty unless
+    ``overwrite``); on any failure the temporary directory is removed and ``out`` is left as it was.
+    """
+    _check_out(out, workspace, overwrite)
+    tmp = out.parent / f".{out.name}.fedbip-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -289,6 +333,7 @@ def _manifest(
 ) -> dict[str, Any]:
     return {
         "fedbip_manifest": 1,
+        "kind": LORA,
         "versions": manifest.library_versions(),
         "options": options.as_dict(),
         "base": {"source": workspace.base, "revision": workspace.base_revision} if workspace.base else None,
@@ -305,14 +350,7 @@ def _manifest(
         ],
         "clients": similarity.clients,
         "granularity": similarity.granularity,
-        "groups": {
-            name: {
-                "modules": g.modules,
-                "similarity": manifest.matrix(g.similarity),
-                "weights": manifest.matrix(weights[name]),
-            }
-            for name, g in similarity.groups.items()
-        },
+        "groups": manifest.groups(similarity, weights),
         "combine": options.combine,
         "rank": rank if options.combine == "svd" else None,
         "energy_kept": energy,

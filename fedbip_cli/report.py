@@ -340,6 +340,8 @@ def _size(n: int) -> str:
 
 def plan_table(plan: dict[str, Any], out: Path) -> Table:
     """The dry-run plan: one row per client, the totals in the caption."""
+    if plan.get("kind") == "full":
+        return _full_plan_table(plan, out)
     table = Table(title=f"merge plan → {out}", caption=(
         f"{plan['modules']} modules in {len(plan['groups'])} {plan['granularity']} group(s); "
         f"combine {plan['combine']}" + (f" at rank {plan['rank']}" if plan["rank"] else "")
@@ -350,6 +352,25 @@ def plan_table(plan: dict[str, Any], out: Path) -> Table:
     for client in plan["clients"]:
         source = client["source"] + (f" @ {client['revision'][:12]}" if client["revision"] else "")
         table.add_row(client["name"], source, str(client["modules"]), ", ".join(map(str, client["ranks"])))
+    return table
+
+
+def _full_plan_table(plan: dict[str, Any], out: Path) -> Table:
+    """The dry-run plan of full checkpoints: one row per client, what is written in the caption."""
+    written = (
+        f"one checkpoint per client in {plan['shards']} shard(s)"
+        if plan["output"] == "checkpoint"
+        else f"one adapter per client on {plan['lora_modules']} linear layers at rank {plan['rank']}"
+    )
+    table = Table(title=f"merge plan → {out}", caption=(
+        f"{plan['tensors']} tensors ({plan['task_tensors']} with a task vector) in {len(plan['groups'])} "
+        f"{plan['granularity']} group(s); {written}; about {_size(plan['output_bytes'])} to write"
+    ))
+    for column in ("client", "source", "tensors", "weight files"):
+        table.add_column(column)
+    for client in plan["clients"]:
+        source = client["source"] + (f" @ {client['revision'][:12]}" if client["revision"] else "")
+        table.add_row(client["name"], source, str(client["tensors"]), str(client["files"]))
     return table
 
 
@@ -384,7 +405,8 @@ def merge_table(result: Any, top: int = 3) -> Table:
     """One row per client: its largest weights (averaged over groups) and the energy kept."""
     clients = result.similarity.clients
     mean_weights = sum(result.weights.values()) / len(result.weights)
-    table = Table(title=f"personalized adapters written to {result.out}", caption=(
+    written = "checkpoints" if result.manifest.get("output") == "checkpoint" else "adapters"
+    table = Table(title=f"personalized {written} written to {result.out}", caption=(
         f"granularity {result.similarity.granularity} ({len(result.weights)} group(s)); combine "
         f"{result.manifest['combine']}" + (f" at rank {result.rank}" if result.manifest["rank"] else "")
     ))

@@ -3,7 +3,8 @@
 For one module, stacking every client's factors gives all K² Frobenius inner products
 ``<s_i B_i A_i, s_j B_j A_j> = sum((s_i B_iᵀ s_j B_j) ∘ (A_i A_jᵀ))`` from two (Σr × Σr) Grams,
 at cost O((Σr)²(d + k)); no d × k matrix is ever formed. The result does not depend on how a LoRA
-happens to be factored (B G, G⁻¹ A), unlike cosine on flattened factors.
+happens to be factored (B G, G⁻¹ A), unlike cosine on flattened factors. Full checkpoints have
+dense deltas W − W_base: their inner products are summed over ranges of rows, read one at a time.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from fedbip_cli.adapters import Adapter
+from fedbip_cli.checkpoints import Checkpoint, row_ranges
 from fedbip_cli.errors import AdapterError
-from fedbip_cli.taskvec import module_factors
+from fedbip_cli.taskvec import checkpoint_deltas, module_factors
 
 
 @dataclass
@@ -114,6 +116,30 @@ def module_inner_products(
     return result
 
 
+def checkpoint_inner_products(
+    checkpoints: Sequence[Checkpoint],
+    base: Checkpoint,
+    tensors: Sequence[str],
+    *,
+    device: torch.device | str = "cpu",
+    max_elements: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Inner-product Grams of the checkpoints' deltas W − W_base for every tensor, in float64.
+
+    Each tensor is read ``max_elements`` at a time (whole when None) and its Gram summed over the ranges.
+    """
+    result: dict[str, torch.Tensor] = {}
+    for tensor in tensors:
+        gram = torch.zeros(len(checkpoints), len(checkpoints), dtype=torch.float64)
+        for rows in row_ranges(base.tensors[tensor].shape, max_elements):
+            gram += dense_inner_products(list(checkpoint_deltas(checkpoints, base, tensor, rows, device=device)[1]))
+        result[tensor] = gram
+        if progress is not None:
+            progress(1)
+    return result
+
+
 def similarity_from_inner(
     clients: Sequence[str], granularity: str, groups: dict[str, list[str]], inner: dict[str, torch.Tensor]
 ) -> SimilarityResult:
@@ -125,9 +151,9 @@ def similarity_from_inner(
     zero = [name for name, value in zip(clients, total.diagonal().tolist()) if value <= 0]
     if zero:
         raise AdapterError(
-            f"task vector is zero (every lora_B or lora_A is 0): {', '.join(zero)}",
+            f"task vector is zero (every lora_B or lora_A is 0, or every tensor equals the base): {', '.join(zero)}",
             where=zero[0],
-            hint="an untrained adapter (peft initialises lora_B to zero) carries no task; drop it or train it",
+            hint="an untrained adapter (peft initialises lora_B to zero) or a copy of the base carries no task; drop it or train it",
         )
     out: dict[str, GroupSimilarity] = {}
     for name, members in groups.items():

@@ -1,5 +1,8 @@
 """Parse and resolve SOURCES: adapter directories, ``@FILE`` lists and ``hf://`` Hub references.
 
+A client directory is a PEFT adapter (``adapter_config.json``, kind ``lora``) or a fine-tuned model
+in the Hugging Face layout (``config.json`` beside its weights, kind ``full``).
+
 This is the only module that imports ``huggingface_hub``. Hub sources are fetched with
 ``snapshot_download`` into the ordinary Hub cache, which gives revision pinning, ``HF_HUB_OFFLINE``
 and ``HF_TOKEN`` for free. ``huggingface_hub`` reads its environment once, at import; the cache
@@ -35,12 +38,17 @@ from fedbip_cli.errors import SourceError
 
 # The .bin weights are fetched only so that adapters.py can refuse them with a clear message.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+# A fine-tuned model's config and safetensors weights (one file, or shards and their index).
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
 HUB_PREFIX = "hf://"
+LORA, FULL = "lora", "full"
 
 _CONFIG = ADAPTER_FILES[0]
+_MODEL_CONFIG = CHECKPOINT_FILES[0]
+_FILES = {LORA: ADAPTER_FILES, FULL: CHECKPOINT_FILES}
 _HUB_FORM = "write hf://owner/repo[@revision][/subfolder]; percent-encode '/' in a revision (refs%2Fpr%2F1)"
 _FORMS = (
-    "a SOURCE is an adapter directory, a directory of adapter directories, @FILE (a list of sources), "
+    "a SOURCE is an adapter or fine-tuned model directory, a directory of them, @FILE (a list of sources), "
     "or hf://owner/repo[@revision][/subfolder]"
 )
 _TRAILING_COMMENT = re.compile(r"\s+#.*$")
@@ -100,25 +108,28 @@ class HubRef:
 
 @dataclass(frozen=True)
 class ResolvedSource:
-    """One client: its name, the local directory holding ``adapter_config.json``, and its origin.
+    """One client: its name, its local directory, its origin and its kind.
 
     ``origin`` identifies the input in the manifest (an ``hf://`` reference or the local path);
-    ``revision`` is the commit hash a Hub source resolved to, ``None`` for local sources.
+    ``revision`` is the commit hash a Hub source resolved to, ``None`` for local sources; ``kind``
+    is ``lora`` (the directory holds ``adapter_config.json``) or ``full`` (a fine-tuned model:
+    ``config.json`` and its weights).
     """
 
     name: str
     path: Path
     origin: str
     revision: str | None = None
+    kind: str = LORA
 
 
 def resolve_sources(specs: Sequence[str], *, base_dir: Path | None = None) -> list[ResolvedSource]:
     """Resolve SOURCES to one ``ResolvedSource`` per client, in the order given.
 
     Args:
-        specs: adapter directories, directories of adapter directories (expanded to their immediate
-            sub-directories holding ``adapter_config.json``, sorted by name), ``@FILE`` lists and
-            ``hf://`` references.
+        specs: client directories (adapters or fine-tuned models), directories of them (expanded to
+            their immediate sub-directories holding ``adapter_config.json`` or ``config.json``,
+            sorted by name), ``@FILE`` lists and ``hf://`` references.
         base_dir: directory that relative paths are taken from (default: the working directory).
 
     Returns:
@@ -174,7 +185,7 @@ def _resolve(spec: str, base: Path, lists: tuple[Path, ...]) -> list[ResolvedSou
         raise SourceError("no such file or directory", where=spec, hint=_FORMS)
     if not path.is_dir():
         raise SourceError("not a directory", where=spec, hint=_FORMS)
-    return [ResolvedSource(d.name, d.resolve(), str(d.resolve())) for d in _adapter_dirs(path, spec)]
+    return [ResolvedSource(d.name, d.resolve(), str(d.resolve()), kind=kind) for d, kind in _client_dirs(path, spec)]
 
 
 def _resolve_list(list_file: Path, lists: tuple[Path, ...]) -> list[ResolvedSource]:
@@ -202,18 +213,20 @@ def _resolve_list(list_file: Path, lists: tuple[Path, ...]) -> list[ResolvedSour
 
 
 def _resolve_hub(ref: HubRef) -> list[ResolvedSource]:
-    """Fetch the adapter(s) of a Hub reference: configs first, then weights of the chosen directories only."""
+    """Fetch the client(s) of a Hub reference: configs first, then weights of the chosen directories only."""
     prefix = f"{ref.subfolder}/" if ref.subfolder else ""
-    snapshot, root = _hub_dir(ref, [prefix + _CONFIG, f"{prefix}*/{_CONFIG}"], ref.revision)
+    configs = [pattern for name in (_CONFIG, _MODEL_CONFIG) for pattern in (prefix + name, f"{prefix}*/{name}")]
+    snapshot, root = _hub_dir(ref, configs, ref.revision)
     commit = snapshot.name
     refs = [
-        ref if d == root else HubRef(ref.repo_id, ref.revision, d.relative_to(snapshot).as_posix())
-        for d in _adapter_dirs(root, str(ref))
+        (ref if d == root else HubRef(ref.repo_id, ref.revision, d.relative_to(snapshot).as_posix()), kind)
+        for d, kind in _client_dirs(root, str(ref))
     ]
-    weights = [f"{r.subfolder}/{f}" if r.subfolder else f for r in refs for f in ADAPTER_FILES[1:]]
+    weights = [f"{r.subfolder}/{f}" if r.subfolder else f for r, kind in refs for f in _FILES[kind][1:]]
     _snapshot(ref, weights, commit)  # pinned to the commit the configs came from
     return [
-        ResolvedSource(_hub_name(r), (snapshot / (r.subfolder or "")).resolve(), str(r), commit) for r in refs
+        ResolvedSource(_hub_name(r), (snapshot / (r.subfolder or "")).resolve(), str(r), commit, kind)
+        for r, kind in refs
     ]
 
 
@@ -301,21 +314,31 @@ def _local_path(text: str, base: Path) -> Path:
     return Path(os.path.normpath(base / Path(text).expanduser()))
 
 
-def _adapter_dirs(directory: Path, where: str) -> list[Path]:
-    """``directory`` itself if it is an adapter, else its visible sub-directories that are, by name."""
+def _kind(directory: Path) -> str | None:
+    """``lora`` for an adapter directory, ``full`` for a fine-tuned model directory, else None."""
     if (directory / _CONFIG).is_file():
-        return [directory]
+        return LORA
+    return FULL if (directory / _MODEL_CONFIG).is_file() else None
+
+
+def _client_dirs(directory: Path, where: str) -> list[tuple[Path, str]]:
+    """``directory`` itself if it is a client, else its visible sub-directories that are, by name; with their kind."""
+    kind = _kind(directory)
+    if kind is not None:
+        return [(directory, kind)]
     children = sorted(
-        (c for c in directory.iterdir() if not c.name.startswith(".") and (c / _CONFIG).is_file()),
-        key=lambda c: c.name,
+        ((c, _kind(c)) for c in directory.iterdir() if not c.name.startswith(".")),
+        key=lambda item: item[0].name,
     )
-    if not children:
+    clients = [(c, k) for c, k in children if k is not None]
+    if not clients:
         raise SourceError(
-            f"no {_CONFIG} here nor in any sub-directory",
+            f"no {_CONFIG} (adapter) nor {_MODEL_CONFIG} (fine-tuned model) here nor in any sub-directory",
             where=where,
-            hint=f"expected PEFT adapter directories (each with {_CONFIG}) inside it",
+            hint=f"expected PEFT adapter directories (each with {_CONFIG}) or fine-tuned model directories "
+            f"({_MODEL_CONFIG} + model.safetensors) inside it",
         )
-    return children
+    return clients
 
 
 def _check_unique(sources: list[ResolvedSource]) -> None:

@@ -1,17 +1,20 @@
-"""Task vectors as per-module LoRA factors, and the grouping of modules for similarity.
+"""Task vectors as per-module LoRA factors or dense checkpoint deltas, and the grouping of modules.
 
 Granularity decides which modules share one similarity (and so one weight matrix):
 ``model`` (all modules together, FedBip), ``block`` (one transformer block, FedBip-L) or ``module``.
+A full checkpoint's task vector is ΔW = W − W_base for every floating tensor; its tensors are grouped
+by the module that owns them (``encoder.layer.0.output.dense`` for its ``.weight`` and ``.bias``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from fedbip_cli.adapters import Adapter
+from fedbip_cli.checkpoints import Checkpoint
 from fedbip_cli.errors import UsageError
 
 GRANULARITIES = ("model", "block", "module")
@@ -32,8 +35,19 @@ def block_of(module: str) -> str:
     return module[: match.end(1)].lstrip(".") if match else module
 
 
-def group_modules(modules: Iterable[str], granularity: str) -> dict[str, list[str]]:
-    """Group module names by ``granularity``; groups and their members in natural order."""
+def tensor_module(name: str) -> str:
+    """The module a checkpoint tensor belongs to: its name without the last part (``.weight``, ``.bias``)."""
+    return name.rsplit(".", 1)[0]
+
+
+def group_modules(
+    modules: Iterable[str], granularity: str, *, module_of: Callable[[str], str] | None = None
+) -> dict[str, list[str]]:
+    """Group names by ``granularity``; groups and their members in natural order.
+
+    ``module_of`` maps a name to the module it belongs to (``tensor_module`` for checkpoint tensors);
+    by default every name is a module of its own.
+    """
     if granularity not in GRANULARITIES:
         raise UsageError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
     ordered = sorted(set(modules), key=natural_key)
@@ -41,7 +55,8 @@ def group_modules(modules: Iterable[str], granularity: str) -> dict[str, list[st
         return {MODEL_GROUP: ordered}
     groups: dict[str, list[str]] = {}
     for name in ordered:
-        key = name if granularity == "module" else block_of(name)
+        module = module_of(name) if module_of is not None else name
+        key = module if granularity == "module" else block_of(module)
         groups.setdefault(key, []).append(name)
     return dict(sorted(groups.items(), key=lambda item: natural_key(item[0])))
 
@@ -56,3 +71,16 @@ def module_factors(
 ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """Each adapter's ``(scale · B, A)`` at ``module``, or None where the adapter does not target it."""
     return [a.factors(module, dtype=dtype, device=device) if module in a.modules else None for a in adapters]
+
+
+def checkpoint_deltas(
+    checkpoints: Sequence[Checkpoint], base: Checkpoint, tensor: str, rows: slice | None = None, *, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base's ``tensor`` (``rows`` of it) and every checkpoint's W − W_base there, in float64 on ``device``.
+
+    Returns:
+        ``(base, deltas)``: the base rows, and a (K, *rows shape) stack of the deltas.
+    """
+    weights = base.read(tensor, rows).to(device=device, dtype=torch.float64)
+    deltas = torch.stack([c.read(tensor, rows).to(device=device, dtype=torch.float64) - weights for c in checkpoints])
+    return weights, deltas

@@ -9,7 +9,7 @@ import pytest
 from hubcache import make_hub_cache, use_offline_cache
 
 from fedbip_cli.errors import SourceError
-from fedbip_cli.sources import HubRef, ResolvedSource, resolve_model_dir, resolve_sources
+from fedbip_cli.sources import FULL, LORA, HubRef, ResolvedSource, resolve_model_dir, resolve_sources
 
 CONFIG = json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}).encode()
 WEIGHTS = b"not parsed by sources"
@@ -20,6 +20,14 @@ def adapter(directory: Path) -> Path:
     directory.mkdir(parents=True)
     (directory / "adapter_config.json").write_bytes(CONFIG)
     (directory / "adapter_model.safetensors").write_bytes(WEIGHTS)
+    return directory
+
+
+def checkpoint(directory: Path) -> Path:
+    """A minimal fine-tuned model directory (sources only looks for config.json)."""
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_bytes(b"{}")
+    (directory / "model.safetensors").write_bytes(WEIGHTS)
     return directory
 
 
@@ -77,6 +85,21 @@ def test_missing_path(tmp_path: Path) -> None:
         resolve_sources(["nope"], base_dir=tmp_path)
     assert info.value.message == "no such file or directory"
     assert "@FILE" in info.value.hint and "hf://" in info.value.hint
+
+
+def test_kinds_of_clients(tmp_path: Path) -> None:
+    checkpoint(tmp_path / "mixed" / "full-b")
+    adapter(tmp_path / "mixed" / "lora-a")
+    (tmp_path / "mixed" / "notes").mkdir()
+    solo = checkpoint(tmp_path / "solo")
+
+    sources = resolve_sources(["mixed", "solo"], base_dir=tmp_path)
+
+    assert [(s.name, s.kind) for s in sources] == [("full-b", FULL), ("lora-a", LORA), ("solo", FULL)]
+    assert sources[2].path == solo.resolve()
+    # A directory holding adapter_config.json is an adapter even beside a config.json.
+    (tmp_path / "mixed" / "lora-a" / "config.json").write_bytes(b"{}")
+    assert resolve_sources(["mixed/lora-a"], base_dir=tmp_path)[0].kind == LORA
 
 
 def test_file_is_not_a_source(tmp_path: Path) -> None:
@@ -238,6 +261,26 @@ def test_hub_folder_of_adapters_expands(hub: Path, tmp_path: Path) -> None:
     assert names(sources) == ["local", "a", "b"]
     assert [s.origin for s in sources[1:]] == ["hf://owner/repo/clients/a", "hf://owner/repo/clients/b"]
     assert {s.revision for s in sources[1:]} == {commit}
+
+
+def test_hub_full_checkpoints_fetch_their_weights(hub: Path) -> None:
+    shards = {"model.safetensors.index.json": b"{}", "model-00001-of-00002.safetensors": b"1", "model-00002-of-00002.safetensors": b"2"}
+    files = {
+        **{f"ft/one/{k}": v for k, v in {"config.json": b"{}", "model.safetensors": WEIGHTS, "pytorch_model.bin": b"x"}.items()},
+        **{f"ft/two/{k}": v for k, v in {"config.json": b"{}", **shards}.items()},
+    }
+    # An interrupted download of the pickle does not matter: it is never fetched.
+    commit = make_hub_cache(hub, "owner/ft", files, missing={"ft/one/pytorch_model.bin"})
+
+    sources = resolve_sources(["hf://owner/ft/ft"])
+
+    assert [(s.name, s.kind, s.revision) for s in sources] == [("one", FULL, commit), ("two", FULL, commit)]
+    assert (sources[0].path / "model.safetensors").read_bytes() == WEIGHTS
+    assert (sources[1].path / "model-00002-of-00002.safetensors").read_bytes() == b"2"
+    # A missing shard does: the weights of a full checkpoint are fetched.
+    make_hub_cache(hub, "owner/ft-2", files, missing={"ft/two/model-00002-of-00002.safetensors"})
+    with pytest.raises(SourceError, match="partly downloaded"):
+        resolve_sources(["hf://owner/ft-2/ft"])
 
 
 def test_hub_repo_not_in_cache_offline(hub: Path) -> None:

@@ -8,6 +8,9 @@ The BERT clients cover what the LoRA maths must honour: ranks 2 and 4, rsLoRA, `
 ``alpha_pattern``, and different target module sets (so each client lacks modules others have).
 The GPT-2 clients adapt ``Conv1D`` layers with ``fan_in_fan_out=True``.
 
+``full_bert(directory)`` and ``full_gpt2(directory)`` save fully fine-tuned copies of the base instead
+(``save_pretrained`` of the base with seeded changes to its weights), as a ``FullSet``.
+
 peft initialises lora_B to zero (a delta of 0), so every factor is overwritten with seeded values:
 a component shared by all clients for each module (so that clients are similar, and one is
 anti-similar, giving non-trivial FedBip weights) plus client-specific noise.
@@ -134,6 +137,77 @@ def save_adapters(base_dir: Path, out_dir: Path, clients: Sequence[ClientSpec], 
                 a.copy_(FACTOR_STD * (shared_a + NOISE * torch.randn(a.shape, generator=noise, dtype=torch.float64)))
         model.save_pretrained(out_dir / spec.name, safe_serialization=True)
     return out_dir
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """One fully fine-tuned client: the seed of its own changes, the sign of the shared change, and
+    the name prefixes of the tensors it leaves equal to the base's."""
+
+    name: str
+    seed: int
+    sign: float = 1.0
+    frozen: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FullSet:
+    """A saved base model and a directory holding one fine-tuned model directory per client (clients sorted, as fedbip orders them)."""
+
+    base: Path
+    checkpoints: Path
+    clients: list[str] = field(default_factory=list)
+
+
+FULL_BERT_CLIENTS = (
+    FineTune("ft_a", 1),
+    FineTune("ft_b", 2, frozen=("embeddings.",)),
+    FineTune("ft_c", 3, sign=-1.0, frozen=("pooler.",)),  # anti-similar: clipped to weight 0
+    FineTune("ft_d", 4),
+)
+FULL_GPT2_CLIENTS = (FineTune("gf_one", 11), FineTune("gf_two", 12, frozen=("wpe.",)), FineTune("gf_three", 13))
+DELTA_STD = 0.05
+SHARED_DELTA_RANK = 2
+
+
+def save_finetuned(base_dir: Path, out_dir: Path, clients: Sequence[FineTune], *, tail: float = 0.0) -> Path:
+    """Save one fine-tuned copy of the base per client under ``out_dir/<name>`` (``save_pretrained``).
+
+    A matrix changes by a low-rank ΔW: a rank-2 part shared by every client (times its sign) plus a
+    rank-1 part of its own, plus ``tail`` times a dense Gaussian (a full-rank spectral tail); any
+    other tensor by a shared and an own Gaussian. Tensors under ``frozen`` keep the base's values.
+    """
+    for spec in clients:
+        model = AutoModel.from_pretrained(base_dir)
+        own = torch.Generator().manual_seed(spec.seed)
+        with torch.no_grad():
+            for name, param in sorted(model.named_parameters()):
+                if spec.frozen and name.startswith(spec.frozen):
+                    continue
+                shared = torch.Generator().manual_seed(SHARED_SEED + zlib.crc32(name.encode()))
+                if param.ndim == 2:
+                    rows, cols = param.shape
+                    common = torch.randn(rows, SHARED_DELTA_RANK, generator=shared) @ torch.randn(SHARED_DELTA_RANK, cols, generator=shared)
+                    mine = torch.randn(rows, 1, generator=own) @ torch.randn(1, cols, generator=own)
+                    delta = spec.sign * common + NOISE * mine + tail * torch.randn(rows, cols, generator=own)
+                else:
+                    delta = spec.sign * torch.randn(param.shape, generator=shared) + NOISE * torch.randn(param.shape, generator=own)
+                param += DELTA_STD * delta
+        model.save_pretrained(out_dir / spec.name, safe_serialization=True)
+    return out_dir
+
+
+def full_bert(directory: Path) -> FullSet:
+    """A tiny BERT base in ``directory/base`` and the ``FULL_BERT_CLIENTS`` in ``directory/checkpoints``."""
+    base = save_bert_base(directory / "base")
+    return FullSet(base, save_finetuned(base, directory / "checkpoints", FULL_BERT_CLIENTS), sorted(c.name for c in FULL_BERT_CLIENTS))
+
+
+def full_gpt2(directory: Path, *, tail: float = 1.0) -> FullSet:
+    """A tiny GPT-2 base and the ``FULL_GPT2_CLIENTS``, whose matrices have a dense spectral tail."""
+    base = save_gpt2_base(directory / "base")
+    checkpoints = save_finetuned(base, directory / "checkpoints", FULL_GPT2_CLIENTS, tail=tail)
+    return FullSet(base, checkpoints, sorted(c.name for c in FULL_GPT2_CLIENTS))
 
 
 def tiny_bert(directory: Path) -> TinySet:

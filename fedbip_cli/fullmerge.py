@@ -1,0 +1,331 @@
+"""Full fine-tuned checkpoints end to end: load, inspect, plan and merge.
+
+The task vector of a checkpoint is ΔW = W − W_base for every floating tensor (integer buffers are
+skipped and copied from the base). Similarity and weights are the adapters' own; each client i gets
+
+* a full checkpoint W_base + Σ_j P_ij ΔW_j in the base's dtype, streamed: a tensor is read and
+  written a range of rows at a time (``chunk_elements``), so memory holds one range per client,
+  never a model; the shards follow ``--max-shard-size``, and the base's config and tokenizer files
+  are copied beside them;
+* or, with ``--to-lora R``, a PEFT adapter of M_i = Σ_j P_ij ΔW_j on every linear layer
+  (``to_lora``), with the energy kept per module and the share of the whole delta it carries.
+
+``pipeline`` hands full checkpoints over to ``CheckpointWorkspace``; outputs go through the
+pipeline's atomic output directory and manifest rules.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from fedbip_cli import manifest
+from fedbip_cli.adapters import file_sha256, write_adapter
+from fedbip_cli.checkpoints import Checkpoint, TensorSpec, check_against_base, load_checkpoint, row_ranges
+from fedbip_cli.errors import AdapterError, SourceError, UsageError
+from fedbip_cli.merge import weighted_sum
+from fedbip_cli.pipeline import MergeOptions, MergeResult, Progress, atomic_output, resolve_device
+from fedbip_cli.shards import ShardedWriter, parse_size, plan_shards
+from fedbip_cli.similarity import SimilarityResult, checkpoint_inner_products, similarity_from_inner
+from fedbip_cli.sources import FULL, ResolvedSource, resolve_model_dir
+from fedbip_cli.taskvec import checkpoint_deltas, group_modules, natural_key, tensor_module
+from fedbip_cli.to_lora import OVERSAMPLE, POWER_ITERATIONS, SEED, LoraTarget, low_rank_factors, lora_targets, tensor_generator
+from fedbip_cli.weights import personalized_weights
+
+# What a merged checkpoint takes from the base besides its weights, when the base has it.
+BASE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+)
+# The files of an hf:// base to fetch: weights, configs and tokenizer files.
+BASE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja")
+# Elements per range of rows: a few float64 copies per client (read, delta, merged) of 32 MiB each.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def load_checkpoints(specs: Sequence[str], sources: Sequence[ResolvedSource], base: str | None) -> CheckpointWorkspace:
+    """Validate full checkpoints and their base: every tensor name and shape must match the base's.
+
+    Raises:
+        SourceError: the sources mix adapters and full checkpoints.
+        UsageError: no ``base``.
+        AdapterError: a checkpoint is unreadable or does not match the base.
+    """
+    adapters = [s.name for s in sources if s.kind != FULL]
+    if adapters:
+        full = [s.name for s in sources if s.kind == FULL]
+        raise SourceError(
+            f"LoRA adapters ({', '.join(adapters)}) and full fine-tuned checkpoints ({', '.join(full)}) cannot be merged together",
+            where="SOURCES",
+            hint="merge adapters and full checkpoints in separate runs (--to-lora R turns full checkpoints into adapters)",
+        )
+    if base is None:
+        raise UsageError(
+            f"full fine-tuned checkpoints ({', '.join(s.name for s in sources)}) need --base: their task vectors are W - W_base",
+            hint="pass --base MODEL, the directory or hf:// reference of the model they were fine-tuned from",
+        )
+    base_dir, revision = resolve_model_dir(base, allow_patterns=BASE_PATTERNS)
+    base_checkpoint = load_checkpoint(ResolvedSource("base", base_dir, base, revision, FULL))
+    checkpoints = [load_checkpoint(s) for s in sources]
+    check_against_base(checkpoints, base_checkpoint)
+    return CheckpointWorkspace(list(specs), list(sources), checkpoints, base_checkpoint, base, revision)
+
+
+@dataclass
+class CheckpointWorkspace:
+    """Validated full checkpoints of one base: every tensor checked against the base's."""
+
+    specs: list[str]
+    sources: list[ResolvedSource]
+    checkpoints: list[Checkpoint]
+    base_checkpoint: Checkpoint
+    base: str  # as given (directory or hf:// reference)
+    base_revision: str | None = None
+    chunk_elements: int | None = CHUNK_ELEMENTS  # rows read at a time hold at most this many elements
+    kind: ClassVar[str] = FULL
+
+    @property
+    def clients(self) -> list[str]:
+        return [c.name for c in self.checkpoints]
+
+    @property
+    def tensors(self) -> list[str]:
+        """The tensors that carry a task vector (the floating ones), in natural order."""
+        return sorted((n for n, t in self.base_checkpoint.tensors.items() if t.floating), key=natural_key)
+
+    def inspect(self, *, granularity: str = "model", device: str = "auto", progress: Progress | None = None) -> SimilarityResult:
+        """Exact similarity of the checkpoints' task vectors at ``granularity`` (tensors grouped by module)."""
+        groups = group_modules(self.tensors, granularity, module_of=tensor_module)
+        advance = _start(progress, "similarity", len(self.tensors))
+        inner = checkpoint_inner_products(
+            self.checkpoints, self.base_checkpoint, self.tensors, device=resolve_device(device), max_elements=self.chunk_elements, progress=advance
+        )
+        return similarity_from_inner(self.clients, granularity, groups, inner)
+
+    def plan(self, options: MergeOptions) -> dict[str, Any]:
+        """What a merge would write, without reading any weights."""
+        groups = group_modules(self.tensors, options.granularity, module_of=tensor_module)
+        if options.to_lora is None:
+            shards = plan_shards(self._output_order(), parse_size(options.max_shard_size)).shards
+            per_client = sum(t.nbytes for _, tensors in shards for t in tensors)
+        else:
+            targets, _ = lora_targets(self.base_checkpoint.source.path, self.tensors)
+            shards = []
+            per_client = sum(_lora_bytes(self.base_checkpoint.tensors[t.tensor], options.to_lora) for t in targets)
+        return {
+            "kind": FULL,
+            "base": {"source": self.base, "revision": self.base_revision},
+            "clients": [
+                {
+                    "name": c.name,
+                    "source": c.source.origin,
+                    "revision": c.source.revision,
+                    "tensors": len(c.tensors),
+                    "files": len(c.files),
+                }
+                for c in self.checkpoints
+            ],
+            "tensors": len(self.base_checkpoint.tensors),
+            "task_tensors": len(self.tensors),
+            "granularity": options.granularity,
+            "groups": {name: len(members) for name, members in groups.items()},
+            "output": "checkpoint" if options.to_lora is None else "lora",
+            "shards": len(shards) or None,
+            "lora_modules": None if options.to_lora is None else len(targets),
+            "rank": options.to_lora,
+            "output_bytes": per_client * len(self.checkpoints),
+        }
+
+    def merge(
+        self,
+        options: MergeOptions,
+        out: Path,
+        *,
+        overwrite: bool = False,
+        progress: Progress | None = None,
+        similarity: SimilarityResult | None = None,
+    ) -> MergeResult:
+        """Write one personalized checkpoint (or adapter, with ``to_lora``) per client into ``out``, and the manifest."""
+        out = Path(out).absolute()
+        with atomic_output(out, self, overwrite=overwrite) as tmp:
+            similarity = similarity or self.inspect(granularity=options.granularity, device=options.device, progress=progress)
+            weights = {name: personalized_weights(g.similarity, options.weights) for name, g in similarity.groups.items()}
+            rows = {t: weights[name] for name, g in similarity.groups.items() for t in g.modules}
+            device = resolve_device(options.device)
+            if options.to_lora is None:
+                energy: dict[str, dict[str, float | None]] = {c: {} for c in self.clients}
+                lora_record = None
+                self._write_checkpoints(rows, tmp, parse_size(options.max_shard_size), device, progress)
+            else:
+                energy, lora_record = self._write_adapters(rows, tmp, options.to_lora, device, progress)
+            outputs = {
+                c: {f"{c}/{f.name}": file_sha256(f) for f in sorted((tmp / c).iterdir())} for c in self.clients
+            }
+            record = self._manifest(options, similarity, weights, energy, lora_record, outputs)
+            manifest.dump(record, tmp / manifest.MANIFEST_NAME)
+        return MergeResult(similarity, weights, options.to_lora or 0, energy, out, record)
+
+    def _output_order(self) -> list[TensorSpec]:
+        """Every base tensor, in natural order: the order of the output shards."""
+        return [self.base_checkpoint.tensors[n] for n in sorted(self.base_checkpoint.tensors, key=natural_key)]
+
+    def _merged(
+        self,
+        specs: Sequence[TensorSpec],
+        rows: dict[str, torch.Tensor],
+        device: torch.device,
+        advance: Callable[[int], None],
+        *,
+        whole: Collection[str] = (),
+    ) -> Iterator[tuple[TensorSpec, torch.Tensor, torch.Tensor | None]]:
+        """For each tensor and range of rows: the base rows and the (K, ...) personalized deltas Σ_j P_ij ΔW_j.
+
+        The deltas are None for tensors without a task vector; tensors in ``whole`` come in one range.
+        ``advance(1)`` is called after each tensor's last range.
+        """
+        for spec in specs:
+            for part in row_ranges(spec.shape, None if spec.name in whole else self.chunk_elements):
+                if not spec.floating:
+                    yield spec, self.base_checkpoint.read(spec.name, part), None
+                    continue
+                base_rows, deltas = checkpoint_deltas(self.checkpoints, self.base_checkpoint, spec.name, part, device=device)
+                yield spec, base_rows, weighted_sum(deltas, rows[spec.name])
+            advance(1)
+
+    def _write_checkpoints(
+        self, rows: dict[str, torch.Tensor], tmp: Path, max_bytes: int, device: torch.device, progress: Progress | None
+    ) -> None:
+        """Stream W_base + Σ_j P_ij ΔW_j into one sharded checkpoint per client, plus the base's config files."""
+        order = self._output_order()
+        plan = plan_shards(order, max_bytes)
+        advance = _start(progress, "write", len(order))
+        with ExitStack() as stack:
+            writers = [stack.enter_context(ShardedWriter(tmp / c, plan)) for c in self.clients]
+            for spec, base_rows, merged in self._merged(order, rows, device, advance):
+                chunks = [base_rows] * len(writers) if merged is None else list((base_rows + merged).to(spec.dtype))
+                for writer, chunk in zip(writers, chunks):
+                    writer.write(spec.name, chunk)
+            for writer in writers:
+                writer.close()
+        for client in self.clients:
+            for name in BASE_FILES:
+                if (self.base_checkpoint.source.path / name).is_file():
+                    shutil.copyfile(self.base_checkpoint.source.path / name, tmp / client / name)
+
+    def _write_adapters(
+        self, rows: dict[str, torch.Tensor], tmp: Path, rank: int, device: torch.device, progress: Progress | None
+    ) -> tuple[dict[str, dict[str, float | None]], dict[str, Any]]:
+        """Write M_i = Σ_j P_ij ΔW_j of every linear layer as a rank-``rank`` PEFT adapter per client.
+
+        Returns the energy kept per client and module, and the manifest's ``to_lora`` record.
+        """
+        targets, skipped = lora_targets(self.base_checkpoint.source.path, self.tensors)
+        target_of: dict[str, LoraTarget] = {t.tensor: t for t in targets}
+        clients = self.clients
+        factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {c: {} for c in clients}
+        energy: dict[str, dict[str, float | None]] = {c: {} for c in clients}
+        total = torch.zeros(len(clients), dtype=torch.float64)  # ‖M_i‖² over every task tensor
+        kept = torch.zeros(len(clients), dtype=torch.float64)  # Σ kept σ² over the written modules
+        specs = [self.base_checkpoint.tensors[n] for n in self.tensors]
+        advance = _start(progress, "to-lora", len(specs))
+        for spec, _, merged in self._merged(specs, rows, device, advance, whole=target_of):
+            assert merged is not None  # only task tensors are asked for
+            squares = (merged * merged).reshape(len(clients), -1).sum(dim=1).cpu()
+            total += squares
+            target = target_of.get(spec.name)
+            for i, client in enumerate(clients):
+                if target is None or squares[i] == 0:  # no delta here: leave the module out
+                    continue
+                delta = merged[i].T if target.transposed else merged[i]  # peft's B @ A is (out, in)
+                result = low_rank_factors(delta, rank, tensor_generator(spec.name))
+                factors[client][target.module] = (result.b.cpu(), result.a.cpu())
+                energy[client][target.module] = result.energy
+                kept[i] += result.energy * squares[i]
+        empty = [c for c in clients if not factors[c]]
+        if empty:
+            raise AdapterError(
+                f"the personalized delta of {', '.join(empty)} has nothing on a linear layer: the adapter would be empty",
+                where=str(self.base_checkpoint.source.path),
+                hint="merge into full checkpoints (without --to-lora)",
+            )
+        config = {
+            "base_model_name_or_path": self.base,
+            "revision": self.base_revision,
+            "fan_in_fan_out": any(t.transposed for t in targets),
+        }
+        dtype = self.base_checkpoint.tensors[targets[0].tensor].dtype
+        for client in clients:
+            write_adapter(tmp / client, factors[client], config, dtype)
+        record = {
+            "rank": rank,
+            "seed": SEED,
+            "oversample": OVERSAMPLE,
+            "power_iterations": POWER_ITERATIONS,
+            "modules": [t.module for t in targets],
+            "skipped": skipped,
+            "delta_energy_kept": {c: float(kept[i] / total[i]) if total[i] > 0 else 1.0 for i, c in enumerate(clients)},
+        }
+        return energy, record
+
+    def _manifest(
+        self,
+        options: MergeOptions,
+        similarity: SimilarityResult,
+        weights: dict[str, torch.Tensor],
+        energy: dict[str, dict[str, float | None]],
+        lora_record: dict[str, Any] | None,
+        outputs: dict[str, dict[str, str]],
+    ) -> dict[str, Any]:
+        return {
+            "fedbip_manifest": 1,
+            "kind": FULL,
+            "versions": manifest.library_versions(),
+            "options": {**options.as_dict(), "to_lora": options.to_lora, "max_shard_size": options.max_shard_size},
+            "base": {"source": self.base, "revision": self.base_revision, "files": self.base_checkpoint.files},
+            "inputs": [
+                {
+                    "name": c.name,
+                    "source": c.source.origin,
+                    "revision": c.source.revision,
+                    "files": c.files,
+                    "tensors": len(c.tensors),
+                }
+                for c in self.checkpoints
+            ],
+            "clients": similarity.clients,
+            "granularity": similarity.granularity,
+            "groups": manifest.groups(similarity, weights),
+            "output": "checkpoint" if lora_record is None else "lora",
+            "combine": "exact" if lora_record is None else "randomized-svd",
+            "rank": options.to_lora,
+            "energy_kept": energy,
+            "to_lora": lora_record,
+            "outputs": outputs,
+        }
+
+
+def _start(progress: Progress | None, stage: str, total: int) -> Callable[[int], None]:
+    """Start a progress stage; a no-op without a progress callback."""
+    return progress(stage, total) if progress is not None else (lambda n: None)
+
+
+def _lora_bytes(spec: TensorSpec, rank: int) -> int:
+    """Bytes of a rank-``rank`` factor pair for a 2-D weight (rank capped by its smaller side)."""
+    rows, cols = spec.shape
+    return min(rank, rows, cols) * (rows + cols) * torch.empty(0, dtype=spec.dtype).element_size()
