@@ -18,6 +18,7 @@ from rich.table import Table
 
 from fedbip_cli import __version__, pipeline, report
 from fedbip_cli.errors import FedbipError
+from fedbip_cli.innercache import InnerProductCache, default_cache_dir
 from fedbip_cli.weights import WeightOptions
 
 app = typer.Typer(
@@ -39,6 +40,11 @@ Layerwise = Annotated[bool, typer.Option("--layerwise", help="One similarity per
 Granularity = Annotated[Optional[str], typer.Option("--granularity", help="model (default), block or module.", show_default=False)]
 Base = Annotated[Optional[str], typer.Option("--base", help="Base model (directory or hf://) to check module names and shapes against.")]
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
+CacheDir = Annotated[
+    Optional[Path],
+    typer.Option("--cache", help="Inner-product cache directory (default: $XDG_CACHE_HOME/fedbip, else ~/.cache/fedbip).", show_default=False),
+]
+NoCache = Annotated[bool, typer.Option("--no-cache", help="Keep no inner products between runs (the results are the same).")]
 
 
 def _version(value: bool) -> None:
@@ -90,6 +96,12 @@ def _granularity(layerwise: bool, granularity: str | None) -> str:
     return "block" if layerwise else (granularity or "model")
 
 
+def _cache_dir(cache: Path | None, no_cache: bool) -> Path | None:
+    if cache is not None and no_cache:
+        raise typer.BadParameter("--cache and --no-cache exclude each other", param_hint="--no-cache")
+    return None if no_cache else (cache or default_cache_dir())
+
+
 def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
@@ -124,12 +136,14 @@ def merge(
     rank: Annotated[Optional[int], typer.Option(help="Output rank for svd (default: the largest input rank).", show_default=False)] = None,
     device: Device = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    cache: CacheDir = None,
+    no_cache: NoCache = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and validate every source and print the plan; compute nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
 ) -> None:
     """Write one personalized merged adapter per client."""
     gran = _granularity(layerwise, granularity)
-    with _user_errors():
+    with _user_errors(), InnerProductCache(_cache_dir(cache, no_cache)) as inner_cache:
         options = pipeline.MergeOptions(
             granularity=gran,
             weights=WeightOptions(weighting=weighting, negative=negative, temperature=temperature, top_k=top_k),
@@ -143,9 +157,9 @@ def merge(
             _print_json({"dry_run": True, "out": str(out), **the_plan}) if as_json else out_console.print(report.plan_table(the_plan, out))
             return
         with _progress(not as_json) as progress:
-            result = pipeline.merge(workspace, options, out, overwrite=overwrite, progress=progress)
+            result = pipeline.merge(workspace, options, out, overwrite=overwrite, progress=progress, cache=inner_cache)
     if as_json:
-        _print_json(report.merge_summary(result))
+        _print_json({**report.merge_summary(result), "cache": report.cache_json(inner_cache)})
     else:
         out_console.print(report.merge_table(result))
 
@@ -170,19 +184,21 @@ def inspect_similarity(
     heatmap: Annotated[Optional[Path], typer.Option("--heatmap", help="Also write a heatmap PNG (one panel per group).", show_default=False)] = None,
     neighbours: Annotated[int, typer.Option(help="Nearest neighbours to list per client.")] = 3,
     device: Device = "auto",
+    cache: CacheDir = None,
+    no_cache: NoCache = False,
 ) -> None:
     """Show how similar the clients' task vectors are, with nearest neighbours and clusters."""
     gran = _granularity(layerwise, granularity)
     if output_format not in ("table", "json", "csv"):
         raise typer.BadParameter(f"{output_format!r}; choose one of table, json, csv", param_hint="--format")
-    with _user_errors():
+    with _user_errors(), InnerProductCache(_cache_dir(cache, no_cache)) as inner_cache:
         workspace = pipeline.load(sources, base=base)
         with _progress(output_format == "table") as progress:
-            result = pipeline.inspect(workspace, granularity=gran, device=device, progress=progress)
+            result = pipeline.inspect(workspace, granularity=gran, device=device, progress=progress, cache=inner_cache)
         if heatmap is not None:
             report.write_heatmap(result, heatmap)
     if output_format == "json":
-        _print_json(report.similarity_json(result, neighbours=neighbours))
+        _print_json({**report.similarity_json(result, neighbours=neighbours), "cache": report.cache_json(inner_cache)})
     elif output_format == "csv":
         sys.stdout.write(report.similarity_csv(result))
     else:

@@ -19,6 +19,7 @@ import torch
 from fedbip_cli import manifest
 from fedbip_cli.adapters import Adapter, check_against_base, file_sha256, load_adapter, write_adapter
 from fedbip_cli.errors import AdapterError, OutputError, SourceError, UsageError
+from fedbip_cli.innercache import InnerProductCache
 from fedbip_cli.merge import combiner
 from fedbip_cli.similarity import SimilarityResult, module_inner_products, similarity_from_inner
 from fedbip_cli.sources import ResolvedSource, resolve_model_dir, resolve_sources
@@ -141,12 +142,23 @@ def _check_consistent(adapters: Sequence[Adapter]) -> None:
 
 
 def inspect(
-    workspace: Workspace, *, granularity: str = "model", device: str = "auto", progress: Progress | None = None
+    workspace: Workspace,
+    *,
+    granularity: str = "model",
+    device: str = "auto",
+    progress: Progress | None = None,
+    cache: InnerProductCache | None = None,
 ) -> SimilarityResult:
-    """Exact similarity of the clients' task vectors at ``granularity``."""
+    """Exact similarity of the clients' task vectors at ``granularity``.
+
+    ``cache`` supplies the inner products computed by earlier runs and records the new ones; the
+    result is the same bits with or without it.
+    """
     groups = group_modules(workspace.modules, granularity)
     advance = (progress or _no_progress)("similarity", len(workspace.modules))
-    inner = module_inner_products(workspace.adapters, workspace.modules, device=resolve_device(device), progress=advance)
+    inner = module_inner_products(
+        workspace.adapters, workspace.modules, device=resolve_device(device), cache=cache, progress=advance
+    )
     return similarity_from_inner(workspace.clients, granularity, groups, inner)
 
 
@@ -199,13 +211,19 @@ def merge(
     overwrite: bool = False,
     progress: Progress | None = None,
     similarity: SimilarityResult | None = None,
+    cache: InnerProductCache | None = None,
 ) -> MergeResult:
-    """Write one personalized adapter per client into ``out`` (atomically) and the manifest."""
+    """Write one personalized adapter per client into ``out`` (atomically) and the manifest.
+
+    ``cache`` serves the similarity step (see ``inspect``); it changes no output byte.
+    """
     out = Path(out).absolute()
     _check_out(out, workspace, overwrite)
     device = resolve_device(options.device)
     start = progress or _no_progress
-    similarity = similarity or inspect(workspace, granularity=options.granularity, device=options.device, progress=progress)
+    similarity = similarity or inspect(
+        workspace, granularity=options.granularity, device=options.device, progress=progress, cache=cache
+    )
     weights = {name: personalized_weights(g.similarity, options.weights) for name, g in similarity.groups.items()}
     group_of = {m: name for name, g in similarity.groups.items() for m in g.modules}
     rank = default_rank(workspace, options)

@@ -114,6 +114,23 @@ def similarity_json(result: Any, *, neighbours: int = 3) -> dict[str, Any]:
     }
 
 
+def cache_json(cache: Any) -> dict[str, Any]:
+    """Where the inner-product cache lives and what it served in this run.
+
+    Args:
+        cache: an ``innercache.InnerProductCache``.
+
+    Returns:
+        ``{"dir": str | None, "hits": int, "computed": int}``: products read from the cache and
+        computed (per module, pairs of distinct contents).
+    """
+    return {
+        "dir": None if cache.directory is None else str(cache.directory),
+        "hits": cache.stats.hits,
+        "computed": cache.stats.computed,
+    }
+
+
 def similarity_csv(result: Any) -> str:
     """Every group's matrix in long format, one row per ordered pair (diagonal included).
 

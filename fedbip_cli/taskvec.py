@@ -6,12 +6,15 @@ Granularity decides which modules share one similarity (and so one weight matrix
 
 from __future__ import annotations
 
+import hashlib
 import re
+import struct
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from fedbip_cli.adapters import Adapter
+from fedbip_cli.adapters import Adapter, scaled_factors
 from fedbip_cli.errors import UsageError
 
 GRANULARITIES = ("model", "block", "module")
@@ -56,3 +59,42 @@ def module_factors(
 ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """Each adapter's ``(scale · B, A)`` at ``module``, or None where the adapter does not target it."""
     return [a.factors(module, dtype=dtype, device=device) if module in a.modules else None for a in adapters]
+
+
+@dataclass(frozen=True)
+class KeyedFactors:
+    """One client's ``(scale · B, A)`` at one module, with the content key of what they came from."""
+
+    key: bytes
+    b: torch.Tensor
+    a: torch.Tensor
+
+
+def content_key(b: torch.Tensor, a: torch.Tensor, scale: float, salt: str) -> bytes:
+    """sha256 of stored factors (dtype, shape, bytes) and scale, salted with the computing engine.
+
+    Two adapters whose tensors for a module are the same bytes get the same key, however the files
+    were written (a re-saved adapter, a copy under another name).
+    """
+    digest = hashlib.sha256(salt.encode())
+    for tensor in (b, a):
+        digest.update(f"|{tensor.dtype}{list(tensor.shape)}|".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    digest.update(struct.pack("<d", scale))
+    return digest.digest()
+
+
+def keyed_module_factors(
+    adapters: Sequence[Adapter], module: str, *, salt: str, device: torch.device | str = "cpu"
+) -> list[KeyedFactors | None]:
+    """Each adapter's float64 factors at ``module`` with their content key, or None where it does not target it."""
+    keyed: list[KeyedFactors | None] = []
+    for adapter in adapters:
+        if module not in adapter.modules:
+            keyed.append(None)
+            continue
+        b, a = adapter.stored_factors(module)
+        scale = adapter.modules[module].scale
+        key = content_key(b, a, scale, salt)
+        keyed.append(KeyedFactors(key, *scaled_factors(b, a, scale, device=device)))
+    return keyed
