@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
-from fedbip_cli import manifest
+from fedbip_cli import lockfile, manifest
 from fedbip_cli.adapters import Adapter, check_against_base, file_sha256, load_adapter, write_adapter
 from fedbip_cli.errors import AdapterError, OutputError, SourceError, UsageError
 from fedbip_cli.innercache import InnerProductCache
 from fedbip_cli.merge import combiner
 from fedbip_cli.similarity import SimilarityResult, module_inner_products, similarity_from_inner
-from fedbip_cli.sources import ResolvedSource, resolve_model_dir, resolve_sources
-from fedbip_cli.taskvec import all_modules, group_modules, module_factors
+from fedbip_cli.sources import ResolvedSource, resolve_model_dir, resolve_specs
+from fedbip_cli.taskvec import GRANULARITIES, all_modules, group_modules, module_factors
 from fedbip_cli.weights import WeightOptions, personalized_weights
 
 # progress(stage, total) starts a stage and returns the function that advances it.
@@ -46,9 +46,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass(frozen=True)
+class LockState:
+    """A run's lock file: where it is, what this run resolved to, and whether the run was held to it."""
+
+    path: Path
+    record: dict[str, Any]
+    locked: bool
+
+
 @dataclass
 class Workspace:
-    """Validated inputs: every adapter checked, modules consistent across clients."""
+    """Validated inputs: every adapter checked, modules consistent across clients.
+
+    ``specs`` are the SOURCES as given, relative paths taken from ``base_dir``; ``resolved`` says
+    which clients each one expanded to.
+    """
 
     specs: list[str]
     sources: list[ResolvedSource]
@@ -56,6 +69,9 @@ class Workspace:
     modules: list[str]
     base: str | None = None
     base_revision: str | None = None
+    base_dir: Path = field(default_factory=Path.cwd)
+    resolved: list[tuple[str, list[ResolvedSource]]] = field(default_factory=list)
+    lock: LockState | None = None
 
     @property
     def clients(self) -> list[str]:
@@ -73,9 +89,13 @@ class MergeOptions:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise UsageError(f"unknown granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}")
         combiner(self.combine)  # raises on an unknown name, listing the valid ones
         if self.rank is not None and self.rank < 1:
-            raise UsageError(f"--rank {self.rank} must be a positive integer")
+            raise UsageError(f"rank {self.rank} must be a positive integer")
+        if self.device not in DEVICES:
+            raise UsageError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -97,24 +117,58 @@ class MergeResult:
     energy: dict[str, dict[str, float | None]]  # client -> module -> energy kept
     out: Path
     manifest: dict[str, Any]
+    lock_written: bool = False
 
 
-def load(specs: Sequence[str], *, base: str | None = None) -> Workspace:
-    """Resolve and validate every source (and the base, when given)."""
-    sources = resolve_sources(list(specs))
+def load(
+    specs: Sequence[str],
+    *,
+    base: str | None = None,
+    base_dir: Path | None = None,
+    lock: Path | None = None,
+    locked: bool = False,
+) -> Workspace:
+    """Resolve and validate every source (and the base, when given).
+
+    Args:
+        specs: the SOURCES.
+        base: a base model to check module names and shapes against.
+        base_dir: the directory relative SOURCES and ``base`` are taken from (default: the working
+            directory; a config file's directory for the sources it names).
+        lock: a lock file. The record of what this run resolved to is kept in ``Workspace.lock``
+            for ``merge`` to write.
+        locked: refuse, before any adapter is read, inputs that resolve differently from ``lock``.
+
+    Raises:
+        FedbipError: a source or the base cannot be resolved or is invalid, or (``locked``) an input moved.
+    """
+    if locked and lock is None:
+        raise UsageError("--locked needs --lock FILE", hint="name the lock file to check against with --lock")
+    directory = Path.cwd() if base_dir is None else Path(base_dir)
+    resolved = resolve_specs(list(specs), base_dir=directory)
+    sources = [source for _, group in resolved for source in group]
     if len(sources) < 2:
         raise SourceError(
             f"found {len(sources)} adapter(s); merging needs at least 2 clients",
             where=", ".join(specs) or "SOURCES",
             hint="pass a directory of adapter directories, several adapter directories, or an @list file",
         )
+    expected = lockfile.read_lock(lock) if locked and lock is not None else None
+    pinned = lockfile.sources_record(resolved) if lock is not None else None
+    if expected is not None and pinned is not None:
+        lockfile.check_sources(expected, pinned, Path(lock))
     adapters = [load_adapter(s) for s in sources]
     _check_consistent(adapters)
-    workspace = Workspace(list(specs), sources, adapters, all_modules(adapters))
+    workspace = Workspace(list(specs), sources, adapters, all_modules(adapters), base_dir=directory, resolved=resolved)
     if base is not None:
-        base_dir, revision = resolve_model_dir(base)
-        check_against_base(adapters, base_dir)
+        model_dir, revision = resolve_model_dir(base, base_dir=directory)
+        check_against_base(adapters, model_dir)
         workspace.base, workspace.base_revision = base, revision
+    if lock is not None and pinned is not None:
+        base_pin = lockfile.base_record(base, workspace.base_revision)
+        if expected is not None:
+            lockfile.check_base(expected, base_pin, Path(lock))
+        workspace.lock = LockState(Path(lock), lockfile.lock_record(pinned, base_pin), locked)
     return workspace
 
 
@@ -167,8 +221,13 @@ def default_rank(workspace: Workspace, options: MergeOptions) -> int:
     return options.rank or max(m.rank for a in workspace.adapters for m in a.modules.values())
 
 
-def plan(workspace: Workspace, options: MergeOptions) -> dict[str, Any]:
-    """What a merge would do, without computing: clients, ranks, modules, groups, output size."""
+def plan(workspace: Workspace, options: MergeOptions, out: Path | None = None, *, overwrite: bool = False) -> dict[str, Any]:
+    """What a merge would do, without computing: clients, ranks, modules, groups, output size.
+
+    With ``out``, also refuse an output location that ``merge`` would refuse.
+    """
+    if out is not None:
+        _check_out(Path(out).absolute(), workspace, overwrite)
     groups = group_modules(workspace.modules, options.granularity)
     rank = default_rank(workspace, options)
     shapes = {name: (m.out_features, m.in_features) for a in workspace.adapters for name, m in a.modules.items()}
@@ -177,6 +236,10 @@ def plan(workspace: Workspace, options: MergeOptions) -> dict[str, Any]:
     itemsize = torch.empty(0, dtype=_output_dtype(workspace.adapters)).element_size()
     per_client = sum(out_rank[n] * (shapes[n][0] + shapes[n][1]) * itemsize for n in workspace.modules)
     return {
+        "out": None if out is None else str(Path(out).absolute()),
+        "sources": [{"spec": spec, "clients": [s.name for s in group]} for spec, group in workspace.resolved],
+        "base": {"source": workspace.base, "revision": workspace.base_revision} if workspace.base else None,
+        "lock": None if workspace.lock is None else {"file": str(workspace.lock.path), "locked": workspace.lock.locked},
         "clients": [
             {
                 "name": a.name,
@@ -263,7 +326,10 @@ def merge(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return MergeResult(similarity, weights, rank, energy, out, record)
+    lock = workspace.lock
+    if lock is not None and not lock.locked:  # --locked holds the run to the lock file, never rewrites it
+        lockfile.write_lock(lock.path, lock.record)
+    return MergeResult(similarity, weights, rank, energy, out, record, lock_written=lock is not None and not lock.locked)
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -273,7 +339,8 @@ def _inside(child: Path, parent: Path) -> bool:
 def _check_out(out: Path, workspace: Workspace, overwrite: bool) -> None:
     real = out.resolve()
     inputs = [s.path.resolve() for s in workspace.sources]
-    inputs += [Path(s).resolve() for s in workspace.specs if not s.startswith(("hf://", "@")) and Path(s).exists()]
+    specs = [(workspace.base_dir / Path(s).expanduser()).resolve() for s in workspace.specs if not s.startswith(("hf://", "@"))]
+    inputs += [path for path in specs if path.exists()]
     for path in inputs:
         if _inside(real, path):
             raise OutputError(f"output directory lies inside the source {path}", where=str(out), hint="choose an --out outside every source")

@@ -131,6 +131,18 @@ def cache_json(cache: Any) -> dict[str, Any]:
     }
 
 
+def lock_json(lock: Any, *, written: bool) -> dict[str, Any] | None:
+    """The lock file of a merge: ``{"file", "locked", "written"}``, or None without ``--lock``.
+
+    Args:
+        lock: a ``pipeline.LockState`` or None.
+        written: whether the merge (re)wrote it.
+    """
+    if lock is None:
+        return None
+    return {"file": str(lock.path), "locked": lock.locked, "written": written}
+
+
 def similarity_csv(result: Any) -> str:
     """Every group's matrix in long format, one row per ordered pair (diagonal included).
 
