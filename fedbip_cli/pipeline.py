@@ -18,11 +18,13 @@ import torch
 
 from fedbip_cli import lockfile, manifest
 from fedbip_cli.adapters import Adapter, check_against_base, file_sha256, load_adapter, write_adapter
+from fedbip_cli.card import CARD_NAME, model_card
+from fedbip_cli.command import merge_command, pinned_sources
 from fedbip_cli.errors import AdapterError, OutputError, SourceError, UsageError
 from fedbip_cli.innercache import InnerProductCache
 from fedbip_cli.merge import combiner
 from fedbip_cli.similarity import SimilarityResult, module_inner_products, similarity_from_inner
-from fedbip_cli.sources import ResolvedSource, resolve_model_dir, resolve_specs
+from fedbip_cli.sources import ResolvedSource, pinned_spec, resolve_model_dir, resolve_specs
 from fedbip_cli.taskvec import GRANULARITIES, all_modules, group_modules, module_factors
 from fedbip_cli.weights import WeightOptions, personalized_weights
 
@@ -313,14 +315,15 @@ def merge(
     try:
         tmp.mkdir(parents=True)
         advance = start("write", len(clients))
-        outputs: dict[str, dict[str, str]] = {}
+        record = _manifest(workspace, options, similarity, weights, rank, energy, device)
         for adapter in workspace.adapters:
             write_adapter(tmp / adapter.name, merged[adapter.name], adapter.config, dtype)
-            outputs[adapter.name] = {
+            card = model_card(record, adapter.name, adapter.config.get("base_model_name_or_path"))
+            (tmp / adapter.name / CARD_NAME).write_text(card, encoding="utf-8")
+            record["outputs"][adapter.name] = {
                 f"{adapter.name}/{f.name}": file_sha256(f) for f in sorted((tmp / adapter.name).iterdir())
             }
             advance(1)
-        record = _manifest(workspace, options, similarity, weights, rank, energy, outputs)
         manifest.dump(record, tmp / manifest.MANIFEST_NAME)
         _replace_dir(tmp, out)
     except BaseException:
@@ -370,12 +373,22 @@ def _manifest(
     weights: dict[str, torch.Tensor],
     rank: int,
     energy: dict[str, dict[str, float | None]],
-    outputs: dict[str, dict[str, str]],
+    device: torch.device,
 ) -> dict[str, Any]:
+    """The manifest record, with ``outputs`` still empty (filled as the files are written)."""
+    base = pinned_spec(workspace.base, workspace.base_revision, base_dir=workspace.base_dir) if workspace.base else None
+    command = merge_command(
+        pinned_sources(workspace.resolved, workspace.base_dir),
+        options.as_dict(),
+        base=base,
+        rank=rank if options.combine == "svd" else None,
+        device=device.type,
+    )
     return {
         "fedbip_manifest": 1,
         "versions": manifest.library_versions(),
         "options": options.as_dict(),
+        "command": command,
         "base": {"source": workspace.base, "revision": workspace.base_revision} if workspace.base else None,
         "inputs": [
             {
@@ -401,5 +414,5 @@ def _manifest(
         "combine": options.combine,
         "rank": rank if options.combine == "svd" else None,
         "energy_kept": energy,
-        "outputs": outputs,
+        "outputs": {},
     }

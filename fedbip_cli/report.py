@@ -25,6 +25,7 @@ from rich.text import Text
 
 from fedbip_cli.clustering import mean_similarity, nearest_neighbours, suggest_clusters
 from fedbip_cli.errors import OutputError
+from fedbip_cli.merge import energy_range
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -382,19 +383,12 @@ def plan_table(plan: dict[str, Any], out: Path) -> Table:
     return table
 
 
-def _energy_stats(values: dict[str, float | None]) -> tuple[float | None, float | None]:
-    known = [v for v in values.values() if v is not None]
-    if not known:
-        return None, None
-    return min(known), sum(known) / len(known)
-
-
 def merge_summary(result: Any) -> dict[str, Any]:
     """The ``merge --json`` document: where outputs went, weights and energy per client."""
     clients = result.similarity.clients
     summary_energy = {}
     for client in clients:
-        low, mean = _energy_stats(result.energy[client])
+        low, mean = energy_range(result.energy[client])
         summary_energy[client] = {"min": low, "mean": mean}
     return {
         "out": str(result.out),
@@ -424,7 +418,7 @@ def merge_table(result: Any, top: int = 3) -> Table:
         row = mean_weights[i]
         order = sorted(range(len(clients)), key=lambda j: (-float(row[j]), j))[:top]
         text = ", ".join(f"{clients[j]} {float(row[j]):.2f}" for j in order if row[j] > 0)
-        low, mean = _energy_stats(result.energy[client])
+        low, mean = energy_range(result.energy[client])
         energy = "n/a" if low is None else f"{low:.4f} / {mean:.4f}"
         table.add_row(client, text, energy)
     return table

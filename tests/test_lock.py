@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import random_adapter
-from hubcache import make_hub_cache, use_offline_cache
-from safetensors.torch import save
+from factories import base_model_files, random_adapter
+from hubcache import make_hub_cache, repository_files, use_offline_cache
 from typer.testing import CliRunner
 
 from fedbip_cli.cli import app
@@ -23,16 +22,13 @@ runner = CliRunner()
 
 def adapter_files(root: Path, names: list[str], seed: int) -> dict[str, bytes]:
     """Adapters ``names`` as repository files ``<name>/adapter_*``."""
-    files = {}
-    for offset, name in enumerate(names):
-        directory = random_adapter(root / f"seed{seed}" / name, SHAPES, torch.Generator().manual_seed(seed + offset))
-        files.update({f"{name}/{f.name}": f.read_bytes() for f in sorted(directory.iterdir())})
-    return files
+    return repository_files(
+        {name: random_adapter(root / f"seed{seed}" / name, SHAPES, torch.Generator().manual_seed(seed + i)) for i, name in enumerate(names)}
+    )
 
 
 def base_files(hidden: int) -> dict[str, bytes]:
-    weights = {f"{m}.weight": torch.zeros(shape) for m, shape in SHAPES.items()}
-    return {"config.json": json.dumps({"hidden_size": hidden}).encode(), "model.safetensors": save(weights)}
+    return base_model_files(SHAPES, {"hidden_size": hidden})
 
 
 class Project:
