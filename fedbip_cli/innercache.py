@@ -91,13 +91,15 @@ class InnerProductCache:
             try:
                 self._db.execute("DELETE FROM wanted")
                 self._db.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", ((k,) for k in keys))
+                # CROSS JOIN fixes the loop order: a range search of the primary key per wanted key,
+                # where the planner would otherwise scan the whole table.
                 rows = self._db.execute(
-                    "SELECT p.x, p.y, p.value FROM wanted w JOIN pairs p ON p.x = w.key "
-                    "WHERE p.y IN (SELECT key FROM wanted)"
+                    "SELECT p.x, p.y, p.value FROM wanted a CROSS JOIN pairs p ON p.x = a.key "
+                    "CROSS JOIN wanted b ON p.y = b.key"
                 ).fetchall()
             finally:
                 self._db.execute("ROLLBACK")  # the temporary key list is not worth keeping
-        found = {(bytes(x), bytes(y)): _DOUBLE.unpack(value)[0] for x, y, value in rows}
+        found = {(x, y): _DOUBLE.unpack(value)[0] for x, y, value in rows}
         self.stats.hits += len(found)
         return found
 

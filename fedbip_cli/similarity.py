@@ -77,12 +77,20 @@ def cached_inner_products(factors: Sequence[KeyedFactors | None], cache: InnerPr
         fresh = dict(zip(missing, torch.stack(products).tolist()))
         cache.store(fresh)
         known.update(fresh)
-    present = [(i, f.key) for i, f in enumerate(factors) if f is not None]
+    # Fill the (distinct keys)² matrix from the pairs, then spread it over the clients.
+    position = {key: u for u, key in enumerate(keys)}
+    rows = [position[x] for x, _ in known]
+    columns = [position[y] for _, y in known]
+    distinct = torch.zeros(len(keys), len(keys), dtype=torch.float64)
+    values = torch.tensor(list(known.values()), dtype=torch.float64)
+    distinct[rows, columns] = values
+    distinct[columns, rows] = values
+    present = [i for i, f in enumerate(factors) if f is not None]
     inner = torch.zeros(len(factors), len(factors), dtype=torch.float64)
     if present:
-        values = [[known[min(x, y), max(x, y)] for _, y in present] for _, x in present]
-        index = torch.tensor([i for i, _ in present])
-        inner[index[:, None], index[None, :]] = torch.tensor(values, dtype=torch.float64)
+        index = torch.tensor(present)
+        of = torch.tensor([position[factors[i].key] for i in present])
+        inner[index[:, None], index[None, :]] = distinct[of[:, None], of[None, :]]
     return inner
 
 
