@@ -14,7 +14,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from fedbip_cli import __version__, pipeline, report
 from fedbip_cli.config import merge_settings
@@ -108,10 +107,17 @@ def _granularity(layerwise: bool, granularity: str | None) -> str | None:
     return "block" if layerwise else granularity
 
 
-def _cache_dir(cache: Path | None, no_cache: bool) -> Path | None:
+def _cache_choice(cache: Path | None, no_cache: bool) -> Path | bool | None:
+    """``--cache DIR`` (a Path), ``--no-cache`` (False), or neither (None)."""
     if cache is not None and no_cache:
         raise typer.BadParameter("--cache and --no-cache exclude each other", param_hint="--no-cache")
-    return None if no_cache else (cache or default_cache_dir())
+    return False if no_cache else cache
+
+
+def _cache_dir(cache: Path | None, no_cache: bool) -> Path | None:
+    """The cache directory to use: None for no cache, the default one when neither option is given."""
+    choice = _cache_choice(cache, no_cache)
+    return default_cache_dir() if choice is None else (choice or None)
 
 
 def _print_json(data: Any) -> None:
@@ -175,24 +181,21 @@ def merge(
         "overwrite": overwrite,
         "lock": lock,
         "locked": locked,
-        "cache": False if no_cache else cache,
+        "cache": _cache_choice(cache, no_cache),
     }
-    if cache is not None and no_cache:
-        raise typer.BadParameter("--cache and --no-cache exclude each other", param_hint="--no-cache")
     with _user_errors():
         settings = merge_settings(config, {key: value for key, value in given.items() if value is not None})
-        with InnerProductCache(settings.cache) as inner_cache:
-            workspace = pipeline.load(
-                settings.sources, base=settings.base, base_dir=settings.source_dir, lock=settings.lock, locked=settings.locked
+        workspace = pipeline.load(
+            settings.sources, base=settings.base, base_dir=settings.source_dir, lock=settings.lock, locked=settings.locked
+        )
+        if dry_run:
+            the_plan = pipeline.plan(workspace, settings.options, settings.out, overwrite=settings.overwrite)
+            _print_json({"dry_run": True, **the_plan}) if as_json else _stdout().print(report.plan_table(the_plan, settings.out))
+            return
+        with InnerProductCache(settings.cache) as inner_cache, _progress(not as_json) as progress:
+            result = pipeline.merge(
+                workspace, settings.options, settings.out, overwrite=settings.overwrite, progress=progress, cache=inner_cache
             )
-            if dry_run:
-                the_plan = pipeline.plan(workspace, settings.options, settings.out, overwrite=settings.overwrite)
-                _print_json({"dry_run": True, **the_plan}) if as_json else _stdout().print(report.plan_table(the_plan, settings.out))
-                return
-            with _progress(not as_json) as progress:
-                result = pipeline.merge(
-                    workspace, settings.options, settings.out, overwrite=settings.overwrite, progress=progress, cache=inner_cache
-                )
     if as_json:
         _print_json(
             {

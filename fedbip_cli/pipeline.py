@@ -19,12 +19,11 @@ import torch
 from fedbip_cli import lockfile, manifest
 from fedbip_cli.adapters import Adapter, check_against_base, file_sha256, load_adapter, write_adapter
 from fedbip_cli.card import CARD_NAME, model_card
-from fedbip_cli.command import merge_command, pinned_sources
 from fedbip_cli.errors import AdapterError, OutputError, SourceError, UsageError
 from fedbip_cli.innercache import InnerProductCache
 from fedbip_cli.merge import combiner
 from fedbip_cli.similarity import SimilarityResult, module_inner_products, similarity_from_inner
-from fedbip_cli.sources import ResolvedSource, pinned_spec, resolve_model_dir, resolve_specs
+from fedbip_cli.sources import ResolvedSource, resolve_model_dir, resolve_specs
 from fedbip_cli.taskvec import GRANULARITIES, all_modules, group_modules, module_factors
 from fedbip_cli.weights import WeightOptions, personalized_weights
 
@@ -139,7 +138,8 @@ def load(
             directory; a config file's directory for the sources it names).
         lock: a lock file. The record of what this run resolved to is kept in ``Workspace.lock``
             for ``merge`` to write.
-        locked: refuse, before any adapter is read, inputs that resolve differently from ``lock``.
+        locked: refuse inputs that resolve differently from ``lock`` (the sources before any adapter
+            is validated, the base once resolved).
 
     Raises:
         FedbipError: a source or the base cannot be resolved or is invalid, or (``locked``) an input moved.
@@ -155,10 +155,11 @@ def load(
             where=", ".join(specs) or "SOURCES",
             hint="pass a directory of adapter directories, several adapter directories, or an @list file",
         )
-    expected = lockfile.read_lock(lock) if locked and lock is not None else None
-    pinned = lockfile.sources_record(resolved) if lock is not None else None
-    if expected is not None and pinned is not None:
-        lockfile.check_sources(expected, pinned, Path(lock))
+    lock = None if lock is None else Path(lock)
+    held = lockfile.read_lock(lock) if locked and lock is not None else None
+    pinned = lockfile.sources_record(resolved) if lock is not None else {}
+    if held is not None and lock is not None:
+        lockfile.check_sources(held, pinned, lock)
     adapters = [load_adapter(s) for s in sources]
     _check_consistent(adapters)
     workspace = Workspace(list(specs), sources, adapters, all_modules(adapters), base_dir=directory, resolved=resolved)
@@ -166,11 +167,11 @@ def load(
         model_dir, revision = resolve_model_dir(base, base_dir=directory)
         check_against_base(adapters, model_dir)
         workspace.base, workspace.base_revision = base, revision
-    if lock is not None and pinned is not None:
+    if lock is not None:
         base_pin = lockfile.base_record(base, workspace.base_revision)
-        if expected is not None:
-            lockfile.check_base(expected, base_pin, Path(lock))
-        workspace.lock = LockState(Path(lock), lockfile.lock_record(pinned, base_pin), locked)
+        if held is not None:
+            lockfile.check_base(held, base_pin, lock)
+        workspace.lock = LockState(lock, lockfile.lock_record(pinned, base_pin), locked)
     return workspace
 
 
@@ -315,7 +316,7 @@ def merge(
     try:
         tmp.mkdir(parents=True)
         advance = start("write", len(clients))
-        record = _manifest(workspace, options, similarity, weights, rank, energy, device)
+        record = manifest.merge_record(workspace, options, similarity, weights, rank, energy, device)
         for adapter in workspace.adapters:
             write_adapter(tmp / adapter.name, merged[adapter.name], adapter.config, dtype)
             card = model_card(record, adapter.name, adapter.config.get("base_model_name_or_path"))
@@ -364,55 +365,3 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _manifest(
-    workspace: Workspace,
-    options: MergeOptions,
-    similarity: SimilarityResult,
-    weights: dict[str, torch.Tensor],
-    rank: int,
-    energy: dict[str, dict[str, float | None]],
-    device: torch.device,
-) -> dict[str, Any]:
-    """The manifest record, with ``outputs`` still empty (filled as the files are written)."""
-    base = pinned_spec(workspace.base, workspace.base_revision, base_dir=workspace.base_dir) if workspace.base else None
-    command = merge_command(
-        pinned_sources(workspace.resolved, workspace.base_dir),
-        options.as_dict(),
-        base=base,
-        rank=rank if options.combine == "svd" else None,
-        device=device.type,
-    )
-    return {
-        "fedbip_manifest": 1,
-        "versions": manifest.library_versions(),
-        "options": options.as_dict(),
-        "command": command,
-        "base": {"source": workspace.base, "revision": workspace.base_revision} if workspace.base else None,
-        "inputs": [
-            {
-                "name": a.name,
-                "source": a.source.origin,
-                "revision": a.source.revision,
-                "sha256": a.sha256,
-                "modules": len(a.modules),
-                "ranks": sorted({m.rank for m in a.modules.values()}),
-            }
-            for a in workspace.adapters
-        ],
-        "clients": similarity.clients,
-        "granularity": similarity.granularity,
-        "groups": {
-            name: {
-                "modules": g.modules,
-                "similarity": manifest.matrix(g.similarity),
-                "weights": manifest.matrix(weights[name]),
-            }
-            for name, g in similarity.groups.items()
-        },
-        "combine": options.combine,
-        "rank": rank if options.combine == "svd" else None,
-        "energy_kept": energy,
-        "outputs": {},
-    }

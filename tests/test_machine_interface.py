@@ -79,11 +79,13 @@ def test_inspect_json_matches_the_schema(inputs: list[str]) -> None:
 
 def test_dry_run_plan_matches_the_schema(inputs: list[str], tmp_path: Path) -> None:
     schema = validator("dry-run.schema.json")
-    plan = json_output("merge", *inputs, "--out", tmp_path / "o", "--dry-run", "--json", "--lock", tmp_path / "l.json")
+    plan = json_output(
+        "merge", *inputs, "--out", tmp_path / "o", "--dry-run", "--json", "--lock", tmp_path / "l.json", "--cache", tmp_path / "c"
+    )
     schema.validate(plan)
     assert [c["revision"] is not None for c in plan["clients"]] == [True, True, False, False]
     assert plan["base"]["revision"] is not None and plan["lock"] == {"file": str(tmp_path / "l.json"), "locked": False}
-    assert not (tmp_path / "o").exists() and not (tmp_path / "l.json").exists()  # a dry run writes nothing
+    assert not any((tmp_path / name).exists() for name in ("o", "l.json", "c"))  # a dry run writes nothing
     broken = copy.deepcopy(plan)
     broken["clients"][0]["revision"] = "main"  # a branch name is not a resolved commit
     assert not schema.is_valid(broken)
