@@ -114,3 +114,17 @@ def test_card_for_other_combine_modes(tmp_path: Path, combine: str, energy: str,
     assert energy in card and f"- combine: {combine}\n" in card
     assert "`tiny-base`, as the adapters' configs declare it" in card and "base_model:" not in card
     assert "--rank" not in json.loads((tmp_path / "o" / "fedbip-manifest.json").read_text())["command"]
+
+
+def test_command_expands_an_at_list_to_its_pinned_clients(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An @list may change after the merge: the command names its clients instead, Hub ones pinned."""
+    use_offline_cache(monkeypatch, tmp_path / "hub")
+    built = {n: random_adapter(tmp_path / "build" / n, SHAPES, torch.Generator().manual_seed(i)) for i, n in enumerate("ab")}
+    commit = make_hub_cache(tmp_path / "hub", "org/adapters", repository_files(built))
+    local = random_adapter(tmp_path / "local" / "c", SHAPES, torch.Generator().manual_seed(5))
+    (tmp_path / "list.txt").write_text("hf://org/adapters@main/a  # one Hub client\nlocal/c\n")
+    result = runner.invoke(app, ["merge", f"@{tmp_path / 'list.txt'}", "hf://org/adapters/b", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    command = json.loads((tmp_path / "o" / "fedbip-manifest.json").read_text())["command"]
+    expected = f"fedbip merge hf://org/adapters@{commit}/a {local.resolve()} hf://org/adapters@{commit}/b --out OUT"
+    assert command.startswith(expected), command
