@@ -67,14 +67,11 @@ class Adapter:
     def where(self) -> str:
         return str(self.source.path)
 
-    def factors(
-        self, module: str, *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(scale · B, A)`` for ``module`` in ``dtype`` on ``device``.
+    def stored_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(B, A)`` for ``module`` exactly as stored: unscaled, in the file's dtype, on the CPU.
 
         Raises AdapterError when a tensor holds NaN or Inf.
         """
-        spec = self.modules[module]
         with safe_open(self.weights_path, framework="pt") as f:
             a = f.get_tensor(f"{self._prefix}{module}.lora_A.weight")
             b = f.get_tensor(f"{self._prefix}{module}.lora_B.weight")
@@ -85,8 +82,23 @@ class Adapter:
                     where=str(self.weights_path),
                     hint="the adapter's training diverged or the file is damaged; re-train or re-save it",
                 )
-        b = b.to(device=device, dtype=dtype) * spec.scale
-        return b, a.to(device=device, dtype=dtype)
+        return b, a
+
+    def factors(
+        self, module: str, *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(scale · B, A)`` for ``module`` in ``dtype`` on ``device``.
+
+        Raises AdapterError when a tensor holds NaN or Inf.
+        """
+        return scaled_factors(*self.stored_factors(module), self.modules[module].scale, dtype=dtype, device=device)
+
+
+def scaled_factors(
+    b: torch.Tensor, a: torch.Tensor, scale: float, *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale · B, A)`` in ``dtype`` on ``device``, from the stored factors."""
+    return b.to(device=device, dtype=dtype) * scale, a.to(device=device, dtype=dtype)
 
 
 def load_adapter(source: ResolvedSource) -> Adapter:

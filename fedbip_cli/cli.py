@@ -14,11 +14,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from fedbip_cli import __version__, pipeline, report
+from fedbip_cli.config import merge_settings
 from fedbip_cli.errors import FedbipError
-from fedbip_cli.weights import WeightOptions
+from fedbip_cli.innercache import InnerProductCache, default_cache_dir
 
 app = typer.Typer(
     name="fedbip",
@@ -27,8 +27,17 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
-out_console = Console()
-err_console = Console(stderr=True)
+
+
+def _stdout() -> Console:
+    """A console on the current stdout: colour and width are decided now, not at import."""
+    return Console()
+
+
+def _stderr() -> Console:
+    """A console on the current stderr (see ``_stdout``)."""
+    return Console(stderr=True)
+
 
 SOURCES_HELP = (
     "Adapters or full fine-tuned models (with --base): a directory of them, single directories, "
@@ -42,11 +51,16 @@ Base = Annotated[
     typer.Option("--base", help="Base model (directory or hf://): adapters are checked against it; full checkpoints need it (ΔW = W - W_base)."),
 ]
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
+CacheDir = Annotated[
+    Optional[Path],
+    typer.Option("--cache", help="Inner-product cache directory (default: $XDG_CACHE_HOME/fedbip, else ~/.cache/fedbip).", show_default=False),
+]
+NoCache = Annotated[bool, typer.Option("--no-cache", help="Keep no inner products between runs (the results are the same).")]
 
 
 def _version(value: bool) -> None:
     if value:
-        out_console.print(f"fedbip {__version__}")
+        _stdout().print(f"fedbip {__version__}")
         raise typer.Exit()
 
 
@@ -65,20 +79,22 @@ def _user_errors() -> Iterator[None]:
     except FedbipError as exc:
         if os.environ.get("FEDBIP_DEBUG") == "1":
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        console = _stderr()
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         if exc.hint:
-            err_console.print(f"[dim]hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
+            console.print(f"[dim]hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
 
 
 @contextmanager
 def _progress(enabled: bool) -> Iterator[pipeline.Progress | None]:
     """A rich progress bar on a terminal; nothing when piped or under --json."""
-    if not enabled or not err_console.is_terminal:
+    console = _stderr()
+    if not enabled or not console.is_terminal:
         yield None
         return
     columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
+    with Progress(*columns, console=console, transient=True) as bar:
 
         def start(stage: str, total: int) -> Callable[[int], None]:
             task = bar.add_task(stage, total=total)
@@ -87,10 +103,24 @@ def _progress(enabled: bool) -> Iterator[pipeline.Progress | None]:
         yield start
 
 
-def _granularity(layerwise: bool, granularity: str | None) -> str:
+def _granularity(layerwise: bool, granularity: str | None) -> str | None:
+    """The granularity the user asked for (None: not given)."""
     if layerwise and granularity not in (None, "block"):
         raise typer.BadParameter(f"--layerwise means --granularity block, not {granularity}", param_hint="--layerwise")
-    return "block" if layerwise else (granularity or "model")
+    return "block" if layerwise else granularity
+
+
+def _cache_choice(cache: Path | None, no_cache: bool) -> Path | bool | None:
+    """``--cache DIR`` (a Path), ``--no-cache`` (False), or neither (None)."""
+    if cache is not None and no_cache:
+        raise typer.BadParameter("--cache and --no-cache exclude each other", param_hint="--no-cache")
+    return False if no_cache else cache
+
+
+def _cache_dir(cache: Path | None, no_cache: bool) -> Path | None:
+    """The cache directory to use: None for no cache, the default one when neither option is given."""
+    choice = _cache_choice(cache, no_cache)
+    return default_cache_dir() if choice is None else (choice or None)
 
 
 def _print_json(data: Any) -> None:
@@ -115,53 +145,84 @@ MERGE_EPILOG = """[b]Examples[/b]
 
 @app.command(epilog=MERGE_EPILOG)
 def merge(
-    sources: Sources,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory: one PEFT adapter per client plus fedbip-manifest.json.")],
+    sources: Annotated[Optional[list[str]], typer.Argument(help=SOURCES_HELP + " May come from --config instead.", show_default=False)] = None,
+    config: Annotated[
+        Optional[Path],
+        typer.Option("--config", "-c", help="TOML file with sources and any option below (relative paths from its directory); the command line overrides it.", show_default=False),
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory: one PEFT adapter (full checkpoints: one checkpoint, or adapter with --to-lora) and model card per client, plus fedbip-manifest.json.", show_default=False)] = None,
     base: Base = None,
     layerwise: Layerwise = False,
     granularity: Granularity = None,
-    weighting: Annotated[str, typer.Option(help="paper (S⁺ normalised per row) or softmax.")] = "paper",
-    negative: Annotated[str, typer.Option(help="clip (negatively similar clients get weight 0) or keep.")] = "clip",
-    temperature: Annotated[float, typer.Option(help="Softmax temperature (with --weighting softmax).")] = 1.0,
+    weighting: Annotated[Optional[str], typer.Option(help="paper (S⁺ normalised per row, default) or softmax.", show_default=False)] = None,
+    negative: Annotated[Optional[str], typer.Option(help="clip (negatively similar clients get weight 0, default) or keep.", show_default=False)] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Softmax temperature (with --weighting softmax; default 1).", show_default=False)] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep each client and its K-1 nearest neighbours.", show_default=False)] = None,
     combine: Annotated[
-        str,
-        typer.Option(help="svd: exact merge truncated to --rank (default); cat: exact, rank = sum of ranks; linear: A and B averaged separately (FedIT-style, inexact, equal ranks only)."),
-    ] = "svd",
+        Optional[str],
+        typer.Option(help="svd: exact merge truncated to --rank (default); cat: exact, rank = sum of ranks; linear: A and B averaged separately (FedIT-style, inexact, equal ranks only).", show_default=False),
+    ] = None,
     rank: Annotated[Optional[int], typer.Option(help="Output rank for svd (default: the largest input rank).", show_default=False)] = None,
     to_lora: Annotated[
         Optional[int],
         typer.Option("--to-lora", help="Full checkpoints: write a rank-R PEFT adapter of each personalized delta (linear layers) instead of checkpoints.", show_default=False),
     ] = None,
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Full checkpoints: the largest output shard (2GB = 2·10⁹ bytes, 500MiB, ...).")] = pipeline.DEFAULT_MAX_SHARD_SIZE,
-    device: Device = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and validate every source and print the plan; compute nothing.")] = False,
+    max_shard_size: Annotated[
+        Optional[str],
+        typer.Option("--max-shard-size", help=f"Full checkpoints: the largest output shard (2GB = 2·10⁹ bytes, 500MiB, ...; default {pipeline.DEFAULT_MAX_SHARD_SIZE}).", show_default=False),
+    ] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto (CUDA when available, default), cpu or cuda.", show_default=False)] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace a non-empty --out.", show_default=False)] = None,
+    lock: Annotated[Optional[Path], typer.Option("--lock", help="Lock file: written after the merge with the commit or sha256 every source resolved to.", show_default=False)] = None,
+    locked: Annotated[Optional[bool], typer.Option("--locked/--no-locked", help="Refuse to run if any source resolves differently from --lock (which is then not rewritten).", show_default=False)] = None,
+    cache: CacheDir = None,
+    no_cache: NoCache = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve (Hub revisions to commits) and validate every source, the base, the lock and --out; print the plan; compute nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
 ) -> None:
-    """Write one personalized merged adapter per client."""
-    gran = _granularity(layerwise, granularity)
+    """Write one personalized merged adapter (or full checkpoint) per client."""
+    given = {
+        "sources": sources or None,
+        "out": out,
+        "base": base,
+        "granularity": _granularity(layerwise, granularity),
+        "weighting": weighting,
+        "negative": negative,
+        "temperature": temperature,
+        "top_k": top_k,
+        "combine": combine,
+        "rank": rank,
+        "to_lora": to_lora,
+        "max_shard_size": max_shard_size,
+        "device": device,
+        "overwrite": overwrite,
+        "lock": lock,
+        "locked": locked,
+        "cache": _cache_choice(cache, no_cache),
+    }
     with _user_errors():
-        options = pipeline.MergeOptions(
-            granularity=gran,
-            weights=WeightOptions(weighting=weighting, negative=negative, temperature=temperature, top_k=top_k),
-            combine=combine,
-            rank=rank,
-            device=device,
-            to_lora=to_lora,
-            max_shard_size=max_shard_size,
+        settings = merge_settings(config, {key: value for key, value in given.items() if value is not None})
+        workspace = pipeline.load(
+            settings.sources, base=settings.base, base_dir=settings.source_dir, lock=settings.lock, locked=settings.locked
         )
-        workspace = pipeline.load(sources, base=base)
         if dry_run:
-            the_plan = pipeline.plan(workspace, options)
-            _print_json({"dry_run": True, "out": str(out), **the_plan}) if as_json else out_console.print(report.plan_table(the_plan, out))
+            the_plan = pipeline.plan(workspace, settings.options, settings.out, overwrite=settings.overwrite)
+            _print_json({"dry_run": True, **the_plan}) if as_json else _stdout().print(report.plan_table(the_plan, settings.out))
             return
-        with _progress(not as_json) as progress:
-            result = pipeline.merge(workspace, options, out, overwrite=overwrite, progress=progress)
+        with InnerProductCache(settings.cache) as inner_cache, _progress(not as_json) as progress:
+            result = pipeline.merge(
+                workspace, settings.options, settings.out, overwrite=settings.overwrite, progress=progress, cache=inner_cache
+            )
     if as_json:
-        _print_json(report.merge_summary(result))
+        _print_json(
+            {
+                **report.merge_summary(result),
+                "cache": report.cache_json(inner_cache),
+                "lock": report.lock_json(workspace.lock, written=result.lock_written),
+            }
+        )
     else:
-        out_console.print(report.merge_table(result))
+        _stdout().print(report.merge_table(result))
 
 
 INSPECT_EPILOG = """[b]Examples[/b]
@@ -186,26 +247,28 @@ def inspect_similarity(
     heatmap: Annotated[Optional[Path], typer.Option("--heatmap", help="Also write a heatmap PNG (one panel per group).", show_default=False)] = None,
     neighbours: Annotated[int, typer.Option(help="Nearest neighbours to list per client.")] = 3,
     device: Device = "auto",
+    cache: CacheDir = None,
+    no_cache: NoCache = False,
 ) -> None:
     """Show how similar the clients' task vectors are, with nearest neighbours and clusters."""
-    gran = _granularity(layerwise, granularity)
+    gran = _granularity(layerwise, granularity) or "model"
     if output_format not in ("table", "json", "csv"):
         raise typer.BadParameter(f"{output_format!r}; choose one of table, json, csv", param_hint="--format")
-    with _user_errors():
+    with _user_errors(), InnerProductCache(_cache_dir(cache, no_cache)) as inner_cache:
         workspace = pipeline.load(sources, base=base)
         with _progress(output_format == "table") as progress:
-            result = pipeline.inspect(workspace, granularity=gran, device=device, progress=progress)
+            result = pipeline.inspect(workspace, granularity=gran, device=device, progress=progress, cache=inner_cache)
         if heatmap is not None:
             report.write_heatmap(result, heatmap)
     if output_format == "json":
-        _print_json(report.similarity_json(result, neighbours=neighbours))
+        _print_json({**report.similarity_json(result, neighbours=neighbours), "cache": report.cache_json(inner_cache)})
     elif output_format == "csv":
         sys.stdout.write(report.similarity_csv(result))
     else:
         for renderable in report.similarity_tables(result, neighbours=neighbours):
-            out_console.print(renderable)
+            _stdout().print(renderable)
         if heatmap is not None:
-            out_console.print(f"heatmap written to {heatmap}")
+            _stdout().print(f"heatmap written to {heatmap}")
 
 
 SIMULATE_EPILOG = """[b]Examples[/b]
@@ -279,14 +342,14 @@ def simulate(
 
         def round_line(name: str, round_: int, accuracy: float | None) -> None:
             if accuracy is not None and not as_json:
-                err_console.print(f"{name:<17} round {round_:>3}/{rounds}  mean accuracy {accuracy:.4f}", highlight=False)
+                _stderr().print(f"{name:<17} round {round_:>3}/{rounds}  mean accuracy {accuracy:.4f}", highlight=False)
 
         with _progress(not as_json) as progress:
             result = run_simulation(config, out, resume=resume, overwrite=overwrite, device=device, progress=progress, round_done=round_line)
     if as_json:
         _print_json(result.summary)
     else:
-        out_console.print(report.simulation_table(result.summary, out))
+        _stdout().print(report.simulation_table(result.summary, out))
 
 
 def main() -> None:

@@ -94,19 +94,23 @@ def silhouette(distance: np.ndarray, labels: np.ndarray) -> float:
     Returns:
         The mean of ``s_i`` over all clients, in [-1, 1].
     """
-    labels = np.asarray(labels)
-    names = np.unique(labels)
+    names, cluster = np.unique(np.asarray(labels), return_inverse=True)
     if len(names) < 2:
         return 0.0
-    scores = np.zeros(len(labels))
-    for i in range(len(labels)):
-        own = labels == labels[i]
-        if own.sum() == 1:
-            continue
-        a = distance[i, own].sum() / (own.sum() - 1)
-        b = min(distance[i, labels == name].mean() for name in names if name != labels[i])
-        if max(a, b) > 0:
-            scores[i] = (b - a) / max(a, b)
+    # One matrix product gives every client's summed distance to every cluster: O(K²C), not a
+    # Python loop over clients and clusters (which took seconds per cut at 200 clients).
+    members = np.eye(len(names))[cluster]
+    sums = distance @ members
+    counts = members.sum(axis=0)
+    rows = np.arange(len(cluster))
+    own = counts[cluster]
+    a = sums[rows, cluster] / np.maximum(own - 1, 1)
+    means = sums / counts
+    means[rows, cluster] = np.inf
+    b = means.min(axis=1)
+    largest = np.maximum(a, b)
+    defined = (own > 1) & (largest > 0)
+    scores = np.where(defined, (b - a) / np.where(defined, largest, 1.0), 0.0)
     return float(scores.mean())
 
 

@@ -49,3 +49,15 @@ class OutputError(FedbipError):
     """The output location cannot be written as asked."""
 
     default_hint = "choose another --out"
+
+
+class CacheError(FedbipError):
+    """The inner-product cache cannot be opened, read or written."""
+
+    default_hint = "delete the cache directory (it is rebuilt on the next run), choose another --cache, or pass --no-cache"
+
+
+class LockError(FedbipError):
+    """A lock file is missing or unreadable, or an input resolves differently from it."""
+
+    default_hint = "run once without --locked to (re)write the lock file"

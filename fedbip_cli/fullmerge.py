@@ -11,7 +11,8 @@ skipped and copied from the base). Similarity and weights are the adapters' own;
   (``to_lora``), with the energy kept per module and the share of the whole delta it carries.
 
 ``pipeline`` hands full checkpoints over to ``CheckpointWorkspace``; outputs go through the
-pipeline's atomic output directory and manifest rules.
+pipeline's atomic output directory and manifest rules, with a model card per client. Their
+similarity takes the dense path below, never the adapters' inner-product cache.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,10 +28,11 @@ import torch
 
 from fedbip_cli import manifest
 from fedbip_cli.adapters import file_sha256, write_adapter
+from fedbip_cli.card import CARD_NAME, model_card
 from fedbip_cli.checkpoints import Checkpoint, TensorSpec, check_against_base, load_checkpoint, row_ranges
 from fedbip_cli.errors import AdapterError, SourceError, UsageError
 from fedbip_cli.merge import weighted_sum
-from fedbip_cli.pipeline import MergeOptions, MergeResult, Progress, atomic_output, resolve_device
+from fedbip_cli.pipeline import LockState, MergeOptions, MergeResult, Progress, atomic_output, resolve_device
 from fedbip_cli.shards import ShardedWriter, parse_size, plan_shards
 from fedbip_cli.similarity import SimilarityResult, checkpoint_inner_products, similarity_from_inner
 from fedbip_cli.sources import FULL, ResolvedSource, resolve_model_dir
@@ -59,8 +61,18 @@ BASE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja")
 CHUNK_ELEMENTS = 1 << 22
 
 
-def load_checkpoints(specs: Sequence[str], sources: Sequence[ResolvedSource], base: str | None) -> CheckpointWorkspace:
+def load_checkpoints(
+    specs: Sequence[str],
+    sources: Sequence[ResolvedSource],
+    base: str | None,
+    *,
+    base_dir: Path | None = None,
+    resolved: Sequence[tuple[str, list[ResolvedSource]]] = (),
+) -> CheckpointWorkspace:
     """Validate full checkpoints and their base: every tensor name and shape must match the base's.
+
+    ``base_dir`` is the directory a relative ``base`` (and the SOURCES) are taken from; ``resolved``
+    says which clients each SOURCE expanded to (``sources.resolve_specs``).
 
     Raises:
         SourceError: the sources mix adapters and full checkpoints.
@@ -80,11 +92,14 @@ def load_checkpoints(specs: Sequence[str], sources: Sequence[ResolvedSource], ba
             f"full fine-tuned checkpoints ({', '.join(s.name for s in sources)}) need --base: their task vectors are W - W_base",
             hint="pass --base MODEL, the directory or hf:// reference of the model they were fine-tuned from",
         )
-    base_dir, revision = resolve_model_dir(base, allow_patterns=BASE_PATTERNS)
-    base_checkpoint = load_checkpoint(ResolvedSource("base", base_dir, base, revision, FULL))
+    directory = Path.cwd() if base_dir is None else Path(base_dir)
+    model_dir, revision = resolve_model_dir(base, allow_patterns=BASE_PATTERNS, base_dir=directory)
+    base_checkpoint = load_checkpoint(ResolvedSource("base", model_dir, base, revision, FULL))
     checkpoints = [load_checkpoint(s) for s in sources]
     check_against_base(checkpoints, base_checkpoint)
-    return CheckpointWorkspace(list(specs), list(sources), checkpoints, base_checkpoint, base, revision)
+    return CheckpointWorkspace(
+        list(specs), list(sources), checkpoints, base_checkpoint, base, revision, base_dir=directory, resolved=list(resolved)
+    )
 
 
 @dataclass
@@ -97,6 +112,9 @@ class CheckpointWorkspace:
     base_checkpoint: Checkpoint
     base: str  # as given (directory or hf:// reference)
     base_revision: str | None = None
+    base_dir: Path = field(default_factory=Path.cwd)  # relative SOURCES and base are taken from here
+    resolved: list[tuple[str, list[ResolvedSource]]] = field(default_factory=list)
+    lock: LockState | None = None
     chunk_elements: int | None = CHUNK_ELEMENTS  # rows read at a time hold at most this many elements
     kind: ClassVar[str] = FULL
 
@@ -119,7 +137,7 @@ class CheckpointWorkspace:
         return similarity_from_inner(self.clients, granularity, groups, inner)
 
     def plan(self, options: MergeOptions) -> dict[str, Any]:
-        """What a merge would write, without reading any weights."""
+        """What a merge would write, without reading any weights (``pipeline.plan`` adds the sources, base and lock)."""
         groups = group_modules(self.tensors, options.granularity, module_of=tensor_module)
         if options.to_lora is None:
             shards = plan_shards(self._output_order(), parse_size(options.max_shard_size)).shards
@@ -129,8 +147,6 @@ class CheckpointWorkspace:
             shards = []
             per_client = sum(_lora_bytes(self.base_checkpoint.tensors[t.tensor], options.to_lora) for t in targets)
         return {
-            "kind": FULL,
-            "base": {"source": self.base, "revision": self.base_revision},
             "clients": [
                 {
                     "name": c.name,
@@ -174,10 +190,10 @@ class CheckpointWorkspace:
                 self._write_checkpoints(rows, tmp, parse_size(options.max_shard_size), device, progress)
             else:
                 energy, lora_record = self._write_adapters(rows, tmp, options.to_lora, device, progress)
-            outputs = {
-                c: {f"{c}/{f.name}": file_sha256(f) for f in sorted((tmp / c).iterdir())} for c in self.clients
-            }
-            record = self._manifest(options, similarity, weights, energy, lora_record, outputs)
+            record = self._manifest(options, similarity, weights, energy, lora_record, device)
+            for client in self.clients:
+                (tmp / client / CARD_NAME).write_text(model_card(record, client), encoding="utf-8")
+                record["outputs"][client] = {f"{client}/{f.name}": file_sha256(f) for f in sorted((tmp / client).iterdir())}
             manifest.dump(record, tmp / manifest.MANIFEST_NAME)
         return MergeResult(similarity, weights, options.to_lora or 0, energy, out, record)
 
@@ -290,13 +306,16 @@ class CheckpointWorkspace:
         weights: dict[str, torch.Tensor],
         energy: dict[str, dict[str, float | None]],
         lora_record: dict[str, Any] | None,
-        outputs: dict[str, dict[str, str]],
+        device: torch.device,
     ) -> dict[str, Any]:
+        """The manifest of a merge, with ``outputs`` still empty (filled as the files are written)."""
+        recorded = {**options.as_dict(), "to_lora": options.to_lora, "max_shard_size": options.max_shard_size}
         return {
             "fedbip_manifest": 1,
             "kind": FULL,
             "versions": manifest.library_versions(),
-            "options": {**options.as_dict(), "to_lora": options.to_lora, "max_shard_size": options.max_shard_size},
+            "options": recorded,
+            "command": manifest.reproducing_command(self, recorded, rank=None, device=device),
             "base": {"source": self.base, "revision": self.base_revision, "files": self.base_checkpoint.files},
             "inputs": [
                 {
@@ -316,7 +335,7 @@ class CheckpointWorkspace:
             "rank": options.to_lora,
             "energy_kept": energy,
             "to_lora": lora_record,
-            "outputs": outputs,
+            "outputs": {},
         }
 
 

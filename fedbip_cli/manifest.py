@@ -1,6 +1,7 @@
 """The machine-readable record of a merge: ``OUT/fedbip-manifest.json``.
 
-Pure data: no timestamps or host names, so the same merge gives the same bytes.
+Pure data: no timestamps, host names or output path, so the same merge gives the same bytes.
+The workspace, options and similarity are read by duck typing: ``pipeline`` imports this module.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 import torch
 
 from fedbip_cli import __version__
-from fedbip_cli.similarity import SimilarityResult
+from fedbip_cli.command import merge_command, pinned_sources
+from fedbip_cli.sources import LORA, pinned_spec
 
 MANIFEST_NAME = "fedbip-manifest.json"
 
@@ -35,8 +37,13 @@ def matrix(t: torch.Tensor) -> list[list[float]]:
     return [[float(x) for x in row] for row in t.tolist()]
 
 
-def groups(similarity: SimilarityResult, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Each group's members, similarity and weight matrices, as recorded in the manifest."""
+def groups(similarity: Any, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Each group's members, similarity and weight matrices, as recorded in the manifest.
+
+    Args:
+        similarity: a ``similarity.SimilarityResult``.
+        weights: per group, the (K, K) weight matrix.
+    """
     return {
         name: {"modules": g.modules, "similarity": matrix(g.similarity), "weights": matrix(weights[name])}
         for name, g in similarity.groups.items()
@@ -46,3 +53,66 @@ def groups(similarity: SimilarityResult, weights: dict[str, torch.Tensor]) -> di
 def dump(data: dict[str, Any], path: Path) -> None:
     """Write JSON deterministically (fixed key order from construction, 2-space indent, newline)."""
     path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def merge_record(
+    workspace: Any,
+    options: Any,
+    similarity: Any,
+    weights: dict[str, torch.Tensor],
+    rank: int,
+    energy: dict[str, dict[str, float | None]],
+    device: torch.device,
+) -> dict[str, Any]:
+    """The manifest of a merge, with ``outputs`` still empty (filled as the files are written).
+
+    Args:
+        workspace: the ``pipeline.Workspace`` merged.
+        options: its ``pipeline.MergeOptions``.
+        similarity: the ``similarity.SimilarityResult`` the weights came from.
+        weights: per group, the (K, K) weight matrix.
+        rank: the output rank (used by ``svd`` only).
+        energy: client -> module -> energy kept.
+        device: where the merge ran.
+    """
+    command = reproducing_command(workspace, options.as_dict(), rank=rank if options.combine == "svd" else None, device=device)
+    return {
+        "fedbip_manifest": 1,
+        "kind": LORA,
+        "versions": library_versions(),
+        "options": options.as_dict(),
+        "command": command,
+        "base": {"source": workspace.base, "revision": workspace.base_revision} if workspace.base else None,
+        "inputs": [
+            {
+                "name": a.name,
+                "source": a.source.origin,
+                "revision": a.source.revision,
+                "sha256": a.sha256,
+                "modules": len(a.modules),
+                "ranks": sorted({m.rank for m in a.modules.values()}),
+            }
+            for a in workspace.adapters
+        ],
+        "clients": similarity.clients,
+        "granularity": similarity.granularity,
+        "groups": groups(similarity, weights),
+        "combine": options.combine,
+        "rank": rank if options.combine == "svd" else None,
+        "energy_kept": energy,
+        "outputs": {},
+    }
+
+
+def reproducing_command(workspace: Any, options: dict[str, Any], *, rank: int | None, device: torch.device) -> str:
+    """The ``fedbip merge`` command that reproduces a merge of ``workspace`` (see ``command``).
+
+    Args:
+        workspace: the ``pipeline.Workspace`` or ``fullmerge.CheckpointWorkspace`` merged.
+        options: the merge's options as recorded (``MergeOptions.as_dict()``, plus ``to_lora`` and
+            ``max_shard_size`` for full checkpoints).
+        rank: the rank used by ``svd`` (None otherwise).
+        device: where the merge ran.
+    """
+    base = pinned_spec(workspace.base, workspace.base_revision, base_dir=workspace.base_dir) if workspace.base else None
+    return merge_command(pinned_sources(workspace.resolved, workspace.base_dir), options, base=base, rank=rank, device=device.type)

@@ -86,6 +86,17 @@ def combine_linear(factors: Sequence[Factors | None], row: torch.Tensor, rank: i
     return Combined(b, a, None)
 
 
+def energy_range(energy: dict[str, float | None]) -> tuple[float | None, float | None]:
+    """(min, mean) of the energy kept over a client's modules, ignoring unknown (None) values.
+
+    Returns (None, None) when no module's energy is known (``linear``).
+    """
+    known = [v for v in energy.values() if v is not None]
+    if not known:
+        return None, None
+    return min(known), sum(known) / len(known)
+
+
 def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Exact personalized merge of dense deltas: out[i] = Σ_j weights[i, j] · deltas[j].
 

@@ -15,19 +15,24 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from fedbip_cli import manifest
+from fedbip_cli import lockfile, manifest
 from fedbip_cli.adapters import Adapter, check_against_base, file_sha256, load_adapter, write_adapter
+from fedbip_cli.card import CARD_NAME, model_card
 from fedbip_cli.errors import AdapterError, OutputError, SourceError, UsageError
+from fedbip_cli.innercache import InnerProductCache
 from fedbip_cli.merge import combiner
 from fedbip_cli.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from fedbip_cli.similarity import SimilarityResult, module_inner_products, similarity_from_inner
-from fedbip_cli.sources import FULL, LORA, ResolvedSource, resolve_model_dir, resolve_sources
-from fedbip_cli.taskvec import all_modules, group_modules, module_factors
+from fedbip_cli.sources import FULL, LORA, ResolvedSource, resolve_model_dir, resolve_specs
+from fedbip_cli.taskvec import GRANULARITIES, all_modules, group_modules, module_factors
 from fedbip_cli.weights import WeightOptions, personalized_weights
+
+if TYPE_CHECKING:
+    from fedbip_cli.fullmerge import CheckpointWorkspace
 
 # progress(stage, total) starts a stage and returns the function that advances it.
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -49,9 +54,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass(frozen=True)
+class LockState:
+    """A run's lock file: where it is, what this run resolved to, and whether the run was held to it."""
+
+    path: Path
+    record: dict[str, Any]
+    locked: bool
+
+
 @dataclass
 class Workspace:
-    """Validated inputs: every adapter checked, modules consistent across clients."""
+    """Validated inputs: every adapter checked, modules consistent across clients.
+
+    ``specs`` are the SOURCES as given, relative paths taken from ``base_dir``; ``resolved`` says
+    which clients each one expanded to.
+    """
 
     specs: list[str]
     sources: list[ResolvedSource]
@@ -59,6 +77,9 @@ class Workspace:
     modules: list[str]
     base: str | None = None
     base_revision: str | None = None
+    base_dir: Path = field(default_factory=Path.cwd)
+    resolved: list[tuple[str, list[ResolvedSource]]] = field(default_factory=list)
+    lock: LockState | None = None
     kind: ClassVar[str] = LORA
 
     @property
@@ -79,12 +100,16 @@ class MergeOptions:
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE  # full checkpoints: the largest output shard
 
     def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise UsageError(f"unknown granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}")
         combiner(self.combine)  # raises on an unknown name, listing the valid ones
         if self.rank is not None and self.rank < 1:
-            raise UsageError(f"--rank {self.rank} must be a positive integer")
+            raise UsageError(f"rank {self.rank} must be a positive integer")
         if self.to_lora is not None and self.to_lora < 1:
-            raise UsageError(f"--to-lora {self.to_lora} must be a positive integer")
+            raise UsageError(f"to-lora rank {self.to_lora} must be a positive integer")
         parse_size(self.max_shard_size)
+        if self.device not in DEVICES:
+            raise UsageError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
 
     def check_kind(self, kind: str) -> None:
         """Refuse the options that do not apply to inputs of ``kind`` (``lora`` or ``full``)."""
@@ -114,28 +139,78 @@ class MergeResult:
     energy: dict[str, dict[str, float | None]]  # client -> module -> energy kept
     out: Path
     manifest: dict[str, Any]
+    lock_written: bool = False
 
 
-def load(specs: Sequence[str], *, base: str | None = None) -> Workspace:
-    """Resolve and validate every source (and the base, when given)."""
-    sources = resolve_sources(list(specs))
+def load(
+    specs: Sequence[str],
+    *,
+    base: str | None = None,
+    base_dir: Path | None = None,
+    lock: Path | None = None,
+    locked: bool = False,
+) -> Workspace | CheckpointWorkspace:
+    """Resolve and validate every source (and the base, when given).
+
+    Adapters give a ``Workspace``; full fine-tuned checkpoints a ``fullmerge.CheckpointWorkspace``
+    (they need ``base``), to which ``inspect``, ``plan`` and ``merge`` hand over.
+
+    Args:
+        specs: the SOURCES.
+        base: a base model to check module names and shapes against (full checkpoints: the model
+            their task vectors W - W_base are taken from).
+        base_dir: the directory relative SOURCES and ``base`` are taken from (default: the working
+            directory; a config file's directory for the sources it names).
+        lock: a lock file. The record of what this run resolved to is kept in ``Workspace.lock``
+            for ``merge`` to write.
+        locked: refuse inputs that resolve differently from ``lock`` (the sources before any client
+            is validated, the base once resolved).
+
+    Raises:
+        FedbipError: a source or the base cannot be resolved or is invalid, or (``locked``) an input moved.
+    """
+    if locked and lock is None:
+        raise UsageError("--locked needs --lock FILE", hint="name the lock file to check against with --lock")
+    directory = Path.cwd() if base_dir is None else Path(base_dir)
+    resolved = resolve_specs(list(specs), base_dir=directory)
+    sources = [source for _, group in resolved for source in group]
     if len(sources) < 2:
         raise SourceError(
             f"found {len(sources)} adapter(s); merging needs at least 2 clients",
             where=", ".join(specs) or "SOURCES",
             hint="pass a directory of adapter directories, several adapter directories, or an @list file",
         )
+    lock = None if lock is None else Path(lock)
+    held = lockfile.read_lock(lock) if locked and lock is not None else None
+    pinned = lockfile.sources_record(resolved) if lock is not None else {}
+    if held is not None and lock is not None:
+        lockfile.check_sources(held, pinned, lock)
+    workspace: Workspace | CheckpointWorkspace
     if any(s.kind == FULL for s in sources):
         # Imported here: fullmerge builds on this module (options, results, output directory).
         from fedbip_cli.fullmerge import load_checkpoints
 
-        return load_checkpoints(specs, sources, base)
+        workspace = load_checkpoints(list(specs), sources, base, base_dir=directory, resolved=resolved)
+    else:
+        workspace = _load_adapters(list(specs), sources, base, directory, resolved)
+    if lock is not None:
+        base_pin = lockfile.base_record(base, workspace.base_revision)
+        if held is not None:
+            lockfile.check_base(held, base_pin, lock)
+        workspace.lock = LockState(lock, lockfile.lock_record(pinned, base_pin), locked)
+    return workspace
+
+
+def _load_adapters(
+    specs: list[str], sources: list[ResolvedSource], base: str | None, directory: Path, resolved: list[tuple[str, list[ResolvedSource]]]
+) -> Workspace:
+    """Validate LoRA adapters: consistent with each other, and with ``base`` when given."""
     adapters = [load_adapter(s) for s in sources]
     _check_consistent(adapters)
-    workspace = Workspace(list(specs), sources, adapters, all_modules(adapters))
+    workspace = Workspace(specs, sources, adapters, all_modules(adapters), base_dir=directory, resolved=resolved)
     if base is not None:
-        base_dir, revision = resolve_model_dir(base)
-        check_against_base(adapters, base_dir)
+        model_dir, revision = resolve_model_dir(base, base_dir=directory)
+        check_against_base(adapters, model_dir)
         workspace.base, workspace.base_revision = base, revision
     return workspace
 
@@ -164,14 +239,25 @@ def _check_consistent(adapters: Sequence[Adapter]) -> None:
 
 
 def inspect(
-    workspace: Workspace, *, granularity: str = "model", device: str = "auto", progress: Progress | None = None
+    workspace: Workspace | CheckpointWorkspace,
+    *,
+    granularity: str = "model",
+    device: str = "auto",
+    progress: Progress | None = None,
+    cache: InnerProductCache | None = None,
 ) -> SimilarityResult:
-    """Exact similarity of the clients' task vectors at ``granularity``."""
+    """Exact similarity of the clients' task vectors at ``granularity``.
+
+    ``cache`` supplies the inner products computed by earlier runs and records the new ones; the
+    result is the same bits with or without it. Full checkpoints take their dense path, without it.
+    """
     if workspace.kind == FULL:
         return workspace.inspect(granularity=granularity, device=device, progress=progress)
     groups = group_modules(workspace.modules, granularity)
     advance = (progress or _no_progress)("similarity", len(workspace.modules))
-    inner = module_inner_products(workspace.adapters, workspace.modules, device=resolve_device(device), progress=advance)
+    inner = module_inner_products(
+        workspace.adapters, workspace.modules, device=resolve_device(device), cache=cache, progress=advance
+    )
     return similarity_from_inner(workspace.clients, granularity, groups, inner)
 
 
@@ -180,11 +266,23 @@ def default_rank(workspace: Workspace, options: MergeOptions) -> int:
     return options.rank or max(m.rank for a in workspace.adapters for m in a.modules.values())
 
 
-def plan(workspace: Workspace, options: MergeOptions) -> dict[str, Any]:
-    """What a merge would do, without computing: clients, ranks, modules, groups, output size."""
+def plan(workspace: Workspace | CheckpointWorkspace, options: MergeOptions, out: Path | None = None, *, overwrite: bool = False) -> dict[str, Any]:
+    """What a merge would do, without computing: clients, ranks, modules, groups, output size.
+
+    With ``out``, also refuse an output location that ``merge`` would refuse.
+    """
     options.check_kind(workspace.kind)
+    if out is not None:
+        _check_out(Path(out).absolute(), workspace, overwrite)
+    common = {
+        "kind": workspace.kind,
+        "out": None if out is None else str(Path(out).absolute()),
+        "sources": [{"spec": spec, "clients": [s.name for s in group]} for spec, group in workspace.resolved],
+        "base": {"source": workspace.base, "revision": workspace.base_revision} if workspace.base else None,
+        "lock": None if workspace.lock is None else {"file": str(workspace.lock.path), "locked": workspace.lock.locked},
+    }
     if workspace.kind == FULL:
-        return workspace.plan(options)
+        return {**common, **workspace.plan(options)}
     groups = group_modules(workspace.modules, options.granularity)
     rank = default_rank(workspace, options)
     shapes = {name: (m.out_features, m.in_features) for a in workspace.adapters for name, m in a.modules.items()}
@@ -193,6 +291,7 @@ def plan(workspace: Workspace, options: MergeOptions) -> dict[str, Any]:
     itemsize = torch.empty(0, dtype=_output_dtype(workspace.adapters)).element_size()
     per_client = sum(out_rank[n] * (shapes[n][0] + shapes[n][1]) * itemsize for n in workspace.modules)
     return {
+        **common,
         "clients": [
             {
                 "name": a.name,
@@ -220,23 +319,50 @@ def _output_dtype(adapters: Sequence[Adapter]) -> torch.dtype:
 
 
 def merge(
-    workspace: Workspace,
+    workspace: Workspace | CheckpointWorkspace,
     options: MergeOptions,
     out: Path,
     *,
     overwrite: bool = False,
     progress: Progress | None = None,
     similarity: SimilarityResult | None = None,
+    cache: InnerProductCache | None = None,
 ) -> MergeResult:
-    """Write one personalized adapter per client into ``out`` (atomically) and the manifest."""
+    """Write one personalized adapter (full checkpoints: checkpoint or adapter) and model card per
+    client into ``out`` (atomically) and the manifest; then the lock file, if any and not ``locked``.
+
+    ``cache`` serves the similarity step of adapters (see ``inspect``); it changes no output byte.
+    """
     options.check_kind(workspace.kind)
     if workspace.kind == FULL:
-        return workspace.merge(options, out, overwrite=overwrite, progress=progress, similarity=similarity)
+        result = workspace.merge(options, out, overwrite=overwrite, progress=progress, similarity=similarity)
+    else:
+        result = _merge_adapters(workspace, options, out, overwrite=overwrite, progress=progress, similarity=similarity, cache=cache)
+    lock = workspace.lock
+    if lock is not None and not lock.locked:  # --locked holds the run to the lock file, never rewrites it
+        lockfile.write_lock(lock.path, lock.record)
+        result.lock_written = True
+    return result
+
+
+def _merge_adapters(
+    workspace: Workspace,
+    options: MergeOptions,
+    out: Path,
+    *,
+    overwrite: bool,
+    progress: Progress | None,
+    similarity: SimilarityResult | None,
+    cache: InnerProductCache | None,
+) -> MergeResult:
+    """``merge`` of LoRA adapters: one merged adapter and its card per client."""
     out = Path(out).absolute()
     _check_out(out, workspace, overwrite)
     device = resolve_device(options.device)
     start = progress or _no_progress
-    similarity = similarity or inspect(workspace, granularity=options.granularity, device=options.device, progress=progress)
+    similarity = similarity or inspect(
+        workspace, granularity=options.granularity, device=options.device, progress=progress, cache=cache
+    )
     weights = {name: personalized_weights(g.similarity, options.weights) for name, g in similarity.groups.items()}
     group_of = {m: name for name, g in similarity.groups.items() for m in g.modules}
     rank = default_rank(workspace, options)
@@ -260,14 +386,15 @@ def merge(
 
     with atomic_output(out, workspace, overwrite=overwrite) as tmp:
         advance = start("write", len(clients))
-        outputs: dict[str, dict[str, str]] = {}
+        record = manifest.merge_record(workspace, options, similarity, weights, rank, energy, device)
         for adapter in workspace.adapters:
             write_adapter(tmp / adapter.name, merged[adapter.name], adapter.config, dtype)
-            outputs[adapter.name] = {
+            card = model_card(record, adapter.name, adapter.config.get("base_model_name_or_path"))
+            (tmp / adapter.name / CARD_NAME).write_text(card, encoding="utf-8")
+            record["outputs"][adapter.name] = {
                 f"{adapter.name}/{f.name}": file_sha256(f) for f in sorted((tmp / adapter.name).iterdir())
             }
             advance(1)
-        record = _manifest(workspace, options, similarity, weights, rank, energy, outputs)
         manifest.dump(record, tmp / manifest.MANIFEST_NAME)
     return MergeResult(similarity, weights, rank, energy, out, record)
 
@@ -276,11 +403,12 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def _check_out(out: Path, workspace: Workspace, overwrite: bool) -> None:
+def _check_out(out: Path, workspace: Workspace | CheckpointWorkspace, overwrite: bool) -> None:
     real = out.resolve()
     inputs = [s.path.resolve() for s in workspace.sources]
     given = [*workspace.specs, *([workspace.base] if workspace.base else [])]  # the base is an input too
-    inputs += [Path(s).resolve() for s in given if not s.startswith(("hf://", "@")) and Path(s).exists()]
+    paths = [(workspace.base_dir / Path(s).expanduser()).resolve() for s in given if not s.startswith(("hf://", "@"))]
+    inputs += [path for path in paths if path.exists()]
     for path in inputs:
         if _inside(real, path):
             raise OutputError(f"output directory lies inside the source {path}", where=str(out), hint="choose an --out outside every source")
@@ -320,39 +448,3 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _manifest(
-    workspace: Workspace,
-    options: MergeOptions,
-    similarity: SimilarityResult,
-    weights: dict[str, torch.Tensor],
-    rank: int,
-    energy: dict[str, dict[str, float | None]],
-    outputs: dict[str, dict[str, str]],
-) -> dict[str, Any]:
-    return {
-        "fedbip_manifest": 1,
-        "kind": LORA,
-        "versions": manifest.library_versions(),
-        "options": options.as_dict(),
-        "base": {"source": workspace.base, "revision": workspace.base_revision} if workspace.base else None,
-        "inputs": [
-            {
-                "name": a.name,
-                "source": a.source.origin,
-                "revision": a.source.revision,
-                "sha256": a.sha256,
-                "modules": len(a.modules),
-                "ranks": sorted({m.rank for m in a.modules.values()}),
-            }
-            for a in workspace.adapters
-        ],
-        "clients": similarity.clients,
-        "granularity": similarity.granularity,
-        "groups": manifest.groups(similarity, weights),
-        "combine": options.combine,
-        "rank": rank if options.combine == "svd" else None,
-        "energy_kept": energy,
-        "outputs": outputs,
-    }

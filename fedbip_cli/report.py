@@ -25,6 +25,7 @@ from rich.text import Text
 
 from fedbip_cli.clustering import mean_similarity, nearest_neighbours, suggest_clusters
 from fedbip_cli.errors import OutputError
+from fedbip_cli.merge import energy_range
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -112,6 +113,35 @@ def similarity_json(result: Any, *, neighbours: int = 3) -> dict[str, Any]:
             for i, row in enumerate(nearest_neighbours(overview, neighbours))
         },
     }
+
+
+def cache_json(cache: Any) -> dict[str, Any]:
+    """Where the inner-product cache lives and what it served in this run.
+
+    Args:
+        cache: an ``innercache.InnerProductCache``.
+
+    Returns:
+        ``{"dir": str | None, "hits": int, "computed": int}``: products read from the cache and
+        computed (per module, pairs of distinct contents).
+    """
+    return {
+        "dir": None if cache.directory is None else str(cache.directory),
+        "hits": cache.stats.hits,
+        "computed": cache.stats.computed,
+    }
+
+
+def lock_json(lock: Any, *, written: bool) -> dict[str, Any] | None:
+    """The lock file of a merge: ``{"file", "locked", "written"}``, or None without ``--lock``.
+
+    Args:
+        lock: a ``pipeline.LockState`` or None.
+        written: whether the merge (re)wrote it.
+    """
+    if lock is None:
+        return None
+    return {"file": str(lock.path), "locked": lock.locked, "written": written}
 
 
 def similarity_csv(result: Any) -> str:
@@ -374,22 +404,17 @@ def _full_plan_table(plan: dict[str, Any], out: Path) -> Table:
     return table
 
 
-def _energy_stats(values: dict[str, float | None]) -> tuple[float | None, float | None]:
-    known = [v for v in values.values() if v is not None]
-    if not known:
-        return None, None
-    return min(known), sum(known) / len(known)
-
-
 def merge_summary(result: Any) -> dict[str, Any]:
     """The ``merge --json`` document: where outputs went, weights and energy per client."""
     clients = result.similarity.clients
     summary_energy = {}
     for client in clients:
-        low, mean = _energy_stats(result.energy[client])
+        low, mean = energy_range(result.energy[client])
         summary_energy[client] = {"min": low, "mean": mean}
     return {
         "out": str(result.out),
+        "kind": result.manifest["kind"],
+        "output": result.manifest.get("output", "lora"),
         "clients": clients,
         "granularity": result.similarity.granularity,
         "combine": result.manifest["combine"],
@@ -417,7 +442,7 @@ def merge_table(result: Any, top: int = 3) -> Table:
         row = mean_weights[i]
         order = sorted(range(len(clients)), key=lambda j: (-float(row[j]), j))[:top]
         text = ", ".join(f"{clients[j]} {float(row[j]):.2f}" for j in order if row[j] > 0)
-        low, mean = _energy_stats(result.energy[client])
+        low, mean = energy_range(result.energy[client])
         energy = "n/a" if low is None else f"{low:.4f} / {mean:.4f}"
         table.add_row(client, text, energy)
     return table

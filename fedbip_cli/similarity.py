@@ -1,10 +1,18 @@
 """Exact cosine similarity of task vectors, computed in LoRA factor space.
 
-For one module, stacking every client's factors gives all K² Frobenius inner products
-``<s_i B_i A_i, s_j B_j A_j> = sum((s_i B_iᵀ s_j B_j) ∘ (A_i A_jᵀ))`` from two (Σr × Σr) Grams,
-at cost O((Σr)²(d + k)); no d × k matrix is ever formed. The result does not depend on how a LoRA
-happens to be factored (B G, G⁻¹ A), unlike cosine on flattened factors. Full checkpoints have
-dense deltas W − W_base: their inner products are summed over ranges of rows, read one at a time.
+For one module, the Frobenius inner product of two clients' task vectors is
+``<s_i B_i A_i, s_j B_j A_j> = sum((s_i B_iᵀ s_j B_j) ∘ (A_i A_jᵀ))``, at cost O(r_i r_j (d + k)); no
+d × k matrix is ever formed. The result does not depend on how a LoRA happens to be factored
+(B G, G⁻¹ A), unlike cosine on flattened factors.
+
+Every product is computed pair by pair by one function, with the pair in a canonical order (by the
+content keys of the two clients' factors), and goes through an ``InnerProductCache``. A value is
+thus the same bits whether it was computed in this run or read from a cache filled by an earlier
+one, whatever the other clients are; and adding one client to K cached ones computes K + 1 products
+per module, not (K + 1)².
+
+Full checkpoints have dense deltas W − W_base: their inner products are summed over ranges of rows,
+read one at a time, with every client's Gram computed at once; they do not go through the cache.
 """
 
 from __future__ import annotations
@@ -17,7 +25,11 @@ import torch
 from fedbip_cli.adapters import Adapter
 from fedbip_cli.checkpoints import Checkpoint, row_ranges
 from fedbip_cli.errors import AdapterError
-from fedbip_cli.taskvec import checkpoint_deltas, module_factors
+from fedbip_cli.innercache import InnerProductCache
+from fedbip_cli.taskvec import KeyedFactors, checkpoint_deltas, keyed_module_factors
+
+# Names the inner-product formula in cache keys: change it when pair_inner_product changes.
+ENGINE = "fedbip-pair-inner-v1"
 
 
 @dataclass
@@ -37,31 +49,53 @@ class SimilarityResult:
     groups: dict[str, GroupSimilarity]
 
 
-def factor_inner_products(factors: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> torch.Tensor:
-    """All pairwise Frobenius inner products ``<B_i A_i, B_j A_j>`` of one module, in float64.
+def pair_inner_product(x: tuple[torch.Tensor, torch.Tensor], y: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``<B_x A_x, B_y A_y>_F = sum((B_xᵀ B_y) ∘ (A_x A_yᵀ))`` as a 0-dim float64 tensor.
 
     Args:
-        factors: per client ``(B, A)`` with B (out, r_i) already scaled and A (r_i, in), or None
-            for a client without this module (zero delta).
+        x, y: ``(B, A)`` with B (out, r) already scaled and A (r, in), in float64.
+    """
+    return ((x[0].T @ y[0]) * (x[1] @ y[1].T)).sum()
+
+
+def cached_inner_products(factors: Sequence[KeyedFactors | None], cache: InnerProductCache) -> torch.Tensor:
+    """All pairwise inner products of one module, computing only the pairs the cache lacks.
+
+    Clients with identical factors (the same key) are computed once. Each missing pair is computed
+    as ``pair_inner_product(first, second)`` with its keys in sorted order, so its value does not
+    depend on the clients' positions or on which other clients take part.
+
+    Args:
+        factors: per client its keyed factors, or None for a client without this module (zero delta).
+        cache: where known products are read and new ones recorded.
 
     Returns:
-        (K, K) float64 tensor of inner products.
+        (K, K) float64 tensor of inner products, on the CPU.
     """
+    by_key = {f.key: f for f in factors if f is not None}
+    keys = sorted(by_key)
+    known = cache.lookup(keys)
+    missing = [(x, y) for i, x in enumerate(keys) for y in keys[i:] if (x, y) not in known]
+    if missing:
+        products = [pair_inner_product((by_key[x].b, by_key[x].a), (by_key[y].b, by_key[y].a)) for x, y in missing]
+        fresh = dict(zip(missing, torch.stack(products).tolist()))
+        cache.store(fresh)
+        known.update(fresh)
+    # Fill the (distinct keys)² matrix from the pairs, then spread it over the clients.
+    position = {key: u for u, key in enumerate(keys)}
+    rows = [position[x] for x, _ in known]
+    columns = [position[y] for _, y in known]
+    distinct = torch.zeros(len(keys), len(keys), dtype=torch.float64)
+    values = torch.tensor(list(known.values()), dtype=torch.float64)
+    distinct[rows, columns] = values
+    distinct[columns, rows] = values
     present = [i for i, f in enumerate(factors) if f is not None]
-    k = len(factors)
-    if not present:
-        return torch.zeros(k, k, dtype=torch.float64)
-    b = torch.cat([factors[i][0] for i in present], dim=1).to(torch.float64)
-    a = torch.cat([factors[i][1] for i in present], dim=0).to(torch.float64)
-    products = (b.T @ b) * (a @ a.T)  # (Σr, Σr): entry (p, q) = <b_p, b_q><a_p, a_q>
-    # Sum each (i, j) block with a one-hot (Σr, K) matrix mapping factor rows to clients.
-    owner = torch.zeros(b.shape[1], k, dtype=torch.float64, device=b.device)
-    row = 0
-    for i in present:
-        r = factors[i][0].shape[1]
-        owner[row : row + r, i] = 1.0
-        row += r
-    return (owner.T @ products @ owner).cpu()
+    inner = torch.zeros(len(factors), len(factors), dtype=torch.float64)
+    if present:
+        index = torch.tensor(present)
+        of = torch.tensor([position[factors[i].key] for i in present])
+        inner[index[:, None], index[None, :]] = distinct[of[:, None], of[None, :]]
+    return inner
 
 
 def dense_inner_products(deltas: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -105,12 +139,24 @@ def module_inner_products(
     modules: Sequence[str],
     *,
     device: torch.device | str = "cpu",
+    cache: InnerProductCache | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Inner-product Grams for every module, reading each module's factors once."""
+    """Inner-product matrices for every module, reading each module's factors once.
+
+    Args:
+        adapters: the clients.
+        modules: the modules to compute (a client without one has a zero delta there).
+        device: where the products are computed; it is part of the cache key, since another device
+            may round differently.
+        cache: known products (default: none kept).
+        progress: called with 1 after each module.
+    """
+    cache = cache or InnerProductCache()
+    salt = f"{ENGINE}/{torch.device(device).type}"
     result: dict[str, torch.Tensor] = {}
     for module in modules:
-        result[module] = factor_inner_products(module_factors(adapters, module, device=device))
+        result[module] = cached_inner_products(keyed_module_factors(adapters, module, salt=salt, device=device), cache)
         if progress is not None:
             progress(1)
     return result

@@ -138,22 +138,46 @@ def resolve_sources(specs: Sequence[str], *, base_dir: Path | None = None) -> li
     Raises:
         SourceError: a source is missing, malformed or unreachable, or two clients share a name.
     """
+    return [source for _, group in resolve_specs(specs, base_dir=base_dir) for source in group]
+
+
+def resolve_specs(specs: Sequence[str], *, base_dir: Path | None = None) -> list[tuple[str, list[ResolvedSource]]]:
+    """Like ``resolve_sources``, but keeps which SOURCE each client came from: ``[(spec, clients), ...]``."""
     base = Path.cwd() if base_dir is None else base_dir
-    sources = [source for spec in specs for source in _resolve(spec, base, ())]
-    _check_unique(sources)
-    return sources
+    resolved = [(spec, _resolve(spec, base, ())) for spec in specs]
+    _check_unique([source for _, group in resolved for source in group])
+    return resolved
+
+
+def pinned_spec(spec: str, revision: str | None, *, base_dir: Path | None = None) -> str:
+    """``spec`` as it resolves the same everywhere: a Hub reference at ``revision`` (a commit), a path made absolute.
+
+    Args:
+        spec: one SOURCE (or ``--base``) as the user gave it.
+        revision: the commit a Hub reference resolved to.
+        base_dir: directory that a relative path was taken from (default: the working directory).
+    """
+    if spec.startswith(HUB_PREFIX):
+        ref = HubRef.parse(spec)
+        return str(HubRef(ref.repo_id, revision or ref.revision, ref.subfolder))
+    base = Path.cwd() if base_dir is None else base_dir
+    if spec.startswith("@"):
+        return "@" + str(_local_path(spec[1:], base))
+    return str(_local_path(spec, base))
 
 
 def resolve_model_dir(
     spec: str,
     *,
     allow_patterns: Sequence[str] = ("*.json", "*.safetensors", "*.safetensors.index.json"),
+    base_dir: Path | None = None,
 ) -> tuple[Path, str | None]:
     """Resolve a model (``--base``) given as a local directory or an ``hf://`` reference.
 
     Args:
         spec: a directory, or ``hf://owner/repo[@revision][/subfolder]``.
         allow_patterns: the files to fetch from the Hub, relative to the subfolder.
+        base_dir: directory that a relative path is taken from (default: the working directory).
 
     Returns:
         The local directory (absolute) and the commit hash for a Hub model, else ``None``.
@@ -166,7 +190,7 @@ def resolve_model_dir(
         prefix = f"{ref.subfolder}/" if ref.subfolder else ""
         snapshot, root = _hub_dir(ref, [prefix + pattern for pattern in allow_patterns], ref.revision)
         return root.resolve(), snapshot.name
-    path = _local_path(spec, Path.cwd())
+    path = _local_path(spec, Path.cwd() if base_dir is None else base_dir)
     if not path.is_dir():
         problem = "not a directory" if path.exists() else "no such file or directory"
         hint = "expected a model directory or hf://owner/repo[@revision][/subfolder]"

@@ -8,12 +8,15 @@ by the module that owns them (``encoder.layer.0.output.dense`` for its ``.weight
 
 from __future__ import annotations
 
+import hashlib
 import re
+import struct
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from fedbip_cli.adapters import Adapter
+from fedbip_cli.adapters import Adapter, scaled_factors
 from fedbip_cli.checkpoints import Checkpoint
 from fedbip_cli.errors import UsageError
 
@@ -84,3 +87,42 @@ def checkpoint_deltas(
     weights = base.read(tensor, rows).to(device=device, dtype=torch.float64)
     deltas = torch.stack([c.read(tensor, rows).to(device=device, dtype=torch.float64) - weights for c in checkpoints])
     return weights, deltas
+
+
+@dataclass(frozen=True)
+class KeyedFactors:
+    """One client's ``(scale · B, A)`` at one module, with the content key of what they came from."""
+
+    key: bytes
+    b: torch.Tensor
+    a: torch.Tensor
+
+
+def content_key(b: torch.Tensor, a: torch.Tensor, scale: float, salt: str) -> bytes:
+    """sha256 of stored factors (dtype, shape, bytes) and scale, salted with the computing engine.
+
+    Two adapters whose tensors for a module are the same bytes get the same key, however the files
+    were written (a re-saved adapter, a copy under another name).
+    """
+    digest = hashlib.sha256(salt.encode())
+    for tensor in (b, a):
+        digest.update(f"|{tensor.dtype}{list(tensor.shape)}|".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    digest.update(struct.pack("<d", scale))
+    return digest.digest()
+
+
+def keyed_module_factors(
+    adapters: Sequence[Adapter], module: str, *, salt: str, device: torch.device | str = "cpu"
+) -> list[KeyedFactors | None]:
+    """Each adapter's float64 factors at ``module`` with their content key, or None where it does not target it."""
+    keyed: list[KeyedFactors | None] = []
+    for adapter in adapters:
+        if module not in adapter.modules:
+            keyed.append(None)
+            continue
+        b, a = adapter.stored_factors(module)
+        scale = adapter.modules[module].scale
+        key = content_key(b, a, scale, salt)
+        keyed.append(KeyedFactors(key, *scaled_factors(b, a, scale, device=device)))
+    return keyed

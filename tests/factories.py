@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -129,6 +129,15 @@ def random_adapter(
     return write_lora_adapter(
         directory, factors, r=r, lora_alpha=lora_alpha, rank_pattern=rank_pattern, dtype=dtype, **config
     )
+
+
+def base_model_files(shapes: Shapes, config: Mapping[str, Any] | None = None) -> dict[str, bytes]:
+    """A base model's files (``config.json``, ``model.safetensors`` of zero weights) for a Hub cache or a directory.
+
+    ``shapes`` maps module name -> (out, in); the weights are ``<module>.weight`` of that shape.
+    """
+    weights = {f"{module}.weight": torch.zeros(shape) for module, shape in shapes.items()}
+    return {"config.json": json.dumps(dict(config or {})).encode(), "model.safetensors": save(weights)}
 
 
 def read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

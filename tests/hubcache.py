@@ -93,6 +93,19 @@ def make_hub_cache(
     return commit
 
 
+def repository_files(directories: Mapping[str, Path]) -> dict[str, bytes]:
+    """The files of local directories as repository files: ``{"<folder>/<file name>": bytes}``.
+
+    An empty folder name puts the files at the repository root.
+    """
+    return {
+        f"{folder}/{f.name}".lstrip("/"): f.read_bytes()
+        for folder, directory in directories.items()
+        for f in sorted(directory.iterdir())
+        if f.is_file()
+    }
+
+
 def use_offline_cache(monkeypatch: pytest.MonkeyPatch, cache_dir: Path) -> None:
     """Point huggingface_hub at ``cache_dir`` and forbid the network, for this test only.
 

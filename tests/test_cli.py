@@ -99,7 +99,7 @@ def test_merge_writes_adapters_and_manifest(adapters: Path, tmp_path: Path) -> N
     assert summary["clients"] == sorted(p.name for p in adapters.iterdir())
     assert sorted(p.name for p in out.iterdir()) == ["fedbip-manifest.json", *summary["clients"]]
     for client in summary["clients"]:
-        assert {p.name for p in (out / client).iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+        assert {p.name for p in (out / client).iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
     weights = summary["weights"]["model"]
     assert all(abs(sum(row) - 1) < 1e-12 for row in weights)
     assert weights[0][0] == pytest.approx(weights[0][1]) and weights[0][1] > weights[0][2]

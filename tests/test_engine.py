@@ -660,7 +660,7 @@ def test_merge_is_byte_identical_and_manifest_is_faithful(tmp_path: Path) -> Non
     run_merge(dirs, tmp_path / "two", granularity="block", rank=2)
 
     one, two = tree_bytes(tmp_path / "one"), tree_bytes(tmp_path / "two")
-    assert sorted(one) == sorted([MANIFEST_NAME] + [f"{c}/{f}" for c in ("c0", "c1", "c2") for f in ("adapter_config.json", "adapter_model.safetensors")])
+    assert sorted(one) == sorted([MANIFEST_NAME] + [f"{c}/{f}" for c in ("c0", "c1", "c2") for f in ("README.md", "adapter_config.json", "adapter_model.safetensors")])
     assert one == two
 
     record = json.loads(one[MANIFEST_NAME])
@@ -695,7 +695,7 @@ def test_merge_is_byte_identical_and_manifest_is_faithful(tmp_path: Path) -> Non
     assert HEAD not in record["energy_kept"]["c1"]  # c1 does not target lm_head and takes only itself there
     assert set(record["outputs"]) == {"c0", "c1", "c2"}
     for client, files in record["outputs"].items():
-        assert sorted(files) == [f"{client}/adapter_config.json", f"{client}/adapter_model.safetensors"]
+        assert sorted(files) == [f"{client}/README.md", f"{client}/adapter_config.json", f"{client}/adapter_model.safetensors"]
         for rel, digest in files.items():
             assert digest == hashlib.sha256(one[rel]).hexdigest()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +170,7 @@ def test_merged_checkpoints_equal_base_plus_weighted_deltas_and_load(bert: Refer
     plain = forward(AutoModel.from_pretrained(bert.full.base).eval(), input_ids)
     worst = 0.0
     for i, client in enumerate(bert.full.clients):
-        assert sorted(p.name for p in (out / client).iterdir()) == ["config.json", WEIGHTS_NAME]
+        assert sorted(p.name for p in (out / client).iterdir()) == ["README.md", "config.json", WEIGHTS_NAME]  # README.md: the card
         assert (out / client / "config.json").read_bytes() == (bert.full.base / "config.json").read_bytes()
         got = load_file(out / client / WEIGHTS_NAME)
         assert set(got) == set(bert.base)
@@ -246,7 +247,7 @@ def test_integer_buffers_dtype_and_tokenizer_come_from_the_base(tmp_path: Path) 
     out = pipeline.merge(workspace, MergeOptions(granularity="block", device="cpu"), tmp_path / "out").out
     merged = reference_merged(ref, "block")
     for i, client in enumerate(ref.full.clients):
-        assert sorted(p.name for p in (out / client).iterdir()) == sorted(["config.json", WEIGHTS_NAME, *extras.keys() - {"notes.md"}])
+        assert sorted(p.name for p in (out / client).iterdir()) == sorted(["README.md", "config.json", WEIGHTS_NAME, *extras.keys() - {"notes.md"}])
         assert all((out / client / n).read_text() == extras[n] for n in extras if n != "notes.md")
         got = load_file(out / client / WEIGHTS_NAME)
         assert torch.equal(got["position_ids"], base["position_ids"]) and torch.equal(got["mask"], base["mask"])
@@ -457,3 +458,98 @@ def test_to_lora_is_refused_for_adapters(tmp_path: Path) -> None:
     result = invoke("merge", tmp_path / "adapters", "--out", tmp_path / "out", "--to-lora", "4")
     assert_user_error(result, "--to-lora applies to full fine-tuned checkpoints", code=2)
     assert not (tmp_path / "out").exists()
+
+
+# --- with the CI features: cards, reproducing command, schemas, config, lock -----------------------
+
+SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
+
+
+def schema_errors(name: str, document: dict) -> list[str]:
+    import jsonschema
+
+    schema = json.loads((SCHEMAS / name).read_text(encoding="utf-8"))
+    return [error.message for error in jsonschema.Draft202012Validator(schema).iter_errors(document)]
+
+
+def test_cards_and_command_reproduce_a_full_merge(bert: Reference, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = invoke("merge", bert.full.checkpoints, "--base", bert.full.base, "--out", out, "--layerwise", "--max-shard-size", "20KB", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+    command = record["command"]
+    assert command.startswith(f"fedbip merge {bert.full.checkpoints} --out OUT --base {bert.full.base} --granularity block")
+    assert "--max-shard-size 20KB --device cpu" in command and "--combine" not in command and "--rank" not in command
+    for client in bert.full.clients:
+        card = (out / client / "README.md").read_text(encoding="utf-8")
+        assert "library_name: transformers\n" in card and "- full-fine-tuning\n" in card
+        assert "personalized checkpoint: W_base + Σ_j P_ij ΔW_j" in card and "- energy kept: all (the merge is exact)" in card
+        assert f"```bash\n{command}\n```" in card and str(out) not in card
+        for entry in record["inputs"]:
+            assert all(digest in card for digest in entry["files"].values())
+        assert record["outputs"][client][f"{client}/README.md"] == sha256(out / client / "README.md")
+    again = tmp_path / "again"
+    words = [str(again) if w == "OUT" else w for w in shlex.split(command)]
+    assert words[:2] == ["fedbip", "merge"] and invoke(*words[1:]).exit_code == 0
+    assert tree_bytes(again) == tree_bytes(out)
+
+
+def test_to_lora_card_summary_and_plan_match_the_schemas(bert: Reference, tmp_path: Path) -> None:
+    args = ("merge", bert.full.checkpoints, "--base", bert.full.base, "--device", "cpu", "--json")
+    summary = json.loads(invoke(*args, "--out", tmp_path / "lora", "--to-lora", "2").stdout)
+    assert schema_errors("merge-summary.schema.json", summary) == []
+    assert (summary["kind"], summary["output"], summary["combine"], summary["rank"]) == ("full", "lora", "randomized-svd", 2)
+    assert summary["cache"] == {"dir": summary["cache"]["dir"], "hits": 0, "computed": 0}  # the dense path keeps no cache
+    card = (tmp_path / "lora" / bert.full.clients[0] / "README.md").read_text(encoding="utf-8")
+    assert "library_name: peft\n" in card and "rank-2 LoRA adapter of the personalized delta" in card
+    assert "- combine: randomized-svd at rank 2" in card and "share of the whole delta's energy" in card
+    assert "--to-lora 2" in json.loads((tmp_path / "lora" / MANIFEST_NAME).read_text(encoding="utf-8"))["command"]
+    whole = json.loads(invoke(*args, "--out", tmp_path / "whole").stdout)
+    assert schema_errors("merge-summary.schema.json", whole) == []
+    assert (whole["output"], whole["combine"], whole["rank"]) == ("checkpoint", "exact", None)
+    for extra in ((), ("--to-lora", "2")):
+        plan = json.loads(invoke(*args, "--out", tmp_path / "plan", "--dry-run", *extra).stdout)
+        assert schema_errors("dry-run.schema.json", plan) == [] and plan["kind"] == "full"
+        assert plan["base"]["source"] == str(bert.full.base) and plan["sources"] == [{"spec": str(bert.full.checkpoints), "clients": bert.full.clients}]
+    assert schema_errors("dry-run.schema.json", {**plan, "modules": 3}) != []  # an adapters' field is not a full plan's
+    inspected = json.loads(invoke("inspect-similarity", bert.full.checkpoints, "--base", bert.full.base, "--format", "json").stdout)
+    assert schema_errors("inspect.schema.json", inspected) == []
+
+
+def test_config_file_carries_the_full_checkpoint_options(bert: Reference, tmp_path: Path) -> None:
+    config = tmp_path / "fedbip.toml"
+    config.write_text(
+        f'sources = ["{bert.full.checkpoints}"]\nbase = "{bert.full.base}"\nout = "merged"\n'
+        'max_shard_size = "20KB"\ndevice = "cpu"\nlock = "fedbip.lock"\n',
+        encoding="utf-8",
+    )
+    result = invoke("merge", "--config", config)
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "merged" / bert.full.clients[0]).glob("model-*.safetensors"))) > 3
+    record = json.loads((tmp_path / "merged" / MANIFEST_NAME).read_text(encoding="utf-8"))
+    assert record["options"]["max_shard_size"] == "20KB"
+    # The command line overrides the file: --to-lora from there.
+    assert invoke("merge", "--config", config, "--out", tmp_path / "adapters", "--to-lora", "2").exit_code == 0
+    assert (tmp_path / "adapters" / bert.full.clients[0] / "adapter_model.safetensors").is_file()
+    config.write_text(config.read_text(encoding="utf-8") + "to_lora = 0\n", encoding="utf-8")
+    assert_user_error(invoke("merge", "--config", config), "to_lora = 0", "must be a positive integer", code=2)
+
+
+def test_lock_pins_full_checkpoint_weights(bert: Reference, tmp_path: Path) -> None:
+    checkpoints = tmp_path / "ft"
+    shutil.copytree(bert.full.checkpoints, checkpoints)
+    lock = tmp_path / "fedbip.lock"
+    args = ("merge", checkpoints, "--base", bert.full.base, "--lock", lock, "--device", "cpu")
+    assert invoke(*args, "--out", tmp_path / "one").exit_code == 0
+    pinned = json.loads(lock.read_text(encoding="utf-8"))["sources"][str(checkpoints)]
+    client = bert.full.clients[1]
+    assert set(pinned[client]["files"]) == {"config.json", WEIGHTS_NAME}
+    assert pinned[client]["files"][WEIGHTS_NAME] == sha256(checkpoints / client / WEIGHTS_NAME)
+    assert invoke(*args, "--locked", "--out", tmp_path / "two").exit_code == 0
+    tensors = load_file(checkpoints / client / WEIGHTS_NAME)
+    name = sorted(n for n, t in tensors.items() if t.is_floating_point())[0]
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, checkpoints / client / WEIGHTS_NAME, metadata={"format": "pt"})
+    result = invoke(*args, "--locked", "--out", tmp_path / "three")
+    assert_user_error(result, f"{WEIGHTS_NAME} has sha256", client, code=1)
+    assert not (tmp_path / "three").exists()

@@ -9,7 +9,7 @@ import pytest
 from hubcache import make_hub_cache, use_offline_cache
 
 from fedbip_cli.errors import SourceError
-from fedbip_cli.sources import FULL, LORA, HubRef, ResolvedSource, resolve_model_dir, resolve_sources
+from fedbip_cli.sources import FULL, LORA, HubRef, ResolvedSource, pinned_spec, resolve_model_dir, resolve_sources
 
 CONFIG = json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}).encode()
 WEIGHTS = b"not parsed by sources"
@@ -340,3 +340,15 @@ def test_model_dir_local_and_hub(hub: Path, tmp_path: Path) -> None:
 def test_model_dir_missing(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="no such file or directory"):
         resolve_model_dir(str(tmp_path / "absent"))
+
+
+# --- pinned specs (the reproducing command) ----------------------------------------------------
+
+
+def test_pinned_spec_pins_hub_revisions_and_makes_paths_absolute(tmp_path: Path) -> None:
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert pinned_spec("hf://org/repo", commit) == f"hf://org/repo@{commit}"
+    assert pinned_spec("hf://org/repo@refs%2Fpr%2F1/sub/dir", commit) == f"hf://org/repo@{commit}/sub/dir"
+    assert pinned_spec("hf://org/repo@v1", None) == "hf://org/repo@v1"
+    assert pinned_spec("adapters/../clients", None, base_dir=tmp_path) == str(tmp_path / "clients")
+    assert pinned_spec("@more.txt", None, base_dir=tmp_path) == "@" + str(tmp_path / "more.txt")

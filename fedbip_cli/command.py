@@ -1,0 +1,66 @@
+"""The ``fedbip merge`` command line that reproduces a merge, written from its options.
+
+It is rebuilt from what the merge actually used, never copied from ``sys.argv``: every option is
+spelled out (defaults included), ``--rank`` is the rank used, the device is the one resolved, Hub
+SOURCES are pinned to the commits they resolved to and local ones are absolute. ``--out`` is left as
+``OUT`` so that the command, and whatever records it, stays the same bytes wherever the merge was
+written.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedbip_cli.sources import HUB_PREFIX, ResolvedSource, pinned_spec
+
+OUT_PLACEHOLDER = "OUT"
+
+
+def pinned_sources(resolved: Sequence[tuple[str, Sequence[ResolvedSource]]], base_dir: Path) -> list[str]:
+    """SOURCES that resolve to the same clients anywhere, in the same order.
+
+    A Hub reference gets the commit its clients came from; a path becomes absolute; an ``@list``
+    is expanded to its clients (their Hub references pinned), since its file may change.
+    """
+    pinned: list[str] = []
+    for spec, group in resolved:
+        if spec.startswith("@"):
+            pinned += [pinned_spec(s.origin, s.revision) if s.origin.startswith(HUB_PREFIX) else s.origin for s in group]
+        else:
+            pinned.append(pinned_spec(spec, group[0].revision if group else None, base_dir=base_dir))
+    return pinned
+
+
+def merge_command(
+    sources: Sequence[str], options: dict[str, object], *, base: str | None, rank: int | None, device: str
+) -> str:
+    """``fedbip merge`` with every option of a merge, shell-quoted.
+
+    Args:
+        sources: pinned SOURCES (``pinned_sources``).
+        options: ``MergeOptions.as_dict()``; for full checkpoints with ``to_lora`` and
+            ``max_shard_size`` too (``--combine`` does not apply to them).
+        base: the pinned ``--base``, if any.
+        rank: the rank used by ``svd`` (None otherwise).
+        device: the device the merge ran on (``cpu`` or ``cuda``).
+    """
+    words = ["fedbip", "merge", *sources, "--out", OUT_PLACEHOLDER]
+    if base is not None:
+        words += ["--base", base]
+    words += ["--granularity", str(options["granularity"]), "--weighting", str(options["weighting"])]
+    words += ["--negative", str(options["negative"]), "--temperature", repr(options["temperature"])]
+    if options["top_k"] is not None:
+        words += ["--top-k", str(options["top_k"])]
+    if "to_lora" in options:  # full checkpoints: merged whole into shards, or written as adapters
+        if options["to_lora"] is not None:
+            words += ["--to-lora", str(options["to_lora"])]
+        else:
+            words += ["--max-shard-size", str(options["max_shard_size"])]
+    else:
+        words += ["--combine", str(options["combine"])]
+    if rank is not None:
+        words += ["--rank", str(rank)]
+    words += ["--device", device]
+    return shlex.join(words)

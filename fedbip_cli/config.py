@@ -1,0 +1,213 @@
+"""``fedbip merge --config FILE``: the SOURCES and every merge option in one TOML file.
+
+A config file is checked whole before anything is resolved or read: an unknown key, a value of
+the wrong type or a bad value is a ``UsageError`` that names the file, the key and the value.
+Relative paths in it (sources, out, base, lock, cache) are taken from the file's directory, so a
+pipeline can run it from anywhere. Options given on the command line override the file; the file
+overrides the defaults, which live in ``MergeOptions`` / ``WeightOptions`` and here, nowhere else.
+
+Example::
+
+    sources = ["hf://acme/support-adapters", "adapters/"]
+    out = "merged"
+    layerwise = true
+    top_k = 3
+    lock = "fedbip.lock"
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from fedbip_cli.errors import UsageError
+from fedbip_cli.innercache import default_cache_dir
+from fedbip_cli.pipeline import MergeOptions
+from fedbip_cli.sources import HUB_PREFIX
+from fedbip_cli.weights import WeightOptions
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _flag(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Every key a config file may hold: the check of its TOML type, and that type in words.
+KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "sources": (lambda v: isinstance(v, list) and all(map(_text, v)), 'a list of non-empty strings, e.g. ["adapters/"]'),
+    "out": (_text, "a directory (string)"),
+    "base": (_text, "a model directory or hf:// reference (string)"),
+    "layerwise": (_flag, "true or false"),
+    "granularity": (_text, "a string"),
+    "weighting": (_text, "a string"),
+    "negative": (_text, "a string"),
+    "temperature": (_number, "a number"),
+    "top_k": (_integer, "an integer"),
+    "combine": (_text, "a string"),
+    "rank": (_integer, "an integer"),
+    "to_lora": (_integer, "an integer (full checkpoints: the rank of the adapters written)"),
+    "max_shard_size": (_text, 'a size (string), e.g. "5GB"'),
+    "device": (_text, "a string"),
+    "overwrite": (_flag, "true or false"),
+    "lock": (_text, "a file (string)"),
+    "locked": (_flag, "true or false"),
+    "cache": (lambda v: _flag(v) or _text(v), "a directory (string), true (the default directory) or false (no cache)"),
+}
+_WEIGHT_KEYS = ("weighting", "negative", "temperature", "top_k")
+_HINT = "keys are the options of `fedbip merge --help` with '_' for '-'; its help lists the accepted values"
+_OPTION_KEYS = ("granularity", "combine", "rank", "to_lora", "max_shard_size", "device")
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """One ``fedbip merge`` with every option decided: command line over config file over defaults.
+
+    ``source_dir`` is where relative ``sources`` are taken from: the config file's directory when
+    they come from the file, else the working directory. ``cache`` is None when disabled.
+    """
+
+    sources: tuple[str, ...]
+    source_dir: Path
+    out: Path
+    options: MergeOptions
+    base: str | None = None
+    overwrite: bool = False
+    lock: Path | None = None
+    locked: bool = False
+    cache: Path | None = None
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """Read and check a config file; return its values with paths made absolute.
+
+    ``layerwise`` is folded into ``granularity``; ``cache = true`` means the default directory.
+
+    Raises:
+        UsageError: the file cannot be read, is not TOML, or holds an unknown key, a value of the
+            wrong type or a bad value.
+    """
+    where = str(path)
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError("config file not found", where=where, hint="--config names a TOML file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read the config file: {exc}", where=where) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"not valid TOML: {exc}", where=where, hint="see https://toml.io for the syntax") from None
+    for key, value in data.items():
+        _check_key(key, value, where)
+    layer = normalise(data, where, _HINT)
+    root = Path(path).absolute().parent
+    for key in ("out", "lock"):
+        if key in layer:
+            layer[key] = root / Path(layer[key]).expanduser()
+    if isinstance(layer.get("cache"), str):
+        layer["cache"] = root / Path(layer["cache"]).expanduser()
+    if "base" in layer and not layer["base"].startswith(HUB_PREFIX):
+        layer["base"] = str(root / Path(layer["base"]).expanduser())
+    if "sources" in layer:
+        layer["source_dir"] = root
+    return layer
+
+
+def normalise(layer: Mapping[str, Any], where: str, hint: str | None = None) -> dict[str, Any]:
+    """Fold ``layerwise`` into ``granularity`` and check the merge options' values.
+
+    ``where`` and ``hint`` go into the errors: the config file, or the command line.
+
+    Raises:
+        UsageError: both ``layerwise`` and ``granularity`` are given, or a value is not accepted.
+    """
+    values = dict(layer)
+    if "layerwise" in values:
+        if "granularity" in values:
+            raise UsageError("give layerwise or granularity, not both", where=where, hint="layerwise = true means granularity = \"block\"")
+        values["granularity"] = "block" if values.pop("layerwise") else "model"
+    if "temperature" in values:
+        values["temperature"] = float(values["temperature"])
+    for key in (*_WEIGHT_KEYS, *_OPTION_KEYS):
+        if key in values:
+            try:
+                merge_options({key: values[key]})
+            except UsageError as exc:
+                raise UsageError(f"{key} = {_shown(values[key])}: {exc.message}", where=where, hint=hint) from None
+    return values
+
+
+def merge_options(values: Mapping[str, Any]) -> MergeOptions:
+    """``MergeOptions`` with ``values`` (config keys) over the defaults; the option classes check them."""
+    weights = replace(WeightOptions(), **{k: values[k] for k in _WEIGHT_KEYS if k in values})
+    return replace(MergeOptions(), weights=weights, **{k: values[k] for k in _OPTION_KEYS if k in values})
+
+
+def merge_settings(config: Path | None, given: Mapping[str, Any]) -> MergeSettings:
+    """Decide every option of a merge.
+
+    Args:
+        config: the ``--config`` file, if any.
+        given: the options the user passed on the command line (config keys; ``cache`` is False for
+            ``--no-cache``); they override the file. Paths are taken from the working directory.
+
+    Raises:
+        UsageError: a bad config file (see ``read_config``), no SOURCES, no ``out``, or
+            ``locked`` without ``lock``.
+    """
+    values = read_config(config) if config is not None else {}
+    command_line = normalise(given, "command line")
+    if "sources" in command_line:
+        command_line["source_dir"] = Path.cwd()
+    values.update(command_line)
+    hint = f"give them on the command line{' or in ' + str(config) if config else ', or use --config FILE'}"
+    if not values.get("sources"):
+        raise UsageError("no SOURCES given", where="fedbip merge", hint=hint)
+    if values.get("out") is None:
+        raise UsageError("no output directory given", where="fedbip merge", hint="pass --out DIR, or set out = \"DIR\" in the config file")
+    if values.get("locked") and values.get("lock") is None:
+        raise UsageError("--locked needs a lock file", where="fedbip merge", hint="pass --lock FILE, or set lock = \"FILE\" in the config file")
+    cache = values.get("cache", True)
+    return MergeSettings(
+        sources=tuple(values["sources"]),
+        source_dir=values.get("source_dir", Path.cwd()),
+        out=Path(values["out"]),
+        options=merge_options(values),
+        base=values.get("base"),
+        overwrite=bool(values.get("overwrite", False)),
+        lock=None if values.get("lock") is None else Path(values["lock"]),
+        locked=bool(values.get("locked", False)),
+        cache=default_cache_dir() if cache is True else (None if cache is False else Path(cache)),
+    )
+
+
+def _check_key(key: str, value: Any, where: str) -> None:
+    if key not in KEYS:
+        close = difflib.get_close_matches(key.replace("-", "_"), list(KEYS), n=1)
+        suggestion = f"; did you mean {close[0]!r}?" if close else ""
+        raise UsageError(f"unknown key {key!r}{suggestion}", where=where, hint=f"the keys are: {', '.join(KEYS)}")
+    accepts, expected = KEYS[key]
+    if not accepts(value):
+        raise UsageError(f"{key} = {_shown(value)}: expected {expected}", where=where, hint=_HINT)
+
+
+def _shown(value: Any) -> str:
+    """A value as it would be written in TOML (strings in double quotes, true/false)."""
+    try:
+        return json.dumps(value, default=str)
+    except (TypeError, ValueError):
+        return repr(value)
