@@ -41,6 +41,8 @@ class Plan:
 
     receivers: list[str]
     rows: dict[str, torch.Tensor]
+    # The whole-model similarity of this round's τ, when the plan already computed it.
+    similarity: SimilarityResult | None = None
 
 
 @dataclass
@@ -129,7 +131,8 @@ def _fedbip(granularity: str, basis: str = "update") -> Callable[[RoundUpdates, 
         vectors = tau if basis == "update" else cumulative_vectors(updates)
         similarity = update_similarity(updates.participants, vectors, granularity)
         rows = {name: personalized_weights(g.similarity, WeightOptions()) for name, g in similarity.groups.items()}
-        return Plan(list(updates.participants), rows)
+        reusable = basis == "update" and granularity == "model"
+        return Plan(list(updates.participants), rows, similarity if reusable else None)
 
     plan.__doc__ = f"FedBip at {granularity} granularity, similarity of the {basis} vectors."
     return plan
@@ -174,5 +177,5 @@ def server_step(strategy: str, updates: RoundUpdates) -> ServerStep:
         merged = weighted_sum(stacked, plan.rows[group_of[name]])
         for r, receiver in enumerate(plan.receivers):
             bar[receiver][name] = updates.bar[receiver][name] + merged[r]
-    similarity = update_similarity(updates.participants, tau, "model")
+    similarity = plan.similarity or update_similarity(updates.participants, tau, "model")
     return ServerStep(bar, similarity, plan)
