@@ -260,22 +260,20 @@ def _parse_modules(
     return modules
 
 
-def write_adapter(directory: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], config: dict[str, Any], dtype: torch.dtype) -> None:
-    """Write a PEFT adapter (config + safetensors) whose modules have scale 1: ΔW = B @ A.
+def merged_config(ranks: dict[str, int], config: dict[str, Any]) -> dict[str, Any]:
+    """The adapter_config.json of a merged adapter whose modules have scale 1 (ΔW = B @ A).
 
-    ``factors`` maps module name to ``(B, A)``; ``config`` is the template (task type, base model,
+    ``ranks`` maps module name to rank; ``config`` is the template (task type, base model,
     fan_in_fan_out). Ranks go in ``r`` (the most common) and ``rank_pattern`` / ``alpha_pattern``
     for the others, with ``lora_alpha`` equal to the rank everywhere so that peft's scale is 1.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    ranks = {name: int(a.shape[0]) for name, (_, a) in factors.items()}
     counts: dict[int, int] = {}
     for r in ranks.values():
         counts[r] = counts.get(r, 0) + 1
     common = max(sorted(counts), key=lambda r: counts[r])
     # Plain full names: every peft version matches them against the module path's tail.
     pattern = {name: r for name, r in ranks.items() if r != common}
-    out_config = {
+    return {
         "peft_type": "LORA",
         "task_type": config.get("task_type"),
         "base_model_name_or_path": config.get("base_model_name_or_path"),
@@ -285,7 +283,7 @@ def write_adapter(directory: Path, factors: dict[str, tuple[torch.Tensor, torch.
         "use_rslora": False,
         "rank_pattern": pattern,
         "alpha_pattern": dict(pattern),
-        "target_modules": sorted(factors),
+        "target_modules": sorted(ranks),
         "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
         "lora_dropout": 0.0,
         "bias": "none",
@@ -293,13 +291,81 @@ def write_adapter(directory: Path, factors: dict[str, tuple[torch.Tensor, torch.
         "init_lora_weights": True,
         "modules_to_save": None,
     }
-    (directory / CONFIG_NAME).write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_config(directory: Path, config: dict[str, Any]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_adapter(directory: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], config: dict[str, Any], dtype: torch.dtype) -> None:
+    """Write a PEFT adapter (config + safetensors) whose modules have scale 1: ΔW = B @ A.
+
+    ``factors`` maps module name to ``(B, A)``; see ``merged_config`` for the config.
+    """
+    write_config(directory, merged_config({name: int(a.shape[0]) for name, (_, a) in factors.items()}, config))
     tensors: dict[str, torch.Tensor] = {}
     for name in sorted(factors):
         b, a = factors[name]
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a.to(dtype=dtype, device="cpu").contiguous()
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b.to(dtype=dtype, device="cpu").contiguous()
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+_DTYPE_CODES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+
+
+class StreamingAdapterWriter:
+    """Writes a merged adapter's safetensors file module by module, so that a merge holds one module's
+    outputs at a time instead of every client's whole adapter.
+
+    The header (names, shapes, offsets) is written first from the ranks known before the merge; the
+    data follow in the order of ``ranks`` (each module's A then B), appended as they are computed and
+    hashed on the way. safetensors readers take tensors in any order of the data section.
+    """
+
+    def __init__(self, path: Path, ranks: dict[str, int], shapes: dict[str, tuple[int, int]], dtype: torch.dtype) -> None:
+        self.path = path
+        self.dtype = dtype
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        self._expected: list[tuple[str, list[int]]] = []
+        offset = 0
+        for module, r in ranks.items():
+            out_dim, in_dim = shapes[module]
+            for which, shape in (("A", [r, in_dim]), ("B", [out_dim, r])):
+                name = f"{KEY_PREFIX}{module}.lora_{which}.weight"
+                size = shape[0] * shape[1] * itemsize
+                header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+                self._expected.append((name, shape))
+                offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self._digest = hashlib.sha256()
+        self._next = 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._append(len(text).to_bytes(8, "little") + text, mode="wb")
+
+    def _append(self, data: bytes, mode: str = "ab") -> None:
+        with open(self.path, mode) as f:
+            f.write(data)
+        self._digest.update(data)
+
+    def write(self, module: str, b: torch.Tensor, a: torch.Tensor) -> None:
+        """Append ``module``'s factors; modules must come in the order given to the constructor."""
+        for which, tensor in (("A", a), ("B", b)):
+            name, shape = self._expected[self._next]
+            if name != f"{KEY_PREFIX}{module}.lora_{which}.weight" or list(tensor.shape) != shape:
+                raise RuntimeError(f"{self.path}: expected {name} {shape}, got {module}.lora_{which} {list(tensor.shape)}")
+            data = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
+            self._append(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._next += 1
+
+    def close(self) -> str:
+        """Check that every tensor was written; return the file's sha256."""
+        if self._next != len(self._expected):
+            raise RuntimeError(f"{self.path}: {len(self._expected) - self._next} tensors were not written")
+        return self._digest.hexdigest()
 
 
 def base_weight_shapes(base_dir: Path) -> dict[str, list[int]]:

@@ -112,6 +112,212 @@ def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return merged.reshape(weights.shape[0], *deltas.shape[1:]).to(deltas.dtype)
 
 
+def output_rank(mode: str, ranks: Sequence[int | None], row: torch.Tensor, rank: int, shape: tuple[int, int]) -> int:
+    """The rank of client ``row``'s merged module, known before any compute (0: the module is left out).
+
+    Args:
+        mode: the combine mode.
+        ranks: per input client its rank at the module, None where it does not target it.
+        row: the client's weight row.
+        rank: the requested rank (svd).
+        shape: (out, in) of the module.
+    """
+    weights = row.tolist()
+    if mode == "linear":
+        return next((r for r in ranks if r is not None), 0)
+    total = sum(r for r, w in zip(ranks, weights) if r is not None and w != 0.0)
+    if mode == "cat" or total == 0:
+        return total
+    return min(rank, total, *shape)
+
+
+# Randomized subspace iteration for the shared-basis path: extra vectors and power iterations.
+OVERSAMPLE = 10
+POWER_ITERATIONS = 4
+# Bounds the memory of the per-client cores in flight (float64 elements).
+CORE_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class Basis:
+    """One side of a module's stacked factors, ``X = Q Lᵀ`` with Q (dim, p) orthonormal.
+
+    ``lt`` is Lᵀ (p, n). Q is ``x @ solve(r)`` (Cholesky QR) or ``q`` (Householder QR), or the
+    identity when the stack is at least as wide as the dimension (``lt`` is then X itself).
+    """
+
+    lt: torch.Tensor
+    x: torch.Tensor | None = None
+    r: torch.Tensor | None = None
+    q: torch.Tensor | None = None
+
+    def apply(self, y: torch.Tensor) -> torch.Tensor:
+        """Q @ y."""
+        if self.q is not None:
+            return self.q @ y
+        if self.r is not None:
+            return self.x @ torch.linalg.solve_triangular(self.r, y, upper=True)
+        return y
+
+
+# Cholesky QR is used while the stack's condition number (estimated from R's diagonal) is below
+# this; beyond it Householder QR keeps the basis orthonormal to working precision.
+CHOLESKY_CONDITION = 1e4
+
+
+def stack_basis(x: torch.Tensor) -> Basis:
+    """A basis of the column space of ``x`` (dim, n) in float64: identity, Cholesky QR or QR."""
+    dim, n = x.shape
+    if n >= dim:
+        return Basis(lt=x)
+    r, info = torch.linalg.cholesky_ex(x.T @ x, upper=True)
+    if int(info) == 0:
+        diagonal = r.diagonal().abs()
+        if float(diagonal.min()) > 0 and float(diagonal.max() / diagonal.min()) < CHOLESKY_CONDITION:
+            return Basis(lt=r, x=x, r=r)
+    q, r = torch.linalg.qr(x)
+    return Basis(lt=r, q=q)
+
+
+def top_singular(cores: torch.Tensor, keep: int, *, solver: str, generator_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``keep`` largest singular triplets of each matrix of ``cores`` (c, p, q): U, σ, Vᵀ.
+
+    ``exact`` is a full batched SVD; ``randomized`` a subspace iteration with ``OVERSAMPLE`` extra
+    vectors and ``POWER_ITERATIONS`` passes from a fixed seed (so re-runs give the same bits).
+    """
+    p, q = cores.shape[1:]
+    if solver == "exact" or min(p, q) <= keep + OVERSAMPLE:
+        u, sigma, vt = torch.linalg.svd(cores, full_matrices=False)
+        return u[:, :, :keep], sigma[:, :keep], vt[:, :keep]
+    width = keep + OVERSAMPLE
+    generator = torch.Generator(device=cores.device).manual_seed(generator_seed)
+    omega = torch.randn(q, width, dtype=cores.dtype, device=cores.device, generator=generator)
+    basis = torch.linalg.qr(cores @ omega).Q
+    for _ in range(POWER_ITERATIONS):
+        back = torch.linalg.qr(cores.transpose(1, 2) @ basis).Q
+        basis = torch.linalg.qr(cores @ back).Q
+    small = basis.transpose(1, 2) @ cores
+    u, sigma, vt = torch.linalg.svd(small, full_matrices=False)
+    return (basis @ u)[:, :, :keep], sigma[:, :keep], vt[:, :keep]
+
+
+def merge_module_svd(
+    factors: Sequence[Factors | None], weights: torch.Tensor, rank: int, *, solver: str = "auto"
+) -> list[Combined | None]:
+    """Every client's truncated-SVD merge of one module at once, in a basis shared by all of them.
+
+    All merges M_i = B diag(w_i) A live in the span of the same stacked factors B (out, n) and
+    A (n, in): with B = Q_B L_Bᵀ and Aᵀ = Q_A L_Aᵀ (one QR per side for all clients, or the identity
+    for a side narrower than n), M_i = Q_B C_i Q_Aᵀ with the small core C_i = L_Bᵀ diag(w_i) L_A.
+    The cores are P @ (per-client pieces), so top-k sparse rows cost only their non-zero terms, and
+    only each core's top singular triplets are computed.
+
+    Args:
+        factors: per client ``(scale · B, A)`` in float64, or None where it does not target the module.
+        weights: (K_out, K) weight rows.
+        rank: requested rank R.
+        solver: ``exact`` (full SVD of each core), ``randomized`` (subspace iteration), or ``auto``:
+            exact when a core is small, randomized otherwise.
+
+    Returns:
+        Per output client its ``Combined`` (rank ``output_rank``), None when nothing contributes.
+    """
+    present = [j for j, f in enumerate(factors) if f is not None]
+    ranks = [None if f is None else f[1].shape[0] for f in factors]
+    results: list[Combined | None] = [None] * weights.shape[0]
+    if not present:
+        return results
+    out_dim, in_dim = factors[present[0]][0].shape[0], factors[present[0]][1].shape[1]
+    b = torch.cat([factors[j][0] for j in present], dim=1)
+    a = torch.cat([factors[j][1] for j in present], dim=0)
+    left, right = stack_basis(b), stack_basis(a.T)
+    p_b, p_a = left.lt.shape[0], right.lt.shape[0]
+    columns, start = [], 0
+    for j in present:
+        columns.append(slice(start, start + ranks[j]))
+        start += ranks[j]
+    w = weights[:, present].to(dtype=torch.float64, device=b.device)
+    keeps = [output_rank("svd", ranks, weights[i], rank, (out_dim, in_dim)) for i in range(weights.shape[0])]
+    wanted = [i for i, keep in enumerate(keeps) if keep > 0]
+    chunk = max(1, CORE_ELEMENTS // (2 * p_b * p_a))
+    for first in range(0, len(wanted), chunk):
+        clients = wanted[first : first + chunk]
+        rows = w[clients]
+        cores = torch.zeros(len(clients), p_b * p_a, dtype=torch.float64, device=b.device)
+        used = (rows != 0).any(dim=0).nonzero().flatten().tolist()
+        for piece_first in range(0, len(used), chunk):
+            block = used[piece_first : piece_first + chunk]
+            pieces = torch.stack([left.lt[:, columns[j]] @ right.lt[:, columns[j]].T for j in block])
+            cores += rows[:, block] @ pieces.reshape(len(block), -1)
+        cores = cores.reshape(len(clients), p_b, p_a)
+        keep = max(keeps[i] for i in clients)
+        mode = solver if solver != "auto" else ("exact" if min(p_b, p_a) <= 4 * (keep + OVERSAMPLE) else "randomized")
+        u, sigma, vt = top_singular(cores, min(keep, p_b, p_a), solver=mode)
+        total = cores.square().sum(dim=(1, 2))
+        for c, i in enumerate(clients):
+            k_i = min(keeps[i], sigma.shape[1])
+            root = sigma[c, :k_i].clamp(min=0).sqrt()
+            new_b = left.apply(u[c, :, :k_i] * root[None, :])
+            new_a = right.apply(vt[c, :k_i].T * root[None, :]).T
+            if k_i < keeps[i]:  # the stack's span is narrower than the planned rank: zero columns
+                new_b = torch.cat([new_b, new_b.new_zeros(out_dim, keeps[i] - k_i)], dim=1)
+                new_a = torch.cat([new_a, new_a.new_zeros(keeps[i] - k_i, in_dim)], dim=0)
+            t = float(total[c])
+            energy = float(sigma[c, :k_i].square().sum()) / t if t > 0 else 1.0
+            results[i] = Combined(new_b, new_a, min(energy, 1.0))
+    return results
+
+
+def svd_costs(ranks: Sequence[int | None], weights: torch.Tensor, rank: int, shape: tuple[int, int]) -> dict[str, float]:
+    """Estimated flops of the two exact svd paths at one module (``shared`` basis, ``per-client`` QR).
+
+    per-client: for each client, QR of U (out, n_i) and Vᵀ (in, n_i) and an SVD of the core, with
+    n_i the stacked rank of the clients it gives weight to. shared: one basis per side (Gram and
+    Cholesky while n < dim), the per-client pieces and cores P @ pieces, and a top-R solve per core.
+    """
+    out_dim, in_dim = shape
+    present = [r for r in ranks if r is not None]
+    n = sum(present)
+    mask = torch.tensor([r is not None for r in ranks])
+    width = torch.tensor([r or 0 for r in ranks], dtype=torch.float64)
+    nonzero = (weights[:, mask] != 0).to(torch.float64)
+    n_i = (weights != 0).to(torch.float64) @ width
+    low_i = torch.minimum(n_i, torch.tensor(float(min(out_dim, in_dim))))
+    per_client = float((2 * n_i * low_i * (out_dim + in_dim) + 10 * low_i**3).sum())
+    p_b, p_a = min(n, out_dim), min(n, in_dim)
+    basis = sum(2 * n * n * dim + n**3 for dim in shape if n < dim)
+    k = weights.shape[0]
+    chunk = max(1, CORE_ELEMENTS // (2 * p_b * p_a))
+    passes = -(-k // chunk)
+    pieces = passes * sum(present) / max(1, len(present)) * len(present) * 2 * p_b * p_a
+    cores = 2 * float(nonzero.sum()) * p_b * p_a
+    keep = min(rank, p_b, p_a)
+    solve = k * 2 * p_b * p_a * (keep + OVERSAMPLE) * (2 * POWER_ITERATIONS + 2)
+    return {"shared": basis + pieces + cores + solve, "per-client": per_client}
+
+
+def merge_module(
+    mode: str, factors: Sequence[Factors | None], weights: torch.Tensor, rank: int, *, path: str = "auto", solver: str = "auto"
+) -> list[Combined | None]:
+    """Every client's merge of one module.
+
+    ``svd`` takes the cheaper exact path by ``svd_costs`` (or ``path``: ``shared`` or ``per-client``);
+    ``cat`` and ``linear`` go row by row.
+    """
+    if mode == "svd":
+        ranks = [None if f is None else f[1].shape[0] for f in factors]
+        present = next((f for f in factors if f is not None), None)
+        if present is None:
+            return [None] * weights.shape[0]
+        if path == "auto":
+            costs = svd_costs(ranks, weights, rank, (present[0].shape[0], present[1].shape[1]))
+            path = min(costs, key=costs.__getitem__)
+        if path == "shared":
+            return merge_module_svd(factors, weights, rank, solver=solver)
+    combine = combiner(mode)
+    return [combine(factors, weights[i], rank) for i in range(weights.shape[0])]
+
+
 COMBINERS: dict[str, Callable[[Sequence[Factors | None], torch.Tensor, int], Combined | None]] = {
     "svd": combine_svd,
     "cat": combine_cat,

@@ -20,11 +20,20 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from fedbip_cli import lockfile, manifest
-from fedbip_cli.adapters import Adapter, check_against_base, file_sha256, load_adapter, write_adapter
+from fedbip_cli.adapters import (
+    WEIGHTS_NAME,
+    Adapter,
+    StreamingAdapterWriter,
+    check_against_base,
+    file_sha256,
+    load_adapter,
+    merged_config,
+    write_config,
+)
 from fedbip_cli.card import CARD_NAME, model_card
 from fedbip_cli.errors import AdapterError, OutputError, SourceError, UsageError
 from fedbip_cli.innercache import InnerProductCache
-from fedbip_cli.merge import combiner
+from fedbip_cli.merge import combiner, merge_module, output_rank
 from fedbip_cli.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from fedbip_cli.similarity import SimilarityResult, module_inner_products, similarity_from_inner
 from fedbip_cli.sources import FULL, LORA, ResolvedSource, resolve_model_dir, resolve_specs
@@ -366,33 +375,44 @@ def _merge_adapters(
     weights = {name: personalized_weights(g.similarity, options.weights) for name, g in similarity.groups.items()}
     group_of = {m: name for name, g in similarity.groups.items() for m in g.modules}
     rank = default_rank(workspace, options)
-    combine = combiner(options.combine)
     dtype = _output_dtype(workspace.adapters)
     clients = workspace.clients
-
-    merged: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {c: {} for c in clients}
-    energy: dict[str, dict[str, float | None]] = {c: {} for c in clients}
-    advance = start("merge", len(workspace.modules))
+    shapes = {name: (m.out_features, m.in_features) for a in workspace.adapters for name, m in a.modules.items()}
+    # Every output's modules and ranks are known before any compute: the files are written module by
+    # module as the merge goes, holding one module's factors and outputs at a time.
+    ranks: dict[str, dict[str, int]] = {c: {} for c in clients}
     for module in workspace.modules:
-        factors = module_factors(workspace.adapters, module, device=device)
+        inputs = [a.modules[module].rank if module in a.modules else None for a in workspace.adapters]
         rows = weights[group_of[module]]
         for i, client in enumerate(clients):
-            result = combine(factors, rows[i].to(device), rank)
-            if result is None:  # no contributing client targets this module: ΔW = 0, leave it out
-                continue
-            merged[client][module] = (result.b.cpu(), result.a.cpu())
-            energy[client][module] = result.energy
-        advance(1)
+            r = output_rank(options.combine, inputs, rows[i], rank, shapes[module])
+            if r > 0:  # no contributing client targets this module: ΔW = 0, leave it out
+                ranks[client][module] = r
 
+    energy: dict[str, dict[str, float | None]] = {c: {} for c in clients}
     with atomic_output(out, workspace, overwrite=overwrite) as tmp:
+        writers = {
+            a.name: StreamingAdapterWriter(tmp / a.name / WEIGHTS_NAME, ranks[a.name], shapes, dtype) for a in workspace.adapters
+        }
+        advance = start("merge", len(workspace.modules))
+        for module in workspace.modules:
+            factors = module_factors(workspace.adapters, module, device=device)
+            rows = weights[group_of[module]].to(device)
+            for i, result in enumerate(merge_module(options.combine, factors, rows, rank)):
+                if result is not None:
+                    writers[clients[i]].write(module, result.b, result.a)
+                    energy[clients[i]][module] = result.energy
+            advance(1)
         advance = start("write", len(clients))
         record = manifest.merge_record(workspace, options, similarity, weights, rank, energy, device)
         for adapter in workspace.adapters:
-            write_adapter(tmp / adapter.name, merged[adapter.name], adapter.config, dtype)
+            digest = writers[adapter.name].close()
+            directory = tmp / adapter.name
+            write_config(directory, merged_config(ranks[adapter.name], adapter.config))
             card = model_card(record, adapter.name, adapter.config.get("base_model_name_or_path"))
-            (tmp / adapter.name / CARD_NAME).write_text(card, encoding="utf-8")
+            (directory / CARD_NAME).write_text(card, encoding="utf-8")
             record["outputs"][adapter.name] = {
-                f"{adapter.name}/{f.name}": file_sha256(f) for f in sorted((tmp / adapter.name).iterdir())
+                f"{adapter.name}/{f.name}": digest if f.name == WEIGHTS_NAME else file_sha256(f) for f in sorted(directory.iterdir())
             }
             advance(1)
         manifest.dump(record, tmp / manifest.MANIFEST_NAME)

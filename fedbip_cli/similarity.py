@@ -25,11 +25,12 @@ import torch
 from fedbip_cli.adapters import Adapter
 from fedbip_cli.checkpoints import Checkpoint, row_ranges
 from fedbip_cli.errors import AdapterError
+from fedbip_cli.gram import all_products, rows_products, stack_factors
 from fedbip_cli.innercache import InnerProductCache
 from fedbip_cli.taskvec import KeyedFactors, checkpoint_deltas, keyed_module_factors
 
 # Names the inner-product formula in cache keys: change it when pair_inner_product changes.
-ENGINE = "fedbip-pair-inner-v1"
+ENGINE = "fedbip-exact-gram-v2"
 
 
 @dataclass
@@ -50,7 +51,7 @@ class SimilarityResult:
 
 
 def pair_inner_product(x: tuple[torch.Tensor, torch.Tensor], y: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``<B_x A_x, B_y A_y>_F = sum((B_xᵀ B_y) ∘ (A_x A_yᵀ))`` as a 0-dim float64 tensor.
+    """``<B_x A_x, B_y A_y>_F = sum((B_xᵀ B_y) ∘ (A_x A_yᵀ))`` as a 0-dim float64 tensor (a reference formula).
 
     Args:
         x, y: ``(B, A)`` with B (out, r) already scaled and A (r, in), in float64.
@@ -58,12 +59,33 @@ def pair_inner_product(x: tuple[torch.Tensor, torch.Tensor], y: tuple[torch.Tens
     return ((x[0].T @ y[0]) * (x[1] @ y[1].T)).sum()
 
 
+def compute_pairs(factors: dict[bytes, KeyedFactors], keys: Sequence[bytes], missing: Sequence[tuple[bytes, bytes]]) -> dict[tuple[bytes, bytes], float]:
+    """The inner products of the ``missing`` pairs of ``keys``, from stacked exact Grams (``gram``).
+
+    When every pair is missing (a cold run) the upper triangle is computed tile by tile; otherwise
+    only the rows of the clients that appear in a missing pair, against every client.
+    """
+    stacked = stack_factors([(factors[k].b, factors[k].a) for k in keys], [factors[k].scale for k in keys], device=factors[keys[0]].b.device)
+    position = {key: u for u, key in enumerate(keys)}
+    if len(missing) == len(keys) * (len(keys) + 1) // 2:
+        values = all_products(stacked).cpu()
+        return {(x, y): values[position[x], position[y]].item() for x, y in missing}
+    rows = sorted({position[x] for x, _ in missing} | {position[y] for _, y in missing})
+    values = rows_products(stacked, rows).cpu()
+    row_of = {u: i for i, u in enumerate(rows)}
+    out: dict[tuple[bytes, bytes], float] = {}
+    for x, y in missing:
+        u, v = position[x], position[y]
+        out[(x, y)] = values[row_of[u], v].item() if u in row_of else values[row_of[v], u].item()
+    return out
+
+
 def cached_inner_products(factors: Sequence[KeyedFactors | None], cache: InnerProductCache) -> torch.Tensor:
     """All pairwise inner products of one module, computing only the pairs the cache lacks.
 
-    Clients with identical factors (the same key) are computed once. Each missing pair is computed
-    as ``pair_inner_product(first, second)`` with its keys in sorted order, so its value does not
-    depend on the clients' positions or on which other clients take part.
+    Clients with identical factors (the same key) are computed once. A pair's value depends only on
+    the two clients' factors (see ``gram``), so it is the same bits whether it was computed in this
+    run or read from a cache filled by an earlier one, whatever the other clients are.
 
     Args:
         factors: per client its keyed factors, or None for a client without this module (zero delta).
@@ -77,8 +99,7 @@ def cached_inner_products(factors: Sequence[KeyedFactors | None], cache: InnerPr
     known = cache.lookup(keys)
     missing = [(x, y) for i, x in enumerate(keys) for y in keys[i:] if (x, y) not in known]
     if missing:
-        products = [pair_inner_product((by_key[x].b, by_key[x].a), (by_key[y].b, by_key[y].a)) for x, y in missing]
-        fresh = dict(zip(missing, torch.stack(products).tolist()))
+        fresh = compute_pairs(by_key, keys, missing)
         cache.store(fresh)
         known.update(fresh)
     # Fill the (distinct keys)² matrix from the pairs, then spread it over the clients.
@@ -156,7 +177,9 @@ def module_inner_products(
     salt = f"{ENGINE}/{torch.device(device).type}"
     result: dict[str, torch.Tensor] = {}
     for module in modules:
-        result[module] = cached_inner_products(keyed_module_factors(adapters, module, salt=salt, device=device), cache)
+        # Without a cache directory nothing is looked up, so the clients need no content hash.
+        keyed = keyed_module_factors(adapters, module, salt=salt, device=device, hashed=cache.directory is not None)
+        result[module] = cached_inner_products(keyed, cache)
         if progress is not None:
             progress(1)
     return result

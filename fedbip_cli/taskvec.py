@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedbip_cli.adapters import Adapter, scaled_factors
+from fedbip_cli.adapters import Adapter
 from fedbip_cli.checkpoints import Checkpoint
 from fedbip_cli.errors import UsageError
 
@@ -91,11 +91,13 @@ def checkpoint_deltas(
 
 @dataclass(frozen=True)
 class KeyedFactors:
-    """One client's ``(scale · B, A)`` at one module, with the content key of what they came from."""
+    """One client's stored ``(B, A)`` at one module (float64, unscaled), its scale, and the key of
+    what they came from."""
 
     key: bytes
     b: torch.Tensor
     a: torch.Tensor
+    scale: float
 
 
 def content_key(b: torch.Tensor, a: torch.Tensor, scale: float, salt: str) -> bytes:
@@ -113,9 +115,14 @@ def content_key(b: torch.Tensor, a: torch.Tensor, scale: float, salt: str) -> by
 
 
 def keyed_module_factors(
-    adapters: Sequence[Adapter], module: str, *, salt: str, device: torch.device | str = "cpu"
+    adapters: Sequence[Adapter], module: str, *, salt: str, device: torch.device | str = "cpu", hashed: bool = True
 ) -> list[KeyedFactors | None]:
-    """Each adapter's float64 factors at ``module`` with their content key, or None where it does not target it."""
+    """Each adapter's factors at ``module`` with their content key, or None where it does not target it.
+
+    With ``hashed=False`` the key comes from the adapter file's sha256 (already known) and the module
+    instead of the tensors' bytes: for runs without a cache, where keys only order the clients and
+    merge identical files.
+    """
     keyed: list[KeyedFactors | None] = []
     for adapter in adapters:
         if module not in adapter.modules:
@@ -123,6 +130,9 @@ def keyed_module_factors(
             continue
         b, a = adapter.stored_factors(module)
         scale = adapter.modules[module].scale
-        key = content_key(b, a, scale, salt)
-        keyed.append(KeyedFactors(key, *scaled_factors(b, a, scale, device=device)))
+        if hashed:
+            key = content_key(b, a, scale, salt)
+        else:
+            key = hashlib.sha256(f"{adapter.sha256}|{module}|{scale!r}".encode()).digest()
+        keyed.append(KeyedFactors(key, b.to(device=device, dtype=torch.float64), a.to(device=device, dtype=torch.float64), scale))
     return keyed

@@ -43,13 +43,13 @@ def triangle(k: int) -> int:
 def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count the engine's calls of the inner-product formula, independently of the cache's own stats."""
     calls = [0]
-    formula = similarity.pair_inner_product
+    compute = similarity.compute_pairs
 
-    def counting(x: tuple[torch.Tensor, torch.Tensor], y: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        calls[0] += 1
-        return formula(x, y)
+    def counting(factors: dict, keys: list, missing: list) -> dict:
+        calls[0] += len(missing)
+        return compute(factors, keys, missing)
 
-    monkeypatch.setattr(similarity, "pair_inner_product", counting)
+    monkeypatch.setattr(similarity, "compute_pairs", counting)
     return calls
 
 

@@ -754,7 +754,7 @@ def test_failure_mid_write_leaves_no_partial_output(tmp_path: Path, monkeypatch:
     if existing:
         out.mkdir()
         (out / "old.txt").write_text("previous merge")
-    real = pipeline.write_adapter
+    real = pipeline.write_config
     written: list[Path] = []
 
     def fail_after_first(directory: Path, *args: object, **kwargs: object) -> None:
@@ -763,7 +763,7 @@ def test_failure_mid_write_leaves_no_partial_output(tmp_path: Path, monkeypatch:
         real(directory, *args, **kwargs)
         written.append(directory)
 
-    monkeypatch.setattr(pipeline, "write_adapter", fail_after_first)
+    monkeypatch.setattr(pipeline, "write_config", fail_after_first)
     with pytest.raises(RuntimeError, match="disk full"):
         pipeline.merge(pipeline.load([str(d) for d in dirs]), MergeOptions(device="cpu"), out, overwrite=existing)
 
