@@ -133,7 +133,7 @@ def output_rank(mode: str, ranks: Sequence[int | None], row: torch.Tensor, rank:
 
 # Randomized subspace iteration for the shared-basis path: extra vectors and power iterations.
 OVERSAMPLE = 10
-POWER_ITERATIONS = 4
+POWER_ITERATIONS = 3
 # Bounds the memory of the per-client cores in flight (float64 elements).
 CORE_ELEMENTS = 1 << 24
 
@@ -179,6 +179,18 @@ def stack_basis(x: torch.Tensor) -> Basis:
     return Basis(lt=r, q=q)
 
 
+def orthonormal(y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of each (p, w) matrix's columns: Cholesky QR twice (two small batched
+    products), or Householder QR when a Gram is not positive definite."""
+    q = y
+    for _ in range(2):
+        r, info = torch.linalg.cholesky_ex(q.transpose(1, 2) @ q, upper=True)
+        if bool((info != 0).any()):
+            return torch.linalg.qr(y).Q
+        q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
+    return q
+
+
 def top_singular(cores: torch.Tensor, keep: int, *, solver: str, generator_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``keep`` largest singular triplets of each matrix of ``cores`` (c, p, q): U, σ, Vᵀ.
 
@@ -191,14 +203,17 @@ def top_singular(cores: torch.Tensor, keep: int, *, solver: str, generator_seed:
         return u[:, :, :keep], sigma[:, :keep], vt[:, :keep]
     width = keep + OVERSAMPLE
     generator = torch.Generator(device=cores.device).manual_seed(generator_seed)
-    omega = torch.randn(q, width, dtype=cores.dtype, device=cores.device, generator=generator)
-    basis = torch.linalg.qr(cores @ omega).Q
+    # The subspace is found in float32 (it only needs to be close); the final projection, which
+    # decides σ, the energy and the output factors, is float64.
+    single = cores.to(torch.float32)
+    omega = torch.randn(q, width, dtype=torch.float32, device=cores.device, generator=generator)
+    basis = orthonormal(single @ omega)
     for _ in range(POWER_ITERATIONS):
-        back = torch.linalg.qr(cores.transpose(1, 2) @ basis).Q
-        basis = torch.linalg.qr(cores @ back).Q
-    small = basis.transpose(1, 2) @ cores
-    u, sigma, vt = torch.linalg.svd(small, full_matrices=False)
-    return (basis @ u)[:, :, :keep], sigma[:, :keep], vt[:, :keep]
+        basis = orthonormal(single @ orthonormal(single.transpose(1, 2) @ basis))
+    basis = orthonormal(basis.to(cores.dtype))
+    # (Cᵀ Q) is tall: its SVD is much cheaper in this orientation than Qᵀ C's.
+    v, sigma, ut = torch.linalg.svd(cores.transpose(1, 2) @ basis, full_matrices=False)
+    return (basis @ ut.transpose(1, 2))[:, :, :keep], sigma[:, :keep], v.transpose(1, 2)[:, :keep]
 
 
 def merge_module_svd(
@@ -254,11 +269,15 @@ def merge_module_svd(
         mode = solver if solver != "auto" else ("exact" if min(p_b, p_a) <= 4 * (keep + OVERSAMPLE) else "randomized")
         u, sigma, vt = top_singular(cores, min(keep, p_b, p_a), solver=mode)
         total = cores.square().sum(dim=(1, 2))
+        root = sigma.clamp(min=0).sqrt()
+        # One product per side for the whole chunk: Q_B (U √σ) and Q_A (V √σ), clients side by side.
+        width = u.shape[2]
+        new_bs = left.apply((u * root[:, None, :]).permute(1, 0, 2).reshape(p_b, -1)).reshape(out_dim, len(clients), width)
+        new_as = right.apply((vt * root[:, :, None]).permute(2, 0, 1).reshape(p_a, -1)).reshape(in_dim, len(clients), width)
         for c, i in enumerate(clients):
-            k_i = min(keeps[i], sigma.shape[1])
-            root = sigma[c, :k_i].clamp(min=0).sqrt()
-            new_b = left.apply(u[c, :, :k_i] * root[None, :])
-            new_a = right.apply(vt[c, :k_i].T * root[None, :]).T
+            k_i = min(keeps[i], width)
+            new_b = new_bs[:, c, :k_i]
+            new_a = new_as[:, c, :k_i].T
             if k_i < keeps[i]:  # the stack's span is narrower than the planned rank: zero columns
                 new_b = torch.cat([new_b, new_b.new_zeros(out_dim, keeps[i] - k_i)], dim=1)
                 new_a = torch.cat([new_a, new_a.new_zeros(keeps[i] - k_i, in_dim)], dim=0)
