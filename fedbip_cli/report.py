@@ -375,7 +375,7 @@ def plan_table(plan: dict[str, Any], out: Path) -> Table:
     table = Table(title=f"merge plan → {out}", caption=(
         f"{plan['modules']} modules in {len(plan['groups'])} {plan['granularity']} group(s); "
         f"combine {plan['combine']}" + (f" at rank {plan['rank']}" if plan["rank"] else "")
-        + f"; about {_size(plan['output_bytes'])} to write"
+        + f"; about {_size(plan['output_bytes'])} to write" + _base_caption(plan)
     ))
     for column in ("client", "source", "modules", "ranks"):
         table.add_column(column)
@@ -383,6 +383,14 @@ def plan_table(plan: dict[str, Any], out: Path) -> Table:
         source = client["source"] + (f" @ {client['revision'][:12]}" if client["revision"] else "")
         table.add_row(client["name"], source, str(client["modules"]), ", ".join(map(str, client["ranks"])))
     return table
+
+
+def _base_caption(plan: dict[str, Any]) -> str:
+    """A plan caption's last line: the base checked against, with the whole commit a Hub base resolved to."""
+    base = plan.get("base")
+    if not base:
+        return ""
+    return f"\nchecked against the base {base['source']}" + (f" at commit {base['revision']}" if base["revision"] else "")
 
 
 def _full_plan_table(plan: dict[str, Any], out: Path) -> Table:
@@ -394,7 +402,7 @@ def _full_plan_table(plan: dict[str, Any], out: Path) -> Table:
     )
     table = Table(title=f"merge plan → {out}", caption=(
         f"{plan['tensors']} tensors ({plan['task_tensors']} with a task vector) in {len(plan['groups'])} "
-        f"{plan['granularity']} group(s); {written}; about {_size(plan['output_bytes'])} to write"
+        f"{plan['granularity']} group(s); {written}; about {_size(plan['output_bytes'])} to write" + _base_caption(plan)
     ))
     for column in ("client", "source", "tensors", "weight files"):
         table.add_column(column)
