@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from rich.console import RenderableType
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -368,14 +368,23 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def plan_table(plan: dict[str, Any], out: Path) -> Table:
-    """The dry-run plan: one row per client, the totals in the caption."""
-    if plan.get("kind") == "full":
-        return _full_plan_table(plan, out)
+def plan_table(plan: dict[str, Any], out: Path) -> RenderableType:
+    """The dry-run plan: one row per client, the totals in the caption; then the base checked against,
+    with the whole commit a Hub base resolved to."""
+    table = _full_plan_table(plan, out) if plan.get("kind") == "full" else _lora_plan_table(plan, out)
+    base = plan.get("base")
+    if not base:
+        return table
+    commit = f" at commit {base['revision']}" if base["revision"] else ""
+    return Group(table, Text(f"checked against the base {base['source']}{commit}"))
+
+
+def _lora_plan_table(plan: dict[str, Any], out: Path) -> Table:
+    """The dry-run plan of adapters: one row per client, the totals in the caption."""
     table = Table(title=f"merge plan → {out}", caption=(
         f"{plan['modules']} modules in {len(plan['groups'])} {plan['granularity']} group(s); "
         f"combine {plan['combine']}" + (f" at rank {plan['rank']}" if plan["rank"] else "")
-        + f"; about {_size(plan['output_bytes'])} to write" + _base_caption(plan)
+        + f"; about {_size(plan['output_bytes'])} to write"
     ))
     for column in ("client", "source", "modules", "ranks"):
         table.add_column(column)
@@ -383,14 +392,6 @@ def plan_table(plan: dict[str, Any], out: Path) -> Table:
         source = client["source"] + (f" @ {client['revision'][:12]}" if client["revision"] else "")
         table.add_row(client["name"], source, str(client["modules"]), ", ".join(map(str, client["ranks"])))
     return table
-
-
-def _base_caption(plan: dict[str, Any]) -> str:
-    """A plan caption's last line: the base checked against, with the whole commit a Hub base resolved to."""
-    base = plan.get("base")
-    if not base:
-        return ""
-    return f"\nchecked against the base {base['source']}" + (f" at commit {base['revision']}" if base["revision"] else "")
 
 
 def _full_plan_table(plan: dict[str, Any], out: Path) -> Table:
@@ -402,7 +403,7 @@ def _full_plan_table(plan: dict[str, Any], out: Path) -> Table:
     )
     table = Table(title=f"merge plan → {out}", caption=(
         f"{plan['tensors']} tensors ({plan['task_tensors']} with a task vector) in {len(plan['groups'])} "
-        f"{plan['granularity']} group(s); {written}; about {_size(plan['output_bytes'])} to write" + _base_caption(plan)
+        f"{plan['granularity']} group(s); {written}; about {_size(plan['output_bytes'])} to write"
     ))
     for column in ("client", "source", "tensors", "weight files"):
         table.add_column(column)
