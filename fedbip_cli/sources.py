@@ -329,9 +329,13 @@ def _remote_shapes(ref: HubRef, commit: str, name: str) -> dict[str, list[int]]:
     headers = build_hf_headers(library_name="fedbip")
 
     def read(start: int, length: int) -> bytes:
-        response = get_session().get(
-            url, headers={**headers, "Range": f"bytes={start}-{start + length - 1}"}, timeout=hub_constants.HF_HUB_DOWNLOAD_TIMEOUT
-        )
+        try:
+            response = get_session().get(
+                url, headers={**headers, "Range": f"bytes={start}-{start + length - 1}"}, timeout=hub_constants.HF_HUB_DOWNLOAD_TIMEOUT
+            )
+        except Exception as exc:  # the session's own transport errors (httpx's are no OSError): no connection, timeout
+            hint = "check the connection and HF_ENDPOINT, or run once where the Hub can be reached"
+            raise SourceError(f"the Hub could not be reached: {exc}", where=where, hint=hint) from exc
         hf_raise_for_status(response)
         skip = 0 if response.status_code == 206 else start  # 200: a server that ignores ranges sent the whole file
         return response.content[skip : skip + length]

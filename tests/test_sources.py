@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import constants as hub_constants
 from hubcache import make_hub_cache, use_offline_cache
 from safetensors.torch import save
 
@@ -397,6 +399,23 @@ def test_model_shapes_offline_without_the_weights(hub: Path) -> None:
     assert resolve_revision("hf://owner/base") == commit  # the configs are enough for the commit
     with pytest.raises(SourceError, match="model.safetensors is not in the local Hub cache .*HF_HUB_OFFLINE") as info:
         model_shapes("hf://owner/base")
+    assert info.value.where == f"hf://owner/base@{commit}: model.safetensors"
+
+
+def test_model_shapes_when_the_hub_cannot_be_reached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online, with the base's configs cached but not its weights, and nothing listening at the endpoint."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", endpoint)  # what HF_ENDPOINT sets at import
+    monkeypatch.setattr(hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    files = {"config.json": b"{}", "model.safetensors": WEIGHTS}
+    commit = make_hub_cache(tmp_path / "hub", "owner/base", files, missing={"model.safetensors"})
+    with pytest.raises(SourceError, match="the Hub could not be reached") as info:
+        model_shapes("hf://owner/base")  # the configs come from the cache; the header cannot
     assert info.value.where == f"hf://owner/base@{commit}: model.safetensors"
 
 
