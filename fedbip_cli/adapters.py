@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fedbip_cli.errors import AdapterError
-from fedbip_cli.sources import ResolvedSource
+from fedbip_cli.sources import ModelShapes, ResolvedSource
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -368,24 +368,12 @@ class StreamingAdapterWriter:
         return self._digest.hexdigest()
 
 
-def base_weight_shapes(base_dir: Path) -> dict[str, list[int]]:
-    """Shapes of every tensor in a base model directory, from the safetensors headers only."""
-    files = sorted(base_dir.glob("*.safetensors"))
-    if not files:
-        raise AdapterError(
-            "no *.safetensors weights found",
-            where=str(base_dir),
-            hint="--base must be a Hugging Face model directory saved with safetensors",
-        )
-    shapes: dict[str, list[int]] = {}
-    for path in files:
-        shapes.update(read_header(path)[0])
-    return shapes
+def check_against_base(adapters: list[Adapter], base: ModelShapes) -> None:
+    """Check that every adapted module exists in the base with the shape its factors imply.
 
-
-def check_against_base(adapters: list[Adapter], base_dir: Path) -> None:
-    """Check that every adapted module exists in the base with the shape its factors imply."""
-    shapes = base_weight_shapes(base_dir)
+    ``base`` comes from the base's safetensors headers (``sources.model_shapes``): no weight is read.
+    """
+    shapes = base.shapes
     for adapter in adapters:
         for name, spec in adapter.modules.items():
             expected = [spec.in_features, spec.out_features] if adapter.fan_in_fan_out else [spec.out_features, spec.in_features]
@@ -401,11 +389,11 @@ def check_against_base(adapters: list[Adapter], base_dir: Path) -> None:
                 raise AdapterError(
                     f"module {name} does not exist in the base model",
                     where=adapter.where,
-                    hint=f"this adapter was trained on another model than {base_dir}",
+                    hint=f"this adapter was trained on another model than {base.where}",
                 )
             if all(shapes[key] != expected for key in found):
                 raise AdapterError(
                     f"module {name}: the factors imply a weight of shape {expected}, the base has {shapes[found[0]]}",
                     where=adapter.where,
-                    hint=f"this adapter was trained on another model than {base_dir}",
+                    hint=f"this adapter was trained on another model than {base.where}",
                 )

@@ -148,7 +148,7 @@ def merge(
     sources: Annotated[Optional[list[str]], typer.Argument(help=SOURCES_HELP + " May come from --config instead.", show_default=False)] = None,
     config: Annotated[
         Optional[Path],
-        typer.Option("--config", "-c", help="TOML file with sources and any option below (relative paths from its directory); the command line overrides it.", show_default=False),
+        typer.Option("--config", "-c", help="TOML (or YAML: *.yaml, *.yml) file with sources and any option below (relative paths from its directory); the command line overrides it.", show_default=False),
     ] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory: one PEFT adapter (full checkpoints: one checkpoint, or adapter with --to-lora) and model card per client, plus fedbip-manifest.json.", show_default=False)] = None,
     base: Base = None,

@@ -1,12 +1,14 @@
-"""``fedbip merge --config FILE``: the SOURCES and every merge option in one TOML file.
+"""``fedbip merge --config FILE``: the SOURCES and every merge option in one TOML or YAML file.
 
-A config file is checked whole before anything is resolved or read: an unknown key, a value of
-the wrong type or a bad value is a ``UsageError`` that names the file, the key and the value.
-Relative paths in it (sources, out, base, lock, cache) are taken from the file's directory, so a
-pipeline can run it from anywhere. Options given on the command line override the file; the file
-overrides the defaults, which live in ``MergeOptions`` / ``WeightOptions`` and here, nowhere else.
+A file named ``*.yaml`` / ``*.yml`` is YAML, any other TOML; both hold the same keys, checked the
+same way. A config file is checked whole before anything is resolved or read: an unknown key, a
+value of the wrong type or a bad value is a ``UsageError`` that names the file, the key and the
+value. Relative paths in it (sources, out, base, lock, cache) are taken from the file's directory,
+so a pipeline can run it from anywhere. Options given on the command line override the file; the
+file overrides the defaults, which live in ``MergeOptions`` / ``WeightOptions`` and here, nowhere
+else.
 
-Example::
+Example (TOML; in YAML ``key: value``)::
 
     sources = ["hf://acme/support-adapters", "adapters/"]
     out = "merged"
@@ -24,6 +26,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from fedbip_cli.errors import UsageError
 from fedbip_cli.innercache import default_cache_dir
@@ -72,6 +76,7 @@ KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
 _WEIGHT_KEYS = ("weighting", "negative", "temperature", "top_k")
 _HINT = "keys are the options of `fedbip merge --help` with '_' for '-'; its help lists the accepted values"
 _OPTION_KEYS = ("granularity", "combine", "rank", "to_lora", "max_shard_size", "device")
+YAML_SUFFIXES = (".yaml", ".yml")
 
 
 @dataclass(frozen=True)
@@ -94,23 +99,23 @@ class MergeSettings:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """Read and check a config file; return its values with paths made absolute.
+    """Read and check a config file (YAML if named ``*.yaml`` / ``*.yml``, else TOML); return its
+    values with paths made absolute.
 
     ``layerwise`` is folded into ``granularity``; ``cache = true`` means the default directory.
 
     Raises:
-        UsageError: the file cannot be read, is not TOML, or holds an unknown key, a value of the
-            wrong type or a bad value.
+        UsageError: the file cannot be read, is not TOML (YAML), or holds an unknown key, a value of
+            the wrong type or a bad value.
     """
     where = str(path)
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UsageError("config file not found", where=where, hint="--config names a TOML file") from None
+        raise UsageError("config file not found", where=where, hint="--config names a TOML file (or YAML: *.yaml, *.yml)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read the config file: {exc}", where=where) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"not valid TOML: {exc}", where=where, hint="see https://toml.io for the syntax") from None
+    data = _parse_yaml(text, where) if Path(path).suffix.lower() in YAML_SUFFIXES else _parse_toml(text, where)
     for key, value in data.items():
         _check_key(key, value, where)
     layer = normalise(data, where, _HINT)
@@ -125,6 +130,41 @@ def read_config(path: Path) -> dict[str, Any]:
     if "sources" in layer:
         layer["source_dir"] = root
     return layer
+
+
+def _parse_toml(text: str, where: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"not valid TOML: {exc}", where=where, hint="see https://toml.io for the syntax") from None
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice (TOML does; plain YAML would keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[tuple[str, str]] = set()
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                continue
+            if (key.tag, key.value) in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {key.value!r}", key.start_mark
+                )
+            seen.add((key.tag, key.value))
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.load(text, Loader=_YamlLoader)  # a SafeLoader: plain data, never Python objects
+    except yaml.YAMLError as exc:
+        raise UsageError(f"not valid YAML: {exc}", where=where, hint="see https://yaml.org for the syntax") from None
+    if data is None:  # an empty file
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"expected keys and values (a mapping) at the top level, found {_shown(data)}", where=where, hint=_HINT)
+    return data
 
 
 def normalise(layer: Mapping[str, Any], where: str, hint: str | None = None) -> dict[str, Any]:
@@ -197,7 +237,7 @@ def merge_settings(config: Path | None, given: Mapping[str, Any]) -> MergeSettin
 
 def _check_key(key: str, value: Any, where: str) -> None:
     if key not in KEYS:
-        close = difflib.get_close_matches(key.replace("-", "_"), list(KEYS), n=1)
+        close = difflib.get_close_matches(str(key).replace("-", "_"), list(KEYS), n=1)
         suggestion = f"; did you mean {close[0]!r}?" if close else ""
         raise UsageError(f"unknown key {key!r}{suggestion}", where=where, hint=f"the keys are: {', '.join(KEYS)}")
     accepts, expected = KEYS[key]
@@ -206,7 +246,7 @@ def _check_key(key: str, value: Any, where: str) -> None:
 
 
 def _shown(value: Any) -> str:
-    """A value as it would be written in TOML (strings in double quotes, true/false)."""
+    """A value as it would be written in TOML (strings in double quotes, true/false; YAML's null as null)."""
     try:
         return json.dumps(value, default=str)
     except (TypeError, ValueError):

@@ -68,11 +68,13 @@ def load_checkpoints(
     *,
     base_dir: Path | None = None,
     resolved: Sequence[tuple[str, list[ResolvedSource]]] = (),
+    base_revision: str | None = None,
 ) -> CheckpointWorkspace:
     """Validate full checkpoints and their base: every tensor name and shape must match the base's.
 
     ``base_dir`` is the directory a relative ``base`` (and the SOURCES) are taken from; ``resolved``
-    says which clients each SOURCE expanded to (``sources.resolve_specs``).
+    says which clients each SOURCE expanded to (``sources.resolve_specs``); ``base_revision`` is the
+    commit to fetch a Hub base at (``sources.resolve_revision``; default: its reference's revision).
 
     Raises:
         SourceError: the sources mix adapters and full checkpoints.
@@ -93,7 +95,7 @@ def load_checkpoints(
             hint="pass --base MODEL, the directory or hf:// reference of the model they were fine-tuned from",
         )
     directory = Path.cwd() if base_dir is None else Path(base_dir)
-    model_dir, revision = resolve_model_dir(base, allow_patterns=BASE_PATTERNS, base_dir=directory)
+    model_dir, revision = resolve_model_dir(base, allow_patterns=BASE_PATTERNS, base_dir=directory, revision=base_revision)
     base_checkpoint = load_checkpoint(ResolvedSource("base", model_dir, base, revision, FULL))
     checkpoints = [load_checkpoint(s) for s in sources]
     check_against_base(checkpoints, base_checkpoint)

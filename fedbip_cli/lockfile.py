@@ -34,18 +34,20 @@ LOCKED_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 LOCKED_CHECKPOINT_FILES = ("config.json", checkpoints.INDEX_NAME, checkpoints.WEIGHTS_NAME)
 
 
-def sources_record(resolved: Sequence[tuple[str, Sequence[ResolvedSource]]]) -> dict[str, Any]:
-    """The ``sources`` part of a lock: for each SOURCE (``sources.resolve_specs``), its clients' commits and file hashes."""
-    return {
-        spec: {
-            source.name: {
-                "revision": source.revision,
-                "files": {f: file_sha256(source.path / f) for f in _locked_files(source) if (source.path / f).is_file()},
-            }
-            for source in group
-        }
-        for spec, group in resolved
-    }
+def sources_record(resolved: Sequence[tuple[str, Sequence[ResolvedSource]]], *, hashes: bool = True) -> dict[str, Any]:
+    """The ``sources`` part of a lock: for each SOURCE (``sources.resolve_specs``), its clients' commits and file hashes.
+
+    With ``hashes=False``, commits only (no ``files``): what can be checked before any weights are fetched.
+    """
+    return {spec: {source.name: _entry(source, hashes) for source in group} for spec, group in resolved}
+
+
+def _entry(source: ResolvedSource, hashes: bool) -> dict[str, Any]:
+    """One client's lock entry: its commit, and the sha256 of its files when ``hashes``."""
+    if not hashes:
+        return {"revision": source.revision}
+    files = {f: file_sha256(source.path / f) for f in _locked_files(source) if (source.path / f).is_file()}
+    return {"revision": source.revision, "files": files}
 
 
 def _locked_files(source: ResolvedSource) -> list[str]:
@@ -102,7 +104,8 @@ def check_sources(expected: dict[str, Any], now: dict[str, Any], path: Path) -> 
 
     Args:
         expected: the lock file's content (``read_lock``).
-        now: ``sources_record`` of this run.
+        now: ``sources_record`` of this run; entries without ``files`` (``hashes=False``) are checked
+            for their commit only.
 
     Raises:
         LockError: naming the first SOURCE (or client) that differs, and how.
@@ -124,6 +127,8 @@ def check_sources(expected: dict[str, Any], now: dict[str, Any], path: Path) -> 
             where = f"{spec} (client {name})"
             if entry["revision"] != old.get("revision"):
                 raise _moved(path, where, f"resolves to commit {entry['revision']}; {path} pins {old.get('revision')}")
+            if "files" not in entry:
+                continue
             files = old.get("files") or {}
             for file in sorted(set(entry["files"]) | set(files)):
                 if entry["files"].get(file) != files.get(file):

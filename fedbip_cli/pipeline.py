@@ -36,7 +36,7 @@ from fedbip_cli.innercache import InnerProductCache
 from fedbip_cli.merge import combiner, merge_module, output_rank
 from fedbip_cli.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from fedbip_cli.similarity import SimilarityResult, module_inner_products, similarity_from_inner
-from fedbip_cli.sources import FULL, LORA, ResolvedSource, resolve_model_dir, resolve_specs
+from fedbip_cli.sources import FULL, LORA, ResolvedSource, fetch_weights, model_shapes, resolve_revision, resolve_specs
 from fedbip_cli.taskvec import GRANULARITIES, all_modules, group_modules, module_factors
 from fedbip_cli.weights import WeightOptions, personalized_weights
 
@@ -172,8 +172,8 @@ def load(
             directory; a config file's directory for the sources it names).
         lock: a lock file. The record of what this run resolved to is kept in ``Workspace.lock``
             for ``merge`` to write.
-        locked: refuse inputs that resolve differently from ``lock`` (the sources before any client
-            is validated, the base once resolved).
+        locked: refuse inputs that resolve differently from ``lock``: Hub commits (sources and base)
+            as soon as they are resolved, before any weights are fetched; file hashes once fetched.
 
     Raises:
         FedbipError: a source or the base cannot be resolved or is invalid, or (``locked``) an input moved.
@@ -181,7 +181,7 @@ def load(
     if locked and lock is None:
         raise UsageError("--locked needs --lock FILE", hint="name the lock file to check against with --lock")
     directory = Path.cwd() if base_dir is None else Path(base_dir)
-    resolved = resolve_specs(list(specs), base_dir=directory)
+    resolved = resolve_specs(list(specs), base_dir=directory, weights=False)  # Hub clients: configs only so far
     sources = [source for _, group in resolved for source in group]
     if len(sources) < 2:
         raise SourceError(
@@ -189,8 +189,14 @@ def load(
             where=", ".join(specs) or "SOURCES",
             hint="pass a directory of adapter directories, several adapter directories, or an @list file",
         )
+    base_revision = None if base is None else resolve_revision(base)
     lock = None if lock is None else Path(lock)
     held = lockfile.read_lock(lock) if locked and lock is not None else None
+    if held is not None and lock is not None:
+        # Commits first: a branch that moved is refused before its weights are downloaded.
+        lockfile.check_sources(held, lockfile.sources_record(resolved, hashes=False), lock)
+        lockfile.check_base(held, lockfile.base_record(base, base_revision), lock)
+    fetch_weights(sources)
     pinned = lockfile.sources_record(resolved) if lock is not None else {}
     if held is not None and lock is not None:
         lockfile.check_sources(held, pinned, lock)
@@ -199,28 +205,33 @@ def load(
         # Imported here: fullmerge builds on this module (options, results, output directory).
         from fedbip_cli.fullmerge import load_checkpoints
 
-        workspace = load_checkpoints(list(specs), sources, base, base_dir=directory, resolved=resolved)
+        workspace = load_checkpoints(list(specs), sources, base, base_dir=directory, resolved=resolved, base_revision=base_revision)
     else:
-        workspace = _load_adapters(list(specs), sources, base, directory, resolved)
+        workspace = _load_adapters(list(specs), sources, base, base_revision, directory, resolved)
     if lock is not None:
         base_pin = lockfile.base_record(base, workspace.base_revision)
-        if held is not None:
-            lockfile.check_base(held, base_pin, lock)
         workspace.lock = LockState(lock, lockfile.lock_record(pinned, base_pin), locked)
     return workspace
 
 
 def _load_adapters(
-    specs: list[str], sources: list[ResolvedSource], base: str | None, directory: Path, resolved: list[tuple[str, list[ResolvedSource]]]
+    specs: list[str],
+    sources: list[ResolvedSource],
+    base: str | None,
+    base_revision: str | None,
+    directory: Path,
+    resolved: list[tuple[str, list[ResolvedSource]]],
 ) -> Workspace:
-    """Validate LoRA adapters: consistent with each other, and with ``base`` when given."""
+    """Validate LoRA adapters: consistent with each other, and with ``base`` (at commit ``base_revision``
+    when from the Hub) when given. The base's shapes come from its safetensors headers: its weights are
+    never fetched."""
     adapters = [load_adapter(s) for s in sources]
     _check_consistent(adapters)
     workspace = Workspace(specs, sources, adapters, all_modules(adapters), base_dir=directory, resolved=resolved)
     if base is not None:
-        model_dir, revision = resolve_model_dir(base, base_dir=directory)
-        check_against_base(adapters, model_dir)
-        workspace.base, workspace.base_revision = base, revision
+        shapes = model_shapes(base, revision=base_revision, base_dir=directory)
+        check_against_base(adapters, shapes)
+        workspace.base, workspace.base_revision = base, shapes.revision
     return workspace
 
 

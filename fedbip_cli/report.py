@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from rich.console import RenderableType
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -368,10 +368,19 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def plan_table(plan: dict[str, Any], out: Path) -> Table:
-    """The dry-run plan: one row per client, the totals in the caption."""
-    if plan.get("kind") == "full":
-        return _full_plan_table(plan, out)
+def plan_table(plan: dict[str, Any], out: Path) -> RenderableType:
+    """The dry-run plan: one row per client, the totals in the caption; then the base checked against,
+    with the whole commit a Hub base resolved to."""
+    table = _full_plan_table(plan, out) if plan.get("kind") == "full" else _lora_plan_table(plan, out)
+    base = plan.get("base")
+    if not base:
+        return table
+    commit = f" at commit {base['revision']}" if base["revision"] else ""
+    return Group(table, Text(f"checked against the base {base['source']}{commit}"))
+
+
+def _lora_plan_table(plan: dict[str, Any], out: Path) -> Table:
+    """The dry-run plan of adapters: one row per client, the totals in the caption."""
     table = Table(title=f"merge plan → {out}", caption=(
         f"{plan['modules']} modules in {len(plan['groups'])} {plan['granularity']} group(s); "
         f"combine {plan['combine']}" + (f" at rank {plan['rank']}" if plan["rank"] else "")

@@ -5,32 +5,41 @@ in the Hugging Face layout (``config.json`` beside its weights, kind ``full``).
 
 This is the only module that imports ``huggingface_hub``. Hub sources are fetched with
 ``snapshot_download`` into the ordinary Hub cache, which gives revision pinning, ``HF_HUB_OFFLINE``
-and ``HF_TOKEN`` for free. ``huggingface_hub`` reads its environment once, at import; the cache
-location and offline mode are read here again at each call, so that a change to the environment
-after import (tests, notebooks) is honoured.
+and ``HF_TOKEN`` for free: their configs first, which resolve the revision to a commit, then (at
+that commit) their weights, so that a caller can compare the commits with a lock file in between.
+A base model whose shapes are all that is needed (``model_shapes``) is read from its safetensors
+headers only: from the cache when the files are there, else by HTTP range requests of the header
+bytes. ``huggingface_hub`` reads its environment once, at import; the cache location and offline
+mode are read here again at each call, so that a change to the environment after import (tests,
+notebooks) is honoured.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
 from huggingface_hub import constants as hub_constants
-from huggingface_hub import snapshot_download
+from huggingface_hub import hf_hub_url, snapshot_download
 from huggingface_hub.utils import (
+    EntryNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
+    build_hf_headers,
+    get_session,
+    hf_raise_for_status,
     validate_repo_id,
 )
 
@@ -52,6 +61,9 @@ _FORMS = (
     "or hf://owner/repo[@revision][/subfolder]"
 )
 _TRAILING_COMMENT = re.compile(r"\s+#.*$")
+_WEIGHTS, _INDEX = CHECKPOINT_FILES[1:3]
+_SAFETENSORS_HINT = f"--base must be a model saved with safetensors: {_WEIGHTS}, or shards listed in {_INDEX}"
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the size of a header
 _log = logging.getLogger(__name__)
 
 
@@ -141,12 +153,40 @@ def resolve_sources(specs: Sequence[str], *, base_dir: Path | None = None) -> li
     return [source for _, group in resolve_specs(specs, base_dir=base_dir) for source in group]
 
 
-def resolve_specs(specs: Sequence[str], *, base_dir: Path | None = None) -> list[tuple[str, list[ResolvedSource]]]:
-    """Like ``resolve_sources``, but keeps which SOURCE each client came from: ``[(spec, clients), ...]``."""
+def resolve_specs(
+    specs: Sequence[str], *, base_dir: Path | None = None, weights: bool = True
+) -> list[tuple[str, list[ResolvedSource]]]:
+    """Like ``resolve_sources``, but keeps which SOURCE each client came from: ``[(spec, clients), ...]``.
+
+    With ``weights=False`` a Hub client's directory holds only its config so far (its ``revision``
+    is final): ``fetch_weights`` fetches the rest, at that commit, once the caller has checked it.
+    """
     base = Path.cwd() if base_dir is None else base_dir
     resolved = [(spec, _resolve(spec, base, ())) for spec in specs]
-    _check_unique([source for _, group in resolved for source in group])
+    clients = [source for _, group in resolved for source in group]
+    _check_unique(clients)
+    if weights:
+        fetch_weights(clients)
     return resolved
+
+
+def fetch_weights(sources: Iterable[ResolvedSource]) -> None:
+    """Fetch the weights of the Hub clients among ``sources`` (resolved with ``weights=False``),
+    at the commit their configs came from; one Hub call per repository and commit. Local clients
+    need nothing.
+
+    Raises:
+        SourceError: a weight file cannot be fetched.
+    """
+    repos: dict[tuple[str, str], tuple[HubRef, list[str]]] = {}
+    for source in sources:
+        if source.revision is None:
+            continue
+        ref = HubRef.parse(source.origin)
+        _, patterns = repos.setdefault((ref.repo_id, source.revision), (HubRef(ref.repo_id, ref.revision), []))
+        patterns += [_in(ref, name) for name in _FILES[source.kind][1:]]
+    for (_, commit), (repo, patterns) in repos.items():
+        _snapshot(repo, patterns, commit)
 
 
 def pinned_spec(spec: str, revision: str | None, *, base_dir: Path | None = None) -> str:
@@ -171,6 +211,7 @@ def resolve_model_dir(
     *,
     allow_patterns: Sequence[str] = ("*.json", "*.safetensors", "*.safetensors.index.json"),
     base_dir: Path | None = None,
+    revision: str | None = None,
 ) -> tuple[Path, str | None]:
     """Resolve a model (``--base``) given as a local directory or an ``hf://`` reference.
 
@@ -178,6 +219,7 @@ def resolve_model_dir(
         spec: a directory, or ``hf://owner/repo[@revision][/subfolder]``.
         allow_patterns: the files to fetch from the Hub, relative to the subfolder.
         base_dir: directory that a relative path is taken from (default: the working directory).
+        revision: the commit to fetch a Hub model at (``resolve_revision``), instead of ``spec``'s revision.
 
     Returns:
         The local directory (absolute) and the commit hash for a Hub model, else ``None``.
@@ -187,8 +229,7 @@ def resolve_model_dir(
     """
     if spec.startswith(HUB_PREFIX):
         ref = HubRef.parse(spec)
-        prefix = f"{ref.subfolder}/" if ref.subfolder else ""
-        snapshot, root = _hub_dir(ref, [prefix + pattern for pattern in allow_patterns], ref.revision)
+        snapshot, root = _hub_dir(ref, [_in(ref, pattern) for pattern in allow_patterns], revision or ref.revision)
         return root.resolve(), snapshot.name
     path = _local_path(spec, Path.cwd() if base_dir is None else base_dir)
     if not path.is_dir():
@@ -196,6 +237,137 @@ def resolve_model_dir(
         hint = "expected a model directory or hf://owner/repo[@revision][/subfolder]"
         raise SourceError(problem, where=spec, hint=hint)
     return path.resolve(), None
+
+
+def resolve_revision(spec: str) -> str | None:
+    """The commit an ``hf://`` model resolves to, fetching only its JSON files (config, index); None for a path.
+
+    Raises:
+        SourceError: the Hub reference cannot be resolved.
+    """
+    if not spec.startswith(HUB_PREFIX):
+        return None
+    ref = HubRef.parse(spec)
+    return _hub_dir(ref, [_in(ref, "*.json")], ref.revision)[0].name
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """The shape of every tensor of a model, from its safetensors headers; ``where`` names it in messages."""
+
+    where: str
+    revision: str | None
+    shapes: dict[str, list[int]]
+
+
+def model_shapes(spec: str, *, revision: str | None = None, base_dir: Path | None = None) -> ModelShapes:
+    """The shapes of a model's tensors (``--base``), read from its safetensors headers and never its weights.
+
+    A local directory: the headers of its ``*.safetensors``. ``hf://``: its JSON files are fetched
+    (at ``revision``, a commit, when given), then the headers of ``model.safetensors`` or of the
+    shards its index lists are read from the Hub cache where the files are there, else by two HTTP
+    range requests each (the header's 8-byte length, then the header): no weight byte is fetched.
+
+    Raises:
+        SourceError: the model cannot be resolved, has no safetensors weights, or a header is corrupt.
+    """
+    if not spec.startswith(HUB_PREFIX):
+        directory = resolve_model_dir(spec, base_dir=base_dir)[0]
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            hint = "--base must be a Hugging Face model directory saved with safetensors"
+            raise SourceError("no *.safetensors weights found", where=str(directory), hint=hint)
+        return ModelShapes(str(directory), None, {k: v for f in files for k, v in _file_shapes(f).items()})
+    ref = HubRef.parse(spec)
+    snapshot, root = _hub_dir(ref, [_in(ref, "*.json")], revision or ref.revision)
+    shapes: dict[str, list[int]] = {}
+    for name in _weight_names(root, spec):
+        cached = root / name
+        shapes.update(_file_shapes(cached) if cached.is_file() else _remote_shapes(ref, snapshot.name, name))
+    return ModelShapes(spec, snapshot.name, shapes)
+
+
+def _weight_names(root: Path, where: str) -> list[str]:
+    """A model's safetensors files: the shards its index lists, else ``model.safetensors``."""
+    index = root / _INDEX
+    if not index.is_file():
+        return [_WEIGHTS]
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError("no weight_map object")
+        return sorted({str(name) for name in weight_map.values()})
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+        raise SourceError(f"cannot read {_INDEX}: {exc}", where=where, hint=_SAFETENSORS_HINT) from None
+
+
+def _file_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from the header of a local safetensors file."""
+    try:
+        with open(path, "rb") as f:
+
+            def read(start: int, length: int) -> bytes:
+                f.seek(start)
+                return f.read(length)
+
+            return _header_shapes(read, str(path))
+    except OSError as exc:
+        raise SourceError(f"cannot read the weights: {exc.strerror}", where=str(path), hint=_SAFETENSORS_HINT) from None
+
+
+def _remote_shapes(ref: HubRef, commit: str, name: str) -> dict[str, list[int]]:
+    """Tensor shapes from the header of a safetensors file on the Hub, fetched by range requests of the header only."""
+    where = f"{HubRef(ref.repo_id, commit, ref.subfolder)}: {name}"
+    if _offline():
+        cache = _cache_dir() or hub_constants.HF_HUB_CACHE
+        raise SourceError(
+            f"{name} is not in the local Hub cache {cache}, and HF_HUB_OFFLINE is set",
+            where=where,
+            hint="run once online (only the header of the weights is read), or check HF_HUB_CACHE / HF_HOME",
+        )
+    url = hf_hub_url(ref.repo_id, _in(ref, name), revision=commit)
+    headers = build_hf_headers(library_name="fedbip")
+
+    def read(start: int, length: int) -> bytes:
+        try:
+            response = get_session().get(
+                url, headers={**headers, "Range": f"bytes={start}-{start + length - 1}"}, timeout=hub_constants.HF_HUB_DOWNLOAD_TIMEOUT
+            )
+        except Exception as exc:  # the session's own transport errors (httpx's are no OSError): no connection, timeout
+            hint = "check the connection and HF_ENDPOINT, or run once where the Hub can be reached"
+            raise SourceError(f"the Hub could not be reached: {exc}", where=where, hint=hint) from exc
+        hf_raise_for_status(response)
+        skip = 0 if response.status_code == 206 else start  # 200: a server that ignores ranges sent the whole file
+        return response.content[skip : skip + length]
+
+    with _hub_errors(ref, _cache_dir()):
+        try:
+            return _header_shapes(read, where)
+        except EntryNotFoundError:
+            raise SourceError(f"no {name} in the repository at commit {commit}", where=str(ref), hint=_SAFETENSORS_HINT) from None
+
+
+def _header_shapes(read: Callable[[int, int], bytes], where: str) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header: 8 bytes giving its length n, then n bytes of JSON.
+
+    ``read(start, length)`` returns that many bytes of the file from ``start`` (fewer at its end).
+    """
+
+    def corrupt(problem: str) -> SourceError:
+        return SourceError(f"corrupt or truncated safetensors file: {problem}", where=where, hint="re-download or re-save it")
+
+    prefix = read(0, 8)
+    size = int.from_bytes(prefix, "little")
+    if len(prefix) < 8 or not 2 <= size <= _MAX_HEADER:
+        raise corrupt(f"header length {size} out of range")
+    raw = read(8, size)
+    if len(raw) < size:
+        raise corrupt(f"the file ends {len(raw)} bytes into a header of {size}")
+    try:
+        header = json.loads(raw)
+        return {k: [int(d) for d in v["shape"]] for k, v in header.items() if k != "__metadata__"}
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise corrupt(f"unreadable header ({exc})") from None
 
 
 def _resolve(spec: str, base: Path, lists: tuple[Path, ...]) -> list[ResolvedSource]:
@@ -237,21 +409,19 @@ def _resolve_list(list_file: Path, lists: tuple[Path, ...]) -> list[ResolvedSour
 
 
 def _resolve_hub(ref: HubRef) -> list[ResolvedSource]:
-    """Fetch the client(s) of a Hub reference: configs first, then weights of the chosen directories only."""
-    prefix = f"{ref.subfolder}/" if ref.subfolder else ""
-    configs = [pattern for name in (_CONFIG, _MODEL_CONFIG) for pattern in (prefix + name, f"{prefix}*/{name}")]
+    """The client(s) of a Hub reference, from their configs (fetched); ``fetch_weights`` fetches the rest."""
+    configs = [_in(ref, pattern) for name in (_CONFIG, _MODEL_CONFIG) for pattern in (name, f"*/{name}")]
     snapshot, root = _hub_dir(ref, configs, ref.revision)
-    commit = snapshot.name
-    refs = [
-        (ref if d == root else HubRef(ref.repo_id, ref.revision, d.relative_to(snapshot).as_posix()), kind)
-        for d, kind in _client_dirs(root, str(ref))
-    ]
-    weights = [f"{r.subfolder}/{f}" if r.subfolder else f for r, kind in refs for f in _FILES[kind][1:]]
-    _snapshot(ref, weights, commit)  # pinned to the commit the configs came from
-    return [
-        ResolvedSource(_hub_name(r), (snapshot / (r.subfolder or "")).resolve(), str(r), commit, kind)
-        for r, kind in refs
-    ]
+    sources = []
+    for directory, kind in _client_dirs(root, str(ref)):
+        client = ref if directory == root else HubRef(ref.repo_id, ref.revision, directory.relative_to(snapshot).as_posix())
+        sources.append(ResolvedSource(_hub_name(client), directory.resolve(), str(client), snapshot.name, kind))
+    return sources
+
+
+def _in(ref: HubRef, pattern: str) -> str:
+    """A file name or pattern inside ``ref``'s subfolder, as a repository path."""
+    return f"{ref.subfolder}/{pattern}" if ref.subfolder else pattern
 
 
 def _hub_name(ref: HubRef) -> str:

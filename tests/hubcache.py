@@ -36,6 +36,21 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def lfs_pointer(data: bytes) -> bytes:
+    """The Git LFS pointer file that git stores in place of an LFS file's contents."""
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{hashlib.sha256(data).hexdigest()}\nsize {len(data)}\n".encode()
+
+
+def blob_id(path: str, data: bytes) -> str:
+    """A repository file's git blob id: of its LFS pointer for LFS files, else of its contents."""
+    return git_blob_sha1(lfs_pointer(data) if path.endswith(LFS_SUFFIXES) else data)
+
+
+def derived_commit(files: Mapping[str, bytes]) -> str:
+    """A deterministic 40-hex commit hash for a set of repository files."""
+    return hashlib.sha1("".join(f"{path}\0{blob_id(path, files[path])}\0" for path in sorted(files)).encode()).hexdigest()
+
+
 def make_hub_cache(
     cache_dir: Path,
     repo_id: str,
@@ -61,16 +76,10 @@ def make_hub_cache(
     storage = cache_dir / ("models--" + repo_id.replace("/", "--"))
     tree: dict[str, dict[str, object]] = {}
     for path, data in sorted(files.items()):
+        tree[path] = {"size": len(data), "blob_id": blob_id(path, data)}
         if path.endswith(LFS_SUFFIXES):
-            sha256 = hashlib.sha256(data).hexdigest()
-            pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n"
-            blob_id = git_blob_sha1(pointer.encode())
-            tree[path] = {"size": len(data), "blob_id": blob_id, "lfs_sha256": sha256, "lfs_size": len(data)}
-        else:
-            tree[path] = {"size": len(data), "blob_id": git_blob_sha1(data)}
-    if commit is None:
-        listing = "".join(f"{path}\0{entry['blob_id']}\0" for path, entry in tree.items())
-        commit = hashlib.sha1(listing.encode()).hexdigest()
+            tree[path].update(lfs_sha256=hashlib.sha256(data).hexdigest(), lfs_size=len(data))
+    commit = commit or derived_commit(files)
 
     for path, data in files.items():
         if path in missing:

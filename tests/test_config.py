@@ -29,8 +29,8 @@ def project(tmp_path: Path) -> Path:
     return root
 
 
-def write_config(directory: Path, text: str) -> Path:
-    path = directory / "fedbip.toml"
+def write_config(directory: Path, text: str, name: str = "fedbip.toml") -> Path:
+    path = directory / name
     path.write_text(text, encoding="utf-8")
     return path
 
@@ -101,37 +101,70 @@ cache = "c"
     assert kept.sources == ("adapters/",) and kept.source_dir == tmp_path / "conf" and kept.options.combine == "cat"
 
 
+# The same mistakes written in TOML and in YAML, and the one message both give.
 BAD_CONFIGS = [
-    ('top-k = 3', "unknown key 'top-k'; did you mean 'top_k'?"),
-    ('[merge]\nrank = 2', "unknown key 'merge'"),
-    ('top_k = "4"', 'top_k = "4": expected an integer'),
-    ('rank = true', "rank = true: expected an integer"),
-    ('sources = "adapters/"', 'sources = "adapters/": expected a list of non-empty strings'),
-    ('sources = ["a", ""]', 'sources = ["a", ""]: expected a list'),
-    ('temperature = "hot"', 'temperature = "hot": expected a number'),
-    ('overwrite = 1', "overwrite = 1: expected true or false"),
-    ('cache = 3', "cache = 3: expected a directory"),
-    ('combine = "mean"', 'combine = "mean": unknown combine mode \'mean\'; choose one of svd, cat, linear'),
-    ('weighting = "magic"', 'weighting = "magic": unknown weighting \'magic\'; choose one of paper, softmax'),
-    ('negative = "drop"', 'negative = "drop": unknown negative mode'),
-    ('granularity = "layer"', 'granularity = "layer": unknown granularity \'layer\'; choose one of model, block, module'),
-    ('device = "tpu"', 'device = "tpu": unknown device \'tpu\'; choose one of auto, cpu, cuda'),
-    ('temperature = 0', "temperature = 0.0: temperature 0.0 must be positive"),
-    ('top_k = 0', "top_k = 0: top-k 0 must be at least 1"),
-    ('rank = -1', "rank = -1: rank -1 must be a positive integer"),
-    ('layerwise = true\ngranularity = "module"', "give layerwise or granularity, not both"),
-    ('rank = ', "not valid TOML"),
+    ('top-k = 3', 'top-k: 3', "unknown key 'top-k'; did you mean 'top_k'?"),
+    ('[merge]\nrank = 2', 'merge:\n  rank: 2', "unknown key 'merge'"),
+    ('top_k = "4"', 'top_k: "4"', 'top_k = "4": expected an integer'),
+    ('rank = true', 'rank: true', "rank = true: expected an integer"),
+    ('sources = "adapters/"', 'sources: adapters/', 'sources = "adapters/": expected a list of non-empty strings'),
+    ('sources = ["a", ""]', 'sources: [a, ""]', 'sources = ["a", ""]: expected a list'),
+    ('temperature = "hot"', 'temperature: hot', 'temperature = "hot": expected a number'),
+    ('overwrite = 1', 'overwrite: 1', "overwrite = 1: expected true or false"),
+    ('cache = 3', 'cache: 3', "cache = 3: expected a directory"),
+    ('combine = "mean"', 'combine: mean', 'combine = "mean": unknown combine mode \'mean\'; choose one of svd, cat, linear'),
+    ('weighting = "magic"', 'weighting: magic', 'weighting = "magic": unknown weighting \'magic\'; choose one of paper, softmax'),
+    ('negative = "drop"', 'negative: drop', 'negative = "drop": unknown negative mode'),
+    ('granularity = "layer"', 'granularity: layer', 'granularity = "layer": unknown granularity \'layer\'; choose one of model, block, module'),
+    ('device = "tpu"', 'device: tpu', 'device = "tpu": unknown device \'tpu\'; choose one of auto, cpu, cuda'),
+    ('temperature = 0', 'temperature: 0', "temperature = 0.0: temperature 0.0 must be positive"),
+    ('top_k = 0', 'top_k: 0', "top_k = 0: top-k 0 must be at least 1"),
+    ('rank = -1', 'rank: -1', "rank = -1: rank -1 must be a positive integer"),
+    ('layerwise = true\ngranularity = "module"', 'layerwise: true\ngranularity: module', "give layerwise or granularity, not both"),
+    ('rank = ', 'rank: [', "not valid"),
+    ('rank = 2\nrank = 3', 'rank: 2\nrank: 3', "not valid"),  # a key given twice: TOML refuses it, and so does fedbip's YAML
 ]
 
 
-@pytest.mark.parametrize(("text", "message"), BAD_CONFIGS)
-def test_bad_config_names_file_key_and_value(tmp_path: Path, text: str, message: str) -> None:
-    config = write_config(tmp_path, 'out = "o"\n' + text + "\n")
+@pytest.mark.parametrize("name", ["fedbip.toml", "fedbip.yaml"])
+@pytest.mark.parametrize(("toml", "yaml", "message"), BAD_CONFIGS)
+def test_bad_config_names_file_key_and_value(tmp_path: Path, name: str, toml: str, yaml: str, message: str) -> None:
+    text = 'out = "o"\n' + toml if name.endswith(".toml") else "out: o\n" + yaml
+    config = write_config(tmp_path, text + "\n", name)
     with pytest.raises(UsageError) as caught:
         read_config(config)
     assert caught.value.where == str(config)
     assert message in caught.value.message, caught.value.message
     assert caught.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("rank: 2\nrank: 3\n", "found duplicate key 'rank'"),
+        ("- adapters/\n- more/\n", 'expected keys and values (a mapping) at the top level, found ["adapters/", "more/"]'),
+        ("base:\n", "base = null: expected a model directory or hf:// reference"),
+        ("out: 2024-01-01\n", 'out = "2024-01-01": expected a directory (string)'),
+        ("1: x\n", "unknown key 1"),
+        ("rank: !!python/object/apply:os.getcwd []\n", "not valid YAML"),  # the safe loader builds no Python objects
+    ],
+)
+def test_yaml_specifics(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        read_config(write_config(tmp_path, text, "fedbip.yml"))
+    assert message in caught.value.message, caught.value.message
+    assert caught.value.where == str(tmp_path / "fedbip.yml") and caught.value.exit_code == 2
+
+
+def test_yaml_and_toml_configs_decide_the_same_merge(tmp_path: Path) -> None:
+    """The example CI config in TOML and in YAML: every setting the same, paths from the file's directory."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "ci"
+    toml = merge_settings(example / "fedbip.toml", {})
+    assert merge_settings(example / "fedbip.yaml", {}) == toml
+    assert toml.out == example / "merged" and toml.options.granularity == "block" and toml.options.weights.top_k == 4
+    empty = write_config(tmp_path, "# nothing yet\n", "fedbip.yml")
+    assert read_config(empty) == {}
+    assert merge_settings(empty, {"sources": ["a"], "out": Path("o")}).sources == ("a",)
 
 
 def test_missing_pieces_are_usage_errors(tmp_path: Path) -> None:
@@ -157,8 +190,17 @@ def test_every_key_is_a_merge_option() -> None:
 # --- through the command line ------------------------------------------------------------------
 
 
-def test_merge_from_config_without_sources_on_the_command_line(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = write_config(project, 'sources = ["adapters/"]\nout = "merged"\nlayerwise = true\ncombine = "cat"\n')
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("fedbip.toml", 'sources = ["adapters/"]\nout = "merged"\nlayerwise = true\ncombine = "cat"\n'),
+        ("fedbip.yml", "sources:\n  - adapters/\nout: merged\nlayerwise: true\ncombine: cat\n"),
+    ],
+)
+def test_merge_from_config_without_sources_on_the_command_line(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, text: str
+) -> None:
+    config = write_config(project, text, name)
     monkeypatch.chdir(tmp_path)  # relative paths come from the file, not from here
     result = runner.invoke(app, ["merge", "--config", str(config), "--json"])
     assert result.exit_code == 0, result.output

@@ -52,10 +52,11 @@ class Project:
     def merge(self, *args: str):
         return runner.invoke(app, ["merge", "--config", str(self.config), *args])
 
-    def move_main(self) -> str:
-        """Push a second commit to org/adapters main: b retrained."""
+    def move_main(self, *, fetched: bool = True) -> str:
+        """Push a second commit to org/adapters main: b retrained. ``fetched=False``: only its configs are in the cache."""
         files = adapter_files(self.tmp / "build", ["a"], seed=0) | adapter_files(self.tmp / "build2", ["b"], seed=50)
-        return make_hub_cache(self.hub, "org/adapters", files)
+        weights = set() if fetched else {f for f in files if f.endswith(".safetensors")}
+        return make_hub_cache(self.hub, "org/adapters", files, missing=weights)
 
 
 @pytest.fixture
@@ -112,6 +113,29 @@ def test_locked_refuses_a_moved_revision(project: Project) -> None:
     assert project.merge().exit_code == 0
     assert {e["revision"] for e in json.loads(project.lock.read_text())["sources"]["hf://org/adapters"].values()} == {moved}
     assert project.merge("--locked").exit_code == 0
+
+
+def test_locked_refuses_a_moved_revision_before_fetching_its_weights(project: Project) -> None:
+    """The new commit's weights are not in the (offline) cache: any attempt to fetch them would fail.
+    --locked refuses on the commit alone; without --locked the weights are needed, and missed."""
+    assert project.merge().exit_code == 0
+    moved = project.move_main(fetched=False)
+    for args in (("--locked",), ("--locked", "--dry-run")):
+        refused = project.merge(*args)
+        assert refused.exit_code == 1, refused.output
+        assert "hf://org/adapters (client a)" in refused.stderr and f"resolves to commit {moved}" in refused.stderr
+        assert "partly downloaded" not in refused.stderr
+    unlocked = project.merge("--dry-run")
+    assert unlocked.exit_code == 1 and "partly downloaded" in unlocked.stderr
+
+
+def test_locked_refuses_a_moved_base_before_reading_it(project: Project) -> None:
+    assert project.merge().exit_code == 0
+    moved = make_hub_cache(project.hub, "org/base", base_files(16), missing={"model.safetensors"})
+    refused = project.merge("--locked", "--dry-run")
+    assert refused.exit_code == 1 and f"the base resolves to hf://org/base at {moved}" in refused.stderr
+    unlocked = project.merge("--dry-run")  # the header of the new commit's weights is needed, and not cached
+    assert unlocked.exit_code == 1 and "model.safetensors is not in the local Hub cache" in unlocked.stderr
 
 
 def test_a_pinned_revision_does_not_move(project: Project) -> None:

@@ -29,7 +29,7 @@ from fedbip_cli import pipeline
 from fedbip_cli.adapters import check_against_base, load_adapter
 from fedbip_cli.errors import AdapterError
 from fedbip_cli.manifest import MANIFEST_NAME
-from fedbip_cli.sources import ResolvedSource
+from fedbip_cli.sources import ResolvedSource, model_shapes
 
 EXACT = 1e-5  # relative Frobenius error allowed for exact merges (outputs are stored in float32)
 FORWARD = 1e-4  # absolute error allowed between forward passes
@@ -329,11 +329,12 @@ def test_adapters_of_another_architecture_are_refused_naming_the_module(bert: In
 def test_the_base_shape_check_honours_fan_in_fan_out(gpt2: Inputs, tmp_path: Path) -> None:
     """Conv1D stores its weight as (in, out): a GPT-2 adapter claiming the Linear layout is refused."""
     original = gpt2.tiny.adapter("g_one")
-    check_against_base([load_adapter(ResolvedSource("g_one", original, str(original)))], gpt2.tiny.base)
+    base = model_shapes(str(gpt2.tiny.base))
+    check_against_base([load_adapter(ResolvedSource("g_one", original, str(original)))], base)
 
     flipped = tmp_path / "g_one"
     shutil.copytree(original, flipped)
     config = json.loads((flipped / "adapter_config.json").read_text(encoding="utf-8"))
     (flipped / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": False}), encoding="utf-8")
     with pytest.raises(AdapterError, match=r"module h\.0\.attn\.c_attn: .* shape \[96, 32\], the base has \[32, 96\]"):
-        check_against_base([load_adapter(ResolvedSource("g_one", flipped, str(flipped)))], gpt2.tiny.base)
+        check_against_base([load_adapter(ResolvedSource("g_one", flipped, str(flipped)))], base)

@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
+import torch
+from huggingface_hub import constants as hub_constants
 from hubcache import make_hub_cache, use_offline_cache
+from safetensors.torch import save
 
 from fedbip_cli.errors import SourceError
-from fedbip_cli.sources import FULL, LORA, HubRef, ResolvedSource, pinned_spec, resolve_model_dir, resolve_sources
+from fedbip_cli.sources import (
+    FULL,
+    LORA,
+    HubRef,
+    ResolvedSource,
+    fetch_weights,
+    model_shapes,
+    pinned_spec,
+    resolve_model_dir,
+    resolve_revision,
+    resolve_sources,
+    resolve_specs,
+)
 
 CONFIG = json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}).encode()
 WEIGHTS = b"not parsed by sources"
@@ -283,6 +299,26 @@ def test_hub_full_checkpoints_fetch_their_weights(hub: Path) -> None:
         resolve_sources(["hf://owner/ft-2/ft"])
 
 
+def test_hub_configs_first_then_weights_at_the_same_commit(hub: Path) -> None:
+    """Without weights, a Hub client's commit is known from its config alone; the weights come after."""
+    files = {f"{c}/{k}": v for c in ("a", "b") for k, v in ADAPTER.items()}
+    commit = make_hub_cache(hub, "owner/repo", files, missing={"a/adapter_model.safetensors", "b/adapter_model.safetensors"})
+
+    [(spec, sources)] = resolve_specs(["hf://owner/repo"], weights=False)
+
+    assert spec == "hf://owner/repo" and [(s.name, s.revision) for s in sources] == [("a", commit), ("b", commit)]
+    assert not (sources[0].path / "adapter_model.safetensors").exists()
+    with pytest.raises(SourceError, match="partly downloaded") as info:
+        fetch_weights(sources)  # the weights were needed, and are not there
+    assert info.value.where == "hf://owner/repo"
+    with pytest.raises(SourceError, match="partly downloaded"):
+        resolve_specs(["hf://owner/repo"])  # the default fetches them at once
+
+    make_hub_cache(hub, "owner/repo", files)  # the download completed
+    fetch_weights(sources)
+    assert (sources[1].path / "adapter_model.safetensors").read_bytes() == WEIGHTS
+
+
 def test_hub_repo_not_in_cache_offline(hub: Path) -> None:
     with pytest.raises(SourceError) as info:
         resolve_sources(["hf://owner/absent"])
@@ -335,6 +371,69 @@ def test_model_dir_local_and_hub(hub: Path, tmp_path: Path) -> None:
     path, revision = resolve_model_dir("hf://owner/base/m")
     assert revision == commit
     assert (path / "model.safetensors").read_bytes() == WEIGHTS
+
+
+def safetensors_bytes(shapes: dict[str, tuple[int, ...]]) -> bytes:
+    return save({name: torch.zeros(shape) for name, shape in shapes.items()})
+
+
+def test_model_shapes_from_headers_local_and_hub(hub: Path, tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model.safetensors").write_bytes(safetensors_bytes({"q.weight": (8, 6), "q.bias": (8,)}))
+    local = model_shapes("base", base_dir=tmp_path)
+    assert local == type(local)(str(tmp_path / "base"), None, {"q.weight": [8, 6], "q.bias": [8]})
+    assert resolve_revision(str(tmp_path / "base")) is None
+
+    shards = {"model-00001-of-00002.safetensors": {"a.weight": (4, 2)}, "model-00002-of-00002.safetensors": {"b.weight": (3, 5)}}
+    index = {"metadata": {}, "weight_map": {t: f for f, tensors in shards.items() for t in tensors}}
+    files = {f"m/{f}": safetensors_bytes(tensors) for f, tensors in shards.items()}
+    commit = make_hub_cache(hub, "owner/base", {"m/config.json": b"{}", "m/model.safetensors.index.json": json.dumps(index).encode(), **files})
+    assert resolve_revision("hf://owner/base/m") == commit
+    shapes = model_shapes("hf://owner/base/m", revision=commit)
+    assert (shapes.where, shapes.revision, shapes.shapes) == ("hf://owner/base/m", commit, {"a.weight": [4, 2], "b.weight": [3, 5]})
+
+
+def test_model_shapes_offline_without_the_weights(hub: Path) -> None:
+    """Offline, headers come from the cache: a base whose weights were never fetched is reported, naming the file."""
+    commit = make_hub_cache(hub, "owner/base", {"config.json": b"{}", "model.safetensors": WEIGHTS}, missing={"model.safetensors"})
+    assert resolve_revision("hf://owner/base") == commit  # the configs are enough for the commit
+    with pytest.raises(SourceError, match="model.safetensors is not in the local Hub cache .*HF_HUB_OFFLINE") as info:
+        model_shapes("hf://owner/base")
+    assert info.value.where == f"hf://owner/base@{commit}: model.safetensors"
+
+
+def test_model_shapes_when_the_hub_cannot_be_reached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online, with the base's configs cached but not its weights, and nothing listening at the endpoint."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", endpoint)  # what HF_ENDPOINT sets at import
+    monkeypatch.setattr(hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    files = {"config.json": b"{}", "model.safetensors": WEIGHTS}
+    commit = make_hub_cache(tmp_path / "hub", "owner/base", files, missing={"model.safetensors"})
+    with pytest.raises(SourceError, match="the Hub could not be reached") as info:
+        model_shapes("hf://owner/base")  # the configs come from the cache; the header cannot
+    assert info.value.where == f"hf://owner/base@{commit}: model.safetensors"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x05\x00\x00\x00\x00\x00\x00\x00{}", (1 << 40).to_bytes(8, "little"), b"\x04\x00\x00\x00\x00\x00\x00\x00[12]"],
+    ids=["empty", "truncated", "huge-length", "not-an-object"],
+)
+def test_model_shapes_refuses_a_corrupt_header(tmp_path: Path, data: bytes) -> None:
+    (tmp_path / "model.safetensors").write_bytes(data)
+    with pytest.raises(SourceError, match="corrupt or truncated safetensors file") as info:
+        model_shapes(str(tmp_path))
+    assert info.value.where == str(tmp_path / "model.safetensors")
+
+
+def test_model_shapes_without_safetensors(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match=r"no \*\.safetensors weights found"):
+        model_shapes(str(tmp_path))
 
 
 def test_model_dir_missing(tmp_path: Path) -> None:
