@@ -1,0 +1,195 @@
+"""Issue 4's benchmark: fedbip against the peft path, a dense torch reference and the I/O floor.
+
+For each workload (see ``workloads.py``: seeded fp16 PEFT adapters with planted clusters, cached
+under ``benchmarks/.work/``), every contender runs in its own process on the same files, in this
+order, with the page cache warm (every input file is read once first):
+
+1. the I/O floor (``floor.py``): read every input byte, write the merged adapters' bytes;
+2. ``fedbip --version``: the start-up every CLI run pays;
+3. ``fedbip merge DIR --out OUT --no-cache --json`` (global), the same with ``--layerwise``, and
+   ``fedbip inspect-similarity DIR --no-cache --format json`` (stdout to a file, whose rows are
+   checked); ``--similarity sketch`` where the CLI offers it (workloads that ask for it);
+4. the peft path (``peft_path.py``): ``add_weighted_adapter(..., "svd")`` per client on a one-block
+   base, measured on a subset of modules and clients, scaled per module to the workload;
+5. the dense reference (``reference.py``): ΔW materialized in float64, weighted sum, SVD, on the
+   same subset, scaled the same way; it is also the yardstick of every contender's error.
+
+The peft path and the reference merge with fedbip's own weights P (``fedbip-manifest.json`` of the
+global merge; the layer-wise merge's for its check), so every contender computes the same M_i.
+
+Usage:
+    python benchmarks/bench.py [--workload NAME]... [--quick] [--device cpu|cuda] [--timeout S]
+                               [--seed N] [--skip CONTENDER]... [--work-dir DIR] [--results FILE]
+    make bench            # every issue workload, full size
+    make bench QUICK=1    # the smaller QUICK sizes (a few minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import measure, report, workloads  # noqa: E402
+from benchmarks.contenders import fedbip_rows, python_rows  # noqa: E402
+
+CONTENDERS = ("floor", "startup", "merge", "merge-layerwise", "inspect", "sketch", "peft", "dense")
+
+
+@dataclass
+class Run:
+    """One workload's run: where its files are, how to start children, and the rows so far."""
+
+    wl: workloads.Workload
+    gen: workloads.Generated
+    runs: Path
+    args: argparse.Namespace
+    env: dict[str, str]
+    rows: list[report.Row] = field(default_factory=list)
+    floor: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.wl.name} (QUICK: {self.wl.note})" if self.wl.quick and self.wl.note else self.wl.name
+
+    def wanted(self, contender: str) -> bool:
+        return contender not in self.args.skip
+
+    def row(self, key: str, contender: str, measured: measure.Measured | None = None, **values: object) -> report.Row:
+        """Append and return a table row; a failed or timed-out run keeps its status and wall time."""
+        row: report.Row = {
+            "name": self.wl.name, "workload": self.label, "key": key, "contender": contender, "quick": self.wl.quick,
+            "input_mb": self.gen.input_bytes / 1e6, "status": "ok", "error": "", "how": "",
+        }
+        if measured is not None:
+            row.update(status=measured.status, wall_s=measured.wall_s, peak_rss_mb=measured.peak_rss_mb)
+        row.update(values)
+        if measured is not None and measured.status != "ok":  # the reason replaces the description
+            row["how"] = measured.detail.splitlines()[-1][:200] if measured.detail else measured.status
+        self.rows.append(row)
+        return row
+
+    def child(self, script: str, name: str, spec: dict) -> tuple[measure.Measured, dict | None]:
+        """Run ``benchmarks/<script>`` on ``spec``; its measurement and its result JSON (None unless ok)."""
+        spec_path, result_path = self.runs / f"{name}.spec.json", self.runs / f"{name}.result.json"
+        spec_path.write_text(json.dumps(spec, indent=1))
+        result_path.unlink(missing_ok=True)
+        command = [sys.executable, str(ROOT / "benchmarks" / script), str(spec_path), str(result_path)]
+        measured = measure.run(command, timeout=self.args.timeout, env=self.env)
+        return measured, json.loads(result_path.read_text()) if measured.status == "ok" else None
+
+
+def child_env() -> dict[str, str]:
+    """The children's environment: this checkout's package first, offline, no colour, wide help."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", NO_COLOR="1", COLUMNS="200")
+    return env
+
+
+def warm_page_cache(directory: Path) -> None:
+    """Read every input byte once, so that no contender pays for the first read from disk."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb", buffering=0) as f:
+                while f.read(16 << 20):
+                    pass
+
+
+def run_workload(wl: workloads.Workload, args: argparse.Namespace, env: dict[str, str]) -> tuple[Run, str]:
+    """Every contender on one workload; the rows and the workloads-table line."""
+    gen = workloads.ensure(wl, args.seed, args.work_dir, regenerate=args.regenerate)
+    done = "reused (cached)" if gen.reused else f"{gen.seconds:.1f} s"
+    print(f"== {wl.key}: {wl.clients} clients, {len(wl.modules())} modules, {gen.input_bytes / 1e6:,.0f} MB of adapters ({done})", flush=True)
+    runs = gen.root / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir(parents=True)
+    warm_page_cache(gen.clients)
+    run = Run(wl, gen, runs, args, env)
+    fedbip_rows(run)
+    python_rows(run)
+    shapes = sorted({f"{o}×{i}" for o, i in wl.modules().values()})
+    line = (f"| {run.label} | {wl.clients:,} | {wl.blocks} × {len(wl.targets)} ({', '.join(wl.targets)}) | {', '.join(shapes)} "
+            f"| {wl.rank} | {gen.input_bytes / 1e6:,.1f} | {done}, {wl.clusters} planted clusters |")
+    return run, line
+
+
+HOW = [
+    "**Wall time** of a contender: from spawning its process to its exit (Python start-up and imports included, as "
+    "a user's command pays them), measured by the harness. **Peak RSS**: the child's own `ru_maxrss` as `os.wait4` "
+    "returns it for that process (MB = 10⁶ bytes). Each contender runs alone, one after the other; other engineers "
+    "share the machine, so expect some noise.",
+    "**Page cache warm**: every input file is read once before the first contender, and the largest workload "
+    "(≈ 1.5 GB) fits in RAM many times over, so no contender reads from disk.",
+    "**I/O floor**: one process reads every input file to the end and writes the merged adapters' bytes (K files of "
+    "K·Σ R·(out+in)·2 bytes in all, fp16 at rank R) through one 16 MiB buffer, no fsync (fedbip does not sync "
+    "either), timed inside the process (no start-up). Merges are compared with read + write, similarity with read alone.",
+    "**fedbip**: the CLI as users run it (`python -m fedbip_cli`), `--no-cache` (no inner products from earlier runs), "
+    "`--device` as given; `inspect-similarity` writes its JSON to a file (its rows are checked). Per client = wall / K.",
+    "**peft path**: peft's `add_weighted_adapter(adapters=all K, weights=P_i, combination_type=\"svd\", svd_rank=R)` "
+    "(defaults otherwise: `full_matrices=True`), then `save_pretrained` and `delete_adapter`, one call per client, "
+    "on a one-block base built with transformers (Llama or a MiniLM-shaped BERT, float32, random init; the MLP width "
+    "is the real one only where an MLP module is measured). peft computes Σ_j w_j·(s_j B_j A_j) densely, then the SVD, "
+    "so w = P_i gives exactly M_i. Measured on one module per distinct shape of block 0 and the first few clients, "
+    "each shape in its own process; the estimate is Σ over shapes (modules of that shape) × (loading K adapters of "
+    "one module + K × mean per-client time). Building the base and trimming the adapters are not counted.",
+    "**dense reference**: for each measured module, every ΔW_j materialized in float64, M_i += P_ij ΔW_j for the "
+    "measured clients, `torch.linalg.svd(M_i, full_matrices=False)`; the estimate is Σ over shapes (modules of that "
+    "shape) × (K materializations + K × (mean weighted sum + mean SVD)).",
+    "**Errors** (same subset): M_i is the dense float64 merge with the contender's own weights (global or "
+    "layer-wise P), M_R its optimal rank-R truncation. For a contender's output X (read from disk; ΔW = s·B@A with "
+    "its config's scale, which is 1 for fedbip and peft outputs): `rel` = ‖X − M_R‖_F / ‖M_R‖_F, `energy` = "
+    "1 − ‖M − X‖²_F / ‖M‖²_F, shown as kept / optimal (Σ_{k≤R} σ_k² / Σ σ_k²). fedbip writes fp16, so rel ≈ 1e-3 is "
+    "its storage rounding. Similarity: max |cos − reference| over the first clients' pairs, the reference from dense "
+    "flattened ΔW of every module in float64.",
+    "**Scaled** numbers are marked ≈ and their peak RSS '(subset)'; the how column says what was measured.",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", action="append", choices=list(workloads.WORKLOADS), help="run this workload (repeatable; default: all of the issue's)")
+    parser.add_argument("--quick", action="store_true", help="the smaller QUICK sizes")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="passed to fedbip, the peft path and the dense reference")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds a contender may run before it is recorded as 'timeout' (default 900)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated adapters (default 0)")
+    parser.add_argument("--skip", action="append", default=[], choices=CONTENDERS, help="leave a contender out (repeatable)")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work", help="generated adapters and outputs")
+    parser.add_argument("--regenerate", action="store_true", help="regenerate the adapters even when cached")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="where to write the markdown report")
+    parser.add_argument("--json", type=Path, help="also write every row as JSON here")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    env = child_env()
+    info = report.machine(ROOT)
+    rows, lines = [], []
+    for name in args.workload or workloads.DEFAULT_WORKLOADS:
+        run, line = run_workload(workloads.workload(name, quick=args.quick), args, env)
+        rows += run.rows
+        lines.append(line)
+    elapsed = time.perf_counter() - start
+    print()
+    print(report.table(rows))
+    print()
+    for target, value, verdict in report.targets(rows):
+        print(f"{target}: {value} — {verdict}")
+    print(f"\n(total {elapsed:.0f} s)")
+    command = "python benchmarks/bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    report.write_results(args.results, command=command.strip(), machine_info=info, rows=rows, workload_lines=lines, how=HOW, elapsed_s=elapsed)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "rows": rows, "elapsed_s": elapsed}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
