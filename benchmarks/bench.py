@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload", action="append", choices=list(workloads.WORKLOADS), help="run this workload (repeatable; default: all of the issue's)")
     parser.add_argument("--quick", action="store_true", help="the smaller QUICK sizes")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="passed to fedbip, the peft path and the dense reference")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds a contender may run before it is recorded as 'timeout' (default 900)")
+    parser.add_argument("--timeout", type=float, help=f"seconds a contender may run before it is recorded as 'timeout' (default 900; {workloads.QUICK_TIMEOUT} with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated adapters (default 0)")
     parser.add_argument("--skip", action="append", default=[], choices=CONTENDERS, help="leave a contender out (repeatable)")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work", help="generated adapters and outputs")
@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="where to write the markdown report")
     parser.add_argument("--json", type=Path, help="also write every row as JSON here")
     args = parser.parse_args(argv)
+    if args.timeout is None:
+        args.timeout = workloads.QUICK_TIMEOUT if args.quick else 900.0
     start = time.perf_counter()
     env = child_env()
     info = report.machine(ROOT)

@@ -108,7 +108,7 @@ def merge_weights(run: Any) -> tuple[list[str], dict[str, dict[str, list[list[fl
         weights = paper_weights(run.gen.clients, order, list(wl.modules())).tolist()
         variants["global"] = {m: weights for m in checked}
     path = run.runs / "merge-layerwise" / "fedbip-manifest.json"
-    if path.exists():
+    if wl.check_layerwise and path.exists():
         manifest = json.loads(path.read_text())
         if manifest["clients"] == order:
             variants["layerwise"] = {m: g["weights"] for g in manifest["groups"].values() for m in g["modules"] if m in checked}
@@ -127,7 +127,7 @@ def first_failure(measured: list[measure.Measured]) -> measure.Measured | None:
     return next((m for m in measured if m.status != "ok"), None)
 
 
-def peft_row(run: Any, order: list[str], weights: dict[str, list[list[float]]], rank: int, checked: list[str]) -> list[dict]:
+def peft_row(run: Any, order: list[str], weights: dict[str, list[list[float]]], rank: int, checked: list[str], source: str) -> list[dict]:
     """The peft path on each checked module in its own process; its outputs for the error check."""
     wl = run.wl
     per_shape, outputs, measured, wall = {}, [], [], 0.0
@@ -154,7 +154,7 @@ def peft_row(run: Any, order: list[str], weights: dict[str, list[list[float]]], 
             per_client_s=None if estimate is None else estimate / wl.clients,
             floor_ratio=ratio(estimate, floor_seconds(run)),
             how=f"measured {len(checked)} client(s) × {', '.join(wl.check_targets)} of block 0 ({wall:.0f} s wall in "
-                f"{len(measured)} process(es)); scaled to {wl.clients} clients × {len(wl.modules())} modules")
+                f"{len(measured)} process(es)); scaled to {wl.clients} clients × {len(wl.modules())} modules; weights from {source}")
     return outputs
 
 
@@ -174,7 +174,8 @@ def dense_row(run: Any, spec: dict, source: str) -> None:
     for row in run.rows:
         errors = [e for e in result["errors"] if e["contender"] == row["contender"]]
         if errors:
-            row["error"] = describe_errors(errors)
+            row.update(error=describe_errors(errors), rel_err=max(e["rel_err"] for e in errors),
+                       energy_gap=max(e["energy_opt"] - e["energy"] for e in errors))
         sim = result["similarity"].get(row["contender"])
         if sim:
             row.update(error=f"max |Δcos| {sim['max_abs_err']:.1e} ({sim['clients']} clients)",
@@ -222,7 +223,7 @@ def python_rows(run: Any) -> None:
         for c in checked for module in wl.check_modules()
     ]
     if wl.peft and run.wanted("peft"):
-        outputs += peft_row(run, order, variants["global"], rank, checked)
+        outputs += peft_row(run, order, variants["global"], rank, checked, source)
     if run.wanted("dense"):
         by_client = {v: {m: {c: rows[order.index(c)] for c in checked} for m, rows in per_module.items()} for v, per_module in variants.items()}
         spec.update(check_modules=list(wl.check_modules()), outputs=outputs, weights=by_client, clients=order,
