@@ -67,13 +67,10 @@ def sketch_available(env: dict[str, str]) -> bool:
 
 
 def fedbip_rows(run: Any) -> None:
-    """The floor, fedbip's start-up, its merges (global, layer-wise) and similarity runs."""
+    """The floor, fedbip's merges (global, layer-wise) and similarity runs."""
     wl, clients = run.wl, str(run.gen.clients)
     if run.wanted("floor"):
         floor_row(run)
-    if run.wanted("startup"):
-        measured = measure.run([*FEDBIP, "--version"], timeout=run.args.timeout, env=run.env)
-        run.row("startup", "fedbip start-up (`--version`)", measured, how="interpreter and imports: paid by every CLI run below")
     if not wl.similarity_only:
         for key, label, extra in (("merge", "fedbip merge", []), ("merge-layerwise", "fedbip merge --layerwise", ["--layerwise"])):
             if run.wanted(key):
