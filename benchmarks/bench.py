@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the smaller QUICK sizes")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="passed to fedbip, the peft path and the dense reference")
     parser.add_argument("--timeout", type=float, help="seconds any contender may run before it is recorded as 'timeout' (default 900; "
-                        "with --quick, 30 for fedbip's commands and 300 for the peft path and dense reference)")
+                        "with --quick, 45 for fedbip's commands and 300 for the peft path and dense reference)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated adapters (default 0)")
     parser.add_argument("--skip", action="append", default=[], choices=CONTENDERS, help="leave a contender out (repeatable)")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work", help="generated adapters and outputs")

@@ -118,7 +118,7 @@ DEFAULT_WORKLOADS = ("7b-attn", "7b-all-linear", "many-clients", "huge-k")
 # QUICK sizes: what each workload keeps of the shape (widths, ranks and clients per
 # cluster are the real ones; blocks and clients are fewer), so that a QUICK run takes a few minutes.
 QUICK = {
-    "7b-attn": dict(blocks=1, check_layerwise=False, note="1 of 32 blocks; layer-wise output not checked"),
+    "7b-attn": dict(blocks=1, check_clients=1, check_layerwise=False, note="1 of 32 blocks; layer-wise output not checked"),
     "7b-all-linear": dict(blocks=1, check_targets=(), peft=False, similarity_check=2,
                           note="1 of 32 blocks; no peft or dense merge (7b-attn has them at width 4096)"),
     "many-clients": dict(clients=200, check_clients=2, note="200 of 1000 clients"),
@@ -127,7 +127,7 @@ QUICK = {
 }
 # Per-contender time limits unless --timeout gives one for all: fedbip's commands are what is under
 # test (a slow engine is recorded as 'timeout'), the peft path and dense reference are sized to finish.
-TIMEOUTS = {"full": (900.0, 900.0), "quick": (30.0, 300.0)}  # (fedbip, peft and dense)
+TIMEOUTS = {"full": (900.0, 900.0), "quick": (45.0, 300.0)}  # (fedbip, peft and dense)
 
 
 def workload(name: str, *, quick: bool = False) -> Workload:
