@@ -90,10 +90,16 @@ class Run:
 
 
 def child_env() -> dict[str, str]:
-    """The children's environment: this checkout's package first, offline, no colour, wide help."""
+    """The children's environment: this checkout's package first, offline, no colour, wide help.
+
+    ``OMP_WAIT_POLICY=PASSIVE`` for every contender, as fedbip sets it for itself on import: on a
+    shared machine spinning OpenMP threads make torch 10-20x slower whenever another process is
+    busy, which would penalize the peft path and the dense reference alone.
+    """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", NO_COLOR="1", COLUMNS="200")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 
@@ -139,6 +145,8 @@ HOW = [
     "share the machine, so expect some noise.",
     "**Page cache warm**: every input file is read once before the first contender, and the largest workload "
     "(≈ 1.5 GB) fits in RAM many times over, so no contender reads from disk.",
+    "Every contender runs with torch's default threads and `OMP_WAIT_POLICY=PASSIVE` (fedbip sets it on import; "
+    "the harness sets it for the peft path and the dense reference too, so that contention hurts none of them more).",
     "**I/O floor**: one process reads every input file to the end and writes the merged adapters' bytes (K files of "
     "K·Σ R·(out+in)·2 bytes in all, fp16 at rank R) through one 16 MiB buffer, no fsync (fedbip does not sync "
     "either), timed inside the process (no start-up). Merges are compared with read + write, similarity with read alone.",
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the smaller QUICK sizes")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="passed to fedbip, the peft path and the dense reference")
     parser.add_argument("--timeout", type=float, help="seconds any contender may run before it is recorded as 'timeout' (default 900; "
-                        "with --quick, 45 for fedbip's commands and 300 for the peft path and dense reference)")
+                        "with --quick, 30 for fedbip's commands and 300 for the peft path and dense reference)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated adapters (default 0)")
     parser.add_argument("--skip", action="append", default=[], choices=CONTENDERS, help="leave a contender out (repeatable)")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work", help="generated adapters and outputs")

@@ -127,7 +127,7 @@ QUICK = {
 }
 # Per-contender time limits unless --timeout gives one for all: fedbip's commands are what is under
 # test (a slow engine is recorded as 'timeout'), the peft path and dense reference are sized to finish.
-TIMEOUTS = {"full": (900.0, 900.0), "quick": (45.0, 300.0)}  # (fedbip, peft and dense)
+TIMEOUTS = {"full": (900.0, 900.0), "quick": (30.0, 300.0)}  # (fedbip, peft and dense)
 
 
 def workload(name: str, *, quick: bool = False) -> Workload:
