@@ -148,8 +148,8 @@ HOW = [
     "Every contender runs with torch's default threads and `OMP_WAIT_POLICY=PASSIVE` (fedbip sets it on import; "
     "the harness sets it for the peft path and the dense reference too, so that contention hurts none of them more).",
     "**I/O floor**: one process reads every input file to the end and writes the merged adapters' bytes (K files of "
-    "K·Σ R·(out+in)·2 bytes in all, fp16 at rank R) through one 16 MiB buffer, no fsync (fedbip does not sync "
-    "either), timed inside the process (no start-up). Merges are compared with read + write, similarity with read alone.",
+    "Σ_modules R·(out+in)·2 bytes each: fp16 factors at rank R) through one 16 MiB buffer, no fsync (fedbip does not "
+    "sync either), timed inside the process (no start-up). Merges are compared with read + write, similarity with read alone.",
     "**fedbip**: the CLI as users run it (`python -m fedbip_cli`), `--no-cache` (no inner products from earlier runs), "
     "`--device` as given; `inspect-similarity` writes its JSON to a file (its rows are checked). Per client = wall / K.",
     "**peft path**: peft's `add_weighted_adapter(adapters=all K, weights=P_i, combination_type=\"svd\", svd_rank=R)` "
@@ -164,9 +164,9 @@ HOW = [
     "shape) × (K materializations + K × (mean weighted sum + mean SVD)).",
     "**Errors** (same subset): M_i is the dense float64 merge with the contender's own weights (global or "
     "layer-wise P), M_R its optimal rank-R truncation. For a contender's output X (read from disk; ΔW = s·B@A with "
-    "its config's scale, which is 1 for fedbip and peft outputs): `rel` = ‖X − M_R‖_F / ‖M_R‖_F, `energy` = "
-    "1 − ‖M − X‖²_F / ‖M‖²_F, shown as kept / optimal (Σ_{k≤R} σ_k² / Σ σ_k²). fedbip writes fp16, so rel ≈ 1e-3 is "
-    "its storage rounding. Similarity: max |cos − reference| over the first clients' pairs, the reference from dense "
+    "its config's scale, which is 1 for fedbip and peft outputs): `rel` = ‖X − M_R‖_F / ‖M_R‖_F (the largest over "
+    "the pairs), `energy` = 1 − ‖M − X‖²_F / ‖M‖²_F next to the optimum Σ_{k≤R} σ_k² / Σ σ_k² (the pair furthest "
+    "from it). fedbip writes fp16 like its inputs, so a rel of a few 1e-4 is its storage rounding. Similarity: max |cos − reference| over the first clients' pairs, the reference from dense "
     "flattened ΔW of every module in float64.",
     "**Scaled** numbers are marked ≈ and their peak RSS '(subset)'; the how column says what was measured.",
 ]
