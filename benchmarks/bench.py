@@ -31,62 +31,17 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import measure, report, workloads  # noqa: E402
-from benchmarks.contenders import FEDBIP, fedbip_rows, python_rows  # noqa: E402
+from benchmarks.contenders import FEDBIP, Run, fedbip_rows, python_rows  # noqa: E402
 
 CONTENDERS = ("floor", "startup", "merge", "merge-layerwise", "inspect", "sketch", "peft", "dense")
-
-
-@dataclass
-class Run:
-    """One workload's run: where its files are, how to start children, and the rows so far."""
-
-    wl: workloads.Workload
-    gen: workloads.Generated
-    runs: Path
-    args: argparse.Namespace
-    env: dict[str, str]
-    rows: list[report.Row] = field(default_factory=list)
-    floor: dict = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return f"{self.wl.name} (QUICK: {self.wl.note})" if self.wl.quick and self.wl.note else self.wl.name
-
-    def wanted(self, contender: str) -> bool:
-        return contender not in self.args.skip
-
-    def row(self, key: str, contender: str, measured: measure.Measured | None = None, **values: object) -> report.Row:
-        """Append and return a table row; a failed or timed-out run keeps its status and wall time."""
-        row: report.Row = {
-            "name": self.wl.name, "workload": self.label, "key": key, "contender": contender, "quick": self.wl.quick,
-            "input_mb": self.gen.input_bytes / 1e6, "status": "ok", "error": "", "how": "",
-        }
-        if measured is not None:
-            row.update(status=measured.status, wall_s=measured.wall_s, peak_rss_mb=measured.peak_rss_mb)
-        row.update(values)
-        if measured is not None and measured.status != "ok":  # the reason replaces the description
-            row["how"] = measured.detail.splitlines()[-1][:200] if measured.detail else measured.status
-        self.rows.append(row)
-        return row
-
-    def child(self, script: str, name: str, spec: dict) -> tuple[measure.Measured, dict | None]:
-        """Run ``benchmarks/<script>`` on ``spec``; its measurement and its result JSON (None unless ok)."""
-        spec_path, result_path = self.runs / f"{name}.spec.json", self.runs / f"{name}.result.json"
-        spec_path.write_text(json.dumps(spec, indent=1))
-        result_path.unlink(missing_ok=True)
-        command = [sys.executable, str(ROOT / "benchmarks" / script), str(spec_path), str(result_path)]
-        measured = measure.run(command, timeout=self.args.baseline_timeout, env=self.env)
-        return measured, json.loads(result_path.read_text()) if measured.status == "ok" else None
 
 
 def child_env() -> dict[str, str]:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,3 +74,18 @@ def test_measure_own_peak_rss_timeout_and_failure() -> None:
     assert slow.status == "timeout" and slow.wall_s < 10
     failed = measure.run([*python, "import sys; sys.exit('no luck')"], timeout=30, env=os.environ)
     assert failed.status == "failed" and "no luck" in failed.detail
+
+
+def test_similarity_rows_streams_any_json_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows of named clients come out of compact or indented JSON, tokens split across chunks."""
+    from benchmarks import reference
+
+    monkeypatch.setattr(reference, "CHUNK", 7)  # every token straddles a chunk boundary somewhere
+    clients = ["c0", "c1", "c2", "c3"]
+    matrix = [[float(10 * i + j) for j in range(4)] for i in range(4)]
+    document = {"clients": clients, "granularity": "model", "groups": {"model": {"similarity": matrix, "norms": [1.0] * 4}}}
+    for indent in (None, 2):
+        path = tmp_path / f"out-{indent}.json"
+        path.write_text(json.dumps(document, indent=indent))
+        got = reference.similarity_rows(path, ["c2", "c0"])
+        assert got.tolist() == [[22.0, 20.0], [2.0, 0.0]]
