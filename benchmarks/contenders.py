@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -107,7 +108,7 @@ def cli(run: Run, key: str, label: str, args: list[str], *, write: bool) -> None
 def sketch_available(env: dict[str, str]) -> bool:
     """Whether this fedbip's ``inspect-similarity`` offers ``--similarity sketch``."""
     done = subprocess.run([*FEDBIP, "inspect-similarity", "--help"], capture_output=True, text=True, env=env)
-    return "--similarity" in done.stdout and "sketch" in done.stdout
+    return re.search(r"--similarity\b(?!-)", done.stdout) is not None and "sketch" in done.stdout
 
 
 def fedbip_rows(run: Run) -> None:
