@@ -1,11 +1,12 @@
-# Two entry points: `make demo` and `make test`. Both create .venv when it is missing,
-# install torch first (pinned: an unpinned torch pulls a multi-GB CUDA build), then the project.
+# Entry points: `make demo`, `make test` and `make bench` (`make bench QUICK=1`: the small
+# workloads, a few minutes). Each creates .venv when it is missing, installs torch first (pinned:
+# an unpinned torch pulls a multi-GB CUDA build), then the project.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,5 +25,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
+# PYTHONPATH: the benchmark measures this checkout's fedbip, whatever the venv was installed from.
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 PYTHONPATH=$(CURDIR) $(PY) benchmarks/bench.py $(if $(QUICK),--quick)
+
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out .pytest_cache benchmarks/.work

@@ -5,7 +5,7 @@ under ``benchmarks/.work/``), every contender runs in its own process on the sam
 order, with the page cache warm (every input file is read once first):
 
 1. the I/O floor (``floor.py``): read every input byte, write the merged adapters' bytes;
-2. ``fedbip --version``: the start-up every CLI run pays;
+2. ``fedbip --version`` (once per run): the start-up every CLI run pays;
 3. ``fedbip merge DIR --out OUT --no-cache --json`` (global), the same with ``--layerwise``, and
    ``fedbip inspect-similarity DIR --no-cache --format json`` (stdout to a file, whose rows are
    checked); ``--similarity sketch`` where the CLI offers it (workloads that ask for it);
@@ -31,70 +31,39 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import measure, report, workloads  # noqa: E402
-from benchmarks.contenders import fedbip_rows, python_rows  # noqa: E402
+from benchmarks.contenders import FEDBIP, Run, fedbip_rows, python_rows  # noqa: E402
 
 CONTENDERS = ("floor", "startup", "merge", "merge-layerwise", "inspect", "sketch", "peft", "dense")
 
 
-@dataclass
-class Run:
-    """One workload's run: where its files are, how to start children, and the rows so far."""
-
-    wl: workloads.Workload
-    gen: workloads.Generated
-    runs: Path
-    args: argparse.Namespace
-    env: dict[str, str]
-    rows: list[report.Row] = field(default_factory=list)
-    floor: dict = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return f"{self.wl.name} (QUICK: {self.wl.note})" if self.wl.quick and self.wl.note else self.wl.name
-
-    def wanted(self, contender: str) -> bool:
-        return contender not in self.args.skip
-
-    def row(self, key: str, contender: str, measured: measure.Measured | None = None, **values: object) -> report.Row:
-        """Append and return a table row; a failed or timed-out run keeps its status and wall time."""
-        row: report.Row = {
-            "name": self.wl.name, "workload": self.label, "key": key, "contender": contender, "quick": self.wl.quick,
-            "input_mb": self.gen.input_bytes / 1e6, "status": "ok", "error": "", "how": "",
-        }
-        if measured is not None:
-            row.update(status=measured.status, wall_s=measured.wall_s, peak_rss_mb=measured.peak_rss_mb)
-        row.update(values)
-        if measured is not None and measured.status != "ok":  # the reason replaces the description
-            row["how"] = measured.detail.splitlines()[-1][:200] if measured.detail else measured.status
-        self.rows.append(row)
-        return row
-
-    def child(self, script: str, name: str, spec: dict) -> tuple[measure.Measured, dict | None]:
-        """Run ``benchmarks/<script>`` on ``spec``; its measurement and its result JSON (None unless ok)."""
-        spec_path, result_path = self.runs / f"{name}.spec.json", self.runs / f"{name}.result.json"
-        spec_path.write_text(json.dumps(spec, indent=1))
-        result_path.unlink(missing_ok=True)
-        command = [sys.executable, str(ROOT / "benchmarks" / script), str(spec_path), str(result_path)]
-        measured = measure.run(command, timeout=self.args.timeout, env=self.env)
-        return measured, json.loads(result_path.read_text()) if measured.status == "ok" else None
-
-
 def child_env() -> dict[str, str]:
-    """The children's environment: this checkout's package first, offline, no colour, wide help."""
+    """The children's environment: this checkout's package first, offline, no colour, wide help.
+
+    ``OMP_WAIT_POLICY=PASSIVE`` for every contender, as fedbip sets it for itself on import: on a
+    shared machine spinning OpenMP threads make torch 10-20x slower whenever another process is
+    busy, which would penalize the peft path and the dense reference alone.
+    """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", NO_COLOR="1", COLUMNS="200")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
+
+
+def startup_row(args: argparse.Namespace, env: dict[str, str]) -> report.Row:
+    """``fedbip --version``: the interpreter start-up and imports that every CLI run pays (once per run)."""
+    measured = measure.run([*FEDBIP, "--version"], timeout=args.timeout, env=env)
+    return {"name": "", "workload": "every workload", "key": "startup", "contender": "fedbip start-up (`--version`)",
+            "quick": args.quick, "status": measured.status, "wall_s": measured.wall_s, "peak_rss_mb": measured.peak_rss_mb,
+            "error": "", "how": "interpreter and imports: paid by every fedbip command below"}
 
 
 def warm_page_cache(directory: Path) -> None:
@@ -131,9 +100,11 @@ HOW = [
     "share the machine, so expect some noise.",
     "**Page cache warm**: every input file is read once before the first contender, and the largest workload "
     "(≈ 1.5 GB) fits in RAM many times over, so no contender reads from disk.",
+    "Every contender runs with torch's default threads and `OMP_WAIT_POLICY=PASSIVE` (fedbip sets it on import; "
+    "the harness sets it for the peft path and the dense reference too, so that contention hurts none of them more).",
     "**I/O floor**: one process reads every input file to the end and writes the merged adapters' bytes (K files of "
-    "K·Σ R·(out+in)·2 bytes in all, fp16 at rank R) through one 16 MiB buffer, no fsync (fedbip does not sync "
-    "either), timed inside the process (no start-up). Merges are compared with read + write, similarity with read alone.",
+    "Σ_modules R·(out+in)·2 bytes each: fp16 factors at rank R) through one 16 MiB buffer, no fsync (fedbip does not "
+    "sync either), timed inside the process (no start-up). Merges are compared with read + write, similarity with read alone.",
     "**fedbip**: the CLI as users run it (`python -m fedbip_cli`), `--no-cache` (no inner products from earlier runs), "
     "`--device` as given; `inspect-similarity` writes its JSON to a file (its rows are checked). Per client = wall / K.",
     "**peft path**: peft's `add_weighted_adapter(adapters=all K, weights=P_i, combination_type=\"svd\", svd_rank=R)` "
@@ -148,9 +119,9 @@ HOW = [
     "shape) × (K materializations + K × (mean weighted sum + mean SVD)).",
     "**Errors** (same subset): M_i is the dense float64 merge with the contender's own weights (global or "
     "layer-wise P), M_R its optimal rank-R truncation. For a contender's output X (read from disk; ΔW = s·B@A with "
-    "its config's scale, which is 1 for fedbip and peft outputs): `rel` = ‖X − M_R‖_F / ‖M_R‖_F, `energy` = "
-    "1 − ‖M − X‖²_F / ‖M‖²_F, shown as kept / optimal (Σ_{k≤R} σ_k² / Σ σ_k²). fedbip writes fp16, so rel ≈ 1e-3 is "
-    "its storage rounding. Similarity: max |cos − reference| over the first clients' pairs, the reference from dense "
+    "its config's scale, which is 1 for fedbip and peft outputs): `rel` = ‖X − M_R‖_F / ‖M_R‖_F (the largest over "
+    "the pairs), `energy` = 1 − ‖M − X‖²_F / ‖M‖²_F next to the optimum Σ_{k≤R} σ_k² / Σ σ_k² (the pair furthest "
+    "from it). fedbip writes fp16 like its inputs, so a rel of a few 1e-4 is its storage rounding. Similarity: max |cos − reference| over the first clients' pairs, the reference from dense "
     "flattened ΔW of every module in float64.",
     "**Scaled** numbers are marked ≈ and their peak RSS '(subset)'; the how column says what was measured.",
 ]
@@ -161,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload", action="append", choices=list(workloads.WORKLOADS), help="run this workload (repeatable; default: all of the issue's)")
     parser.add_argument("--quick", action="store_true", help="the smaller QUICK sizes")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="passed to fedbip, the peft path and the dense reference")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds a contender may run before it is recorded as 'timeout' (default 900)")
+    parser.add_argument("--timeout", type=float, help="seconds any contender may run before it is recorded as 'timeout' (default 900; "
+                        "with --quick, 30 for fedbip's commands and 300 for the peft path and dense reference)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated adapters (default 0)")
     parser.add_argument("--skip", action="append", default=[], choices=CONTENDERS, help="leave a contender out (repeatable)")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work", help="generated adapters and outputs")
@@ -169,10 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="where to write the markdown report")
     parser.add_argument("--json", type=Path, help="also write every row as JSON here")
     args = parser.parse_args(argv)
+    limits = workloads.TIMEOUTS["quick" if args.quick else "full"]
+    args.timeout, args.baseline_timeout = (limits if args.timeout is None else (args.timeout, args.timeout))
     start = time.perf_counter()
     env = child_env()
     info = report.machine(ROOT)
-    rows, lines = [], []
+    rows = [startup_row(args, env)] if "startup" not in args.skip else []
+    lines = []
     for name in args.workload or workloads.DEFAULT_WORKLOADS:
         run, line = run_workload(workloads.workload(name, quick=args.quick), args, env)
         rows += run.rows
@@ -185,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{target}: {value} — {verdict}")
     print(f"\n(total {elapsed:.0f} s)")
     command = "python benchmarks/bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    report.write_results(args.results, command=command.strip(), machine_info=info, rows=rows, workload_lines=lines, how=HOW, elapsed_s=elapsed)
+    limits = (f"**Time limits**: fedbip's commands {args.timeout:.0f} s each, the peft path and the dense reference "
+              f"{args.baseline_timeout:.0f} s; a contender past its limit is killed and shown as timeout, with the limit as its wall time.")
+    report.write_results(args.results, command=command.strip(), machine_info=info, rows=rows, workload_lines=lines,
+                         how=[*HOW, limits], elapsed_s=elapsed)
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "rows": rows, "elapsed_s": elapsed}, indent=1) + "\n")
     return 0

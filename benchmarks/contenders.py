@@ -1,22 +1,24 @@
 """Each contender of one workload run, as table rows: the I/O floor and fedbip's CLI, then the peft
 path and the dense reference (which merge with fedbip's weights and check every output).
-
-``run`` is a ``bench.Run``: the workload, its generated files, the run directory, the options, the
-children's environment and the rows so far.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmarks import measure, workloads
+from benchmarks.report import Row
 
+ROOT = Path(__file__).resolve().parent.parent
 FEDBIP = [sys.executable, "-m", "fedbip_cli"]
 MLP = ("gate_proj", "up_proj", "down_proj")
 PEFT = "peft add_weighted_adapter (svd)"
@@ -24,7 +26,50 @@ DENSE = "dense torch reference (float64)"
 SKETCH = "fedbip inspect-similarity --similarity sketch"
 
 
-def floor_seconds(run: Any, *, write: bool = True) -> float | None:
+@dataclass
+class Run:
+    """One workload's run: where its files are, how to start children, and the rows so far."""
+
+    wl: workloads.Workload
+    gen: workloads.Generated
+    runs: Path
+    args: argparse.Namespace
+    env: dict[str, str]
+    rows: list[Row] = field(default_factory=list)
+    floor: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.wl.name} (QUICK: {self.wl.note})" if self.wl.quick and self.wl.note else self.wl.name
+
+    def wanted(self, contender: str) -> bool:
+        return contender not in self.args.skip
+
+    def row(self, key: str, contender: str, measured: measure.Measured | None = None, **values: object) -> Row:
+        """Append and return a table row; a failed or timed-out run keeps its status and wall time."""
+        row: Row = {
+            "name": self.wl.name, "workload": self.label, "key": key, "contender": contender, "quick": self.wl.quick,
+            "input_mb": self.gen.input_bytes / 1e6, "status": "ok", "error": "", "how": "",
+        }
+        if measured is not None:
+            row.update(status=measured.status, wall_s=measured.wall_s, peak_rss_mb=measured.peak_rss_mb)
+        row.update(values)
+        if measured is not None and measured.status != "ok":  # the reason replaces the description
+            row["how"] = measured.detail.splitlines()[-1][:200] if measured.detail else measured.status
+        self.rows.append(row)
+        return row
+
+    def child(self, script: str, name: str, spec: dict) -> tuple[measure.Measured, dict | None]:
+        """Run ``benchmarks/<script>`` on ``spec``; its measurement and its result JSON (None unless ok)."""
+        spec_path, result_path = self.runs / f"{name}.spec.json", self.runs / f"{name}.result.json"
+        spec_path.write_text(json.dumps(spec, indent=1))
+        result_path.unlink(missing_ok=True)
+        command = [sys.executable, str(ROOT / "benchmarks" / script), str(spec_path), str(result_path)]
+        measured = measure.run(command, timeout=self.args.baseline_timeout, env=self.env)
+        return measured, json.loads(result_path.read_text()) if measured.status == "ok" else None
+
+
+def floor_seconds(run: Run, *, write: bool = True) -> float | None:
     """The I/O floor to compare with: read + write for merges, read alone for similarity."""
     if not run.floor:
         return None
@@ -35,7 +80,7 @@ def ratio(seconds: float | None, floor: float | None) -> float | None:
     return None if seconds is None or not floor else seconds / floor
 
 
-def floor_row(run: Any) -> None:
+def floor_row(run: Run) -> None:
     wl = run.wl
     files = 0 if wl.similarity_only else wl.clients
     spec = {"inputs": str(run.gen.clients), "outputs": str(run.runs / "floor-out"), "files": files,
@@ -50,7 +95,7 @@ def floor_row(run: Any) -> None:
                 f"{result['read_s']:.2f} s, wrote {result['write_bytes'] / 1e6:,.1f} MB in {result['write_s']:.2f} s")
 
 
-def cli(run: Any, key: str, label: str, args: list[str], *, write: bool) -> None:
+def cli(run: Run, key: str, label: str, args: list[str], *, write: bool) -> None:
     """One fedbip command, stdout kept in ``runs/<key>.json``."""
     stdout = run.runs / f"{key}.json"
     measured = measure.run([*FEDBIP, *args, "--device", run.args.device], timeout=run.args.timeout, env=run.env, stdout=stdout)
@@ -63,17 +108,14 @@ def cli(run: Any, key: str, label: str, args: list[str], *, write: bool) -> None
 def sketch_available(env: dict[str, str]) -> bool:
     """Whether this fedbip's ``inspect-similarity`` offers ``--similarity sketch``."""
     done = subprocess.run([*FEDBIP, "inspect-similarity", "--help"], capture_output=True, text=True, env=env)
-    return "--similarity" in done.stdout and "sketch" in done.stdout
+    return re.search(r"--similarity\b(?!-)", done.stdout) is not None and "sketch" in done.stdout
 
 
-def fedbip_rows(run: Any) -> None:
-    """The floor, fedbip's start-up, its merges (global, layer-wise) and similarity runs."""
+def fedbip_rows(run: Run) -> None:
+    """The floor, fedbip's merges (global, layer-wise) and similarity runs."""
     wl, clients = run.wl, str(run.gen.clients)
     if run.wanted("floor"):
         floor_row(run)
-    if run.wanted("startup"):
-        measured = measure.run([*FEDBIP, "--version"], timeout=run.args.timeout, env=run.env)
-        run.row("startup", "fedbip start-up (`--version`)", measured, how="interpreter and imports: paid by every CLI run below")
     if not wl.similarity_only:
         for key, label, extra in (("merge", "fedbip merge", []), ("merge-layerwise", "fedbip merge --layerwise", ["--layerwise"])):
             if run.wanted(key):
@@ -89,7 +131,7 @@ def fedbip_rows(run: Any) -> None:
             run.row("sketch", SKETCH, status="n/a", how="this fedbip's inspect-similarity has no --similarity sketch option")
 
 
-def merge_weights(run: Any) -> tuple[list[str], dict[str, dict[str, list[list[float]]]], int, str]:
+def merge_weights(run: Run) -> tuple[list[str], dict[str, dict[str, list[list[float]]]], int, str]:
     """Client order, per variant (global, layerwise) and checked module the (K, K) weights, rank, and their source."""
     wl = run.wl
     checked = list(wl.check_modules())
@@ -108,7 +150,7 @@ def merge_weights(run: Any) -> tuple[list[str], dict[str, dict[str, list[list[fl
         weights = paper_weights(run.gen.clients, order, list(wl.modules())).tolist()
         variants["global"] = {m: weights for m in checked}
     path = run.runs / "merge-layerwise" / "fedbip-manifest.json"
-    if path.exists():
+    if wl.check_layerwise and path.exists():
         manifest = json.loads(path.read_text())
         if manifest["clients"] == order:
             variants["layerwise"] = {m: g["weights"] for g in manifest["groups"].values() for m in g["modules"] if m in checked}
@@ -127,7 +169,7 @@ def first_failure(measured: list[measure.Measured]) -> measure.Measured | None:
     return next((m for m in measured if m.status != "ok"), None)
 
 
-def peft_row(run: Any, order: list[str], weights: dict[str, list[list[float]]], rank: int, checked: list[str]) -> list[dict]:
+def peft_row(run: Run, order: list[str], weights: dict[str, list[list[float]]], rank: int, checked: list[str], source: str) -> list[dict]:
     """The peft path on each checked module in its own process; its outputs for the error check."""
     wl = run.wl
     per_shape, outputs, measured, wall = {}, [], [], 0.0
@@ -154,7 +196,7 @@ def peft_row(run: Any, order: list[str], weights: dict[str, list[list[float]]], 
             per_client_s=None if estimate is None else estimate / wl.clients,
             floor_ratio=ratio(estimate, floor_seconds(run)),
             how=f"measured {len(checked)} client(s) × {', '.join(wl.check_targets)} of block 0 ({wall:.0f} s wall in "
-                f"{len(measured)} process(es)); scaled to {wl.clients} clients × {len(wl.modules())} modules")
+                f"{len(measured)} process(es)); scaled to {wl.clients} clients × {len(wl.modules())} modules; weights from {source}")
     return outputs
 
 
@@ -164,7 +206,7 @@ def describe_errors(errors: list[dict]) -> str:
             f"{worst['energy_opt']:.4f} ({len(errors)} client-module pairs)")
 
 
-def dense_row(run: Any, spec: dict, source: str) -> None:
+def dense_row(run: Run, spec: dict, source: str) -> None:
     """The dense reference: its own scaled row, and every checked contender's error."""
     wl = run.wl
     m, result = run.child("reference.py", "reference", spec)
@@ -174,9 +216,12 @@ def dense_row(run: Any, spec: dict, source: str) -> None:
     for row in run.rows:
         errors = [e for e in result["errors"] if e["contender"] == row["contender"]]
         if errors:
-            row["error"] = describe_errors(errors)
+            row.update(error=describe_errors(errors), rel_err=max(e["rel_err"] for e in errors),
+                       energy_gap=max(e["energy_opt"] - e["energy"] for e in errors))
         sim = result["similarity"].get(row["contender"])
-        if sim:
+        if sim and "unreadable" in sim:
+            row["error"] = f"output not checked: {sim['unreadable']}"
+        elif sim:
             row.update(error=f"max |Δcos| {sim['max_abs_err']:.1e} ({sim['clients']} clients)",
                        max_cos_err=sim["max_abs_err"], checked=sim["clients"])
     if not spec["check_modules"]:
@@ -200,7 +245,7 @@ def dense_row(run: Any, spec: dict, source: str) -> None:
             error="the reference" + ("" if opt is None else f"; optimal energy ≥ {opt:.4f}"), how=how)
 
 
-def python_rows(run: Any) -> None:
+def python_rows(run: Run) -> None:
     """The peft path and the dense reference, merging with fedbip's weights, and every error check."""
     wl = run.wl
     inspect = {r["contender"]: r["stdout"] for r in run.rows if r["key"] in ("inspect", "sketch") and r["status"] == "ok"}
@@ -222,7 +267,7 @@ def python_rows(run: Any) -> None:
         for c in checked for module in wl.check_modules()
     ]
     if wl.peft and run.wanted("peft"):
-        outputs += peft_row(run, order, variants["global"], rank, checked)
+        outputs += peft_row(run, order, variants["global"], rank, checked, source)
     if run.wanted("dense"):
         by_client = {v: {m: {c: rows[order.index(c)] for c in checked} for m, rows in per_module.items()} for v, per_module in variants.items()}
         spec.update(check_modules=list(wl.check_modules()), outputs=outputs, weights=by_client, clients=order,

@@ -148,7 +148,11 @@ def main(spec_path: str, result_path: str) -> None:
         reference = similarity_reference(Path(spec["clients_dir"]), names, spec["modules"], spec["device"])
         result["similarity_reference_s"] = time.perf_counter() - start
         for contender, path in sim["inspect"].items():
-            got = similarity_rows(Path(path), names)
+            try:
+                got = similarity_rows(Path(path), names)
+            except (ValueError, KeyError, IndexError) as exc:  # an output of another shape must not cost the other checks
+                result["similarity"][contender] = {"unreadable": f"{type(exc).__name__}: {exc}"[:200], "clients": len(names)}
+                continue
             result["similarity"][contender] = {"max_abs_err": float((got - reference).abs().max()), "clients": len(names)}
     Path(result_path).write_text(json.dumps(result, indent=2) + "\n")
 
