@@ -18,7 +18,8 @@ read one at a time, with every client's Gram computed at once; they do not go th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -47,6 +48,8 @@ class SimilarityResult:
     clients: list[str]
     granularity: str
     groups: dict[str, GroupSimilarity]
+    # How the similarities were computed: {"method": "exact"}, or a sketch's method, dim and seed.
+    method: dict[str, Any] = field(default_factory=lambda: {"method": "exact"})
 
 
 def pair_inner_product(x: tuple[torch.Tensor, torch.Tensor], y: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
