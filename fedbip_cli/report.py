@@ -91,14 +91,16 @@ def similarity_json(result: Any, *, neighbours: int = 3) -> dict[str, Any]:
         neighbours: nearest neighbours listed per client.
 
     Returns:
-        ``{"clients", "granularity", "groups": {name: {"similarity", "modules", "norms"}},
-        "clusters": [[client, ...], ...], "neighbours": {client: [[client, similarity], ...]}}``.
+        ``{"clients", "granularity", "similarity": {"method", ...}, "groups": {name: {"similarity",
+        "modules", "norms"}}, "clusters": [[client, ...], ...], "neighbours": {client: [[client,
+        similarity], ...]}}``.
     """
     clients = list(result.clients)
     overview = mean_similarity(result)
     return {
         "clients": clients,
         "granularity": result.granularity,
+        "similarity": result.method,
         "groups": {
             name: {
                 "similarity": group.similarity.to(torch.float64).tolist(),
@@ -417,6 +419,7 @@ def merge_summary(result: Any) -> dict[str, Any]:
         "output": result.manifest.get("output", "lora"),
         "clients": clients,
         "granularity": result.similarity.granularity,
+        "similarity": result.similarity.method,
         "combine": result.manifest["combine"],
         "rank": result.manifest["rank"],
         "weights": {name: [[float(x) for x in row] for row in w.tolist()] for name, w in result.weights.items()},
