@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from fedbip_cli.adapters import Adapter
+from fedbip_cli.adapters import Adapter, FactorReader
 from fedbip_cli.errors import AdapterError, UsageError
 from fedbip_cli.similarity import GroupSimilarity, SimilarityResult, cosine_from_inner
 
@@ -154,8 +154,6 @@ def projection(seed: int, module: str, out_features: int, in_features: int, dim:
 def sketch_factors(b: torch.Tensor, a: torch.Tensor, proj: Projection) -> torch.Tensor:
     """Sketches of ΔW_i = B_i A_i from stacked factors of one rank, in the factors' dtype.
 
-    Each client's sketch is its own batched products, so it does not depend on the others.
-
     Args:
         b: (n, d, r) scaled B factors.
         a: (n, r, k) A factors.
@@ -165,10 +163,11 @@ def sketch_factors(b: torch.Tensor, a: torch.Tensor, proj: Projection) -> torch.
         (n, M²): row i flattens the b² blocks ``Ψ_ℓᵀ B_i A_i Ω_ℓ / M``, so that
         ``<row_i, row_j>`` estimates ``<B_i A_i, B_j A_j>_F`` without bias.
     """
-    n, r = b.shape[0], b.shape[2]
+    n, d, r = b.shape
     count, m = proj.blocks**2, proj.dim // proj.blocks
-    left = (proj.psi.T.to(b.dtype) @ b).reshape(n, count, m, r)  # Ψ_ℓᵀ B: (n, b², m, r)
-    right = (a @ (proj.omega.to(a.dtype) / proj.dim)).reshape(n, r, count, m).transpose(1, 2)  # A Ω_ℓ / M: (n, b², r, m)
+    # One product over all clients' factor rows each side: (n·r, d) @ (d, bM), then the blocks.
+    left = (b.transpose(1, 2).reshape(n * r, d) @ proj.psi.to(b.dtype)).reshape(n, r, count, m).permute(0, 2, 3, 1)  # Ψ_ℓᵀ B
+    right = (a.reshape(n * r, -1) @ (proj.omega.to(a.dtype) / proj.dim)).reshape(n, r, count, m).transpose(1, 2)  # A Ω_ℓ / M
     return (left @ right).reshape(n, -1)
 
 
@@ -204,15 +203,14 @@ def integer_products(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def accumulate_gram(gram: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, *, tile: int = ROW_TILE) -> None:
     """Add ``diag(scale) codes codesᵀ diag(scale)`` to the upper triangle (and diagonal) of ``gram``.
 
-    Row tiles of ``tile`` rows: memory beyond ``gram`` is one tile × K. ``scale_i · scale_j`` is formed
-    first, so entry (i, j) and (j, i) would be the same bits; the lower triangle is left for
-    ``mirror_upper``.
+    Row tiles of ``tile`` rows: memory beyond ``gram`` is one tile × K. Entry (i, j) adds
+    ``<q_i, q_j> · (scale_i · scale_j)``, the same bits for (j, i) and whatever the tiles; the lower
+    triangle is left for ``mirror_upper``.
     """
     for start in range(0, codes.shape[0], tile):
         stop = min(start + tile, codes.shape[0])
         products = integer_products(codes[start:stop], codes[start:])
-        products.mul_(scale[start:stop, None] * scale[None, start:])
-        gram[start:stop, start:].add_(products)
+        gram[start:stop, start:].addcmul_(products, scale[start:stop, None] * scale[None, start:])
 
 
 def mirror_upper(gram: torch.Tensor, *, tile: int = ROW_TILE) -> None:
@@ -240,14 +238,21 @@ def module_shape(adapters: Sequence[Adapter], module: str) -> tuple[int, int]:
 
 
 def sketch_module(
-    adapters: Sequence[Adapter], module: str, method: SimilarityMethod, *, device: torch.device | str = "cpu", batch: int = CLIENT_BATCH
+    adapters: Sequence[Adapter],
+    module: str,
+    method: SimilarityMethod,
+    *,
+    device: torch.device | str = "cpu",
+    reader: FactorReader | None = None,
+    batch: int = CLIENT_BATCH,
 ) -> ModuleSketch:
     """Read ``module``'s factors of every client (``batch`` clients at a time) and sketch them.
 
     A client without the module has a zero sketch and norm. Clients are stacked by rank, so mixed
     ranks need no padding. Sketches are computed in float32 (their int8 codes keep 8 bits), the
-    exact norms in float64.
+    exact norms in float64. ``reader`` serves the factors (one per pass over the modules).
     """
+    reader = reader or FactorReader()
     out_features, in_features = module_shape(adapters, module)
     full = projection(method.sketch_seed, module, out_features, in_features, method.sketch_dim)
     proj = Projection(full.psi.to(device, torch.float32), full.omega.to(device, torch.float32), full.dim, full.blocks)
@@ -255,19 +260,38 @@ def sketch_module(
     codes = torch.zeros(count, method.sketch_dim**2, dtype=torch.int8, device=device)
     scale = torch.zeros(count, dtype=torch.float64, device=device)
     norms2 = torch.zeros(count, dtype=torch.float64, device=device)
-    for first in range(0, count, batch):
-        by_rank: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-        for i in range(first, min(first + batch, count)):
-            if module in adapters[i].modules:
-                b, a = adapters[i].factors(module, device=device)
-                by_rank.setdefault(b.shape[1], []).append((i, b, a))
-        for members in by_rank.values():
-            index = torch.tensor([i for i, _, _ in members], device=device)
-            b = torch.stack([b for _, b, _ in members])
-            a = torch.stack([a for _, _, a in members])
-            codes[index], scale[index] = quantize(sketch_factors(b.float(), a.float(), proj))
-            norms2[index] = ((b.transpose(1, 2) @ b) * (a @ a.transpose(1, 2))).sum(dim=(1, 2))
+    # Each operation below is small: a second thread costs more in synchronisation than it saves,
+    # and far more when another process holds a core (measured: 3x slower on 2 shared cores).
+    with one_thread():
+        for first in range(0, count, batch):
+            by_rank: dict[int, list[int]] = {}
+            stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            for i in range(first, min(first + batch, count)):
+                if module in adapters[i].modules:
+                    stored[i] = reader.read(adapters[i], module)
+                    by_rank.setdefault(stored[i][1].shape[0], []).append(i)
+            for index in by_rank.values():
+                b, a = stack_factors(adapters, module, index, stored, device)
+                rows = torch.tensor(index, device=device)
+                codes[rows], scale[rows] = quantize(sketch_factors(b.float(), a.float(), proj))
+                norms2[rows] = ((b.transpose(1, 2) @ b) * (a @ a.transpose(1, 2))).sum(dim=(1, 2))
     return ModuleSketch(codes, scale, norms2)
+
+
+def stack_factors(
+    adapters: Sequence[Adapter], module: str, index: list[int], stored: dict[int, tuple[torch.Tensor, torch.Tensor]], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clients' ``(scale · B, A)`` of one rank stacked, in float64 on ``device``.
+
+    Raises AdapterError (from ``Adapter.stored_factors``, naming the adapter) when one holds NaN or Inf.
+    """
+    b = torch.stack([stored[i][0] for i in index])
+    a = torch.stack([stored[i][1] for i in index])
+    if not (torch.isfinite(b).all() and torch.isfinite(a).all()):
+        for i in index:
+            adapters[i].stored_factors(module)
+    factor_scale = torch.tensor([adapters[i].modules[module].scale for i in index], dtype=torch.float64, device=device)
+    return b.to(device, torch.float64) * factor_scale[:, None, None], a.to(device, torch.float64)
 
 
 def sketch_similarity(
@@ -298,11 +322,12 @@ def sketch_similarity(
     count = len(adapters)
     results: dict[str, GroupSimilarity] = {}
     total_norms2 = torch.zeros(count, dtype=torch.float64)
+    reader = FactorReader()
     for name, members in groups.items():
         gram = torch.zeros(count, count, dtype=torch.float64, device=device)
         norms2 = torch.zeros(count, dtype=torch.float64)
         for module in members:
-            sketch = sketch_module(adapters, module, method, device=device)
+            sketch = sketch_module(adapters, module, method, device=device, reader=reader)
             accumulate_gram(gram, sketch.codes, sketch.scale)
             norms2 += sketch.norms2.cpu()
             del sketch

@@ -17,11 +17,13 @@ from pathlib import Path
 import jsonschema
 import pytest
 import torch
-from factories import dense_deltas, random_adapter
+from factories import dense_deltas, random_adapter, write_lora_adapter
 from test_cli import assert_user_error, invoke
 from test_engine import reference_cosine
 
 from fedbip_cli import pipeline, sketch
+from fedbip_cli.adapters import FactorReader
+from fedbip_cli.errors import AdapterError
 from fedbip_cli.manifest import MANIFEST_NAME
 from fedbip_cli.sketch import integer_products, projection, quantize, sketch_factors, sketch_module
 from fedbip_cli.weights import WeightOptions, personalized_weights
@@ -151,6 +153,27 @@ def test_integer_gram_is_exact_whatever_the_tiling(monkeypatch: pytest.MonkeyPat
         grams.append(gram)
     assert all(torch.equal(g, grams[0]) for g in grams) and torch.equal(grams[0], grams[0].T)
     assert torch.allclose(grams[0], exact.double() * scale[:, None] * scale[None, :], rtol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_factor_reader_reads_what_safe_open_reads(tmp_path: Path, dtype: torch.dtype) -> None:
+    dirs = [random_adapter(tmp_path / f"c{i}", OBLONG, torch.Generator().manual_seed(i), r=3, rank_pattern={"value": 1}, dtype=dtype) for i in range(2)]
+    workspace = pipeline.load([str(d) for d in dirs])
+    reader = FactorReader()
+    for module in OBLONG:
+        for adapter in workspace.adapters:
+            read, stored = reader.read(adapter, module), adapter.stored_factors(module)
+            assert all(torch.equal(x, y) and x.dtype == dtype for x, y in zip(read, stored))
+
+
+def test_nan_factors_are_refused_naming_the_adapter(tmp_path: Path) -> None:
+    dirs = build(tmp_path / "nan", SQUARE)
+    factors = {m: (torch.ones(2, WIDTH), torch.full((WIDTH, 2), float("nan"))) for m in SQUARE}
+    write_lora_adapter(dirs[3], factors, r=2, lora_alpha=4)
+    workspace = pipeline.load([str(d) for d in dirs])
+    with pytest.raises(AdapterError, match="lora_B contains NaN or Inf") as caught:
+        pipeline.inspect(workspace, device="cpu", similarity="sketch", sketch_dim=4)
+    assert "c3" in str(caught.value)
 
 
 # --- the pipeline ----------------------------------------------------------------------------------
