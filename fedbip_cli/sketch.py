@@ -8,10 +8,10 @@ client's ΔW^m = s B A is reduced, from its factors and without forming d × k, 
 
 Ψ (d × bM) and Ω (k × bM) have orthogonal columns of norm √d and √k (Haar, in chunks of d or k
 columns), cut into b² groups of m columns; E[Ψ_ℓ Ψ_ℓᵀ] = m I, so E[<S(X), S(Y)>] = <X, Y>_F. With
-b = 1 this is the plain two-sided M × M sketch; b² independent smaller blocks (b the largest divisor
-of M up to 4 with bM ≤ min(d, k)) cut the error for correlated pairs to about that of M² independent
-Gaussian projections (``benchmarks/sketch_error.py`` measures the alternatives), and with M = d = k
-the single orthogonal block is exact. Cost per client and module: O(r (d + k) bM + r M²).
+b = 1 this is the plain two-sided M × M sketch; b² smaller blocks (b the largest divisor of M up to
+4) cut the error for correlated pairs to that of M² independent rank-one Gaussian projections at a
+twentieth of their cost (``benchmarks/sketch_error.py`` measures the alternatives). For M ≥ min(d, k)
+one block is used, and with M = d = k it is exact. Cost per client and module: O(r (d + k) bM + r M²).
 
 Ψ and Ω depend only on (seed, module name, shape, M): any client, in any run, with any other clients,
 gets the same sketch. Sketches are quantized per client and module to int8 (scale max|x| / 127) and
@@ -68,7 +68,7 @@ class SimilarityMethod:
         if self.dim is not None and (isinstance(self.dim, bool) or not isinstance(self.dim, int) or not 1 <= self.dim <= MAX_DIM):
             raise UsageError(
                 f"sketch dimension {self.dim!r} must be an integer from 1 to {MAX_DIM}",
-                hint=f"each module is sketched to M x M numbers; the default M = {DEFAULT_DIM} keeps the cosine error near 0.01",
+                hint=f"each module is sketched to M x M numbers; the default M = {DEFAULT_DIM} kept whole-model cosines within 0.02 (README, 'Huge K')",
             )
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             raise UsageError(f"sketch seed {self.seed!r} must be an integer from 0 to 2^63 - 1")
@@ -88,9 +88,6 @@ class SimilarityMethod:
         return {"method": "sketch", "dim": self.sketch_dim, "seed": self.sketch_seed}
 
 
-EXACT = SimilarityMethod()
-
-
 @dataclass(frozen=True)
 class Projection:
     """The seeded maps of one module: ``blocks`` (b² in all) of ``Ψ_ℓᵀ ΔW Ω_ℓ``, each m × m."""
@@ -102,9 +99,10 @@ class Projection:
 
 
 def blocks_per_side(dim: int, out_features: int, in_features: int) -> int:
-    """b: the largest divisor of ``dim`` up to ``MAX_BLOCKS`` whose bM columns fit in min(d, k), else 1."""
-    fits = [b for b in range(1, MAX_BLOCKS + 1) if dim % b == 0 and b * dim <= min(out_features, in_features)]
-    return max(fits, default=1)
+    """b: the largest divisor of ``dim`` up to ``MAX_BLOCKS``; 1 when M ≥ min(d, k), where one block is exact."""
+    if dim >= min(out_features, in_features):
+        return 1
+    return max(b for b in range(1, MAX_BLOCKS + 1) if dim % b == 0)
 
 
 @contextmanager

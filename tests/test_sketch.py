@@ -120,8 +120,8 @@ def test_error_shrinks_as_the_dimension_grows(square: list[Path]) -> None:
     assert errors[0] > errors[1] > errors[2] > 1e3 * errors[3], errors
 
 
-def test_blocks_are_independent_and_fit_the_width() -> None:
-    assert [projection(0, Q0, 384, 384, dim).blocks for dim in (96, 64, 128, 97, 384)] == [4, 4, 2, 1, 1]
+def test_blocks_are_orthogonal_and_seeded_by_module_and_seed() -> None:
+    assert [projection(0, Q0, 384, 384, dim).blocks for dim in (96, 64, 128, 97, 384)] == [4, 4, 4, 1, 1]
     proj = projection(0, Q0, 384, 384, 96)
     # 16 blocks of 24 columns: together one orthogonal 384 x 384 matrix (times √384) on each side
     assert torch.allclose(proj.psi.T @ proj.psi, 384 * torch.eye(384, dtype=torch.float64), atol=1e-9)
@@ -269,6 +269,8 @@ def test_merge_with_a_sketch_writes_adapters_and_records_it(square: list[Path], 
     record = json.loads((tmp_path / "o1" / MANIFEST_NAME).read_text())
     assert record["similarity"] == record["options"]["similarity"] == summary["similarity"]
     assert "--similarity sketch --sketch-dim 6 --sketch-seed 2" in record["command"]
+    card = (tmp_path / "o1" / "c0" / "README.md").read_text()
+    assert "- similarity: sketched cosine (6 x 6 numbers per module, seed 2; approximate)" in card
     sketched = pipeline.inspect(pipeline.load([str(root)]), device="cpu", similarity="sketch", sketch_dim=6, sketch_seed=2)
     weights = personalized_weights(sketched.groups["model"].similarity, WeightOptions())
     assert torch.equal(torch.tensor(record["groups"]["model"]["weights"], dtype=torch.float64), weights)
