@@ -303,8 +303,8 @@ def sketch_similarity(
 ) -> SimilarityResult:
     """Sketched cosine similarity of the clients' task vectors in every group.
 
-    Groups are done one after another, each module read once; a group's float64 K × K Gram is the
-    only K × K held besides the finished similarities.
+    Groups are done one after another, each module read once; a group's float64 K × K Gram becomes
+    its similarity in place: no other K × K is held.
 
     Args:
         adapters: the clients.
@@ -332,8 +332,7 @@ def sketch_similarity(
             if progress is not None:
                 progress(1)
         mirror_upper(gram)
-        cosine, _ = cosine_from_inner(gram)
-        del gram
+        cosine, _ = cosine_from_inner(gram, in_place=True)
         results[name] = GroupSimilarity(name, list(members), cosine.cpu(), norms2.sqrt())
         total_norms2 += norms2
     zero = [a.name for a, value in zip(adapters, total_norms2.tolist()) if value <= 0]
