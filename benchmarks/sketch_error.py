@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -52,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from factories import PREFIX, pattern_value, write_lora_adapter  # noqa: E402
 
 from fedbip_cli import pipeline  # noqa: E402
-from fedbip_cli.sketch import Projection, orthogonal_columns, projection, quantize, sketch_factors  # noqa: E402
+from fedbip_cli.sketch import Projection, one_thread, orthogonal_columns, projection, quantize, sketch_factors  # noqa: E402
 
 WIDTH, BLOCKS, RANK, ALPHA, CLUSTERS = 384, 6, 8, 16, 10
 MODULES = [f"encoder.layer.{b}.attention.self.{m}" for b in range(BLOCKS) for m in ("query", "value")]
@@ -119,16 +118,17 @@ def clients(workdir: Path, count: int, seed: int) -> list[Path]:
 def dense_deltas(paths: list[Path], module: str, configs: list[dict]) -> torch.Tensor:
     """(len(paths), d·k) float64: each client's ΔW = scale · B @ A at ``module``, flattened (0 if absent)."""
     out = torch.zeros(len(paths), WIDTH * WIDTH, dtype=torch.float64)
-    for row, (path, config) in enumerate(zip(paths, configs)):
-        with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
-            if f"{PREFIX}{module}.lora_A.weight" not in f.keys():
-                continue
-            a = f.get_tensor(f"{PREFIX}{module}.lora_A.weight").to(torch.float64)
-            b = f.get_tensor(f"{PREFIX}{module}.lora_B.weight").to(torch.float64)
-        r = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
-        alpha = pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        out[row] = (scale * (b @ a)).reshape(-1)
+    with one_thread():  # small products: a second thread only waits (see fedbip_cli.sketch.one_thread)
+        for row, (path, config) in enumerate(zip(paths, configs)):
+            with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
+                if f"{PREFIX}{module}.lora_A.weight" not in f.keys():
+                    continue
+                a = f.get_tensor(f"{PREFIX}{module}.lora_A.weight").to(torch.float64)
+                b = f.get_tensor(f"{PREFIX}{module}.lora_B.weight").to(torch.float64)
+            r = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+            alpha = pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+            scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+            out[row] = (scale * (b @ a)).reshape(-1)
     return out
 
 
@@ -200,8 +200,14 @@ def child(args: argparse.Namespace) -> None:
     done = time.perf_counter()
     rows = {name: g.similarity[: args.rows].clone() for name, g in result.groups.items()}
     torch.save(rows, args.out)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"load_s": loaded - start, "similarity_s": done - loaded, "peak_rss_mib": peak}))
+    print(json.dumps({"load_s": loaded - start, "similarity_s": done - loaded, "peak_rss_mib": peak_rss_mib()}))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, it does not count the parent's
+    memory that a spawned child shares until its exec)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
 
 
 def run_child(paths: list[Path], dim: int, granularity: str, rows: int, threads: int, scratch: Path) -> tuple[dict, dict]:
