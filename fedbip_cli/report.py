@@ -71,6 +71,9 @@ def similarity_tables(result: Any, *, neighbours: int = 3) -> list[RenderableTyp
             f"Mean cosine similarity over {len(result.groups)} {result.granularity} groups "
             "(plain mean of the per-group matrices)"
         )
+    method = result.method
+    if method["method"] == "sketch":
+        title += f"; sketched: {method['dim']} x {method['dim']} numbers per module, seed {method['seed']} (approximate)"
     renderables: list[RenderableType] = [
         _matrix_table(clients, overview, title, neighbours),
         _clusters_line(clients, suggest_clusters(overview)),

@@ -256,6 +256,8 @@ def test_inspect_json_says_how_it_was_computed(square: list[Path]) -> None:
         difference = torch.tensor(data["groups"][name]["similarity"]) - torch.tensor(group["similarity"])
         assert 0 < float(difference.abs().max()) < 0.05, name
     assert not schema("inspect.schema.json").is_valid({**data, "similarity": {"method": "sketch", "dim": 64}})
+    table = invoke("inspect-similarity", root, "--similarity", "sketch", "--sketch-dim", "5", "--sketch-seed", "3")
+    assert table.exit_code == 0 and "sketched: 5 x 5 numbers per module, seed 3 (approximate)" in " ".join(table.stdout.split())
 
 
 def test_merge_with_a_sketch_writes_adapters_and_records_it(square: list[Path], tmp_path: Path) -> None:
