@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,14 +77,7 @@ class Adapter:
         with safe_open(self.weights_path, framework="pt") as f:
             a = f.get_tensor(f"{self._prefix}{module}.lora_A.weight")
             b = f.get_tensor(f"{self._prefix}{module}.lora_B.weight")
-        for which, t in (("lora_A", a), ("lora_B", b)):
-            if not torch.isfinite(t).all():
-                raise AdapterError(
-                    f"{module}.{which} contains NaN or Inf values",
-                    where=str(self.weights_path),
-                    hint="the adapter's training diverged or the file is damaged; re-train or re-save it",
-                )
-        return b, a
+        return _finite(self, module, b, a)
 
     def factors(
         self, module: str, *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
@@ -92,6 +87,61 @@ class Adapter:
         Raises AdapterError when a tensor holds NaN or Inf.
         """
         return scaled_factors(*self.stored_factors(module), self.modules[module].scale, dtype=dtype, device=device)
+
+
+def _finite(adapter: Adapter, module: str, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(b, a)``, or AdapterError when either holds NaN or Inf."""
+    for which, t in (("lora_A", a), ("lora_B", b)):
+        if not torch.isfinite(t).all():
+            raise AdapterError(
+                f"{module}.{which} contains NaN or Inf values",
+                where=str(adapter.weights_path),
+                hint="the adapter's training diverged or the file is damaged; re-train or re-save it",
+            )
+    return b, a
+
+
+class FactorReader:
+    """Stored factors of many adapters, read module by module, about 5 times cheaper than ``Adapter.stored_factors``.
+
+    ``safe_open`` maps the file and parses its header on every call (about 0.15 ms), which is most of
+    the time of a pass over 10 000 clients × 12 modules. Here each weights file's header is parsed
+    once (safetensors layout: a little-endian u64 header size, a JSON header of dtypes, shapes and
+    data offsets) and a module's two tensors are read with one ``pread`` each. The files were
+    validated by ``load_adapter``. Values are not checked here: a caller checks a whole batch for
+    NaN and Inf at once, and names the culprit with ``Adapter.stored_factors``.
+    """
+
+    def __init__(self) -> None:
+        # weights file -> module -> (A, B) as (dtype, shape, start, end) in the file
+        self._places: dict[Path, dict[str, tuple[tuple[torch.dtype, list[int], int, int], ...]]] = {}
+
+    def read(self, adapter: Adapter, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, A)`` of ``module`` exactly as stored (unscaled, the file's dtype), not checked for NaN or Inf."""
+        places = self._places.get(adapter.weights_path)
+        if places is None:
+            places = self._places[adapter.weights_path] = _factor_places(adapter)
+        fd = os.open(adapter.weights_path, os.O_RDONLY)
+        try:
+            a, b = (
+                torch.frombuffer(bytearray(os.pread(fd, end - start, start)), dtype=dtype).reshape(shape)
+                for dtype, shape, start, end in places[module]
+            )
+        finally:
+            os.close(fd)
+        return b, a
+
+
+def _factor_places(adapter: Adapter) -> dict[str, tuple[tuple[torch.dtype, list[int], int, int], ...]]:
+    """Where each module's lora_A and lora_B lie in the adapter's weights file."""
+    with open(adapter.weights_path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    places = {}
+    for module in adapter.modules:
+        entries = [header[f"{adapter._prefix}{module}.lora_{which}.weight"] for which in "AB"]
+        places[module] = tuple((FLOAT_DTYPES[e["dtype"]], e["shape"], 8 + size + e["data_offsets"][0], 8 + size + e["data_offsets"][1]) for e in entries)
+    return places
 
 
 def scaled_factors(

@@ -70,6 +70,7 @@ def model_card(record: dict[str, Any], client: str, declared_base: str | None = 
         "## Merge",
         "",
         f"- granularity: {record['granularity']} ({len(record['groups'])} group(s) with one weight matrix each)",
+        f"- similarity: {_similarity_line(record.get('similarity', {'method': 'exact'}))}",
         f"- weighting: {options['weighting']}, negative similarities: {options['negative']}, "
         f"temperature: {options['temperature']!r}, top-k: {options['top_k'] or 'all clients'}",
         f"- combine: {record['combine']}" + (f" at rank {record['rank']}" if record["rank"] is not None else ""),
@@ -160,6 +161,12 @@ def _energy_line(energy: dict[str, float | None]) -> str:
     if low is None or mean is None:
         return "unknown (the combine mode is not a truncation of the exact merge)"
     return f"min {low:.4f}, mean {mean:.4f} over {len(energy)} module(s) (Σ kept σ² / Σ σ²)"
+
+
+def _similarity_line(method: dict[str, Any]) -> str:
+    if method["method"] == "sketch":
+        return f"sketched cosine ({method['dim']} x {method['dim']} numbers per module, seed {method['seed']}; approximate)"
+    return "exact cosine of the task vectors"
 
 
 def _weights_cell(clients: list[str], row: list[float]) -> str:

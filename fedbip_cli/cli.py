@@ -19,6 +19,7 @@ from fedbip_cli import __version__, pipeline, report
 from fedbip_cli.config import merge_settings
 from fedbip_cli.errors import FedbipError
 from fedbip_cli.innercache import InnerProductCache, default_cache_dir
+from fedbip_cli.sketch import DEFAULT_DIM, MAX_DIM, SimilarityMethod
 
 app = typer.Typer(
     name="fedbip",
@@ -56,6 +57,31 @@ CacheDir = Annotated[
     typer.Option("--cache", help="Inner-product cache directory (default: $XDG_CACHE_HOME/fedbip, else ~/.cache/fedbip).", show_default=False),
 ]
 NoCache = Annotated[bool, typer.Option("--no-cache", help="Keep no inner products between runs (the results are the same).")]
+Similarity = Annotated[
+    Optional[str],
+    typer.Option(
+        "--similarity",
+        help="exact (factor space, the default) or sketch: seeded random sketches whose Gram costs K²·M²/2 per module, "
+        "for thousands of adapters (LoRA only; approximate, see --sketch-dim).",
+        show_default=False,
+    ),
+]
+SketchDim = Annotated[
+    Optional[int],
+    typer.Option(
+        "--sketch-dim",
+        help=f"With --similarity sketch: each module's ΔW is reduced to M×M numbers, 1 to {MAX_DIM} (default {DEFAULT_DIM}). "
+        "The cosine error falls about as 1/M, the time of the Gram grows as M². The default is the smallest M that kept "
+        "all 3 million checked whole-model cosines of 10 000 MiniLM-sized adapters (12 modules) within 0.02 of the exact "
+        "ones (0.015, in 24 s on 2 CPU cores; M = 64: 0.023 in 19 s). Per block or per module fewer numbers are "
+        "compared and the worst error is 2-4x larger: raise M. README: 'Huge K'.",
+        show_default=False,
+    ),
+]
+SketchSeed = Annotated[
+    Optional[int],
+    typer.Option("--sketch-seed", help="With --similarity sketch: the seed of the random projections (default 0); the same seed gives the same bits.", show_default=False),
+]
 
 
 def _version(value: bool) -> None:
@@ -140,6 +166,8 @@ MERGE_EPILOG = """[b]Examples[/b]
   fedbip merge full-ckpts/ --base base/ --out merged/ --max-shard-size 5GB
 
   fedbip merge full-ckpts/ --base base/ --out merged-adapters/ --to-lora 16
+
+  fedbip merge @10000-adapters.txt --similarity sketch --out merged/
 """
 
 
@@ -172,6 +200,9 @@ def merge(
         typer.Option("--max-shard-size", help=f"Full checkpoints: the largest output shard (2GB = 2·10⁹ bytes, 500MiB, ...; default {pipeline.DEFAULT_MAX_SHARD_SIZE}).", show_default=False),
     ] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto (CUDA when available, default), cpu or cuda.", show_default=False)] = None,
+    similarity: Similarity = None,
+    sketch_dim: SketchDim = None,
+    sketch_seed: SketchSeed = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace a non-empty --out.", show_default=False)] = None,
     lock: Annotated[Optional[Path], typer.Option("--lock", help="Lock file: written after the merge with the commit or sha256 every source resolved to.", show_default=False)] = None,
     locked: Annotated[Optional[bool], typer.Option("--locked/--no-locked", help="Refuse to run if any source resolves differently from --lock (which is then not rewritten).", show_default=False)] = None,
@@ -195,6 +226,9 @@ def merge(
         "to_lora": to_lora,
         "max_shard_size": max_shard_size,
         "device": device,
+        "similarity": similarity,
+        "sketch_dim": sketch_dim,
+        "sketch_seed": sketch_seed,
         "overwrite": overwrite,
         "lock": lock,
         "locked": locked,
@@ -234,6 +268,8 @@ INSPECT_EPILOG = """[b]Examples[/b]
   fedbip inspect-similarity adapters/ --format json | jq '.groups.model.similarity'
 
   fedbip inspect-similarity full-ckpts/ --base base/ --layerwise
+
+  fedbip inspect-similarity many-adapters/ --similarity sketch --sketch-dim 128 --format json
 """
 
 
@@ -249,15 +285,28 @@ def inspect_similarity(
     device: Device = "auto",
     cache: CacheDir = None,
     no_cache: NoCache = False,
+    similarity: Similarity = None,
+    sketch_dim: SketchDim = None,
+    sketch_seed: SketchSeed = None,
 ) -> None:
     """Show how similar the clients' task vectors are, with nearest neighbours and clusters."""
     gran = _granularity(layerwise, granularity) or "model"
     if output_format not in ("table", "json", "csv"):
         raise typer.BadParameter(f"{output_format!r}; choose one of table, json, csv", param_hint="--format")
     with _user_errors(), InnerProductCache(_cache_dir(cache, no_cache)) as inner_cache:
+        method = SimilarityMethod(similarity or "exact", sketch_dim, sketch_seed)  # checked before any source is read
         workspace = pipeline.load(sources, base=base)
         with _progress(output_format == "table") as progress:
-            result = pipeline.inspect(workspace, granularity=gran, device=device, progress=progress, cache=inner_cache)
+            result = pipeline.inspect(
+                workspace,
+                granularity=gran,
+                device=device,
+                progress=progress,
+                cache=inner_cache,
+                similarity=method.name,
+                sketch_dim=method.dim,
+                sketch_seed=method.seed,
+            )
         if heatmap is not None:
             report.write_heatmap(result, heatmap)
     if output_format == "json":

@@ -41,7 +41,8 @@ def merge_command(
     Args:
         sources: pinned SOURCES (``pinned_sources``).
         options: ``MergeOptions.as_dict()``; for full checkpoints with ``to_lora`` and
-            ``max_shard_size`` too (``--combine`` does not apply to them).
+            ``max_shard_size`` too (``--combine`` does not apply to them). Its ``similarity``
+            (``{"method": ...}``, exact when absent) gives ``--similarity`` and the sketch's options.
         base: the pinned ``--base``, if any.
         rank: the rank used by ``svd`` (None otherwise).
         device: the device the merge ran on (``cpu`` or ``cuda``).
@@ -63,4 +64,8 @@ def merge_command(
     if rank is not None:
         words += ["--rank", str(rank)]
     words += ["--device", device]
+    method = options.get("similarity") or {"method": "exact"}
+    words += ["--similarity", str(method["method"])]
+    if method["method"] == "sketch":
+        words += ["--sketch-dim", str(method["dim"]), "--sketch-seed", str(method["seed"])]
     return shlex.join(words)

@@ -68,6 +68,9 @@ KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "to_lora": (_integer, "an integer (full checkpoints: the rank of the adapters written)"),
     "max_shard_size": (_text, 'a size (string), e.g. "5GB"'),
     "device": (_text, "a string"),
+    "similarity": (_text, 'a string ("exact" or "sketch")'),
+    "sketch_dim": (_integer, "an integer (with similarity = \"sketch\")"),
+    "sketch_seed": (_integer, "an integer (with similarity = \"sketch\")"),
     "overwrite": (_flag, "true or false"),
     "lock": (_text, "a file (string)"),
     "locked": (_flag, "true or false"),
@@ -75,7 +78,9 @@ KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 _WEIGHT_KEYS = ("weighting", "negative", "temperature", "top_k")
 _HINT = "keys are the options of `fedbip merge --help` with '_' for '-'; its help lists the accepted values"
-_OPTION_KEYS = ("granularity", "combine", "rank", "to_lora", "max_shard_size", "device")
+_OPTION_KEYS = ("granularity", "combine", "rank", "to_lora", "max_shard_size", "device", "similarity", "sketch_dim", "sketch_seed")
+# Checked on their own as options of a sketch; whether the method is one is checked once all layers are merged.
+_SKETCH_KEYS = ("sketch_dim", "sketch_seed")
 YAML_SUFFIXES = (".yaml", ".yml")
 
 
@@ -185,7 +190,7 @@ def normalise(layer: Mapping[str, Any], where: str, hint: str | None = None) -> 
     for key in (*_WEIGHT_KEYS, *_OPTION_KEYS):
         if key in values:
             try:
-                merge_options({key: values[key]})
+                merge_options({key: values[key], **({"similarity": "sketch"} if key in _SKETCH_KEYS else {})})
             except UsageError as exc:
                 raise UsageError(f"{key} = {_shown(values[key])}: {exc.message}", where=where, hint=hint) from None
     return values

@@ -96,6 +96,7 @@ def merge_record(
         ],
         "clients": similarity.clients,
         "granularity": similarity.granularity,
+        "similarity": similarity.method,
         "groups": groups(similarity, weights),
         "combine": options.combine,
         "rank": rank if options.combine == "svd" else None,

@@ -36,6 +36,7 @@ from fedbip_cli.innercache import InnerProductCache
 from fedbip_cli.merge import combiner, merge_module, output_rank
 from fedbip_cli.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from fedbip_cli.similarity import SimilarityResult, module_inner_products, similarity_from_inner
+from fedbip_cli.sketch import SimilarityMethod, sketch_similarity
 from fedbip_cli.sources import FULL, LORA, ResolvedSource, fetch_weights, model_shapes, resolve_revision, resolve_specs
 from fedbip_cli.taskvec import GRANULARITIES, all_modules, group_modules, module_factors
 from fedbip_cli.weights import WeightOptions, personalized_weights
@@ -107,6 +108,9 @@ class MergeOptions:
     device: str = "auto"
     to_lora: int | None = None  # full checkpoints: write rank-R adapters instead of checkpoints
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE  # full checkpoints: the largest output shard
+    similarity: str = "exact"  # or "sketch" (adapters only), with sketch_dim and sketch_seed
+    sketch_dim: int | None = None
+    sketch_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -119,6 +123,12 @@ class MergeOptions:
         parse_size(self.max_shard_size)
         if self.device not in DEVICES:
             raise UsageError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        SimilarityMethod(self.similarity, self.sketch_dim, self.sketch_seed)  # raises on a bad method, dimension or seed
+
+    @property
+    def method(self) -> SimilarityMethod:
+        """How the similarity is computed (``exact``, or ``sketch`` with its dimension and seed)."""
+        return SimilarityMethod(self.similarity, self.sketch_dim, self.sketch_seed)
 
     def check_kind(self, kind: str) -> None:
         """Refuse the options that do not apply to inputs of ``kind`` (``lora`` or ``full``)."""
@@ -127,6 +137,7 @@ class MergeOptions:
         if kind == FULL and (self.rank is not None or self.combine != "svd"):
             option = "--rank" if self.rank is not None else f"--combine {self.combine}"
             raise UsageError(f"{option} applies to LoRA adapters", hint="full checkpoints are merged whole, or written as adapters with --to-lora R")
+        check_method_kind(self.method, kind)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -137,7 +148,17 @@ class MergeOptions:
             "top_k": self.weights.top_k,
             "combine": self.combine,
             "rank": self.rank,
+            "similarity": self.method.as_dict(),
         }
+
+
+def check_method_kind(method: SimilarityMethod, kind: str) -> None:
+    """Refuse a sketched similarity of full checkpoints: their deltas are dense, the sketch works on LoRA factors."""
+    if kind == FULL and method.name != "exact":
+        raise UsageError(
+            f"--similarity {method.name} applies to LoRA adapters",
+            hint="full fine-tuned checkpoints are compared exactly; drop --similarity, or convert them with --to-lora first",
+        )
 
 
 @dataclass
@@ -265,12 +286,23 @@ def inspect(
     device: str = "auto",
     progress: Progress | None = None,
     cache: InnerProductCache | None = None,
+    similarity: str = "exact",
+    sketch_dim: int | None = None,
+    sketch_seed: int | None = None,
 ) -> SimilarityResult:
-    """Exact similarity of the clients' task vectors at ``granularity``.
+    """Similarity of the clients' task vectors at ``granularity``: exact, or sketched (``sketch.py``).
 
     ``cache`` supplies the inner products computed by earlier runs and records the new ones; the
     result is the same bits with or without it. Full checkpoints take their dense path, without it.
+    ``similarity="sketch"`` (adapters only) sketches each module to ``sketch_dim``² numbers with
+    projections seeded by ``sketch_seed``; it uses no cache.
     """
+    method = SimilarityMethod(similarity, sketch_dim, sketch_seed)
+    check_method_kind(method, workspace.kind)
+    if method.name == "sketch":
+        groups = group_modules(workspace.modules, granularity)
+        advance = (progress or _no_progress)("similarity", len(workspace.modules))
+        return sketch_similarity(workspace.adapters, granularity, groups, method, device=resolve_device(device), progress=advance)
     if workspace.kind == FULL:
         return workspace.inspect(granularity=granularity, device=device, progress=progress)
     groups = group_modules(workspace.modules, granularity)
@@ -300,6 +332,7 @@ def plan(workspace: Workspace | CheckpointWorkspace, options: MergeOptions, out:
         "sources": [{"spec": spec, "clients": [s.name for s in group]} for spec, group in workspace.resolved],
         "base": {"source": workspace.base, "revision": workspace.base_revision} if workspace.base else None,
         "lock": None if workspace.lock is None else {"file": str(workspace.lock.path), "locked": workspace.lock.locked},
+        "similarity": options.method.as_dict(),
     }
     if workspace.kind == FULL:
         return {**common, **workspace.plan(options)}
@@ -354,6 +387,16 @@ def merge(
     ``cache`` serves the similarity step of adapters (see ``inspect``); it changes no output byte.
     """
     options.check_kind(workspace.kind)
+    if similarity is None and options.similarity != "exact":
+        similarity = inspect(
+            workspace,
+            granularity=options.granularity,
+            device=options.device,
+            progress=progress,
+            similarity=options.similarity,
+            sketch_dim=options.sketch_dim,
+            sketch_seed=options.sketch_seed,
+        )
     if workspace.kind == FULL:
         result = workspace.merge(options, out, overwrite=overwrite, progress=progress, similarity=similarity)
     else:

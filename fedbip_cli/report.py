@@ -71,6 +71,9 @@ def similarity_tables(result: Any, *, neighbours: int = 3) -> list[RenderableTyp
             f"Mean cosine similarity over {len(result.groups)} {result.granularity} groups "
             "(plain mean of the per-group matrices)"
         )
+    method = result.method
+    if method["method"] == "sketch":
+        title += f"; sketched: {method['dim']} x {method['dim']} numbers per module, seed {method['seed']} (approximate)"
     renderables: list[RenderableType] = [
         _matrix_table(clients, overview, title, neighbours),
         _clusters_line(clients, suggest_clusters(overview)),
@@ -91,14 +94,16 @@ def similarity_json(result: Any, *, neighbours: int = 3) -> dict[str, Any]:
         neighbours: nearest neighbours listed per client.
 
     Returns:
-        ``{"clients", "granularity", "groups": {name: {"similarity", "modules", "norms"}},
-        "clusters": [[client, ...], ...], "neighbours": {client: [[client, similarity], ...]}}``.
+        ``{"clients", "granularity", "similarity": {"method", ...}, "groups": {name: {"similarity",
+        "modules", "norms"}}, "clusters": [[client, ...], ...], "neighbours": {client: [[client,
+        similarity], ...]}}``.
     """
     clients = list(result.clients)
     overview = mean_similarity(result)
     return {
         "clients": clients,
         "granularity": result.granularity,
+        "similarity": result.method,
         "groups": {
             name: {
                 "similarity": group.similarity.to(torch.float64).tolist(),
@@ -426,6 +431,7 @@ def merge_summary(result: Any) -> dict[str, Any]:
         "output": result.manifest.get("output", "lora"),
         "clients": clients,
         "granularity": result.similarity.granularity,
+        "similarity": result.similarity.method,
         "combine": result.manifest["combine"],
         "rank": result.manifest["rank"],
         "weights": {name: [[float(x) for x in row] for row in w.tolist()] for name, w in result.weights.items()},

@@ -673,6 +673,7 @@ def test_merge_is_byte_identical_and_manifest_is_faithful(tmp_path: Path) -> Non
         "top_k": None,
         "combine": "svd",
         "rank": 2,
+        "similarity": {"method": "exact"},
     }
     assert [i["name"] for i in record["inputs"]] == ["c0", "c1", "c2"]
     for entry, d in zip(record["inputs"], dirs):
