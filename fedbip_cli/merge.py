@@ -308,7 +308,7 @@ def svd_costs(ranks: Sequence[int | None], weights: torch.Tensor, rank: int, sha
     k = weights.shape[0]
     chunk = max(1, CORE_ELEMENTS // (2 * p_b * p_a))
     passes = -(-k // chunk)
-    pieces = passes * sum(present) / max(1, len(present)) * len(present) * 2 * p_b * p_a
+    pieces = passes * n * 2 * p_b * p_a  # every client's r_j × (p_b × p_a) piece, once per pass
     cores = 2 * float(nonzero.sum()) * p_b * p_a
     keep = min(rank, p_b, p_a)
     solve = k * 2 * p_b * p_a * (keep + OVERSAMPLE) * (2 * POWER_ITERATIONS + 2)

@@ -5,11 +5,11 @@ For one module, the Frobenius inner product of two clients' task vectors is
 d × k matrix is ever formed. The result does not depend on how a LoRA happens to be factored
 (B G, G⁻¹ A), unlike cosine on flattened factors.
 
-Every product is computed pair by pair by one function, with the pair in a canonical order (by the
-content keys of the two clients' factors), and goes through an ``InnerProductCache``. A value is
-thus the same bits whether it was computed in this run or read from a cache filled by an earlier
-one, whatever the other clients are; and adding one client to K cached ones computes K + 1 products
-per module, not (K + 1)².
+All products of a module come from exact stacked Grams (``gram``), so a pair's value depends only
+on its two clients' factors; every product goes through an ``InnerProductCache``. A value is thus
+the same bits whether it was computed in this run or read from a cache filled by an earlier one,
+whatever the other clients are; and adding one client to K cached ones computes K + 1 products per
+module, not (K + 1)².
 
 Full checkpoints have dense deltas W − W_base: their inner products are summed over ranges of rows,
 read one at a time, with every client's Gram computed at once; they do not go through the cache.
@@ -30,7 +30,7 @@ from fedbip_cli.gram import all_products, rows_products, stack_factors
 from fedbip_cli.innercache import InnerProductCache
 from fedbip_cli.taskvec import KeyedFactors, checkpoint_deltas, keyed_module_factors
 
-# Names the inner-product formula in cache keys: change it when pair_inner_product changes.
+# Names the inner-product formula in cache keys: change it when ``gram``'s products change.
 ENGINE = "fedbip-exact-gram-v2"
 
 
@@ -51,15 +51,6 @@ class SimilarityResult:
     groups: dict[str, GroupSimilarity]
     # How the similarities were computed: {"method": "exact"}, or a sketch's method, dim and seed.
     method: dict[str, Any] = field(default_factory=lambda: {"method": "exact"})
-
-
-def pair_inner_product(x: tuple[torch.Tensor, torch.Tensor], y: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``<B_x A_x, B_y A_y>_F = sum((B_xᵀ B_y) ∘ (A_x A_yᵀ))`` as a 0-dim float64 tensor (a reference formula).
-
-    Args:
-        x, y: ``(B, A)`` with B (out, r) already scaled and A (r, in), in float64.
-    """
-    return ((x[0].T @ y[0]) * (x[1] @ y[1].T)).sum()
 
 
 def compute_pairs(factors: dict[bytes, KeyedFactors], keys: Sequence[bytes], missing: Sequence[tuple[bytes, bytes]]) -> dict[tuple[bytes, bytes], float]:
