@@ -13,6 +13,7 @@ import math
 import os
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,24 @@ class FactorReader:
         finally:
             os.close(fd)
         return b, a
+
+
+def read_module(adapters: Sequence[Adapter], module: str, reader: FactorReader) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Each adapter's stored ``(B, A)`` at ``module`` (None where it does not target it), checked at once.
+
+    The check is one float64 sum per tensor (finite factors of any float dtype cannot overflow it;
+    NaN and Inf propagate); only when a sum is not finite are the tensors checked one by one, so
+    that the error names the adapter.
+
+    Raises AdapterError when a tensor holds NaN or Inf.
+    """
+    stored = [reader.read(a, module) if module in a.modules else None for a in adapters]
+    sums = [t.sum(dtype=torch.float64) for pair in stored if pair is not None for t in pair]
+    if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
+        for adapter, pair in zip(adapters, stored):
+            if pair is not None:
+                _finite(adapter, module, *pair)
+    return stored
 
 
 def _factor_places(adapter: Adapter) -> dict[str, tuple[tuple[torch.dtype, list[int], int, int], ...]]:

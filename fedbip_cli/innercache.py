@@ -82,6 +82,15 @@ class InnerProductCache:
         """The database file, or None for a cache that keeps nothing."""
         return None if self.directory is None else self.directory / CACHE_FILE
 
+    @property
+    def persistent(self) -> bool:
+        """Whether products are kept between runs (a directory was given)."""
+        return self._db is not None
+
+    def discard(self, count: int) -> None:
+        """Count ``count`` products computed but not kept (a cache without a directory)."""
+        self.stats.computed += count
+
     def lookup(self, keys: Sequence[bytes]) -> dict[Pair, float]:
         """Every stored inner product between two of ``keys`` (pairs as ``(min, max)``)."""
         if self._db is None:

@@ -23,6 +23,7 @@ from fedbip_cli import lockfile, manifest
 from fedbip_cli.adapters import (
     WEIGHTS_NAME,
     Adapter,
+    FactorReader,
     StreamingAdapterWriter,
     check_against_base,
     file_sha256,
@@ -449,8 +450,9 @@ def _merge_adapters(
             a.name: StreamingAdapterWriter(tmp / a.name / WEIGHTS_NAME, ranks[a.name], shapes, dtype) for a in workspace.adapters
         }
         advance = start("merge", len(workspace.modules))
+        reader = FactorReader()
         for module in workspace.modules:
-            factors = module_factors(workspace.adapters, module, device=device)
+            factors = module_factors(workspace.adapters, module, device=device, reader=reader)
             rows = weights[group_of[module]].to(device)
             for i, result in enumerate(merge_module(options.combine, factors, rows, rank)):
                 if result is not None:

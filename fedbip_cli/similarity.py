@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fedbip_cli.adapters import Adapter
+from fedbip_cli.adapters import Adapter, FactorReader
 from fedbip_cli.checkpoints import Checkpoint, row_ranges
 from fedbip_cli.errors import AdapterError
 from fedbip_cli.gram import all_products, rows_products, stack_factors
@@ -53,25 +53,27 @@ class SimilarityResult:
     method: dict[str, Any] = field(default_factory=lambda: {"method": "exact"})
 
 
-def compute_pairs(factors: dict[bytes, KeyedFactors], keys: Sequence[bytes], missing: Sequence[tuple[bytes, bytes]]) -> dict[tuple[bytes, bytes], float]:
+def compute_pairs(factors: dict[bytes, KeyedFactors], keys: Sequence[bytes], missing: torch.Tensor) -> torch.Tensor:
     """The inner products of the ``missing`` pairs of ``keys``, from stacked exact Grams (``gram``).
 
-    When every pair is missing (a cold run) the upper triangle is computed tile by tile; otherwise
-    only the rows of the clients that appear in a missing pair, against every client.
+    Args:
+        factors: the keyed factors by key.
+        keys: the distinct keys, in the order of ``missing``'s rows and columns.
+        missing: (n, n) symmetric boolean mask of the pairs wanted.
+
+    Returns:
+        (n, n) float64 on the CPU, holding the wanted pairs (other entries are unspecified). When
+        every pair is missing (a cold run) the upper triangle is computed tile by tile; otherwise
+        only the rows of the keys with a missing pair, against every key.
     """
     stacked = stack_factors([(factors[k].b, factors[k].a) for k in keys], [factors[k].scale for k in keys], device=factors[keys[0]].b.device)
-    position = {key: u for u, key in enumerate(keys)}
-    if len(missing) == len(keys) * (len(keys) + 1) // 2:
-        values = all_products(stacked).cpu()
-        return {(x, y): values[position[x], position[y]].item() for x, y in missing}
-    rows = sorted({position[x] for x, _ in missing} | {position[y] for _, y in missing})
-    values = rows_products(stacked, rows).cpu()
-    row_of = {u: i for i, u in enumerate(rows)}
-    out: dict[tuple[bytes, bytes], float] = {}
-    for x, y in missing:
-        u, v = position[x], position[y]
-        out[(x, y)] = values[row_of[u], v].item() if u in row_of else values[row_of[v], u].item()
-    return out
+    if bool(missing.all()):
+        return all_products(stacked).cpu()
+    rows = missing.any(dim=1).nonzero().flatten()
+    values = torch.zeros(len(keys), len(keys), dtype=torch.float64)
+    values[rows] = rows_products(stacked, rows.tolist()).cpu()
+    values[:, rows] = values[rows].T
+    return values
 
 
 def cached_inner_products(factors: Sequence[KeyedFactors | None], cache: InnerProductCache) -> torch.Tensor:
@@ -90,24 +92,35 @@ def cached_inner_products(factors: Sequence[KeyedFactors | None], cache: InnerPr
     """
     by_key = {f.key: f for f in factors if f is not None}
     keys = sorted(by_key)
-    known = cache.lookup(keys)
-    missing = [(x, y) for i, x in enumerate(keys) for y in keys[i:] if (x, y) not in known]
-    if missing:
+    n = len(keys)
+    # The (distinct keys)² matrix: what the cache knows, then the rest computed.
+    distinct = torch.zeros(n, n, dtype=torch.float64)
+    known = torch.zeros(n, n, dtype=torch.bool)
+    found = cache.lookup(keys) if cache.persistent else {}
+    if found:
+        position = {key: u for u, key in enumerate(keys)}
+        rows = torch.tensor([position[x] for x, _ in found])
+        columns = torch.tensor([position[y] for _, y in found])
+        values = torch.tensor(list(found.values()), dtype=torch.float64)
+        distinct[rows, columns] = values
+        distinct[columns, rows] = values
+        known[rows, columns] = known[columns, rows] = True
+    missing = ~known
+    if n and bool(missing.any()):
         fresh = compute_pairs(by_key, keys, missing)
-        cache.store(fresh)
-        known.update(fresh)
-    # Fill the (distinct keys)² matrix from the pairs, then spread it over the clients.
-    position = {key: u for u, key in enumerate(keys)}
-    rows = [position[x] for x, _ in known]
-    columns = [position[y] for _, y in known]
-    distinct = torch.zeros(len(keys), len(keys), dtype=torch.float64)
-    values = torch.tensor(list(known.values()), dtype=torch.float64)
-    distinct[rows, columns] = values
-    distinct[columns, rows] = values
+        distinct = torch.where(missing, fresh, distinct)
+        upper = missing.triu().nonzero()
+        if cache.persistent:
+            xs, ys = upper.unbind(1)
+            cache.store({(keys[x], keys[y]): v for x, y, v in zip(xs.tolist(), ys.tolist(), distinct[xs, ys].tolist())})
+        else:
+            cache.discard(upper.shape[0])
+    # Spread the distinct keys' matrix over the clients.
     present = [i for i, f in enumerate(factors) if f is not None]
     inner = torch.zeros(len(factors), len(factors), dtype=torch.float64)
     if present:
         index = torch.tensor(present)
+        position = {key: u for u, key in enumerate(keys)}
         of = torch.tensor([position[factors[i].key] for i in present])
         inner[index[:, None], index[None, :]] = distinct[of[:, None], of[None, :]]
     return inner
@@ -171,9 +184,10 @@ def module_inner_products(
     cache = cache or InnerProductCache()
     salt = f"{ENGINE}/{torch.device(device).type}"
     result: dict[str, torch.Tensor] = {}
+    reader = FactorReader()
     for module in modules:
         # Without a cache directory nothing is looked up, so the clients need no content hash.
-        keyed = keyed_module_factors(adapters, module, salt=salt, device=device, hashed=cache.directory is not None)
+        keyed = keyed_module_factors(adapters, module, salt=salt, device=device, hashed=cache.persistent, reader=reader)
         result[module] = cached_inner_products(keyed, cache)
         if progress is not None:
             progress(1)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedbip_cli.adapters import Adapter
+from fedbip_cli.adapters import Adapter, FactorReader, read_module, scaled_factors
 from fedbip_cli.checkpoints import Checkpoint
 from fedbip_cli.errors import UsageError
 
@@ -70,10 +70,23 @@ def all_modules(adapters: Sequence[Adapter]) -> list[str]:
 
 
 def module_factors(
-    adapters: Sequence[Adapter], module: str, *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
+    adapters: Sequence[Adapter],
+    module: str,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    reader: FactorReader | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-    """Each adapter's ``(scale · B, A)`` at ``module``, or None where the adapter does not target it."""
-    return [a.factors(module, dtype=dtype, device=device) if module in a.modules else None for a in adapters]
+    """Each adapter's ``(scale · B, A)`` at ``module``, or None where the adapter does not target it.
+
+    ``reader`` serves the factors (pass one per run: it remembers where each file keeps them).
+    Raises AdapterError when a tensor holds NaN or Inf.
+    """
+    stored = read_module(adapters, module, reader or FactorReader())
+    return [
+        None if pair is None else scaled_factors(*pair, adapter.modules[module].scale, dtype=dtype, device=device)
+        for adapter, pair in zip(adapters, stored)
+    ]
 
 
 def checkpoint_deltas(
@@ -115,7 +128,13 @@ def content_key(b: torch.Tensor, a: torch.Tensor, scale: float, salt: str) -> by
 
 
 def keyed_module_factors(
-    adapters: Sequence[Adapter], module: str, *, salt: str, device: torch.device | str = "cpu", hashed: bool = True
+    adapters: Sequence[Adapter],
+    module: str,
+    *,
+    salt: str,
+    device: torch.device | str = "cpu",
+    hashed: bool = True,
+    reader: FactorReader | None = None,
 ) -> list[KeyedFactors | None]:
     """Each adapter's factors at ``module`` with their content key, or None where it does not target it.
 
@@ -124,11 +143,11 @@ def keyed_module_factors(
     merge identical files.
     """
     keyed: list[KeyedFactors | None] = []
-    for adapter in adapters:
-        if module not in adapter.modules:
+    for adapter, stored in zip(adapters, read_module(adapters, module, reader or FactorReader())):
+        if stored is None:
             keyed.append(None)
             continue
-        b, a = adapter.stored_factors(module)
+        b, a = stored
         scale = adapter.modules[module].scale
         if hashed:
             key = content_key(b, a, scale, salt)

@@ -133,6 +133,29 @@ def test_silhouette_hand_computed():
     assert silhouette(distance, np.array([1, 1, 1, 1])) == 0.0
 
 
+def reference_silhouette(distance: np.ndarray, labels: np.ndarray) -> float:
+    """The textbook definition, client by client."""
+    scores = []
+    for i, label in enumerate(labels):
+        own = [j for j in range(len(labels)) if labels[j] == label and j != i]
+        if not own:
+            scores.append(0.0)
+            continue
+        a = float(np.mean(distance[i, own]))
+        b = min(float(np.mean(distance[i, labels == other])) for other in set(labels.tolist()) if other != label)
+        scores.append((b - a) / max(a, b) if max(a, b) > 0 else 0.0)
+    return float(np.mean(scores))
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_silhouette_matches_the_definition_with_runs_and_scattered_labels(contiguous: bool):
+    rng = np.random.default_rng(5)
+    points = rng.normal(size=(23, 4))
+    distance = np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1))
+    labels = np.repeat([3, 1, 7, 2], [6, 5, 9, 3]) if contiguous else rng.integers(0, 4, size=23)
+    assert silhouette(distance, labels) == pytest.approx(reference_silhouette(distance, labels), abs=1e-12)
+
+
 def test_mean_similarity_is_the_plain_mean_over_groups():
     first = blocks(3, 3, within=0.8, across=0.0)
     second = blocks(3, 3, within=0.4, across=-0.2)

@@ -68,12 +68,32 @@ def test_exact_gram_bits_do_not_depend_on_other_clients_order_or_tiles(monkeypat
 def test_split_columns_is_exact_for_half_precision() -> None:
     x = planted_factors(1, 300, 4, [6], dtype=torch.float16)[0][0].double()
     split = gram.split_columns(x)
-    lo = split.lo_hi[: x.shape[0]]
+    assert split.lo is None  # float16: kept as its few non-zeros
+    lo = torch.zeros_like(x).index_put_((split.lo_rows, split.lo_columns), split.lo_values)
     assert torch.equal(split.hi + lo, x)
     bits = gram.slice_bits(x.shape[0])
     unit = torch.ldexp(torch.ones(x.shape[1], dtype=torch.float64), torch.frexp(x.abs().amax(0))[1] - bits)
     assert torch.equal(torch.round(split.hi / unit), split.hi / unit)
     assert float((split.hi / unit).abs().max()) <= 2.0**bits
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_sparse_and_dense_low_slices_give_the_same_bits(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    factors = planted_factors(11, 200, 72, [3, 5, 4], dtype=dtype)
+    scales = [0.25 + u / 5 for u in range(11)]
+    monkeypatch.setattr(gram, "SPARSE_LO", 0.0)  # always dense
+    dense = gram.all_products(gram.stack_factors(factors, scales))
+    assert gram.stack_factors(factors, scales).b.lo is not None
+    monkeypatch.setattr(gram, "SPARSE_LO", 2.0)  # always sparse
+    sparse_stack = gram.stack_factors(factors, scales)
+    assert sparse_stack.b.lo is None and sparse_stack.a.lo is None
+    sparse = gram.all_products(sparse_stack)
+    monkeypatch.setattr(gram, "TILE_ELEMENTS", 40)  # tiles slice the sparse columns too
+    tiled = gram.all_products(gram.stack_factors(factors, scales))
+    assert torch.equal(dense, sparse) and torch.equal(dense, tiled)
+    assert torch.equal(gram.rows_products(sparse_stack, [0, 6, 7]), dense[[0, 6, 7]])
+    ref = dense_inner(factors, scales)
+    assert torch.allclose(dense, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
 
 
 def merge_cases() -> dict[str, tuple[list, torch.Tensor, int]]:
