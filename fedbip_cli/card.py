@@ -14,12 +14,14 @@ from typing import Any
 
 import torch
 
-from fedbip_cli.clustering import nearest_neighbours
+from fedbip_cli.clustering import row_neighbours
 from fedbip_cli.merge import energy_range
 from fedbip_cli.sources import FULL, HUB_PREFIX, HubRef
 
 CARD_NAME = "README.md"
 NEIGHBOURS = 3
+# A card lists at most this many weights per group: with 1000 clients the full row made every card 180 kB.
+CARD_WEIGHTS = 20
 
 
 def model_card(record: dict[str, Any], client: str, declared_base: str | None = None) -> str:
@@ -83,7 +85,7 @@ def model_card(record: dict[str, Any], client: str, declared_base: str | None = 
         "",
         f"## Weights of {client}",
         "",
-        "Non-zero weights P_ij of this client's row, largest first.",
+        f"Non-zero weights P_ij of this client's row, largest first (the {CARD_WEIGHTS} largest per group; every weight is in `fedbip-manifest.json`).",
         "",
         "| group | weights |",
         "|---|---|",
@@ -171,17 +173,19 @@ def _similarity_line(method: dict[str, Any]) -> str:
 
 def _weights_cell(clients: list[str], row: list[float]) -> str:
     order = sorted((j for j, w in enumerate(row) if w != 0.0), key=lambda j: (-row[j], j))
-    return ", ".join(f"{clients[j]} {row[j]:.4f}" for j in order)
+    cell = ", ".join(f"{clients[j]} {row[j]:.4f}" for j in order[:CARD_WEIGHTS])
+    rest = order[CARD_WEIGHTS:]
+    return cell + (f", and {len(rest)} more summing to {sum(row[j] for j in rest):.4f}" if rest else "")
 
 
 def _neighbours_line(record: dict[str, Any], index: int) -> str:
     """Nearest clients by cosine similarity (the mean over groups when layer-wise)."""
-    matrices = [torch.tensor(group["similarity"], dtype=torch.float64) for group in record["groups"].values()]
-    mean = torch.stack(matrices).mean(dim=0)
-    near = nearest_neighbours(mean, NEIGHBOURS)[index]
+    # Only this client's row of each group: the cards of K clients cost O(K²), not O(K³).
+    rows = torch.tensor([group["similarity"][index] for group in record["groups"].values()], dtype=torch.float64)
+    near = row_neighbours(rows.mean(dim=0).numpy(), index, NEIGHBOURS)
     if not near:
         return "None (a single client)."
-    over = "" if len(matrices) == 1 else f" (mean cosine over the {len(matrices)} groups)"
+    over = "" if rows.shape[0] == 1 else f" (mean cosine over the {rows.shape[0]} groups)"
     return f"By cosine similarity of task vectors{over}: " + ", ".join(
         f"{record['clients'][j]} {value:.4f}" for j, value in near
     ) + "."

@@ -37,12 +37,14 @@ def nearest_neighbours(similarity: torch.Tensor, k: int = 3) -> list[list[tuple[
         For each client i, ``[(j, S_ij), ...]`` without i itself, by similarity descending; equal
         similarities are ordered by the smaller index first.
     """
-    values = _as_square(similarity)
-    result = []
-    for i, row in enumerate(values):
-        others = sorted((j for j in range(len(row)) if j != i), key=lambda j: (-row[j], j))
-        result.append([(j, float(row[j])) for j in others[:k]])
-    return result
+    return [row_neighbours(row, i, k) for i, row in enumerate(_as_square(similarity))]
+
+
+def row_neighbours(row: np.ndarray, index: int, k: int = 3) -> list[tuple[int, float]]:
+    """The ``k`` most similar other clients of client ``index`` from its similarity row, as
+    ``nearest_neighbours`` orders them (a stable sort keeps equal values in index order)."""
+    order = np.argsort(-np.asarray(row, dtype=np.float64), kind="stable")
+    return [(int(j), float(row[j])) for j in order[order != index][:k]]
 
 
 def suggest_clusters(similarity: torch.Tensor, min_silhouette: float = MIN_SILHOUETTE) -> list[list[int]]:

@@ -226,6 +226,22 @@ class CheckpointWorkspace:
                 yield spec, base_rows, weighted_sum(deltas, rows[spec.name])
             advance(1)
 
+    def _personalized(self, tensor: str, weights: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor]:
+        """Each client's M_i = Σ_j P_ij (W_j − W_base) of one whole tensor, in float64, one client at a time.
+
+        The clients' tensors are held as stored (their file dtype) with one float64 copy of the base,
+        the sum in progress and one term: K + 3 copies at most, not the 2K float64 copies of every
+        client's delta and every client's sum at once.
+        """
+        base = self.base_checkpoint.read(tensor).to(device=device, dtype=torch.float64)
+        stored = [c.read(tensor).to(device) for c in self.checkpoints]
+        for row in weights.tolist():
+            merged = torch.zeros_like(base)
+            for w, weight in zip(row, stored):
+                if w != 0.0:
+                    merged.add_(weight.to(torch.float64, copy=True).sub_(base), alpha=w)  # never the stored tensor itself
+            yield merged
+
     def _write_checkpoints(
         self, rows: dict[str, torch.Tensor], tmp: Path, max_bytes: int, device: torch.device, progress: Progress | None
     ) -> None:
@@ -260,21 +276,24 @@ class CheckpointWorkspace:
         energy: dict[str, dict[str, float | None]] = {c: {} for c in clients}
         total = torch.zeros(len(clients), dtype=torch.float64)  # ‖M_i‖² over every task tensor
         kept = torch.zeros(len(clients), dtype=torch.float64)  # Σ kept σ² over the written modules
-        specs = [self.base_checkpoint.tensors[n] for n in self.tensors]
-        advance = _start(progress, "to-lora", len(specs))
-        for spec, _, merged in self._merged(specs, rows, device, advance, whole=target_of):
+        others = [self.base_checkpoint.tensors[n] for n in self.tensors if n not in target_of]
+        advance = _start(progress, "to-lora", len(self.tensors))
+        # Tensors that stay out of the adapter only count towards the whole delta's energy.
+        for _, _, merged in self._merged(others, rows, device, advance):
             assert merged is not None  # only task tensors are asked for
-            squares = (merged * merged).reshape(len(clients), -1).sum(dim=1).cpu()
-            total += squares
-            target = target_of.get(spec.name)
-            for i, client in enumerate(clients):
-                if target is None or squares[i] == 0:  # no delta here: leave the module out
+            total += (merged * merged).reshape(len(clients), -1).sum(dim=1).cpu()
+        for target in targets:
+            for i, merged in enumerate(self._personalized(target.tensor, rows[target.tensor], device)):
+                square = float((merged * merged).sum())
+                total[i] += square
+                if square == 0:  # no delta here: leave the module out
                     continue
-                delta = merged[i].T if target.transposed else merged[i]  # peft's B @ A is (out, in)
-                result = low_rank_factors(delta, rank, tensor_generator(spec.name))
-                factors[client][target.module] = (result.b.cpu(), result.a.cpu())
-                energy[client][target.module] = result.energy
-                kept[i] += result.energy * squares[i]
+                delta = merged.T if target.transposed else merged  # peft's B @ A is (out, in)
+                result = low_rank_factors(delta, rank, tensor_generator(target.tensor))
+                factors[clients[i]][target.module] = (result.b.cpu(), result.a.cpu())
+                energy[clients[i]][target.module] = result.energy
+                kept[i] += result.energy * square
+            advance(1)
         empty = [c for c in clients if not factors[c]]
         if empty:
             raise AdapterError(

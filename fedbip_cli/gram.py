@@ -81,10 +81,11 @@ def split_columns(x: torch.Tensor) -> SplitColumns:
     hi = torch.round(x / unit) * unit
     fine = unit * 2.0**-bits
     lo = torch.round((x - hi) / fine) * fine
-    nonzero = lo.T.nonzero()  # (column, row) pairs in column order
-    if nonzero.shape[0] >= SPARSE_LO * lo.numel():
+    if int(torch.count_nonzero(lo)) >= SPARSE_LO * lo.numel():
         return SplitColumns(hi, lo)
-    columns, rows = nonzero.unbind(1)
+    rows, columns = lo.nonzero().unbind(1)  # row-major: a scan of the contiguous matrix
+    order = torch.sort(columns, stable=True).indices  # then by column, for ``columns``' ranges
+    rows, columns = rows[order], columns[order]
     return SplitColumns(hi, None, rows, columns, lo[rows, columns])
 
 

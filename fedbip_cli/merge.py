@@ -134,8 +134,11 @@ def output_rank(mode: str, ranks: Sequence[int | None], row: torch.Tensor, rank:
 # Randomized subspace iteration for the shared-basis path: extra vectors and power iterations.
 OVERSAMPLE = 10
 POWER_ITERATIONS = 3
-# Bounds the memory of the per-client cores in flight (float64 elements).
-CORE_ELEMENTS = 1 << 24
+# Bound the memory of the per-client cores in flight and of one band of every client's pieces
+# (float64 elements): 256 MB and 64 MB. Every chunk of cores forms the pieces again, so the chunk of
+# cores is the larger (1000 clients at 384 × 384: 5 passes).
+CORE_ELEMENTS = 1 << 25
+PIECE_ELEMENTS = 1 << 23
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,33 @@ def top_singular(cores: torch.Tensor, keep: int, *, solver: str, generator_seed:
     return (basis @ ut.transpose(1, 2))[:, :, :keep], sigma[:, :keep], v.transpose(1, 2)[:, :keep]
 
 
+class ClientPieces:
+    """Each client's piece ``L_Bᵀ[:, j] L_A[:, j]ᵀ`` of the cores (p_b, p_a), formed a band of rows at a time.
+
+    ``lt_b`` (p_b, n) and ``lt_a`` (p_a, n) hold the clients' columns side by side, ``ranks`` wide
+    each; clients of smaller rank are padded with zero columns (which add exact zeros), so a band
+    of every client's pieces is one batched product.
+    """
+
+    def __init__(self, lt_b: torch.Tensor, lt_a: torch.Tensor, ranks: Sequence[int]) -> None:
+        count, r = len(ranks), max(ranks)
+        if len(set(ranks)) == 1:
+            self.b = lt_b.reshape(lt_b.shape[0], count, r).permute(1, 0, 2)  # (K, p_b, r)
+            self.a = lt_a.reshape(lt_a.shape[0], count, r).permute(1, 2, 0)  # (K, r, p_a)
+            return
+        self.b = lt_b.new_zeros(count, lt_b.shape[0], r)
+        self.a = lt_a.new_zeros(count, r, lt_a.shape[0])
+        start = 0
+        for j, width in enumerate(ranks):
+            self.b[j, :, :width] = lt_b[:, start : start + width]
+            self.a[j, :width] = lt_a[:, start : start + width].T
+            start += width
+
+    def band(self, clients: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Rows ``rows`` of the pieces of the clients at positions ``clients``, flattened: (len(clients), band · p_a)."""
+        return torch.bmm(self.b[clients, rows], self.a[clients]).reshape(len(clients), -1)
+
+
 def merge_module_svd(
     factors: Sequence[Factors | None], weights: torch.Tensor, rank: int, *, solver: str = "auto"
 ) -> list[Combined | None]:
@@ -247,24 +277,22 @@ def merge_module_svd(
     a = torch.cat([factors[j][1] for j in present], dim=0)
     left, right = stack_basis(b), stack_basis(a.T)
     p_b, p_a = left.lt.shape[0], right.lt.shape[0]
-    columns, start = [], 0
-    for j in present:
-        columns.append(slice(start, start + ranks[j]))
-        start += ranks[j]
     w = weights[:, present].to(dtype=torch.float64, device=b.device)
     keeps = [output_rank("svd", ranks, weights[i], rank, (out_dim, in_dim)) for i in range(weights.shape[0])]
     wanted = [i for i, keep in enumerate(keeps) if keep > 0]
-    chunk = max(1, CORE_ELEMENTS // (2 * p_b * p_a))
+    pieces = ClientPieces(left.lt, right.lt, [ranks[j] for j in present])
+    chunk = max(1, CORE_ELEMENTS // (p_b * p_a))
     for first in range(0, len(wanted), chunk):
         clients = wanted[first : first + chunk]
         rows = w[clients]
-        cores = torch.zeros(len(clients), p_b * p_a, dtype=torch.float64, device=b.device)
-        used = (rows != 0).any(dim=0).nonzero().flatten().tolist()
-        for piece_first in range(0, len(used), chunk):
-            block = used[piece_first : piece_first + chunk]
-            pieces = torch.stack([left.lt[:, columns[j]] @ right.lt[:, columns[j]].T for j in block])
-            cores += rows[:, block] @ pieces.reshape(len(block), -1)
-        cores = cores.reshape(len(clients), p_b, p_a)
+        used = (rows != 0).any(dim=0).nonzero().flatten()
+        # Cores band by band of rows, each one product over every contributing client: a long inner
+        # dimension keeps the product compute-bound (short blocks of clients made it memory-bound).
+        band = max(1, PIECE_ELEMENTS // (len(used) * p_a))
+        cores = torch.empty(len(clients), p_b, p_a, dtype=torch.float64, device=b.device)
+        for top in range(0, p_b, band):
+            span = slice(top, min(p_b, top + band))
+            cores[:, span] = (rows[:, used] @ pieces.band(used, span)).reshape(len(clients), -1, p_a)
         keep = max(keeps[i] for i in clients)
         mode = solver if solver != "auto" else ("exact" if min(p_b, p_a) <= 4 * (keep + OVERSAMPLE) else "randomized")
         u, sigma, vt = top_singular(cores, min(keep, p_b, p_a), solver=mode)
@@ -306,7 +334,7 @@ def svd_costs(ranks: Sequence[int | None], weights: torch.Tensor, rank: int, sha
     p_b, p_a = min(n, out_dim), min(n, in_dim)
     basis = sum(2 * n * n * dim + n**3 for dim in shape if n < dim)
     k = weights.shape[0]
-    chunk = max(1, CORE_ELEMENTS // (2 * p_b * p_a))
+    chunk = max(1, CORE_ELEMENTS // (p_b * p_a))
     passes = -(-k // chunk)
     pieces = passes * n * 2 * p_b * p_a  # every client's r_j × (p_b × p_a) piece, once per pass
     cores = 2 * float(nonzero.sum()) * p_b * p_a

@@ -14,7 +14,7 @@ from factories import base_model_files, random_adapter
 from hubcache import make_hub_cache, repository_files, use_offline_cache
 from typer.testing import CliRunner
 
-from fedbip_cli import __version__
+from fedbip_cli import __version__, card
 from fedbip_cli.cli import app
 from fedbip_cli.merge import energy_range
 
@@ -128,3 +128,10 @@ def test_command_expands_an_at_list_to_its_pinned_clients(tmp_path: Path, monkey
     command = json.loads((tmp_path / "o" / "fedbip-manifest.json").read_text())["command"]
     expected = f"fedbip merge hf://org/adapters@{commit}/a {local.resolve()} hf://org/adapters@{commit}/b --out OUT"
     assert command.startswith(expected), command
+
+
+def test_long_weight_rows_are_cut_with_the_rest_summed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(card, "CARD_WEIGHTS", 2)
+    cell = card._weights_cell(["a", "b", "c", "d"], [0.5, 0.125, 0.25, 0.0])
+    assert cell == "a 0.5000, c 0.2500, and 1 more summing to 0.1250"
+    assert card._weights_cell(["a", "b"], [0.75, 0.25]) == "a 0.7500, b 0.2500"

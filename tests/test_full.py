@@ -352,6 +352,18 @@ def test_to_lora_truncates_like_the_dense_svd(bert: Reference, tmp_path: Path) -
     assert all(0 < v < 1 for v in record["to_lora"]["delta_energy_kept"].values())
 
 
+def test_to_lora_from_float64_checkpoints_leaves_the_inputs_intact(bert: Reference, tmp_path: Path) -> None:
+    """Stored float64 tensors are the float64 deltas' own storage: summing client by client must copy them."""
+    copy = tmp_path / "f64"
+    shutil.copytree(bert.full.base.parent, copy)
+    for path in copy.rglob("*.safetensors"):
+        tensors = load_file(path)
+        save_file({n: t.double() if t.is_floating_point() else t for n, t in tensors.items()}, path)
+    ref = reference(FullSet(copy / bert.full.base.name, copy / bert.full.checkpoints.name, bert.full.clients))
+    out = pipeline.merge(load(ref), MergeOptions(granularity="block", to_lora=2, device="cpu"), tmp_path / "out").out
+    check_to_lora(ref, out, 2, "block", energy_atol=1e-9, delta_rtol=1e-5)
+
+
 def test_to_lora_at_the_rank_of_the_delta_keeps_all_energy(bert: Reference, tmp_path: Path) -> None:
     """Each ΔW_j is rank 2 shared + rank 1 own, so M has rank ≤ 6 < 8 ≤ the sketch: nothing is lost."""
     out = pipeline.merge(load(bert), MergeOptions(granularity="model", to_lora=8, device="cpu"), tmp_path / "out").out

@@ -114,7 +114,20 @@ def merge_cases() -> dict[str, tuple[list, torch.Tensor, int]]:
     duplicates[1] = duplicates[0]  # a rank-deficient stack: Householder QR instead of Cholesky
     missing = list(narrow)
     missing[3] = missing[7] = None
-    return {"narrow": (narrow, rows, 4), "wide": (wide, rows, 5), "duplicates": (duplicates, rows, 4), "missing": (missing, rows, 3)}
+    # Equal ranks: the pieces of the cores come from one batched product instead of one per client.
+    equal = scaled(planted_factors(k, 96, 80, [4]))
+    equal_missing = list(equal)
+    equal_missing[0] = equal_missing[5] = None
+    wide_equal = scaled(planted_factors(k, 12, 16, [3]))
+    return {
+        "narrow": (narrow, rows, 4),
+        "wide": (wide, rows, 5),
+        "duplicates": (duplicates, rows, 4),
+        "missing": (missing, rows, 3),
+        "equal": (equal, rows, 5),
+        "equal-missing": (equal_missing, rows, 4),
+        "wide-equal": (wide_equal, rows, 4),
+    }
 
 
 def dense_best(factors: list, row: torch.Tensor, keep: int) -> tuple[torch.Tensor, float]:
@@ -124,12 +137,13 @@ def dense_best(factors: list, row: torch.Tensor, keep: int) -> tuple[torch.Tenso
     return (u[:, :keep] * s[:keep]) @ vt[:keep], float((s[:keep] ** 2).sum() / (s**2).sum())
 
 
-@pytest.mark.parametrize("case", ["narrow", "wide", "duplicates", "missing"])
+@pytest.mark.parametrize("case", ["narrow", "wide", "duplicates", "missing", "equal", "equal-missing", "wide-equal"])
 @pytest.mark.parametrize("path,solver", [("shared", "exact"), ("shared", "randomized"), ("per-client", "auto")])
 def test_module_merge_paths_match_the_dense_truncated_svd(case: str, path: str, solver: str) -> None:
     factors, rows, rank = merge_cases()[case]
     results = merge.merge_module("svd", factors, rows, rank, path=path, solver=solver)
-    shape = (factors[0][0].shape[0], factors[0][1].shape[1])
+    first = next(f for f in factors if f is not None)
+    shape = (first[0].shape[0], first[1].shape[1])
     ranks = [None if f is None else f[1].shape[0] for f in factors]
     for i, result in enumerate(results):
         keep = merge.output_rank("svd", ranks, rows[i], rank, shape)
@@ -215,3 +229,19 @@ def test_streaming_writer_refuses_out_of_order_or_missing_tensors(tmp_path: Path
     writer.write("a", torch.zeros(2, 1), torch.zeros(1, 2))
     with pytest.raises(RuntimeError, match="not written"):
         writer.close()
+
+
+@pytest.mark.parametrize("case", ["narrow", "equal"])
+def test_chunked_cores_and_pieces_give_the_same_merge(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    factors, rows, rank = merge_cases()[case]
+    whole = merge.merge_module("svd", factors, rows, rank, path="shared", solver="exact")
+    first = next(f for f in factors if f is not None)
+    n = sum(f[1].shape[0] for f in factors if f is not None)
+    area = min(n, first[0].shape[0]) * min(n, first[1].shape[1])  # one core: p_b × p_a
+    # Three clients' cores per chunk, and bands of a few rows of the pieces: several passes of each.
+    monkeypatch.setattr(merge, "CORE_ELEMENTS", 3 * area)
+    monkeypatch.setattr(merge, "PIECE_ELEMENTS", 2 * area)
+    chunked = merge.merge_module("svd", factors, rows, rank, path="shared", solver="exact")
+    for a, b in zip(whole, chunked):
+        assert torch.allclose(a.b @ a.a, b.b @ b.a, rtol=1e-12, atol=1e-14)
+        assert a.energy == pytest.approx(b.energy, abs=1e-13)
