@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -20,7 +21,7 @@ from safetensors import safe_open
 
 from fedbip_cli.adapters import FLOAT_DTYPES, file_sha256, read_header
 from fedbip_cli.errors import AdapterError
-from fedbip_cli.sources import ResolvedSource
+from fedbip_cli.sources import ModelShapes, ResolvedSource
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -98,8 +99,12 @@ class Checkpoint:
         return tensor
 
 
-def load_checkpoint(source: ResolvedSource) -> Checkpoint:
-    """Validate the checkpoint at ``source.path`` (index and safetensors headers) and return it."""
+def load_checkpoint(source: ResolvedSource, *, hashed: bool = True) -> Checkpoint:
+    """Validate the checkpoint at ``source.path`` (index and safetensors headers) and return it.
+
+    With ``hashed=False`` the weight files are not hashed (their ``files`` values are empty): a dry
+    run reads no weight byte.
+    """
     directory = source.path
     weight_map = _read_index(directory / INDEX_NAME) if (directory / INDEX_NAME).is_file() else None
     files = _weight_files(directory, weight_map)
@@ -112,18 +117,33 @@ def load_checkpoint(source: ResolvedSource) -> Checkpoint:
                 raise AdapterError(
                     f"tensor {name} is stored twice (also in {tensors[name].file.name})", where=str(path), hint=SUPPORTED
                 )
-            if dtypes[name] not in FLOAT_DTYPES and dtypes[name] not in COPIED_DTYPES:
-                raise AdapterError(
-                    f"tensor {name} has dtype {dtypes[name]}, which fedbip does not read",
-                    where=str(path),
-                    hint=f"supported: {', '.join([*FLOAT_DTYPES, *COPIED_DTYPES])}; de-quantize the model first",
-                )
-            tensors[name] = TensorSpec(name, tuple(shape), dtypes[name], path)
+            tensors[name] = _spec(name, shape, dtypes[name], path)
     if weight_map is not None:
         _check_index(directory / INDEX_NAME, weight_map, tensors)
     if not tensors:
         raise AdapterError("the weights hold no tensors", where=str(directory), hint=SUPPORTED)
-    return Checkpoint(source.name, source, tensors, {f: file_sha256(directory / f) for f in files})
+    return Checkpoint(source.name, source, tensors, {f: file_sha256(directory / f) if hashed else "" for f in files})
+
+
+def header_checkpoint(source: ResolvedSource, shapes: ModelShapes) -> Checkpoint:
+    """A checkpoint known from its safetensors headers alone (``sources.model_shapes``): for a dry
+    run, whose Hub checkpoints' weights are not fetched. Its tensors cannot be read."""
+    directory = shapes.directory or source.path
+    tensors = {name: _spec(name, shape, shapes.dtypes[name], directory / shapes.files[name]) for name, shape in shapes.shapes.items()}
+    if not tensors:
+        raise AdapterError("the weights hold no tensors", where=shapes.where, hint=SUPPORTED)
+    return Checkpoint(source.name, source, tensors, {f: "" for f in sorted(set(shapes.files.values()))})
+
+
+def _spec(name: str, shape: Sequence[int], dtype: str, path: Path) -> TensorSpec:
+    """A tensor's spec, or AdapterError for a dtype fedbip does not read."""
+    if dtype not in FLOAT_DTYPES and dtype not in COPIED_DTYPES:
+        raise AdapterError(
+            f"tensor {name} has dtype {dtype}, which fedbip does not read",
+            where=str(path),
+            hint=f"supported: {', '.join([*FLOAT_DTYPES, *COPIED_DTYPES])}; de-quantize the model first",
+        )
+    return TensorSpec(name, tuple(shape), dtype, path)
 
 
 def _weight_files(directory: Path, weight_map: dict[str, str] | None) -> list[str]:

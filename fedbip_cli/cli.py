@@ -237,7 +237,12 @@ def merge(
     with _user_errors():
         settings = merge_settings(config, {key: value for key, value in given.items() if value is not None})
         workspace = pipeline.load(
-            settings.sources, base=settings.base, base_dir=settings.source_dir, lock=settings.lock, locked=settings.locked
+            settings.sources,
+            base=settings.base,
+            base_dir=settings.source_dir,
+            lock=settings.lock,
+            locked=settings.locked,
+            weights=not dry_run,
         )
         if dry_run:
             the_plan = pipeline.plan(workspace, settings.options, settings.out, overwrite=settings.overwrite)

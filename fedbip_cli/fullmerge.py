@@ -29,13 +29,13 @@ import torch
 from fedbip_cli import manifest
 from fedbip_cli.adapters import file_sha256, write_adapter
 from fedbip_cli.card import CARD_NAME, model_card
-from fedbip_cli.checkpoints import Checkpoint, TensorSpec, check_against_base, load_checkpoint, row_ranges
+from fedbip_cli.checkpoints import Checkpoint, TensorSpec, check_against_base, header_checkpoint, load_checkpoint, row_ranges
 from fedbip_cli.errors import AdapterError, SourceError, UsageError
 from fedbip_cli.merge import weighted_sum
 from fedbip_cli.pipeline import LockState, MergeOptions, MergeResult, Progress, atomic_output, resolve_device
 from fedbip_cli.shards import ShardedWriter, parse_size, plan_shards
 from fedbip_cli.similarity import SimilarityResult, checkpoint_inner_products, similarity_from_inner
-from fedbip_cli.sources import FULL, ResolvedSource, resolve_model_dir
+from fedbip_cli.sources import FULL, HUB_PREFIX, ResolvedSource, model_shapes, resolve_model_dir
 from fedbip_cli.taskvec import checkpoint_deltas, group_modules, natural_key, tensor_module
 from fedbip_cli.to_lora import OVERSAMPLE, POWER_ITERATIONS, SEED, LoraTarget, low_rank_factors, lora_targets, tensor_generator
 from fedbip_cli.weights import personalized_weights
@@ -69,12 +69,16 @@ def load_checkpoints(
     base_dir: Path | None = None,
     resolved: Sequence[tuple[str, list[ResolvedSource]]] = (),
     base_revision: str | None = None,
+    weights: bool = True,
 ) -> CheckpointWorkspace:
     """Validate full checkpoints and their base: every tensor name and shape must match the base's.
 
     ``base_dir`` is the directory a relative ``base`` (and the SOURCES) are taken from; ``resolved``
     says which clients each SOURCE expanded to (``sources.resolve_specs``); ``base_revision`` is the
     commit to fetch a Hub base at (``sources.resolve_revision``; default: its reference's revision).
+    With ``weights=False`` (a dry run) nothing but safetensors headers is read: Hub checkpoints and a
+    Hub base by range requests of their headers (their weights are never fetched), and no file is
+    hashed. Such a workspace can be planned, not merged.
 
     Raises:
         SourceError: the sources mix adapters and full checkpoints.
@@ -95,13 +99,32 @@ def load_checkpoints(
             hint="pass --base MODEL, the directory or hf:// reference of the model they were fine-tuned from",
         )
     directory = Path.cwd() if base_dir is None else Path(base_dir)
-    model_dir, revision = resolve_model_dir(base, allow_patterns=BASE_PATTERNS, base_dir=directory, revision=base_revision)
-    base_checkpoint = load_checkpoint(ResolvedSource("base", model_dir, base, revision, FULL))
-    checkpoints = [load_checkpoint(s) for s in sources]
+    if weights:
+        model_dir, revision = resolve_model_dir(base, allow_patterns=BASE_PATTERNS, base_dir=directory, revision=base_revision)
+        base_checkpoint = load_checkpoint(ResolvedSource("base", model_dir, base, revision, FULL))
+        checkpoints = [load_checkpoint(s) for s in sources]
+    else:
+        if base.startswith(HUB_PREFIX):
+            base_checkpoint = _hub_headers("base", base, base_revision, directory)
+        else:
+            base_checkpoint = load_checkpoint(ResolvedSource("base", resolve_model_dir(base, base_dir=directory)[0], base, None, FULL), hashed=False)
+        revision = base_checkpoint.source.revision
+        checkpoints = [
+            _hub_headers(s.name, s.origin, s.revision, directory) if s.revision is not None else load_checkpoint(s, hashed=False)
+            for s in sources
+        ]
     check_against_base(checkpoints, base_checkpoint)
     return CheckpointWorkspace(
         list(specs), list(sources), checkpoints, base_checkpoint, base, revision, base_dir=directory, resolved=list(resolved)
     )
+
+
+def _hub_headers(name: str, spec: str, revision: str | None, base_dir: Path) -> Checkpoint:
+    """A Hub checkpoint known from its JSON files and safetensors headers (range requests): for a dry
+    run, which fetches none of its weights. Its tensors cannot be read."""
+    shapes = model_shapes(spec, revision=revision, base_dir=base_dir)
+    assert shapes.directory is not None  # a Hub model's snapshot folder
+    return header_checkpoint(ResolvedSource(name, shapes.directory, spec, shapes.revision, FULL), shapes)
 
 
 @dataclass

@@ -34,12 +34,19 @@ LOCKED_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 LOCKED_CHECKPOINT_FILES = ("config.json", checkpoints.INDEX_NAME, checkpoints.WEIGHTS_NAME)
 
 
-def sources_record(resolved: Sequence[tuple[str, Sequence[ResolvedSource]]], *, hashes: bool = True) -> dict[str, Any]:
+def sources_record(
+    resolved: Sequence[tuple[str, Sequence[ResolvedSource]]], *, hashes: bool = True, full_hashes: bool = True
+) -> dict[str, Any]:
     """The ``sources`` part of a lock: for each SOURCE (``sources.resolve_specs``), its clients' commits and file hashes.
 
-    With ``hashes=False``, commits only (no ``files``): what can be checked before any weights are fetched.
+    With ``hashes=False``, commits only (no ``files``): what can be checked before any weights are
+    fetched. With ``full_hashes=False``, commits only for full checkpoints (a dry run, which neither
+    fetches nor reads their weights).
     """
-    return {spec: {source.name: _entry(source, hashes) for source in group} for spec, group in resolved}
+    return {
+        spec: {source.name: _entry(source, hashes and (full_hashes or source.kind != FULL)) for source in group}
+        for spec, group in resolved
+    }
 
 
 def _entry(source: ResolvedSource, hashes: bool) -> dict[str, Any]:

@@ -180,6 +180,7 @@ def load(
     base_dir: Path | None = None,
     lock: Path | None = None,
     locked: bool = False,
+    weights: bool = True,
 ) -> Workspace | CheckpointWorkspace:
     """Resolve and validate every source (and the base, when given).
 
@@ -196,6 +197,9 @@ def load(
             for ``merge`` to write.
         locked: refuse inputs that resolve differently from ``lock``: Hub commits (sources and base)
             as soon as they are resolved, before any weights are fetched; file hashes once fetched.
+        weights: False for a dry run: full checkpoints are known from their safetensors headers
+            alone (a Hub one's weights are not fetched, no file is hashed, a lock's commits are
+            checked but not their weights' hashes); the workspace can be planned, not merged.
 
     Raises:
         FedbipError: a source or the base cannot be resolved or is invalid, or (``locked``) an input moved.
@@ -218,8 +222,9 @@ def load(
         # Commits first: a branch that moved is refused before its weights are downloaded.
         lockfile.check_sources(held, lockfile.sources_record(resolved, hashes=False), lock)
         lockfile.check_base(held, lockfile.base_record(base, base_revision), lock)
-    fetch_weights(sources)
-    pinned = lockfile.sources_record(resolved) if lock is not None else {}
+    # A dry run fetches adapters (small) but not full checkpoints, which it knows from their headers.
+    fetch_weights(sources if weights else [s for s in sources if s.kind != FULL])
+    pinned = lockfile.sources_record(resolved, full_hashes=weights) if lock is not None else {}
     if held is not None and lock is not None:
         lockfile.check_sources(held, pinned, lock)
     workspace: Workspace | CheckpointWorkspace
@@ -227,7 +232,9 @@ def load(
         # Imported here: fullmerge builds on this module (options, results, output directory).
         from fedbip_cli.fullmerge import load_checkpoints
 
-        workspace = load_checkpoints(list(specs), sources, base, base_dir=directory, resolved=resolved, base_revision=base_revision)
+        workspace = load_checkpoints(
+            list(specs), sources, base, base_dir=directory, resolved=resolved, base_revision=base_revision, weights=weights
+        )
     else:
         workspace = _load_adapters(list(specs), sources, base, base_revision, directory, resolved)
     if lock is not None:

@@ -23,7 +23,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -253,11 +253,27 @@ def resolve_revision(spec: str) -> str | None:
 
 @dataclass(frozen=True)
 class ModelShapes:
-    """The shape of every tensor of a model, from its safetensors headers; ``where`` names it in messages."""
+    """The shape of every tensor of a model, from its safetensors headers; ``where`` names it in messages.
+
+    ``dtypes`` holds each tensor's safetensors dtype name, ``files`` the weight file (relative to
+    ``directory``, the model's local directory or Hub snapshot folder) whose header listed it.
+    """
 
     where: str
     revision: str | None
     shapes: dict[str, list[int]]
+    dtypes: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    directory: Path | None = None
+
+
+def _shapes_from(where: str, revision: str | None, directory: Path, entries: dict[str, dict[str, tuple[list[int], str]]]) -> ModelShapes:
+    """A ``ModelShapes`` from each weight file's header entries (tensor -> (shape, dtype))."""
+    shapes, dtypes, files = {}, {}, {}
+    for file, header in entries.items():
+        for name, (shape, dtype) in header.items():
+            shapes[name], dtypes[name], files[name] = shape, dtype, file
+    return ModelShapes(where, revision, shapes, dtypes, files, directory)
 
 
 def model_shapes(spec: str, *, revision: str | None = None, base_dir: Path | None = None) -> ModelShapes:
@@ -277,14 +293,14 @@ def model_shapes(spec: str, *, revision: str | None = None, base_dir: Path | Non
         if not files:
             hint = "--base must be a Hugging Face model directory saved with safetensors"
             raise SourceError("no *.safetensors weights found", where=str(directory), hint=hint)
-        return ModelShapes(str(directory), None, {k: v for f in files for k, v in _file_shapes(f).items()})
+        return _shapes_from(str(directory), None, directory, {f.name: _file_entries(f) for f in files})
     ref = HubRef.parse(spec)
     snapshot, root = _hub_dir(ref, [_in(ref, "*.json")], revision or ref.revision)
-    shapes: dict[str, list[int]] = {}
+    entries = {}
     for name in _weight_names(root, spec):
         cached = root / name
-        shapes.update(_file_shapes(cached) if cached.is_file() else _remote_shapes(ref, snapshot.name, name))
-    return ModelShapes(spec, snapshot.name, shapes)
+        entries[name] = _file_entries(cached) if cached.is_file() else _remote_entries(ref, snapshot.name, name)
+    return _shapes_from(spec, snapshot.name, root, entries)
 
 
 def _weight_names(root: Path, where: str) -> list[str]:
@@ -301,8 +317,8 @@ def _weight_names(root: Path, where: str) -> list[str]:
         raise SourceError(f"cannot read {_INDEX}: {exc}", where=where, hint=_SAFETENSORS_HINT) from None
 
 
-def _file_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor shapes from the header of a local safetensors file."""
+def _file_entries(path: Path) -> dict[str, tuple[list[int], str]]:
+    """Tensor shapes and dtypes from the header of a local safetensors file."""
     try:
         with open(path, "rb") as f:
 
@@ -310,13 +326,13 @@ def _file_shapes(path: Path) -> dict[str, list[int]]:
                 f.seek(start)
                 return f.read(length)
 
-            return _header_shapes(read, str(path))
+            return _header_entries(read, str(path))
     except OSError as exc:
         raise SourceError(f"cannot read the weights: {exc.strerror}", where=str(path), hint=_SAFETENSORS_HINT) from None
 
 
-def _remote_shapes(ref: HubRef, commit: str, name: str) -> dict[str, list[int]]:
-    """Tensor shapes from the header of a safetensors file on the Hub, fetched by range requests of the header only."""
+def _remote_entries(ref: HubRef, commit: str, name: str) -> dict[str, tuple[list[int], str]]:
+    """Tensor shapes and dtypes from the header of a safetensors file on the Hub, fetched by range requests of the header only."""
     where = f"{HubRef(ref.repo_id, commit, ref.subfolder)}: {name}"
     if _offline():
         cache = _cache_dir() or hub_constants.HF_HUB_CACHE
@@ -342,13 +358,13 @@ def _remote_shapes(ref: HubRef, commit: str, name: str) -> dict[str, list[int]]:
 
     with _hub_errors(ref, _cache_dir()):
         try:
-            return _header_shapes(read, where)
+            return _header_entries(read, where)
         except EntryNotFoundError:
             raise SourceError(f"no {name} in the repository at commit {commit}", where=str(ref), hint=_SAFETENSORS_HINT) from None
 
 
-def _header_shapes(read: Callable[[int, int], bytes], where: str) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header: 8 bytes giving its length n, then n bytes of JSON.
+def _header_entries(read: Callable[[int, int], bytes], where: str) -> dict[str, tuple[list[int], str]]:
+    """Tensor shapes and dtypes from a safetensors header: 8 bytes giving its length n, then n bytes of JSON.
 
     ``read(start, length)`` returns that many bytes of the file from ``start`` (fewer at its end).
     """
@@ -365,7 +381,7 @@ def _header_shapes(read: Callable[[int, int], bytes], where: str) -> dict[str, l
         raise corrupt(f"the file ends {len(raw)} bytes into a header of {size}")
     try:
         header = json.loads(raw)
-        return {k: [int(d) for d in v["shape"]] for k, v in header.items() if k != "__metadata__"}
+        return {k: ([int(d) for d in v["shape"]], str(v["dtype"])) for k, v in header.items() if k != "__metadata__"}
     except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise corrupt(f"unreadable header ({exc})") from None
 

@@ -17,6 +17,9 @@ import torch
 from factories import base_model_files, random_adapter
 from fakehub import FakeHub, FileRequest
 from hubcache import make_hub_cache, repository_files
+from safetensors import safe_open
+from safetensors.torch import load, save
+from tinybase import full_bert
 
 ROOT = Path(__file__).resolve().parent.parent  # `python -m fedbip_cli` run here imports this checkout's package
 # Wide enough that the base's weights (2 x 64 x 48 float32 = 24 KiB) dwarf its header (~200 bytes).
@@ -141,3 +144,44 @@ def test_locked_refuses_a_moved_branch_before_downloading_weights(hub: FakeHub, 
         assert f"hf://org/adapters (client a): resolves to commit {moved}; {lock} pins" in refused.stderr
     assert hub.file_requests("adapter_config.json"), "the configs are fetched: they resolve the commit"
     assert hub.file_requests(".safetensors") == []
+
+
+def test_dry_run_over_hub_checkpoints_reads_only_headers(hub: FakeHub, tmp_path: Path) -> None:
+    """Full fine-tuned checkpoints and their base on the Hub: a dry run plans them from their
+    safetensors headers, fetching no weight byte of any of them, and still refuses a mismatch."""
+    full = full_bert(tmp_path / "build")
+    clients = repository_files({name: full.checkpoints / name for name in full.clients})
+    ft_commit = hub.push("org/ft", clients)
+    base_files = repository_files({"": full.base})
+    base_commit = hub.push("org/base", base_files)
+    run = Run(hub, tmp_path)
+
+    planned = run("hf://org/ft", "--base", "hf://org/base", "--out", str(tmp_path / "merged"), "--dry-run", "--json", "--to-lora", "2")
+    assert planned.returncode == 0, planned.stderr
+    plan = json.loads(planned.stdout)
+    assert [c["name"] for c in plan["clients"]] == full.clients
+    assert {c["revision"] for c in plan["clients"]} == {ft_commit}
+    assert plan["base"] == {"source": "hf://org/base", "revision": base_commit}
+    with safe_open(str(full.base / "model.safetensors"), framework="pt") as f:
+        assert plan["tensors"] == len(list(f.keys())) and all(c["tensors"] == plan["tensors"] for c in plan["clients"])
+    assert plan["lora_modules"] > 0  # the architecture came from the base's config.json alone
+    for repo, files in (("org/ft", clients), ("org/base", base_files)):
+        read = only_headers_read(hub, repo, files)
+        weights = [name for name in files if name.endswith(".safetensors")]
+        assert sorted({r.file for r in read}) == sorted(weights)  # every header, and no more than headers
+    cached = {p.name for p in run.hf_home.glob("hub/models--org--*/snapshots/*/**/*") if p.is_file()}
+    assert cached and not any(name.endswith(".safetensors") for name in cached)
+    assert not (tmp_path / "merged").exists()
+
+    # A client whose weight has another shape than the base's is refused, still from headers alone.
+    odd = dict(clients)
+    name = f"{full.clients[0]}/model.safetensors"
+    tensors = load(odd[name])
+    first = sorted(n for n, t in tensors.items() if t.ndim == 2)[0]
+    tensors[first] = torch.zeros(tensors[first].shape[0] + 1, tensors[first].shape[1])
+    odd[name] = save(tensors)
+    hub.push("org/ft", odd)
+    hub.requests.clear()
+    refused = run("hf://org/ft", "--base", "hf://org/base", "--out", str(tmp_path / "merged"), "--dry-run")
+    assert refused.returncode == 1 and f"tensor {first} has shape" in refused.stderr and "Traceback" not in refused.stderr
+    only_headers_read(hub, "org/ft", odd)

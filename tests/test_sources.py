@@ -381,7 +381,9 @@ def test_model_shapes_from_headers_local_and_hub(hub: Path, tmp_path: Path) -> N
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "model.safetensors").write_bytes(safetensors_bytes({"q.weight": (8, 6), "q.bias": (8,)}))
     local = model_shapes("base", base_dir=tmp_path)
-    assert local == type(local)(str(tmp_path / "base"), None, {"q.weight": [8, 6], "q.bias": [8]})
+    assert (local.where, local.revision, local.shapes) == (str(tmp_path / "base"), None, {"q.weight": [8, 6], "q.bias": [8]})
+    assert local.dtypes == {"q.weight": "F32", "q.bias": "F32"} and local.directory == tmp_path / "base"
+    assert local.files == {"q.weight": "model.safetensors", "q.bias": "model.safetensors"}
     assert resolve_revision(str(tmp_path / "base")) is None
 
     shards = {"model-00001-of-00002.safetensors": {"a.weight": (4, 2)}, "model-00002-of-00002.safetensors": {"b.weight": (3, 5)}}
@@ -391,6 +393,8 @@ def test_model_shapes_from_headers_local_and_hub(hub: Path, tmp_path: Path) -> N
     assert resolve_revision("hf://owner/base/m") == commit
     shapes = model_shapes("hf://owner/base/m", revision=commit)
     assert (shapes.where, shapes.revision, shapes.shapes) == ("hf://owner/base/m", commit, {"a.weight": [4, 2], "b.weight": [3, 5]})
+    assert shapes.files == {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}
+    assert shapes.directory is not None and shapes.directory.name == "m" and (shapes.directory / "config.json").is_file()
 
 
 def test_model_shapes_offline_without_the_weights(hub: Path) -> None:
