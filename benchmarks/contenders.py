@@ -125,8 +125,11 @@ def fedbip_rows(run: Run) -> None:
             cli(run, "inspect", "fedbip inspect-similarity", ["inspect-similarity", clients, "--no-cache", "--format", "json"], write=False)
     if wl.sketch and run.wanted("sketch"):
         if sketch_available(run.env):
-            args = ["inspect-similarity", clients, "--similarity", "sketch", "--no-cache", "--format", "json"]
+            # The matrix goes to a safetensors file: as JSON text it would be 2 GB at 10 000 clients.
+            matrix = str(run.runs / "sketch.safetensors")
+            args = ["inspect-similarity", clients, "--similarity", "sketch", "--no-cache", "--format", "json", "--matrix", matrix]
             cli(run, "sketch", SKETCH, args, write=False)
+            run.rows[-1]["stdout"] = matrix  # where the similarity check reads the rows
         else:
             run.row("sketch", SKETCH, status="n/a", how="this fedbip's inspect-similarity has no --similarity sketch option")
 

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 from benchmarks.lora_files import delta  # noqa: E402
 
@@ -65,7 +66,14 @@ class Stream:
 
 
 def similarity_rows(path: Path, names: list[str]) -> torch.Tensor:
-    """The (n, n) block of ``names`` in the first group's similarity of an inspect JSON output."""
+    """The (n, n) block of ``names`` in the first group's similarity of an inspect JSON output, or
+    of the safetensors file ``inspect-similarity --matrix`` wrote."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            clients = json.loads(f.metadata()["clients"])
+            index = [clients.index(n) for n in names]
+            rows = f.get_slice(next(iter(f.keys())))[: max(index) + 1]
+        return rows[index][:, index].to(torch.float64)
     stream = Stream(path)
     try:
         stream.through('"clients"')

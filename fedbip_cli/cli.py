@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -150,7 +149,7 @@ def _cache_dir(cache: Path | None, no_cache: bool) -> Path | None:
 
 
 def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    report.write_json(data, sys.stdout)
 
 
 MERGE_EPILOG = """[b]Examples[/b]
@@ -275,6 +274,8 @@ INSPECT_EPILOG = """[b]Examples[/b]
   fedbip inspect-similarity full-ckpts/ --base base/ --layerwise
 
   fedbip inspect-similarity many-adapters/ --similarity sketch --sketch-dim 128 --format json
+
+  fedbip inspect-similarity 10k-adapters/ --similarity sketch --matrix sim.safetensors --format json
 """
 
 
@@ -286,6 +287,10 @@ def inspect_similarity(
     granularity: Granularity = None,
     output_format: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
     heatmap: Annotated[Optional[Path], typer.Option("--heatmap", help="Also write a heatmap PNG (one panel per group).", show_default=False)] = None,
+    matrix: Annotated[
+        Optional[Path],
+        typer.Option("--matrix", help="Also write each group's K x K similarity (float64) to this safetensors file; --format json then leaves the matrices out.", show_default=False),
+    ] = None,
     neighbours: Annotated[int, typer.Option(help="Nearest neighbours to list per client.")] = 3,
     device: Device = "auto",
     cache: CacheDir = None,
@@ -314,8 +319,11 @@ def inspect_similarity(
             )
         if heatmap is not None:
             report.write_heatmap(result, heatmap)
+        if matrix is not None:
+            report.write_matrices(result, matrix)
     if output_format == "json":
-        _print_json({**report.similarity_json(result, neighbours=neighbours), "cache": report.cache_json(inner_cache)})
+        data = report.similarity_json_tensors(result, neighbours=neighbours, matrix=matrix)
+        _print_json({**data, "cache": report.cache_json(inner_cache)})
     elif output_format == "csv":
         sys.stdout.write(report.similarity_csv(result))
     else:

@@ -9,13 +9,14 @@ formats it; the structure it shows (neighbours, clusters, the mean over groups) 
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
 import io
+import json
 import math
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 import torch
@@ -98,17 +99,30 @@ def similarity_json(result: Any, *, neighbours: int = 3) -> dict[str, Any]:
         "modules", "norms"}}, "clusters": [[client, ...], ...], "neighbours": {client: [[client,
         similarity], ...]}}``.
     """
+    data = similarity_json_tensors(result, neighbours=neighbours)
+    for group in data["groups"].values():
+        group["similarity"], group["norms"] = group["similarity"].tolist(), group["norms"].tolist()
+    return data
+
+
+def similarity_json_tensors(result: Any, *, neighbours: int = 3, matrix: Path | None = None) -> dict[str, Any]:
+    """``similarity_json`` with each group's ``similarity`` and ``norms`` left as float64 tensors,
+    for ``write_json`` to stream (a 10 000-client matrix as Python floats would take 3 GB).
+
+    With ``matrix`` (where ``write_matrices`` wrote them) the groups carry no ``similarity``; the
+    top-level ``matrix`` names the file instead.
+    """
     clients = list(result.clients)
     overview = mean_similarity(result)
-    return {
+    data = {
         "clients": clients,
         "granularity": result.granularity,
         "similarity": result.method,
         "groups": {
             name: {
-                "similarity": group.similarity.to(torch.float64).tolist(),
+                "similarity": group.similarity.to(torch.float64),
                 "modules": list(group.modules),
-                "norms": group.norms.to(torch.float64).tolist(),
+                "norms": group.norms.to(torch.float64),
             }
             for name, group in result.groups.items()
         },
@@ -118,6 +132,55 @@ def similarity_json(result: Any, *, neighbours: int = 3) -> dict[str, Any]:
             for i, row in enumerate(nearest_neighbours(overview, neighbours))
         },
     }
+    if matrix is not None:
+        for group in data["groups"].values():
+            del group["similarity"]
+        data["matrix"] = str(matrix)
+    return data
+
+
+def write_json(data: Any, stream: TextIO, *, indent: int = 2) -> None:
+    """Write ``data`` as JSON to ``stream``: objects and lists of objects indented, a list of numbers
+    or strings on one line, a matrix (a list of such lists, or a 2-D tensor) one row per line.
+
+    Tensors are written a row at a time, so the output of a 10 000-client similarity matrix (about
+    2 GB of text) streams in bounded memory; floats keep full precision (``json``'s own repr).
+    """
+    _write_json(data, stream, indent, 0)
+    stream.write("\n")
+
+
+def _write_json(value: Any, stream: TextIO, indent: int, level: int) -> None:
+    pad, inner = " " * (indent * level), " " * (indent * (level + 1))
+    if isinstance(value, torch.Tensor) and value.ndim < 2:
+        stream.write(json.dumps(value.tolist()))
+        return
+    if isinstance(value, dict):
+        if not value:
+            stream.write("{}")
+            return
+        for i, (key, item) in enumerate(value.items()):
+            stream.write(("," if i else "{") + "\n" + inner + json.dumps(str(key)) + ": ")
+            _write_json(item, stream, indent, level + 1)
+        stream.write("\n" + pad + "}")
+        return
+    if isinstance(value, (list, tuple)) and all(_scalar(item) for item in value):
+        stream.write(json.dumps(value))
+        return
+    if not isinstance(value, (list, tuple, torch.Tensor)):
+        stream.write(json.dumps(value))
+        return
+    if len(value) == 0:
+        stream.write("[]")
+        return
+    for i, item in enumerate(value):  # a 2-D tensor gives its rows one at a time
+        stream.write(("," if i else "[") + "\n" + inner)
+        _write_json(item, stream, indent, level + 1)
+    stream.write("\n" + pad + "]")
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 def cache_json(cache: Any) -> dict[str, Any]:
@@ -185,6 +248,35 @@ def write_heatmap(result: Any, path: Path) -> None:
         OutputError: unknown format, missing directory, or the path is a directory.
     """
     _save_figure(lambda: _heatmap_figure(result), path)
+
+
+def write_matrices(result: Any, path: Path) -> None:
+    """Write every group's K × K similarity (float64) to a safetensors file, atomically.
+
+    One tensor per group, named as the group; the metadata holds ``clients`` (a JSON list, the rows'
+    and columns' order), ``granularity`` and ``similarity`` (the method, JSON). It is what a machine
+    reads at 10 000 clients, where the same matrix as JSON text would be 2 GB and take a minute.
+
+    Raises:
+        OutputError: the path is a directory or its directory does not exist.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError("is a directory", where=str(path), hint="name a .safetensors file")
+    if not path.parent.is_dir():
+        raise OutputError("directory does not exist", where=str(path), hint="create it first")
+    tensors = {name: group.similarity.to(torch.float64).contiguous() for name, group in result.groups.items()}
+    metadata = {"clients": json.dumps(list(result.clients)), "granularity": result.granularity, "similarity": json.dumps(result.method)}
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        save_file(tensors, str(temporary), metadata=metadata)
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write the matrices: {exc.strerror}", where=str(path)) from None
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def write_accuracy_plot(curves: dict[str, dict[int, float]], path: Path) -> None:

@@ -93,12 +93,12 @@ def cached_inner_products(factors: Sequence[KeyedFactors | None], cache: InnerPr
     by_key = {f.key: f for f in factors if f is not None}
     keys = sorted(by_key)
     n = len(keys)
+    position = {key: u for u, key in enumerate(keys)}
     # The (distinct keys)² matrix: what the cache knows, then the rest computed.
     distinct = torch.zeros(n, n, dtype=torch.float64)
     known = torch.zeros(n, n, dtype=torch.bool)
     found = cache.lookup(keys) if cache.persistent else {}
     if found:
-        position = {key: u for u, key in enumerate(keys)}
         rows = torch.tensor([position[x] for x, _ in found])
         columns = torch.tensor([position[y] for _, y in found])
         values = torch.tensor(list(found.values()), dtype=torch.float64)
@@ -120,7 +120,6 @@ def cached_inner_products(factors: Sequence[KeyedFactors | None], cache: InnerPr
     inner = torch.zeros(len(factors), len(factors), dtype=torch.float64)
     if present:
         index = torch.tensor(present)
-        position = {key: u for u, key in enumerate(keys)}
         of = torch.tensor([position[factors[i].key] for i in present])
         inner[index[:, None], index[None, :]] = distinct[of[:, None], of[None, :]]
     return inner

@@ -15,6 +15,7 @@ import pytest
 import torch
 from factories import base_model_files, random_adapter
 from hubcache import make_hub_cache, repository_files, use_offline_cache
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from fedbip_cli.cli import app
@@ -75,6 +76,32 @@ def test_inspect_json_matches_the_schema(inputs: list[str]) -> None:
         schema.validate(data)
         assert data["cache"]["computed"] + data["cache"]["hits"] > 0
     assert not schema.is_valid({**data, "groups": {"model": {"similarity": [[2.0]], "modules": ["m"], "norms": [1.0]}}})
+
+
+def test_matrix_file_holds_what_the_json_leaves_out(inputs: list[str], tmp_path: Path) -> None:
+    """``--matrix FILE``: the float64 matrices in a safetensors file, bit for bit the JSON's, and the
+    JSON (still valid against the schema) without them."""
+    schema = validator("inspect.schema.json")
+    full = json_output("inspect-similarity", *inputs, "--format", "json", "--layerwise")
+    path = tmp_path / "sim.safetensors"
+    lean = json_output("inspect-similarity", *inputs, "--format", "json", "--layerwise", "--matrix", path)
+    schema.validate(lean)
+    assert lean["matrix"] == str(path) and all("similarity" not in g for g in lean["groups"].values())
+    assert {k: v for k, v in lean.items() if k not in ("matrix", "groups", "cache")} == {
+        k: v for k, v in full.items() if k not in ("groups", "cache")
+    }
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        assert json.loads(metadata["clients"]) == full["clients"] and metadata["granularity"] == "block"
+        assert json.loads(metadata["similarity"]) == {"method": "exact"}
+        assert sorted(f.keys()) == sorted(full["groups"])
+        for name, group in full["groups"].items():
+            matrix = f.get_tensor(name)
+            assert matrix.dtype == torch.float64 and matrix.tolist() == group["similarity"]
+            assert lean["groups"][name]["norms"] == group["norms"]
+    assert not list(tmp_path.glob(".sim.safetensors.*"))  # written atomically, nothing left behind
+    result = runner.invoke(app, ["inspect-similarity", *inputs, "--matrix", str(tmp_path / "missing" / "m.safetensors")])
+    assert result.exit_code == 1 and "directory does not exist" in result.output
 
 
 def test_dry_run_plan_matches_the_schema(inputs: list[str], tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from fedbip_cli.clustering import mean_similarity, nearest_neighbours, silhouette, suggest_clusters
 from fedbip_cli.errors import OutputError
-from fedbip_cli.report import similarity_csv, similarity_json, similarity_tables, write_heatmap
+from fedbip_cli.report import similarity_csv, similarity_json, similarity_tables, write_heatmap, write_json
 from fedbip_cli.similarity import GroupSimilarity, SimilarityResult
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -298,3 +298,25 @@ def test_heatmap_refuses_bad_paths_and_writes_nothing(tmp_path: Path):
     with pytest.raises(OutputError, match="is a directory"):
         write_heatmap(result, tmp_path / "dir.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.png"]
+
+
+def test_write_json_streams_tensors_and_round_trips():
+    matrix = torch.tensor([[1.0, 0.1234567890123456789], [-0.0, 1e-300]], dtype=torch.float64)
+    data = {
+        "clients": ["a", "b"],
+        "empty": {},
+        "nothing": [],
+        "groups": {"model": {"similarity": matrix, "norms": torch.tensor([2.0, 3.5], dtype=torch.float64), "modules": ["q"]}},
+        "neighbours": {"a": [["b", 0.5]], "b": []},
+        "rows": [{"x": 1, "y": None}, {"x": 2.5, "y": True}],
+        "flag": False,
+    }
+    stream = io.StringIO()
+    write_json(data, stream)
+    text = stream.getvalue()
+    parsed = json.loads(text)
+    expected = {**data, "groups": {"model": {"similarity": matrix.tolist(), "norms": [2.0, 3.5], "modules": ["q"]}}}
+    assert parsed == expected
+    assert parsed["groups"]["model"]["similarity"][0][1] == 0.1234567890123456789  # full precision
+    assert "[1.0, 0.12345678901234568]" in text  # a matrix row on one line
+    assert text.endswith("}\n") and text.startswith("{\n  \"clients\": [\"a\", \"b\"],")
