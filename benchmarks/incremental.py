@@ -11,9 +11,9 @@ r = 8 on query and value: 12 modules) with ``tests/factories.random_adapter``, t
 
 Warm and cold must print the same similarities, bit for bit; the script checks it. The similarity
 step alone is also timed in process (``pipeline.inspect``), without start-up, validation and
-hashing, and so is the stacked-Gram formula the engine used before the cache (all K² products of a
-module from two (Σr x Σr) Grams, which is faster cold but whose bits depend on which clients are
-stacked together). Ratios are against the cold run measured here, in the same process.
+hashing, and so are plain float64 stacked Grams (all K² products of a module from two (Σr x Σr)
+GEMMs, as the engine's exact Grams are, but in one rounding each, whose bits depend on which clients
+are stacked together: not cacheable). Ratios are against the cold run measured here, in the same process.
 
 Usage: .venv/bin/python benchmarks/incremental.py [--clients 200] [--workdir DIR]
 """
@@ -64,7 +64,7 @@ def inspect_in_process(clients: Path, cache: InnerProductCache) -> float:
 
 
 def stacked_gram_seconds(clients: Path) -> float:
-    """All K² products per module from two stacked Grams (the engine before the cache)."""
+    """All K² products per module from two plain float64 stacked Grams (not bit-stable, for reference)."""
     workspace = pipeline.load([str(clients)])
     factors = {m: [a.factors(m) for a in workspace.adapters] for m in workspace.modules}
     start = time.perf_counter()
@@ -126,7 +126,7 @@ def main() -> None:
         print(f"| `inspect-similarity`, {name} | {seconds:.2f} | {s['computed']} | {s['hits']} | {cold / seconds:.1f}x |")
     print(f"| similarity step in process, cold | {in_process_cold:.2f} | | | 1.0x |")
     print(f"| similarity step in process, warm | {in_process_warm:.2f} | | | {in_process_cold / in_process_warm:.1f}x |")
-    print(f"| stacked Grams, all K² products (engine before the cache), in process | {gram:.2f} | | | {in_process_cold / gram:.1f}x |")
+    print(f"| plain float64 stacked Grams, all K² products (not bit-stable), in process | {gram:.2f} | | | {in_process_cold / gram:.1f}x |")
     print(f"\n(in-process fill of the {k}-client cache: {in_process_fill:.2f} s; adapters and caches in {work})")
 
 

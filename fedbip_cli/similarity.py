@@ -62,18 +62,32 @@ def compute_pairs(factors: dict[bytes, KeyedFactors], keys: Sequence[bytes], mis
         missing: (n, n) symmetric boolean mask of the pairs wanted.
 
     Returns:
-        (n, n) float64 on the CPU, holding the wanted pairs (other entries are unspecified). When
-        every pair is missing (a cold run) the upper triangle is computed tile by tile; otherwise
-        only the rows of the keys with a missing pair, against every key.
+        (n, n) float64 on the CPU, holding the wanted pairs (other entries are unspecified). Whole
+        rows are computed, against every key, for a few keys that together touch every missing pair
+        (after one client is added: its row alone); when that would be half the rows or more, the
+        upper triangle tile by tile.
     """
     stacked = stack_factors([(factors[k].b, factors[k].a) for k in keys], [factors[k].scale for k in keys], device=factors[keys[0]].b.device)
-    if bool(missing.all()):
+    rows = covering_rows(missing)
+    if 2 * len(rows) >= len(keys):
         return all_products(stacked).cpu()
-    rows = missing.any(dim=1).nonzero().flatten()
     values = torch.zeros(len(keys), len(keys), dtype=torch.float64)
-    values[rows] = rows_products(stacked, rows.tolist()).cpu()
+    values[rows] = rows_products(stacked, rows).cpu()
     values[:, rows] = values[rows].T
     return values
+
+
+def covering_rows(missing: torch.Tensor) -> list[int]:
+    """Rows whose products cover every missing pair of a symmetric mask, few of them (greedy: the
+    row with the most missing pairs first), in increasing order."""
+    remaining = missing.clone()
+    rows = []
+    while bool(remaining.any()):
+        u = int(remaining.sum(dim=1).argmax())
+        rows.append(u)
+        remaining[u, :] = False
+        remaining[:, u] = False
+    return sorted(rows)
 
 
 def cached_inner_products(factors: Sequence[KeyedFactors | None], cache: InnerProductCache) -> torch.Tensor:

@@ -41,15 +41,21 @@ def triangle(k: int) -> int:
 
 @pytest.fixture
 def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the engine's calls of the inner-product formula, independently of the cache's own stats."""
+    """Count the inner products the engine's Gram routines compute, independently of the cache's
+    own stats: a row against every client, or the upper triangle of a cold run."""
     calls = [0]
-    compute = similarity.compute_pairs
+    rows_products, all_products = similarity.rows_products, similarity.all_products
 
-    def counting(factors: dict, keys: list, missing: torch.Tensor) -> torch.Tensor:
-        calls[0] += int(missing.triu().sum())  # the pairs asked for, each once
-        return compute(factors, keys, missing)
+    def counting_rows(stacked, rows):  # type: ignore[no-untyped-def]
+        calls[0] += len(rows) * stacked.count
+        return rows_products(stacked, rows)
 
-    monkeypatch.setattr(similarity, "compute_pairs", counting)
+    def counting_all(stacked):  # type: ignore[no-untyped-def]
+        calls[0] += stacked.count * (stacked.count + 1) // 2
+        return all_products(stacked)
+
+    monkeypatch.setattr(similarity, "rows_products", counting_rows)
+    monkeypatch.setattr(similarity, "all_products", counting_all)
     return calls
 
 
@@ -210,3 +216,18 @@ def test_cli_default_cache_and_cache_errors(tmp_path: Path, monkeypatch: pytest.
     assert result.exit_code == 1 and "inner-product cache" in result.stderr and "--no-cache" in result.stderr
     result = runner.invoke(app, ["inspect-similarity", str(clients), "--cache", str(tmp_path), "--no-cache"])
     assert result.exit_code == 2
+
+
+def test_covering_rows_touch_every_missing_pair_with_few_rows():
+    n = 9
+    missing = torch.zeros(n, n, dtype=torch.bool)
+    for new in (2, 7):  # two clients added to seven cached ones: their rows and columns
+        missing[new, :] = missing[:, new] = True
+    assert similarity.covering_rows(missing) == [2, 7]
+    scattered = torch.zeros(n, n, dtype=torch.bool)
+    for x, y in ((0, 4), (4, 8), (1, 1), (3, 6)):
+        scattered[x, y] = scattered[y, x] = True
+    rows = similarity.covering_rows(scattered)
+    assert all(x in rows or y in rows for x, y in scattered.nonzero().tolist())
+    assert rows == sorted(rows) and len(rows) == 3  # 4 covers two pairs; 1 and one of 3, 6 the others
+    assert similarity.covering_rows(torch.zeros(n, n, dtype=torch.bool)) == []
