@@ -6,7 +6,9 @@ float64 copy of the base, the sum in progress and one term; it held every client
 and every client's float64 sum before (2K float64 copies). This script writes a BERT-shaped base
 (random weights, ``--hidden`` wide, 4 × as wide in the MLP) and ``--clients`` fine-tuned copies in
 float32, then runs ``fedbip merge --to-lora`` in its own process (``measure.run``: wall time and
-peak RSS), for this checkout and, with ``--ref COMMIT``, for that commit (a git worktree).
+peak RSS, and the peak of its anonymous memory, sampled every 5 ms: ru_maxrss also counts the pages
+of the checkpoint files it maps), for this checkout and, with ``--ref COMMIT``, for that commit (a
+git worktree).
 
 Usage: .venv/bin/python benchmarks/to_lora_memory.py [--clients 8] [--hidden 1024] [--ref COMMIT]
 """
@@ -53,11 +55,35 @@ def write_models(work: Path, clients: int, hidden: int) -> tuple[Path, Path, int
     return base, work / "clients", 4 * hidden * hidden
 
 
-def measure_merge(tree: Path, base: Path, clients: Path, out: Path, rank: int) -> measure.Measured:
-    command = [sys.executable, "-m", "fedbip_cli", "merge", str(clients), "--base", str(base), "--to-lora", str(rank)]
-    command += ["--out", str(out), "--no-cache", "--json", "--device", "cpu"]
+# Runs fedbip's CLI in this process while a thread samples RssAnon (memory the process allocated,
+# without the pages of the checkpoint files it maps, which ru_maxrss counts and the kernel can drop),
+# then writes the largest value seen (kB) to the file named by the first argument.
+ANON_PEAK = """
+import sys, threading, time
+path, sys.argv = sys.argv[1], ["fedbip", *sys.argv[2:]]
+peak = [0]
+def sample():
+    while True:
+        with open("/proc/self/status") as f:
+            peak[0] = max(peak[0], next(int(l.split()[1]) for l in f if l.startswith("RssAnon:")))
+        time.sleep(0.005)
+threading.Thread(target=sample, daemon=True).start()
+from fedbip_cli.cli import main
+try:
+    main()
+finally:
+    open(path, "w").write(str(peak[0]))
+"""
+
+
+def measure_merge(tree: Path, base: Path, clients: Path, out: Path, rank: int) -> tuple[measure.Measured, float]:
+    """Wall time and peak RSS of one ``merge --to-lora`` run, and its peak anonymous memory (MB)."""
+    args = ["merge", str(clients), "--base", str(base), "--to-lora", str(rank), "--out", str(out), "--no-cache", "--json", "--device", "cpu"]
     shutil.rmtree(out, ignore_errors=True)
-    return measure.run(command, timeout=1800, env={**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"})
+    with tempfile.NamedTemporaryFile(suffix=".kb") as anon:
+        command = [sys.executable, "-c", ANON_PEAK, anon.name, *args]
+        measured = measure.run(command, timeout=1800, env={**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"})
+        return measured, int(Path(anon.name).read_text() or 0) * 1024 / 1e6
 
 
 def main() -> None:
@@ -80,10 +106,10 @@ def main() -> None:
             rows.append((f"commit {args.ref}", measure_merge(tree, base, clients, work / "out-ref", args.rank)))
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=True)
-    print("| fedbip | status | wall s | peak RSS MB |")
-    print("|---|---|---:|---:|")
-    for name, m in rows:
-        print(f"| {name} | {m.status} | {m.wall_s:.1f} | {m.peak_rss_mb:,.0f} |")
+    print("| fedbip | status | wall s | peak RSS MB | peak anonymous MB |")
+    print("|---|---|---:|---:|---:|")
+    for name, (m, anon) in rows:
+        print(f"| {name} | {m.status} | {m.wall_s:.1f} | {m.peak_rss_mb:,.0f} | {anon:,.0f} |")
     shutil.rmtree(work, ignore_errors=True)
 
 
