@@ -55,12 +55,14 @@ def write_models(work: Path, clients: int, hidden: int) -> tuple[Path, Path, int
     return base, work / "clients", 4 * hidden * hidden
 
 
-# Runs fedbip's CLI in this process while a thread samples RssAnon (memory the process allocated,
-# without the pages of the checkpoint files it maps, which ru_maxrss counts and the kernel can drop),
-# then writes the largest value seen (kB) to the file named by the first argument.
+# Runs the CLI of the fedbip tree named by the first argument in this process while a thread samples
+# RssAnon (memory the process allocated, without the pages of the checkpoint files it maps, which
+# ru_maxrss counts and the kernel can drop), then writes the largest value seen (kB) to the file
+# named by the second.
 ANON_PEAK = """
 import sys, threading, time
-path, sys.argv = sys.argv[1], ["fedbip", *sys.argv[2:]]
+tree, path, sys.argv = sys.argv[1], sys.argv[2], ["fedbip", *sys.argv[3:]]
+sys.path.insert(0, tree)  # before the working directory, which python -c puts first
 peak = [0]
 def sample():
     while True:
@@ -81,7 +83,7 @@ def measure_merge(tree: Path, base: Path, clients: Path, out: Path, rank: int) -
     args = ["merge", str(clients), "--base", str(base), "--to-lora", str(rank), "--out", str(out), "--no-cache", "--json", "--device", "cpu"]
     shutil.rmtree(out, ignore_errors=True)
     with tempfile.NamedTemporaryFile(suffix=".kb") as anon:
-        command = [sys.executable, "-c", ANON_PEAK, anon.name, *args]
+        command = [sys.executable, "-c", ANON_PEAK, str(tree), anon.name, *args]
         measured = measure.run(command, timeout=1800, env={**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"})
         return measured, int(Path(anon.name).read_text() or 0) * 1024 / 1e6
 
