@@ -68,8 +68,8 @@ def compute_pairs(factors: dict[bytes, KeyedFactors], keys: Sequence[bytes], mis
         upper triangle tile by tile.
     """
     stacked = stack_factors([(factors[k].b, factors[k].a) for k in keys], [factors[k].scale for k in keys], device=factors[keys[0]].b.device)
-    rows = covering_rows(missing)
-    if 2 * len(rows) >= len(keys):
+    rows = None if bool(missing.all()) else covering_rows(missing, limit=(len(keys) - 1) // 2)
+    if rows is None:
         return all_products(stacked).cpu()
     values = torch.zeros(len(keys), len(keys), dtype=torch.float64)
     values[rows] = rows_products(stacked, rows).cpu()
@@ -77,14 +77,20 @@ def compute_pairs(factors: dict[bytes, KeyedFactors], keys: Sequence[bytes], mis
     return values
 
 
-def covering_rows(missing: torch.Tensor) -> list[int]:
+def covering_rows(missing: torch.Tensor, limit: int | None = None) -> list[int] | None:
     """Rows whose products cover every missing pair of a symmetric mask, few of them (greedy: the
-    row with the most missing pairs first), in increasing order."""
+    row with the most missing pairs left first), in increasing order; None when more than ``limit``
+    would be needed. O(n) per row chosen: each row's count of missing pairs is kept up to date."""
     remaining = missing.clone()
-    rows = []
-    while bool(remaining.any()):
-        u = int(remaining.sum(dim=1).argmax())
+    counts = remaining.sum(dim=1)
+    rows: list[int] = []
+    while int(counts.max()) > 0:
+        if limit is not None and len(rows) >= limit:
+            return None
+        u = int(counts.argmax())
         rows.append(u)
+        counts -= remaining[:, u].to(counts.dtype)  # every row loses its pair with u ...
+        counts[u] = 0  # ... and u's own are covered
         remaining[u, :] = False
         remaining[:, u] = False
     return sorted(rows)

@@ -231,3 +231,6 @@ def test_covering_rows_touch_every_missing_pair_with_few_rows():
     assert all(x in rows or y in rows for x, y in scattered.nonzero().tolist())
     assert rows == sorted(rows) and len(rows) == 3  # 4 covers two pairs; 1 and one of 3, 6 the others
     assert similarity.covering_rows(torch.zeros(n, n, dtype=torch.bool)) == []
+    assert similarity.covering_rows(scattered, limit=2) is None  # more rows than allowed
+    every = torch.ones(n, n, dtype=torch.bool)
+    assert similarity.covering_rows(every) == list(range(n))  # each diagonal pair (u, u) needs row u
