@@ -109,8 +109,8 @@ class FactorReader:
     the time of a pass over 10 000 clients × 12 modules. Here each weights file's header is parsed
     once (safetensors layout: a little-endian u64 header size, a JSON header of dtypes, shapes and
     data offsets) and a module's two tensors are read with one ``pread`` each. The files were
-    validated by ``load_adapter``. Values are not checked here: a caller checks a whole batch for
-    NaN and Inf at once, and names the culprit with ``Adapter.stored_factors``.
+    validated by ``load_adapter``. Values are not checked here: ``read_module`` checks a whole batch
+    for NaN and Inf at once and names the culprit.
     """
 
     def __init__(self) -> None:

@@ -263,20 +263,13 @@ def write_matrices(result: Any, path: Path) -> None:
     from safetensors.torch import save_file
 
     path = Path(path)
-    if path.is_dir():
-        raise OutputError("is a directory", where=str(path), hint="name a .safetensors file")
-    if not path.parent.is_dir():
-        raise OutputError("directory does not exist", where=str(path), hint="create it first")
+    _check_output_path(path, "name a .safetensors file")
     tensors = {name: group.similarity.to(torch.float64).contiguous() for name, group in result.groups.items()}
     metadata = {"clients": json.dumps(list(result.clients)), "granularity": result.granularity, "similarity": json.dumps(result.method)}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        save_file(tensors, str(temporary), metadata=metadata)
-        os.replace(temporary, path)
+        _replace_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
     except OSError as exc:
         raise OutputError(f"cannot write the matrices: {exc.strerror}", where=str(path)) from None
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def write_accuracy_plot(curves: dict[str, dict[int, float]], path: Path) -> None:
@@ -311,21 +304,33 @@ def _save_figure(draw: Callable[[], Figure], path: Path) -> None:
     if image_format not in _DETERMINISTIC_METADATA:
         valid = ", ".join(f".{name}" for name in _DETERMINISTIC_METADATA)
         raise OutputError(f"unknown image format {path.suffix!r}", where=str(path), hint=f"name a {valid} file")
-    if path.is_dir():
-        raise OutputError("is a directory", where=str(path), hint="name an image file")
-    if not path.parent.is_dir():
-        raise OutputError("directory does not exist", where=str(path), hint="create it first")
+    _check_output_path(path, "name an image file")
     figure = draw()
-    # A hidden temporary name in the same directory, so that os.replace is atomic and a crash
-    # leaves no half-written image under the real name.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
+
+    def save(temporary: Path) -> None:
         import matplotlib
 
         # svg ids are random unless salted.
         with matplotlib.rc_context({"svg.hashsalt": "fedbip"}):
-            metadata = _DETERMINISTIC_METADATA[image_format]
-            figure.savefig(temporary, format=image_format, dpi=150, metadata=metadata)
+            figure.savefig(temporary, format=image_format, dpi=150, metadata=_DETERMINISTIC_METADATA[image_format])
+
+    _replace_atomically(path, save)
+
+
+def _check_output_path(path: Path, hint: str) -> None:
+    """OutputError unless ``path`` can be written: not a directory, in a directory that exists."""
+    if path.is_dir():
+        raise OutputError("is a directory", where=str(path), hint=hint)
+    if not path.parent.is_dir():
+        raise OutputError("directory does not exist", where=str(path), hint="create it first")
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a hidden temporary file in ``path``'s directory, then rename it to ``path``: the
+    rename is atomic, so a crash leaves no half-written file under the real name."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

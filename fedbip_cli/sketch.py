@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from fedbip_cli.adapters import Adapter, FactorReader
+from fedbip_cli.adapters import Adapter, FactorReader, read_module
 from fedbip_cli.errors import AdapterError, UsageError
 from fedbip_cli.similarity import GroupSimilarity, SimilarityResult, cosine_from_inner
 
@@ -264,10 +264,11 @@ def sketch_module(
         for first in range(0, count, batch):
             by_rank: dict[int, list[int]] = {}
             stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-            for i in range(first, min(first + batch, count)):
-                if module in adapters[i].modules:
-                    stored[i] = reader.read(adapters[i], module)
-                    by_rank.setdefault(stored[i][1].shape[0], []).append(i)
+            last = min(first + batch, count)
+            for i, pair in zip(range(first, last), read_module(adapters[first:last], module, reader)):
+                if pair is not None:
+                    stored[i] = pair
+                    by_rank.setdefault(pair[1].shape[0], []).append(i)
             for index in by_rank.values():
                 b, a = stack_factors(adapters, module, index, stored, device)
                 rows = torch.tensor(index, device=device)
@@ -279,15 +280,10 @@ def sketch_module(
 def stack_factors(
     adapters: Sequence[Adapter], module: str, index: list[int], stored: dict[int, tuple[torch.Tensor, torch.Tensor]], device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clients' ``(scale · B, A)`` of one rank stacked, in float64 on ``device``.
-
-    Raises AdapterError (from ``Adapter.stored_factors``, naming the adapter) when one holds NaN or Inf.
-    """
+    """The clients' ``(scale · B, A)`` of one rank stacked, in float64 on ``device`` (``stored``
+    as ``adapters.read_module`` returned them: checked for NaN and Inf)."""
     b = torch.stack([stored[i][0] for i in index])
     a = torch.stack([stored[i][1] for i in index])
-    if not (torch.isfinite(b).all() and torch.isfinite(a).all()):
-        for i in index:
-            adapters[i].stored_factors(module)
     factor_scale = torch.tensor([adapters[i].modules[module].scale for i in index], dtype=torch.float64, device=device)
     return b.to(device, torch.float64) * factor_scale[:, None, None], a.to(device, torch.float64)
 
