@@ -23,6 +23,8 @@ demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/demo.sh
 
 test: $(STAMP)
+	$(VENV)/bin/ruff format --check --quiet .
+	$(VENV)/bin/ruff check --quiet .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 # PYTHONPATH: the benchmark measures this checkout's fedbip, whatever the venv was installed from.

@@ -61,9 +61,18 @@ def child_env() -> dict[str, str]:
 def startup_row(args: argparse.Namespace, env: dict[str, str]) -> report.Row:
     """``fedbip --version``: the interpreter start-up and imports that every CLI run pays (once per run)."""
     measured = measure.run([*FEDBIP, "--version"], timeout=args.timeout, env=env)
-    return {"name": "", "workload": "every workload", "key": "startup", "contender": "fedbip start-up (`--version`)",
-            "quick": args.quick, "status": measured.status, "wall_s": measured.wall_s, "peak_rss_mb": measured.peak_rss_mb,
-            "error": "", "how": "interpreter and imports: paid by every fedbip command below"}
+    return {
+        "name": "",
+        "workload": "every workload",
+        "key": "startup",
+        "contender": "fedbip start-up (`--version`)",
+        "quick": args.quick,
+        "status": measured.status,
+        "wall_s": measured.wall_s,
+        "peak_rss_mb": measured.peak_rss_mb,
+        "error": "",
+        "how": "interpreter and imports: paid by every fedbip command below",
+    }
 
 
 def warm_page_cache(directory: Path) -> None:
@@ -79,7 +88,10 @@ def run_workload(wl: workloads.Workload, args: argparse.Namespace, env: dict[str
     """Every contender on one workload; the rows and the workloads-table line."""
     gen = workloads.ensure(wl, args.seed, args.work_dir, regenerate=args.regenerate)
     done = "reused (cached)" if gen.reused else f"{gen.seconds:.1f} s"
-    print(f"== {wl.key}: {wl.clients} clients, {len(wl.modules())} modules, {gen.input_bytes / 1e6:,.0f} MB of adapters ({done})", flush=True)
+    print(
+        f"== {wl.key}: {wl.clients} clients, {len(wl.modules())} modules, {gen.input_bytes / 1e6:,.0f} MB of adapters ({done})",
+        flush=True,
+    )
     runs = gen.root / "runs"
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
@@ -88,8 +100,10 @@ def run_workload(wl: workloads.Workload, args: argparse.Namespace, env: dict[str
     fedbip_rows(run)
     python_rows(run)
     shapes = sorted({f"{o}×{i}" for o, i in wl.modules().values()})
-    line = (f"| {run.label} | {wl.clients:,} | {wl.blocks} × {len(wl.targets)} ({', '.join(wl.targets)}) | {', '.join(shapes)} "
-            f"| {wl.rank} | {gen.input_bytes / 1e6:,.1f} | {done}, {wl.clusters} planted clusters |")
+    line = (
+        f"| {run.label} | {wl.clients:,} | {wl.blocks} × {len(wl.targets)} ({', '.join(wl.targets)}) | {', '.join(shapes)} "
+        f"| {wl.rank} | {gen.input_bytes / 1e6:,.1f} | {done}, {wl.clusters} planted clusters |"
+    )
     return run, line
 
 
@@ -107,7 +121,7 @@ HOW = [
     "sync either), timed inside the process (no start-up). Merges are compared with read + write, similarity with read alone.",
     "**fedbip**: the CLI as users run it (`python -m fedbip_cli`), `--no-cache` (no inner products from earlier runs), "
     "`--device` as given; `inspect-similarity` writes its JSON to a file (its rows are checked). Per client = wall / K.",
-    "**peft path**: peft's `add_weighted_adapter(adapters=all K, weights=P_i, combination_type=\"svd\", svd_rank=R)` "
+    '**peft path**: peft\'s `add_weighted_adapter(adapters=all K, weights=P_i, combination_type="svd", svd_rank=R)` '
     "(defaults otherwise: `full_matrices=True`), then `save_pretrained` and `delete_adapter`, one call per client, "
     "on a one-block base built with transformers (Llama or a MiniLM-shaped BERT, float32, random init; the MLP width "
     "is the real one only where an MLP module is measured). peft computes Σ_j w_j·(s_j B_j A_j) densely, then the SVD, "
@@ -128,21 +142,43 @@ HOW = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", action="append", choices=list(workloads.WORKLOADS), help="run this workload (repeatable; default: all of the issue's)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--workload",
+        action="append",
+        choices=list(workloads.WORKLOADS),
+        help="run this workload (repeatable; default: all of the issue's)",
+    )
     parser.add_argument("--quick", action="store_true", help="the smaller QUICK sizes")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="passed to fedbip, the peft path and the dense reference")
-    parser.add_argument("--timeout", type=float, help="seconds any contender may run before it is recorded as 'timeout' (default 900; "
-                        "with --quick, 30 for fedbip's commands and 300 for the peft path and dense reference)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="passed to fedbip, the peft path and the dense reference",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds any contender may run before it is recorded as 'timeout' (default 900; "
+        "with --quick, 30 for fedbip's commands and 300 for the peft path and dense reference)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated adapters (default 0)")
-    parser.add_argument("--skip", action="append", default=[], choices=CONTENDERS, help="leave a contender out (repeatable)")
-    parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / ".work", help="generated adapters and outputs")
+    parser.add_argument(
+        "--skip", action="append", default=[], choices=CONTENDERS, help="leave a contender out (repeatable)"
+    )
+    parser.add_argument(
+        "--work-dir", type=Path, default=ROOT / "benchmarks" / ".work", help="generated adapters and outputs"
+    )
     parser.add_argument("--regenerate", action="store_true", help="regenerate the adapters even when cached")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="where to write the markdown report")
+    parser.add_argument(
+        "--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="where to write the markdown report"
+    )
     parser.add_argument("--json", type=Path, help="also write every row as JSON here")
     args = parser.parse_args(argv)
     limits = workloads.TIMEOUTS["quick" if args.quick else "full"]
-    args.timeout, args.baseline_timeout = (limits if args.timeout is None else (args.timeout, args.timeout))
+    args.timeout, args.baseline_timeout = limits if args.timeout is None else (args.timeout, args.timeout)
     start = time.perf_counter()
     env = child_env()
     info = report.machine(ROOT)
@@ -160,10 +196,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{target}: {value} — {verdict}")
     print(f"\n(total {elapsed:.0f} s)")
     command = "python benchmarks/bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    limits = (f"**Time limits**: fedbip's commands {args.timeout:.0f} s each, the peft path and the dense reference "
-              f"{args.baseline_timeout:.0f} s; a contender past its limit is killed and shown as timeout, with the limit as its wall time.")
-    report.write_results(args.results, command=command.strip(), machine_info=info, rows=rows, workload_lines=lines,
-                         how=[*HOW, limits], elapsed_s=elapsed)
+    limits = (
+        f"**Time limits**: fedbip's commands {args.timeout:.0f} s each, the peft path and the dense reference "
+        f"{args.baseline_timeout:.0f} s; a contender past its limit is killed and shown as timeout, with the limit as its wall time."
+    )
+    report.write_results(
+        args.results,
+        command=command.strip(),
+        machine_info=info,
+        rows=rows,
+        workload_lines=lines,
+        how=[*HOW, limits],
+        elapsed_s=elapsed,
+    )
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "rows": rows, "elapsed_s": elapsed}, indent=1) + "\n")
     return 0

@@ -48,8 +48,15 @@ class Run:
     def row(self, key: str, contender: str, measured: measure.Measured | None = None, **values: object) -> Row:
         """Append and return a table row; a failed or timed-out run keeps its status and wall time."""
         row: Row = {
-            "name": self.wl.name, "workload": self.label, "key": key, "contender": contender, "quick": self.wl.quick,
-            "input_mb": self.gen.input_bytes / 1e6, "status": "ok", "error": "", "how": "",
+            "name": self.wl.name,
+            "workload": self.label,
+            "key": key,
+            "contender": contender,
+            "quick": self.wl.quick,
+            "input_mb": self.gen.input_bytes / 1e6,
+            "status": "ok",
+            "error": "",
+            "how": "",
         }
         if measured is not None:
             row.update(status=measured.status, wall_s=measured.wall_s, peak_rss_mb=measured.peak_rss_mb)
@@ -83,26 +90,44 @@ def ratio(seconds: float | None, floor: float | None) -> float | None:
 def floor_row(run: Run) -> None:
     wl = run.wl
     files = 0 if wl.similarity_only else wl.clients
-    spec = {"inputs": str(run.gen.clients), "outputs": str(run.runs / "floor-out"), "files": files,
-            "bytes_per_file": wl.per_client_bytes(wl.rank)}
+    spec = {
+        "inputs": str(run.gen.clients),
+        "outputs": str(run.runs / "floor-out"),
+        "files": files,
+        "bytes_per_file": wl.per_client_bytes(wl.rank),
+    }
     measured, result = run.child("floor.py", "floor", spec)
     if result is None:
         run.row("floor", "I/O floor", measured)
         return
     run.floor = result
-    run.row("floor", "I/O floor", measured, wall_s=result["read_s"] + result["write_s"], floor_ratio=1.0,
-            how=f"in process: read {result['read_bytes'] / 1e6:,.1f} MB ({result['read_files']:,} files) in "
-                f"{result['read_s']:.2f} s, wrote {result['write_bytes'] / 1e6:,.1f} MB in {result['write_s']:.2f} s")
+    run.row(
+        "floor",
+        "I/O floor",
+        measured,
+        wall_s=result["read_s"] + result["write_s"],
+        floor_ratio=1.0,
+        how=f"in process: read {result['read_bytes'] / 1e6:,.1f} MB ({result['read_files']:,} files) in "
+        f"{result['read_s']:.2f} s, wrote {result['write_bytes'] / 1e6:,.1f} MB in {result['write_s']:.2f} s",
+    )
 
 
 def cli(run: Run, key: str, label: str, args: list[str], *, write: bool) -> None:
     """One fedbip command, stdout kept in ``runs/<key>.json``."""
     stdout = run.runs / f"{key}.json"
-    measured = measure.run([*FEDBIP, *args, "--device", run.args.device], timeout=run.args.timeout, env=run.env, stdout=stdout)
+    measured = measure.run(
+        [*FEDBIP, *args, "--device", run.args.device], timeout=run.args.timeout, env=run.env, stdout=stdout
+    )
     shown = " ".join("DIR" if a == str(run.gen.clients) else "OUT" if a.startswith(str(run.runs)) else a for a in args)
-    run.row(key, label, measured, per_client_s=measured.wall_s / run.wl.clients, stdout=str(stdout),
-            floor_ratio=ratio(measured.wall_s, floor_seconds(run, write=write)),
-            how=f"`fedbip {shown} --device {run.args.device}`; vs the floor's " + ("read + write" if write else "read"))
+    run.row(
+        key,
+        label,
+        measured,
+        per_client_s=measured.wall_s / run.wl.clients,
+        stdout=str(stdout),
+        floor_ratio=ratio(measured.wall_s, floor_seconds(run, write=write)),
+        how=f"`fedbip {shown} --device {run.args.device}`; vs the floor's " + ("read + write" if write else "read"),
+    )
 
 
 def sketch_available(env: dict[str, str]) -> bool:
@@ -117,21 +142,42 @@ def fedbip_rows(run: Run) -> None:
     if run.wanted("floor"):
         floor_row(run)
     if not wl.similarity_only:
-        for key, label, extra in (("merge", "fedbip merge", []), ("merge-layerwise", "fedbip merge --layerwise", ["--layerwise"])):
+        for key, label, extra in (
+            ("merge", "fedbip merge", []),
+            ("merge-layerwise", "fedbip merge --layerwise", ["--layerwise"]),
+        ):
             if run.wanted(key):
                 out = run.runs / key
                 cli(run, key, label, ["merge", clients, "--out", str(out), "--no-cache", "--json", *extra], write=True)
         if run.wanted("inspect"):
-            cli(run, "inspect", "fedbip inspect-similarity", ["inspect-similarity", clients, "--no-cache", "--format", "json"], write=False)
+            cli(
+                run,
+                "inspect",
+                "fedbip inspect-similarity",
+                ["inspect-similarity", clients, "--no-cache", "--format", "json"],
+                write=False,
+            )
     if wl.sketch and run.wanted("sketch"):
         if sketch_available(run.env):
             # The matrix goes to a safetensors file: as JSON text it would be 2 GB at 10 000 clients.
             matrix = str(run.runs / "sketch.safetensors")
-            args = ["inspect-similarity", clients, "--similarity", "sketch", "--no-cache", "--format", "json", "--matrix", matrix]
+            args = [
+                "inspect-similarity",
+                clients,
+                "--similarity",
+                "sketch",
+                "--no-cache",
+                "--format",
+                "json",
+                "--matrix",
+                matrix,
+            ]
             cli(run, "sketch", SKETCH, args, write=False)
             run.rows[-1]["stdout"] = matrix  # where the similarity check reads the rows
         else:
-            run.row("sketch", SKETCH, status="n/a", how="this fedbip's inspect-similarity has no --similarity sketch option")
+            run.row(
+                "sketch", SKETCH, status="n/a", how="this fedbip's inspect-similarity has no --similarity sketch option"
+            )
 
 
 def merge_weights(run: Run) -> tuple[list[str], dict[str, dict[str, list[list[float]]]], int, str]:
@@ -156,7 +202,9 @@ def merge_weights(run: Run) -> tuple[list[str], dict[str, dict[str, list[list[fl
     if wl.check_layerwise and path.exists():
         manifest = json.loads(path.read_text())
         if manifest["clients"] == order:
-            variants["layerwise"] = {m: g["weights"] for g in manifest["groups"].values() for m in g["modules"] if m in checked}
+            variants["layerwise"] = {
+                m: g["weights"] for g in manifest["groups"].values() for m in g["modules"] if m in checked
+            }
     return order, variants, rank, source
 
 
@@ -172,15 +220,26 @@ def first_failure(measured: list[measure.Measured]) -> measure.Measured | None:
     return next((m for m in measured if m.status != "ok"), None)
 
 
-def peft_row(run: Run, order: list[str], weights: dict[str, list[list[float]]], rank: int, checked: list[str], source: str) -> list[dict]:
+def peft_row(
+    run: Run, order: list[str], weights: dict[str, list[list[float]]], rank: int, checked: list[str], source: str
+) -> list[dict]:
     """The peft path on each checked module in its own process; its outputs for the error check."""
     wl = run.wl
     per_shape, outputs, measured, wall = {}, [], [], 0.0
     for target, (module, shape) in zip(wl.check_targets, wl.check_modules().items()):
-        spec = {"family": wl.family, "hidden": wl.hidden, "intermediate": wl.intermediate if target in MLP else 64,
-                "clients_dir": str(run.gen.clients), "clients": order, "module": module, "rank": rank,
-                "measured": checked, "weights": [weights[module][order.index(c)] for c in checked],
-                "work": str(run.runs / f"peft-{target}"), "device": run.args.device}
+        spec = {
+            "family": wl.family,
+            "hidden": wl.hidden,
+            "intermediate": wl.intermediate if target in MLP else 64,
+            "clients_dir": str(run.gen.clients),
+            "clients": order,
+            "module": module,
+            "rank": rank,
+            "measured": checked,
+            "weights": [weights[module][order.index(c)] for c in checked],
+            "work": str(run.runs / f"peft-{target}"),
+            "device": run.args.device,
+        }
         m, result = run.child("peft_path.py", f"peft-{target}", spec)
         measured.append(m)
         wall += m.wall_s
@@ -188,25 +247,41 @@ def peft_row(run: Run, order: list[str], weights: dict[str, list[list[float]]], 
             continue
         per_client = statistics.mean(c["add_s"] + c["save_s"] for c in result["clients"].values())
         per_shape[shape] = result["load_s"] + wl.clients * per_client
-        outputs += [{"contender": PEFT, "variant": "global", "client": c, "module": module, "dir": result["clients"][c]["adapter"]}
-                    for c in checked]
+        outputs += [
+            {
+                "contender": PEFT,
+                "variant": "global",
+                "client": c,
+                "module": module,
+                "dir": result["clients"][c]["adapter"],
+            }
+            for c in checked
+        ]
     failed = first_failure(measured)
     if failed is not None:
         run.row("peft", PEFT, failed)
         return outputs
     estimate = scaled(wl, per_shape)
-    run.row("peft", PEFT, wall_s=estimate, estimated=True, peak_rss_mb=max(m.peak_rss_mb for m in measured),
-            per_client_s=None if estimate is None else estimate / wl.clients,
-            floor_ratio=ratio(estimate, floor_seconds(run)),
-            how=f"measured {len(checked)} client(s) × {', '.join(wl.check_targets)} of block 0 ({wall:.0f} s wall in "
-                f"{len(measured)} process(es)); scaled to {wl.clients} clients × {len(wl.modules())} modules; weights from {source}")
+    run.row(
+        "peft",
+        PEFT,
+        wall_s=estimate,
+        estimated=True,
+        peak_rss_mb=max(m.peak_rss_mb for m in measured),
+        per_client_s=None if estimate is None else estimate / wl.clients,
+        floor_ratio=ratio(estimate, floor_seconds(run)),
+        how=f"measured {len(checked)} client(s) × {', '.join(wl.check_targets)} of block 0 ({wall:.0f} s wall in "
+        f"{len(measured)} process(es)); scaled to {wl.clients} clients × {len(wl.modules())} modules; weights from {source}",
+    )
     return outputs
 
 
 def describe_errors(errors: list[dict]) -> str:
     worst = max(errors, key=lambda e: e["energy_opt"] - e["energy"])
-    return (f"rel ≤ {max(e['rel_err'] for e in errors):.1e}; energy {worst['energy']:.4f} of opt "
-            f"{worst['energy_opt']:.4f} ({len(errors)} client-module pairs)")
+    return (
+        f"rel ≤ {max(e['rel_err'] for e in errors):.1e}; energy {worst['energy']:.4f} of opt "
+        f"{worst['energy_opt']:.4f} ({len(errors)} client-module pairs)"
+    )
 
 
 def dense_row(run: Run, spec: dict, source: str) -> None:
@@ -219,17 +294,28 @@ def dense_row(run: Run, spec: dict, source: str) -> None:
     for row in run.rows:
         errors = [e for e in result["errors"] if e["contender"] == row["contender"]]
         if errors:
-            row.update(error=describe_errors(errors), rel_err=max(e["rel_err"] for e in errors),
-                       energy_gap=max(e["energy_opt"] - e["energy"] for e in errors))
+            row.update(
+                error=describe_errors(errors),
+                rel_err=max(e["rel_err"] for e in errors),
+                energy_gap=max(e["energy_opt"] - e["energy"] for e in errors),
+            )
         sim = result["similarity"].get(row["contender"])
         if sim and "unreadable" in sim:
             row["error"] = f"output not checked: {sim['unreadable']}"
         elif sim:
-            row.update(error=f"max |Δcos| {sim['max_abs_err']:.1e} ({sim['clients']} clients)",
-                       max_cos_err=sim["max_abs_err"], checked=sim["clients"])
+            row.update(
+                error=f"max |Δcos| {sim['max_abs_err']:.1e} ({sim['clients']} clients)",
+                max_cos_err=sim["max_abs_err"],
+                checked=sim["clients"],
+            )
     if not spec["check_modules"]:
-        run.row("dense", "dense cosine reference (float64)", m, wall_s=result.get("similarity_reference_s"),
-                how=f"the similarity reference alone: {len(spec['similarity']['clients'])} clients, all modules (not a merge)")
+        run.row(
+            "dense",
+            "dense cosine reference (float64)",
+            m,
+            wall_s=result.get("similarity_reference_s"),
+            how=f"the similarity reference alone: {len(spec['similarity']['clients'])} clients, all modules (not a merge)",
+        )
         return
     shapes = wl.check_modules()
     per_shape = {}
@@ -239,23 +325,46 @@ def dense_row(run: Run, spec: dict, source: str) -> None:
     estimate = scaled(wl, per_shape)
     opt = min(e["energy_opt"] for e in result["errors"]) if result["errors"] else None
     unmeasured = sorted({f"{o}×{i}" for o, i in wl.modules().values()} - {f"{o}×{i}" for o, i in per_shape})
-    how = (f"float64, {result['threads']} threads; measured {len(spec['check_clients'])} client(s) × "
-           f"{', '.join(wl.check_targets)} of block 0 ({m.wall_s:.0f} s wall, with the layer-wise and similarity checks); "
-           + (f"scaled to {wl.clients} clients × {len(wl.modules())} modules" if estimate is not None
-              else f"not scaled: shapes {', '.join(unmeasured)} not measured") + f"; weights from {source}")
-    run.row("dense", DENSE, wall_s=estimate, estimated=estimate is not None, peak_rss_mb=m.peak_rss_mb,
-            per_client_s=None if estimate is None else estimate / wl.clients, floor_ratio=ratio(estimate, floor_seconds(run)),
-            error="the reference" + ("" if opt is None else f"; optimal energy ≥ {opt:.4f}"), how=how)
+    how = (
+        f"float64, {result['threads']} threads; measured {len(spec['check_clients'])} client(s) × "
+        f"{', '.join(wl.check_targets)} of block 0 ({m.wall_s:.0f} s wall, with the layer-wise and similarity checks); "
+        + (
+            f"scaled to {wl.clients} clients × {len(wl.modules())} modules"
+            if estimate is not None
+            else f"not scaled: shapes {', '.join(unmeasured)} not measured"
+        )
+        + f"; weights from {source}"
+    )
+    run.row(
+        "dense",
+        DENSE,
+        wall_s=estimate,
+        estimated=estimate is not None,
+        peak_rss_mb=m.peak_rss_mb,
+        per_client_s=None if estimate is None else estimate / wl.clients,
+        floor_ratio=ratio(estimate, floor_seconds(run)),
+        error="the reference" + ("" if opt is None else f"; optimal energy ≥ {opt:.4f}"),
+        how=how,
+    )
 
 
 def python_rows(run: Run) -> None:
     """The peft path and the dense reference, merging with fedbip's weights, and every error check."""
     wl = run.wl
-    inspect = {r["contender"]: r["stdout"] for r in run.rows if r["key"] in ("inspect", "sketch") and r["status"] == "ok"}
+    inspect = {
+        r["contender"]: r["stdout"] for r in run.rows if r["key"] in ("inspect", "sketch") and r["status"] == "ok"
+    }
     spec: dict[str, Any] = {
-        "clients_dir": str(run.gen.clients), "device": run.args.device, "modules": list(wl.modules()),
+        "clients_dir": str(run.gen.clients),
+        "device": run.args.device,
+        "modules": list(wl.modules()),
         "similarity": {"clients": workloads.client_names(wl.clients)[: wl.similarity_check], "inspect": inspect},
-        "check_modules": [], "outputs": [], "weights": {}, "clients": [], "check_clients": [], "rank": wl.rank,
+        "check_modules": [],
+        "outputs": [],
+        "weights": {},
+        "clients": [],
+        "check_clients": [],
+        "rank": wl.rank,
     }
     if wl.similarity_only:
         if run.wanted("dense") and inspect:
@@ -265,14 +374,27 @@ def python_rows(run: Run) -> None:
     checked = order[: wl.check_clients]
     outputs = [
         {"contender": label, "variant": variant, "client": c, "module": module, "dir": str(run.runs / key / c)}
-        for key, label, variant in (("merge", "fedbip merge", "global"), ("merge-layerwise", "fedbip merge --layerwise", "layerwise"))
+        for key, label, variant in (
+            ("merge", "fedbip merge", "global"),
+            ("merge-layerwise", "fedbip merge --layerwise", "layerwise"),
+        )
         if any(r["key"] == key and r["status"] == "ok" for r in run.rows) and variant in variants
-        for c in checked for module in wl.check_modules()
+        for c in checked
+        for module in wl.check_modules()
     ]
     if wl.peft and run.wanted("peft"):
         outputs += peft_row(run, order, variants["global"], rank, checked, source)
     if run.wanted("dense"):
-        by_client = {v: {m: {c: rows[order.index(c)] for c in checked} for m, rows in per_module.items()} for v, per_module in variants.items()}
-        spec.update(check_modules=list(wl.check_modules()), outputs=outputs, weights=by_client, clients=order,
-                    check_clients=checked, rank=rank)
+        by_client = {
+            v: {m: {c: rows[order.index(c)] for c in checked} for m, rows in per_module.items()}
+            for v, per_module in variants.items()
+        }
+        spec.update(
+            check_modules=list(wl.check_modules()),
+            outputs=outputs,
+            weights=by_client,
+            clients=order,
+            check_clients=checked,
+            rank=rank,
+        )
         dense_row(run, spec, source)

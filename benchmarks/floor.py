@@ -59,7 +59,13 @@ def main(spec_path: str, result_path: str) -> None:
     written = write_all(out, spec["files"], spec["bytes_per_file"], buffer)
     write_s = time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)
-    result = {"read_s": read_s, "write_s": write_s, "read_bytes": read_bytes, "read_files": read_files, "write_bytes": written}
+    result = {
+        "read_s": read_s,
+        "write_s": write_s,
+        "read_bytes": read_bytes,
+        "read_files": read_files,
+        "write_bytes": written,
+    }
     Path(result_path).write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -50,7 +50,18 @@ def make_adapters(root: Path, count: int) -> None:
 
 def inspect_cli(clients: Path, *cache_args: str) -> tuple[float, dict]:
     """Wall time of one ``fedbip inspect-similarity --format json`` run, and its output."""
-    command = [sys.executable, "-m", "fedbip_cli", "inspect-similarity", str(clients), "--format", "json", "--device", "cpu", *cache_args]
+    command = [
+        sys.executable,
+        "-m",
+        "fedbip_cli",
+        "inspect-similarity",
+        str(clients),
+        "--format",
+        "json",
+        "--device",
+        "cpu",
+        *cache_args,
+    ]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return time.perf_counter() - start, json.loads(done.stdout)
@@ -79,7 +90,9 @@ def stacked_gram_seconds(clients: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=200, help="clients before the one that is added")
-    parser.add_argument("--workdir", type=Path, help="where to write the adapters and caches (default: a temporary directory)")
+    parser.add_argument(
+        "--workdir", type=Path, help="where to write the adapters and caches (default: a temporary directory)"
+    )
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fedbip-incremental-"))
     clients, pending = work / "clients", work / "pending"
@@ -93,7 +106,9 @@ def main() -> None:
     clients.mkdir(parents=True)
     for path in sorted(pending.iterdir())[:k]:
         path.rename(clients / path.name)
-    print(f"wrote {k + 1} adapters ({len(SHAPES)} modules, r={RANK}, width {WIDTH}) in {time.perf_counter() - start:.1f} s")
+    print(
+        f"wrote {k + 1} adapters ({len(SHAPES)} modules, r={RANK}, width {WIDTH}) in {time.perf_counter() - start:.1f} s"
+    )
 
     caches = {name: work / name for name in ("cache-warm", "cache-cold", "cache-process-warm", "cache-process-cold")}
     for path in caches.values():
@@ -123,10 +138,16 @@ def main() -> None:
     for name, seconds in (("cold (empty cache)", cold), ("warm (one client added)", warm), ("`--no-cache`", uncached)):
         key = name.split()[0].strip("`")
         s = stats["no-cache" if key == "--no-cache" else key]
-        print(f"| `inspect-similarity`, {name} | {seconds:.2f} | {s['computed']} | {s['hits']} | {cold / seconds:.1f}x |")
+        print(
+            f"| `inspect-similarity`, {name} | {seconds:.2f} | {s['computed']} | {s['hits']} | {cold / seconds:.1f}x |"
+        )
     print(f"| similarity step in process, cold | {in_process_cold:.2f} | | | 1.0x |")
-    print(f"| similarity step in process, warm | {in_process_warm:.2f} | | | {in_process_cold / in_process_warm:.1f}x |")
-    print(f"| plain float64 stacked Grams, all K² products (not bit-stable), in process | {gram:.2f} | | | {in_process_cold / gram:.1f}x |")
+    print(
+        f"| similarity step in process, warm | {in_process_warm:.2f} | | | {in_process_cold / in_process_warm:.1f}x |"
+    )
+    print(
+        f"| plain float64 stacked Grams, all K² products (not bit-stable), in process | {gram:.2f} | | | {in_process_cold / gram:.1f}x |"
+    )
     print(f"\n(in-process fill of the {k}-client cache: {in_process_fill:.2f} s; adapters and caches in {work})")
 
 

@@ -24,7 +24,9 @@ def paper_weights(clients_dir: Path, clients: Sequence[str], modules: Sequence[s
         pairs = [factors(clients_dir / c, module) for c in clients]
         b = torch.cat([f[0] for f in pairs], dim=1)
         a = torch.cat([f[1] for f in pairs], dim=0)
-        owner = torch.repeat_interleave(torch.eye(k, dtype=torch.float64), torch.tensor([f[1].shape[0] for f in pairs]), dim=0)
+        owner = torch.repeat_interleave(
+            torch.eye(k, dtype=torch.float64), torch.tensor([f[1].shape[0] for f in pairs]), dim=0
+        )
         inner += owner.T @ ((b.T @ b) * (a @ a.T)) @ owner
     norms = inner.diagonal().sqrt()
     positive = (inner / norms[:, None] / norms[None, :]).clamp(min=0)

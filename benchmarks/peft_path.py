@@ -43,14 +43,26 @@ def base_model(family: str, hidden: int, intermediate: int) -> torch.nn.Module:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         heads = max(1, hidden // 128)
-        config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1,
-                             num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32,
-                             max_position_embeddings=64)
+        config = LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=1,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            vocab_size=32,
+            max_position_embeddings=64,
+        )
         return LlamaForCausalLM(config)
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=max(1, hidden // 32), vocab_size=32, max_position_embeddings=64)
+    config = BertConfig(
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=max(1, hidden // 32),
+        vocab_size=32,
+        max_position_embeddings=64,
+    )
     return BertModel(config, add_pooling_layer=False)
 
 
@@ -61,8 +73,11 @@ def trim(source: Path, target: Path, module: str, suffix: str) -> None:
     config["target_modules"] = [suffix]
     (target / CONFIG_NAME).write_text(json.dumps(config), encoding="utf-8")
     a, b = raw_factors(source, module)
-    save_file({f"{PREFIX}{module}.lora_A.weight": a, f"{PREFIX}{module}.lora_B.weight": b},
-              str(weights_file(target)), metadata={"format": "pt"})
+    save_file(
+        {f"{PREFIX}{module}.lora_A.weight": a, f"{PREFIX}{module}.lora_B.weight": b},
+        str(weights_file(target)),
+        metadata={"format": "pt"},
+    )
 
 
 def main(spec_path: str, result_path: str) -> None:
@@ -94,16 +109,22 @@ def main(spec_path: str, result_path: str) -> None:
     for client, row in zip(spec["measured"], spec["weights"]):
         name = f"merged-{client}"
         start = time.perf_counter()
-        model.add_weighted_adapter(adapters=clients, weights=row, adapter_name=name,
-                                   combination_type="svd", svd_rank=spec["rank"])
+        model.add_weighted_adapter(
+            adapters=clients, weights=row, adapter_name=name, combination_type="svd", svd_rank=spec["rank"]
+        )
         added = time.perf_counter()
         model.save_pretrained(str(out), selected_adapters=[name])
         model.delete_adapter(name)
-        per_client[client] = {"add_s": added - start, "save_s": time.perf_counter() - added,
-                              "adapter": str(out / name)}
+        per_client[client] = {"add_s": added - start, "save_s": time.perf_counter() - added, "adapter": str(out / name)}
     shutil.rmtree(trimmed, ignore_errors=True)
-    result = {"import_s": IMPORT_S, "trim_s": trim_s, "base_s": base_s, "load_s": load_s, "clients": per_client,
-              "threads": torch.get_num_threads()}
+    result = {
+        "import_s": IMPORT_S,
+        "trim_s": trim_s,
+        "base_s": base_s,
+        "load_s": load_s,
+        "clients": per_client,
+        "threads": torch.get_num_threads(),
+    }
     Path(result_path).write_text(json.dumps(result, indent=2) + "\n")
 
 

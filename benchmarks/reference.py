@@ -134,11 +134,16 @@ def merge_reference(spec: dict, module: str, outputs: list[dict]) -> tuple[dict,
             if out["variant"] != v or out["client"] != c:
                 continue
             x = delta(Path(out["dir"]), module, device)
-            errors.append({
-                "contender": out["contender"], "client": c, "module": module, "energy_opt": energy_opt,
-                "energy": 1.0 - float(torch.linalg.matrix_norm(m - x) ** 2) / total,
-                "rel_err": float(torch.linalg.matrix_norm(x - m_r) / torch.linalg.matrix_norm(m_r)),
-            })
+            errors.append(
+                {
+                    "contender": out["contender"],
+                    "client": c,
+                    "module": module,
+                    "energy_opt": energy_opt,
+                    "energy": 1.0 - float(torch.linalg.matrix_norm(m - x) ** 2) / total,
+                    "rel_err": float(torch.linalg.matrix_norm(x - m_r) / torch.linalg.matrix_norm(m_r)),
+                }
+            )
     return timing, errors
 
 
@@ -158,10 +163,20 @@ def main(spec_path: str, result_path: str) -> None:
         for contender, path in sim["inspect"].items():
             try:
                 got = similarity_rows(Path(path), names)
-            except (ValueError, KeyError, IndexError) as exc:  # an output of another shape must not cost the other checks
-                result["similarity"][contender] = {"unreadable": f"{type(exc).__name__}: {exc}"[:200], "clients": len(names)}
+            except (
+                ValueError,
+                KeyError,
+                IndexError,
+            ) as exc:  # an output of another shape must not cost the other checks
+                result["similarity"][contender] = {
+                    "unreadable": f"{type(exc).__name__}: {exc}"[:200],
+                    "clients": len(names),
+                }
                 continue
-            result["similarity"][contender] = {"max_abs_err": float((got - reference).abs().max()), "clients": len(names)}
+            result["similarity"][contender] = {
+                "max_abs_err": float((got - reference).abs().max()),
+                "clients": len(names),
+            }
     Path(result_path).write_text(json.dumps(result, indent=2) + "\n")
 
 

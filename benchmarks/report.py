@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any
 
 Row = dict[str, Any]
-COLUMNS = ("workload", "contender", "wall s", "× I/O floor", "per client s", "peak RSS MB", "error vs dense reference", "how")
+COLUMNS = (
+    "workload",
+    "contender",
+    "wall s",
+    "× I/O floor",
+    "per client s",
+    "peak RSS MB",
+    "error vs dense reference",
+    "how",
+)
 
 
 def machine(root: Path) -> dict[str, str]:
@@ -21,7 +30,9 @@ def machine(root: Path) -> dict[str, str]:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+    mem_kb = next(
+        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
+    )
     import torch
 
     versions = {"torch": torch.__version__}
@@ -30,7 +41,9 @@ def machine(root: Path) -> dict[str, str]:
             versions[dist] = version(dist)
         except PackageNotFoundError:
             versions[dist] = "not installed"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+    ).stdout.strip()
     return {
         "CPU": f"{cpu} ({len(os.sched_getaffinity(0))} cores usable, {os.cpu_count()} online)",
         "RAM": f"{mem_kb / 1024**2:.1f} GiB",
@@ -75,7 +88,12 @@ def cell(row: Row, column: str) -> str:
 
 def table(rows: list[Row]) -> str:
     """A markdown table, one line per row, the workload named once per group."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---:" if c in ("wall s", "× I/O floor", "per client s", "peak RSS MB") else "---" for c in COLUMNS) + "|"]
+    lines = [
+        "| " + " | ".join(COLUMNS) + " |",
+        "|"
+        + "|".join("---:" if c in ("wall s", "× I/O floor", "per client s", "peak RSS MB") else "---" for c in COLUMNS)
+        + "|",
+    ]
     previous = None
     for row in rows:
         cells = [cell(row, c).replace("|", "\\|") for c in COLUMNS]
@@ -105,34 +123,62 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
         if not measured(r):
             out.append((label, "–", _verdict(None)))
         elif r["status"] == "timeout":  # a limit below the target proves nothing
-            out.append((label, f"> {r['wall_s']:.1f} s (timeout){_size(r)}", _verdict(None if r["wall_s"] < limit else False)))
+            out.append(
+                (label, f"> {r['wall_s']:.1f} s (timeout){_size(r)}", _verdict(None if r["wall_s"] < limit else False))
+            )
         else:
             out.append((label, f"{r['wall_s']:.1f} s{_size(r)}", _verdict(r["wall_s"] < limit)))
 
     merge, peft = find(rows, "7b-attn", "merge"), find(rows, "7b-attn", "peft")
     if measured(merge) and merge.get("floor_ratio") is not None and merge["status"] == "ok":
-        out.append(("7b-attn merge ≤ 2× I/O floor", f"{merge['floor_ratio']:.1f}×{_size(merge)}", _verdict(merge["floor_ratio"] <= 2)))
+        out.append(
+            (
+                "7b-attn merge ≤ 2× I/O floor",
+                f"{merge['floor_ratio']:.1f}×{_size(merge)}",
+                _verdict(merge["floor_ratio"] <= 2),
+            )
+        )
     else:
         out.append(("7b-attn merge ≤ 2× I/O floor", "–", _verdict(None)))
     if measured(merge) and merge["status"] == "ok" and peft and peft.get("per_client_s"):
         speedup = peft["per_client_s"] / merge["per_client_s"]
-        out.append(("7b-attn merge ≥ 1000× faster per client than peft", f"{speedup:,.0f}×{_size(merge)}", _verdict(speedup >= 1000)))
+        out.append(
+            (
+                "7b-attn merge ≥ 1000× faster per client than peft",
+                f"{speedup:,.0f}×{_size(merge)}",
+                _verdict(speedup >= 1000),
+            )
+        )
     else:
         out.append(("7b-attn merge ≥ 1000× faster per client than peft", "–", _verdict(None)))
     if merge is not None and merge.get("peak_rss_mb") and merge["status"] == "ok":
         rss, size = merge["peak_rss_mb"], merge["input_mb"]
         out.append(("7b-attn merge peak RSS < 1.5 GB", f"{rss:,.0f} MB{_size(merge)}", _verdict(rss < 1500)))
-        out.append(("7b-attn merge peak RSS well under the input size (< ½)", f"{rss:,.0f} MB vs {size:,.0f} MB of input{_size(merge)}", _verdict(rss < 0.5 * size)))
+        out.append(
+            (
+                "7b-attn merge peak RSS well under the input size (< ½)",
+                f"{rss:,.0f} MB vs {size:,.0f} MB of input{_size(merge)}",
+                _verdict(rss < 0.5 * size),
+            )
+        )
     else:
-        out += [("7b-attn merge peak RSS < 1.5 GB", "–", _verdict(None)),
-                ("7b-attn merge peak RSS well under the input size (< ½)", "–", _verdict(None))]
+        out += [
+            ("7b-attn merge peak RSS < 1.5 GB", "–", _verdict(None)),
+            ("7b-attn merge peak RSS well under the input size (< ½)", "–", _verdict(None)),
+        ]
     time_target("many-clients exact similarity < 30 s", find(rows, "many-clients", "inspect"), 30)
     time_target("many-clients personalized merge (global) < 3 min", find(rows, "many-clients", "merge"), 180)
     sketch = find(rows, "huge-k", "sketch")
     time_target("huge-k sketched similarity < 60 s", sketch, 60)
     if sketch is not None and sketch.get("max_cos_err") is not None:
         err = sketch["max_cos_err"]
-        out.append(("huge-k sketch max cosine error ≤ 0.02", f"{err:.3g} on {sketch['checked']} clients{_size(sketch)}", _verdict(err <= 0.02)))
+        out.append(
+            (
+                "huge-k sketch max cosine error ≤ 0.02",
+                f"{err:.3g} on {sketch['checked']} clients{_size(sketch)}",
+                _verdict(err <= 0.02),
+            )
+        )
     else:
         out.append(("huge-k sketch max cosine error ≤ 0.02", "–", _verdict(None)))
     return out
@@ -142,8 +188,16 @@ def _size(row: Row) -> str:
     return " (QUICK size)" if row.get("quick") else ""
 
 
-def write_results(path: Path, *, command: str, machine_info: dict[str, str], rows: list[Row], workload_lines: list[str],
-                  how: list[str], elapsed_s: float) -> None:
+def write_results(
+    path: Path,
+    *,
+    command: str,
+    machine_info: dict[str, str],
+    rows: list[Row],
+    workload_lines: list[str],
+    how: list[str],
+    elapsed_s: float,
+) -> None:
     """``RESULTS.md``: machine, method, table, targets and workloads of this run."""
     parts = [
         "# fedbip benchmark results (issue 4)",

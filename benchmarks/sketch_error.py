@@ -93,7 +93,15 @@ def write_client(directory: Path, i: int, seed: int, centre: dict) -> None:
         b = 0.5 * bs + bc[cluster] + level * torch.randn(WIDTH, RANK, generator=gen, dtype=torch.float64)
         a = 0.5 * as_ + ac[cluster] + level * torch.randn(RANK, WIDTH, generator=gen, dtype=torch.float64)
         factors[module] = (a[:rank] / math.sqrt(WIDTH), b[:, :rank] * 0.05)
-    write_lora_adapter(directory, factors, r=rank, lora_alpha=ALPHA, use_rslora=i % 7 == 3, target_modules=["query", "value"], dtype=torch.float16)
+    write_lora_adapter(
+        directory,
+        factors,
+        r=rank,
+        lora_alpha=ALPHA,
+        use_rslora=i % 7 == 3,
+        target_modules=["query", "value"],
+        dtype=torch.float16,
+    )
 
 
 def clients(workdir: Path, count: int, seed: int) -> list[Path]:
@@ -132,7 +140,9 @@ def dense_deltas(paths: list[Path], module: str, configs: list[dict]) -> torch.T
     return out
 
 
-def reference(workdir: Path, paths: list[Path], checked: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def reference(
+    workdir: Path, paths: list[Path], checked: int, seed: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per module: (checked x K) inner products of the dense ΔW and every client's squared norm."""
     cache = workdir / f"reference-v{DATA_VERSION}-s{seed}-k{len(paths)}-c{checked}.pt"
     if cache.exists():
@@ -150,7 +160,10 @@ def reference(workdir: Path, paths: list[Path], checked: int, seed: int) -> dict
             norms2[first : first + len(chunk)] = (chunk * chunk).sum(dim=1)
         out[module] = (inner, norms2)
     torch.save(out, cache)
-    print(f"dense float64 reference ({checked} x {len(paths)} pairs, {len(MODULES)} modules) in {time.perf_counter() - start:.1f} s", flush=True)
+    print(
+        f"dense float64 reference ({checked} x {len(paths)} pairs, {len(MODULES)} modules) in {time.perf_counter() - start:.1f} s",
+        flush=True,
+    )
     return out
 
 
@@ -196,7 +209,9 @@ def child(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     workspace = pipeline.load([f"@{args.sources}"])
     loaded = time.perf_counter()
-    result = pipeline.inspect(workspace, granularity=args.granularity, device="cpu", similarity="sketch", sketch_dim=args.dim)
+    result = pipeline.inspect(
+        workspace, granularity=args.granularity, device="cpu", similarity="sketch", sketch_dim=args.dim
+    )
     done = time.perf_counter()
     rows = {name: g.similarity[: args.rows].clone() for name, g in result.groups.items()}
     torch.save(rows, args.out)
@@ -210,11 +225,23 @@ def peak_rss_mib() -> float:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
 
 
-def run_child(paths: list[Path], dim: int, granularity: str, rows: int, threads: int, scratch: Path) -> tuple[dict, dict]:
+def run_child(
+    paths: list[Path], dim: int, granularity: str, rows: int, threads: int, scratch: Path
+) -> tuple[dict, dict]:
     listing = scratch / f"sources-{len(paths)}.txt"
     listing.write_text("".join(f"{p}\n" for p in paths))
     out = scratch / "rows.pt"
-    command = [sys.executable, __file__, "--child", "--sources", str(listing), "--dim", str(dim), "--granularity", granularity]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--sources",
+        str(listing),
+        "--dim",
+        str(dim),
+        "--granularity",
+        granularity,
+    ]
     command += ["--rows", str(rows), "--out", str(out), "--threads", str(threads)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1]), torch.load(out)
@@ -277,8 +304,15 @@ def compare(paths: list[Path], ref: dict, dims: list[int], seeds: int) -> None:
         by_rank[module] = {}
         for rank in sorted({b.shape[1] for _, b, _ in present}):
             members = [(i, b, a) for i, b, a in present if b.shape[1] == rank]
-            by_rank[module][rank] = ([i for i, _, _ in members], torch.stack([b for _, b, _ in members]), torch.stack([a for _, _, a in members]))
-    exact = {g: {name: exact_cosines(ref, members, checked) for name, members in GROUPINGS[g].items()} for g in ("model", "module")}
+            by_rank[module][rank] = (
+                [i for i, _, _ in members],
+                torch.stack([b for _, b, _ in members]),
+                torch.stack([a for _, _, a in members]),
+            )
+    exact = {
+        g: {name: exact_cosines(ref, members, checked) for name, members in GROUPINGS[g].items()}
+        for g in ("model", "module")
+    }
     r, d = RANK, WIDTH
 
     def two_sided(count: int) -> Callable[[int], float]:
@@ -291,13 +325,18 @@ def compare(paths: list[Path], ref: dict, dims: list[int], seeds: int) -> None:
         "4 orthogonal blocks (M/2)²": (blocks(2), two_sided(2)),
         "16 orthogonal blocks (M/4)²": (blocks(4), two_sided(4)),
         "fedbip, float64": (fedbip(codes=False), lambda dim: two_sided(projection(0, "m", d, d, dim).blocks)(dim)),
-        "fedbip, int8 codes (as run)": (fedbip(codes=True), lambda dim: two_sided(projection(0, "m", d, d, dim).blocks)(dim)),
+        "fedbip, int8 codes (as run)": (
+            fedbip(codes=True),
+            lambda dim: two_sided(projection(0, "m", d, d, dim).blocks)(dim),
+        ),
         "one-sided B (A Ω), d x M²/d": (one_sided, lambda dim: r * 2 * d * max(1, dim * dim // d)),
         "rank-1 JL (Kronecker), M² pairs": (rank_one, lambda dim: r * 2 * d * dim * dim),
     }
     upper = torch.triu(torch.ones(checked, checked, dtype=torch.bool), diagonal=1)
-    print(f"\nAlternatives at about equal size, {checked} clients, {checked * (checked - 1) // 2} pairs x {seeds} seeds "
-          "(|error| of the cosine: mean and max; work: multiply-adds per client and module)\n")
+    print(
+        f"\nAlternatives at about equal size, {checked} clients, {checked * (checked - 1) // 2} pairs x {seeds} seeds "
+        "(|error| of the cosine: mean and max; work: multiply-adds per client and module)\n"
+    )
     print("| sketch | M | numbers per module | work | model: mean | model: max | module: mean | module: max |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for dim in dims:
@@ -322,8 +361,11 @@ def compare(paths: list[Path], ref: dict, dims: list[int], seeds: int) -> None:
                         both = (norms[:, None] > 0) & (norms[None, :] > 0) & upper
                         found[g].append((cosine - exact[g][group][:, :checked]).abs()[both])
             model, module = torch.cat(found["model"]), torch.cat(found["module"])
-            print(f"| {name} | {dim} | {features.shape[1]} | {work(dim) / 1e6:.2f}M | {model.mean():.4f} | {model.max():.4f} | "
-                  f"{module.mean():.4f} | {module.max():.4f} |", flush=True)
+            print(
+                f"| {name} | {dim} | {features.shape[1]} | {work(dim) / 1e6:.2f}M | {model.mean():.4f} | {model.max():.4f} | "
+                f"{module.mean():.4f} | {module.max():.4f} |",
+                flush=True,
+            )
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -332,13 +374,23 @@ def compare(paths: list[Path], ref: dict, dims: list[int], seeds: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=10_000)
-    parser.add_argument("--checked", type=int, default=300, help="clients compared with the dense reference (all their pairs)")
+    parser.add_argument(
+        "--checked", type=int, default=300, help="clients compared with the dense reference (all their pairs)"
+    )
     parser.add_argument("--finer", type=int, default=1000, help="clients sketched at granularity block and module")
     parser.add_argument("--dims", default="16,32,64,96,128", help="sketch dimensions M, comma-separated")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated clients")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the sketch runs")
-    parser.add_argument("--workdir", type=Path, help="where the adapters and the reference are kept and reused (default: a temporary directory)")
-    parser.add_argument("--compare", action="store_true", help="also measure the sketch alternatives at equal size on the checked clients")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="where the adapters and the reference are kept and reused (default: a temporary directory)",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also measure the sketch alternatives at equal size on the checked clients",
+    )
     parser.add_argument("--compare-seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1000 clients, 100 checked (also QUICK=1)")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
@@ -370,16 +422,28 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
     paths = clients(workdir, args.clients, args.seed)
     ref = reference(workdir, paths, args.checked, args.seed)
     finer = min(args.finer, args.clients)
-    exact = {g: {name: exact_cosines(ref, members, args.clients if g == "model" else finer) for name, members in GROUPINGS[g].items()} for g in GROUPINGS}
+    exact = {
+        g: {
+            name: exact_cosines(ref, members, args.clients if g == "model" else finer)
+            for name, members in GROUPINGS[g].items()
+        }
+        for g in GROUPINGS
+    }
     model = exact["model"]["model"]
     same = (torch.arange(args.checked)[:, None] % CLUSTERS) == (torch.arange(args.clients)[None, :] % CLUSTERS)
     same[torch.arange(args.checked), torch.arange(args.checked)] = False
     other = (torch.arange(args.checked)[:, None] % CLUSTERS) != (torch.arange(args.clients)[None, :] % CLUSTERS)
-    print(f"{args.clients} clients, {len(MODULES)} modules of {WIDTH} x {WIDTH}; exact whole-model cosine: within a cluster "
-          f"mean {model[same].mean():.3f} (range {model[same].min():.3f} .. {model[same].max():.3f}), across clusters mean "
-          f"{model[other].mean():.3f} (range {model[other].min():.3f} .. {model[other].max():.3f})", flush=True)
+    print(
+        f"{args.clients} clients, {len(MODULES)} modules of {WIDTH} x {WIDTH}; exact whole-model cosine: within a cluster "
+        f"mean {model[same].mean():.3f} (range {model[same].min():.3f} .. {model[same].max():.3f}), across clusters mean "
+        f"{model[other].mean():.3f} (range {model[other].min():.3f} .. {model[other].max():.3f})",
+        flush=True,
+    )
 
-    print(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores)", flush=True)
+    print(
+        f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores)",
+        flush=True,
+    )
     baseline = exact_baseline(paths[: args.checked], exact["model"]["model"][:, : args.checked])
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedbip-sketch-run-") as scratch:
@@ -395,24 +459,41 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
                     "pairs": sum(w["pairs"] for w in worst),
                 }
             rows.append(row)
-            print(f"M={dim}: load {row['load_s']:.1f} s, similarity {row['similarity_s']:.1f} s, peak RSS {row['peak_rss_mib']:.0f} MiB; "
-                  f"model max {row['model']['max']:.4f} mean {row['model']['mean']:.4f}", flush=True)
+            print(
+                f"M={dim}: load {row['load_s']:.1f} s, similarity {row['similarity_s']:.1f} s, peak RSS {row['peak_rss_mib']:.0f} MiB; "
+                f"model max {row['model']['max']:.4f} mean {row['model']['mean']:.4f}",
+                flush=True,
+            )
 
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     extrapolated = baseline * (args.clients / args.checked) ** 2
-    print(f"\nbaseline: the exact engine on the {args.checked} checked clients took {baseline:.1f} s (similarity step, in process); "
-          f"as K², {args.clients} clients would take about {extrapolated:.0f} s")
-    print(f"\n{args.clients} clients; errors |sketched - exact| of the cosine over the pairs of the {args.checked} checked clients "
-          f"with every other client (model: {rows[0]['model']['pairs']} pairs) and, per block and per module, with the first {finer} "
-          f"clients ({rows[0]['block']['pairs']} and {rows[0]['module']['pairs']} pairs over the groups)\n")
-    print("| M | numbers per module | load s | similarity s | vs exact | peak RSS MiB | model: max | model: mean | block: max | block: mean | module: max | module: mean |")
+    print(
+        f"\nbaseline: the exact engine on the {args.checked} checked clients took {baseline:.1f} s (similarity step, in process); "
+        f"as K², {args.clients} clients would take about {extrapolated:.0f} s"
+    )
+    print(
+        f"\n{args.clients} clients; errors |sketched - exact| of the cosine over the pairs of the {args.checked} checked clients "
+        f"with every other client (model: {rows[0]['model']['pairs']} pairs) and, per block and per module, with the first {finer} "
+        f"clients ({rows[0]['block']['pairs']} and {rows[0]['module']['pairs']} pairs over the groups)\n"
+    )
+    print(
+        "| M | numbers per module | load s | similarity s | vs exact | peak RSS MiB | model: max | model: mean | block: max | block: mean | module: max | module: mean |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['dim']} | {row['dim'] ** 2} | {row['load_s']:.1f} | {row['similarity_s']:.1f} | {extrapolated / row['similarity_s']:.0f}x | {row['peak_rss_mib']:.0f} | "
-              f"{row['model']['max']:.4f} | {row['model']['mean']:.4f} | {row['block']['max']:.4f} | {row['block']['mean']:.4f} | "
-              f"{row['module']['max']:.4f} | {row['module']['mean']:.4f} |")
+        print(
+            f"| {row['dim']} | {row['dim'] ** 2} | {row['load_s']:.1f} | {row['similarity_s']:.1f} | {extrapolated / row['similarity_s']:.0f}x | {row['peak_rss_mib']:.0f} | "
+            f"{row['model']['max']:.4f} | {row['model']['mean']:.4f} | {row['block']['max']:.4f} | {row['block']['mean']:.4f} | "
+            f"{row['module']['max']:.4f} | {row['module']['mean']:.4f} |"
+        )
     if args.json is not None:
-        record = {"clients": args.clients, "checked": args.checked, "finer": finer, "exact_checked_s": baseline, "rows": rows}
+        record = {
+            "clients": args.clients,
+            "checked": args.checked,
+            "finer": finer,
+            "exact_checked_s": baseline,
+            "rows": rows,
+        }
         args.json.write_text(json.dumps(record, indent=2) + "\n")
     if args.compare:
         compare(paths, ref, dims, args.compare_seeds)

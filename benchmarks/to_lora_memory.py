@@ -37,7 +37,11 @@ def write_models(work: Path, clients: int, hidden: int) -> tuple[Path, Path, int
     from transformers import BertConfig, BertModel
 
     config = BertConfig(
-        vocab_size=1000, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=hidden // 64, intermediate_size=4 * hidden
+        vocab_size=1000,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=hidden // 64,
+        intermediate_size=4 * hidden,
     )
     torch.manual_seed(0)
     model = BertModel(config).eval()
@@ -50,7 +54,9 @@ def write_models(work: Path, clients: int, hidden: int) -> tuple[Path, Path, int
             for _, param in sorted(copy.named_parameters()):
                 if param.ndim == 2:
                     rows, cols = param.shape
-                    param += 0.01 * torch.randn(rows, 4, generator=generator) @ torch.randn(4, cols, generator=generator)
+                    param += (
+                        0.01 * torch.randn(rows, 4, generator=generator) @ torch.randn(4, cols, generator=generator)
+                    )
         copy.save_pretrained(work / "clients" / f"ft{c:02d}", safe_serialization=True)
     return base, work / "clients", 4 * hidden * hidden
 
@@ -80,11 +86,26 @@ finally:
 
 def measure_merge(tree: Path, base: Path, clients: Path, out: Path, rank: int) -> tuple[measure.Measured, float]:
     """Wall time and peak RSS of one ``merge --to-lora`` run, and its peak anonymous memory (MB)."""
-    args = ["merge", str(clients), "--base", str(base), "--to-lora", str(rank), "--out", str(out), "--no-cache", "--json", "--device", "cpu"]
+    args = [
+        "merge",
+        str(clients),
+        "--base",
+        str(base),
+        "--to-lora",
+        str(rank),
+        "--out",
+        str(out),
+        "--no-cache",
+        "--json",
+        "--device",
+        "cpu",
+    ]
     shutil.rmtree(out, ignore_errors=True)
     with tempfile.NamedTemporaryFile(suffix=".kb") as anon:
         command = [sys.executable, "-c", ANON_PEAK, str(tree), anon.name, *args]
-        measured = measure.run(command, timeout=1800, env={**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"})
+        measured = measure.run(
+            command, timeout=1800, env={**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
+        )
         return measured, int(Path(anon.name).read_text() or 0) * 1024 / 1e6
 
 
@@ -98,12 +119,20 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fedbip-to-lora-"))
     base, clients, largest = write_models(work, args.clients, args.hidden)
     size = sum(f.stat().st_size for f in clients.rglob("*.safetensors"))
-    print(f"{args.clients} checkpoints of {size / args.clients / 1e6:.0f} MB (float32); largest linear weight {largest:,} elements")
-    print(f"K + 3 float64-equivalent copies of it: {(args.clients * 4 + 3 * 8) * largest / 1e6:.0f} MB; 2K float64: {2 * args.clients * 8 * largest / 1e6:.0f} MB\n")
+    print(
+        f"{args.clients} checkpoints of {size / args.clients / 1e6:.0f} MB (float32); largest linear weight {largest:,} elements"
+    )
+    print(
+        f"K + 3 float64-equivalent copies of it: {(args.clients * 4 + 3 * 8) * largest / 1e6:.0f} MB; 2K float64: {2 * args.clients * 8 * largest / 1e6:.0f} MB\n"
+    )
     rows = [("this checkout", measure_merge(ROOT, base, clients, work / "out", args.rank))]
     if args.ref:
         tree = work / "ref"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.ref], check=True, capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.ref],
+            check=True,
+            capture_output=True,
+        )
         try:
             rows.append((f"commit {args.ref}", measure_merge(tree, base, clients, work / "out-ref", args.rank)))
         finally:

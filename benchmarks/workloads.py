@@ -101,26 +101,92 @@ LLAMA_ALL = (*LLAMA_ATTN, "gate_proj", "up_proj", "down_proj")
 MINILM = ("query", "value")
 
 WORKLOADS = {
-    "7b-attn": Workload("7b-attn", "llama", 32, 32, LLAMA_ATTN, 16, 4096, 11008, clusters=4,
-                        check_targets=("q_proj",), check_clients=2, similarity_check=4),
-    "7b-all-linear": Workload("7b-all-linear", "llama", 8, 32, LLAMA_ALL, 16, 4096, 11008, clusters=4,
-                              check_targets=("q_proj", "gate_proj", "down_proj"), check_clients=1, similarity_check=4),
-    "many-clients": Workload("many-clients", "bert", 1000, 6, MINILM, 8, 384, clusters=8,
-                             check_targets=("query",), check_clients=5, similarity_check=50),
-    "huge-k": Workload("huge-k", "bert", 10_000, 6, MINILM, 8, 384, clusters=8, similarity_only=True,
-                       peft=False, sketch=True, similarity_check=50),
+    "7b-attn": Workload(
+        "7b-attn",
+        "llama",
+        32,
+        32,
+        LLAMA_ATTN,
+        16,
+        4096,
+        11008,
+        clusters=4,
+        check_targets=("q_proj",),
+        check_clients=2,
+        similarity_check=4,
+    ),
+    "7b-all-linear": Workload(
+        "7b-all-linear",
+        "llama",
+        8,
+        32,
+        LLAMA_ALL,
+        16,
+        4096,
+        11008,
+        clusters=4,
+        check_targets=("q_proj", "gate_proj", "down_proj"),
+        check_clients=1,
+        similarity_check=4,
+    ),
+    "many-clients": Workload(
+        "many-clients",
+        "bert",
+        1000,
+        6,
+        MINILM,
+        8,
+        384,
+        clusters=8,
+        check_targets=("query",),
+        check_clients=5,
+        similarity_check=50,
+    ),
+    "huge-k": Workload(
+        "huge-k",
+        "bert",
+        10_000,
+        6,
+        MINILM,
+        8,
+        384,
+        clusters=8,
+        similarity_only=True,
+        peft=False,
+        sketch=True,
+        similarity_check=50,
+    ),
     # Not an issue workload: the end-to-end test's (3 clients, 2 blocks, width 32).
-    "tiny": Workload("tiny", "llama", 3, 2, ("q_proj", "v_proj"), 4, 32, 64, clusters=2,
-                     check_targets=("q_proj",), check_clients=3, similarity_check=3),
+    "tiny": Workload(
+        "tiny",
+        "llama",
+        3,
+        2,
+        ("q_proj", "v_proj"),
+        4,
+        32,
+        64,
+        clusters=2,
+        check_targets=("q_proj",),
+        check_clients=3,
+        similarity_check=3,
+    ),
 }
 DEFAULT_WORKLOADS = ("7b-attn", "7b-all-linear", "many-clients", "huge-k")
 
 # QUICK sizes: what each workload keeps of the issue's shape (widths, ranks and clients per
 # cluster are the real ones; blocks and clients are fewer), so that a QUICK run takes a few minutes.
 QUICK = {
-    "7b-attn": dict(blocks=1, check_clients=1, check_layerwise=False, note="1 of 32 blocks; layer-wise output not checked"),
-    "7b-all-linear": dict(blocks=1, check_targets=(), peft=False, similarity_check=2,
-                          note="1 of 32 blocks; no peft or dense merge (7b-attn has them at width 4096)"),
+    "7b-attn": dict(
+        blocks=1, check_clients=1, check_layerwise=False, note="1 of 32 blocks; layer-wise output not checked"
+    ),
+    "7b-all-linear": dict(
+        blocks=1,
+        check_targets=(),
+        peft=False,
+        similarity_check=2,
+        note="1 of 32 blocks; no peft or dense merge (7b-attn has them at width 4096)",
+    ),
     "many-clients": dict(clients=200, check_clients=2, note="200 of 1000 clients"),
     "huge-k": dict(clients=1000, note="1000 of 10 000 clients"),
     "tiny": {},
@@ -169,8 +235,14 @@ def write_clients(wl: Workload, seed: int, directory: Path) -> None:
             a_c, b_c = _factors(_seed(seed, "centre", cluster, m), out_f, in_f, wl.rank, 1.0)
             a_n, b_n = _factors(_seed(seed, "noise", index, m), out_f, in_f, wl.rank, NOISE)
             factors[name] = (a_c + a_n, b_c + b_n)
-        write_lora_adapter(directory / client, factors, r=wl.rank, lora_alpha=2 * wl.rank,
-                           target_modules=wl.targets, dtype=torch.float16)
+        write_lora_adapter(
+            directory / client,
+            factors,
+            r=wl.rank,
+            lora_alpha=2 * wl.rank,
+            target_modules=wl.targets,
+            dtype=torch.float16,
+        )
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,9 @@ class FactorReader:
         return b, a
 
 
-def read_module(adapters: Sequence[Adapter], module: str, reader: FactorReader) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+def read_module(
+    adapters: Sequence[Adapter], module: str, reader: FactorReader
+) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """Each adapter's stored ``(B, A)`` at ``module`` (None where it does not target it), checked at once.
 
     The check is one float64 sum per tensor (finite factors of any float dtype cannot overflow it;
@@ -159,12 +161,20 @@ def _factor_places(adapter: Adapter) -> dict[str, tuple[tuple[torch.dtype, list[
     places = {}
     for module in adapter.modules:
         entries = [header[f"{adapter._prefix}{module}.lora_{which}.weight"] for which in "AB"]
-        places[module] = tuple((FLOAT_DTYPES[e["dtype"]], e["shape"], 8 + size + e["data_offsets"][0], 8 + size + e["data_offsets"][1]) for e in entries)
+        places[module] = tuple(
+            (FLOAT_DTYPES[e["dtype"]], e["shape"], 8 + size + e["data_offsets"][0], 8 + size + e["data_offsets"][1])
+            for e in entries
+        )
     return places
 
 
 def scaled_factors(
-    b: torch.Tensor, a: torch.Tensor, scale: float, *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
+    b: torch.Tensor,
+    a: torch.Tensor,
+    scale: float,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale · B, A)`` in ``dtype`` on ``device``, from the stored factors."""
     return b.to(device=device, dtype=dtype) * scale, a.to(device=device, dtype=dtype)
@@ -188,7 +198,9 @@ def load_adapter(source: ResolvedSource) -> Adapter:
     prefix = KEY_PREFIX if all(k.startswith(KEY_PREFIX) for k in shapes) else ""
     modules = _parse_modules(shapes, dtypes, prefix, config, weights)
     if not modules:
-        raise AdapterError("no LoRA tensors (*.lora_A.weight / *.lora_B.weight) found", where=str(weights), hint=SUPPORTED)
+        raise AdapterError(
+            "no LoRA tensors (*.lora_A.weight / *.lora_B.weight) found", where=str(weights), hint=SUPPORTED
+        )
     return Adapter(
         name=source.name,
         source=source,
@@ -212,11 +224,17 @@ def file_sha256(path: Path) -> str:
 
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise AdapterError(f"{CONFIG_NAME} is missing", where=str(path.parent), hint="point at a PEFT adapter directory (as written by save_pretrained)")
+        raise AdapterError(
+            f"{CONFIG_NAME} is missing",
+            where=str(path.parent),
+            hint="point at a PEFT adapter directory (as written by save_pretrained)",
+        )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"cannot read {CONFIG_NAME}: {exc}", where=str(path), hint="the file must be valid JSON as written by peft") from None
+        raise AdapterError(
+            f"cannot read {CONFIG_NAME}: {exc}", where=str(path), hint="the file must be valid JSON as written by peft"
+        ) from None
     if not isinstance(config, dict):
         raise AdapterError("expected a JSON object", where=str(path), hint="the file must be a PEFT adapter config")
     return config
@@ -232,7 +250,11 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
     if config.get("lora_bias"):
         raise AdapterError("LoRA bias (lora_bias: true) is not supported", where=where, hint=SUPPORTED)
     if config.get("bias", "none") != "none":
-        raise AdapterError(f"bias {config.get('bias')!r} is not supported (trained biases are not a low-rank delta)", where=where, hint=SUPPORTED)
+        raise AdapterError(
+            f"bias {config.get('bias')!r} is not supported (trained biases are not a low-rank delta)",
+            where=where,
+            hint=SUPPORTED,
+        )
     r = config.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise AdapterError(f"lora rank r={r!r} in {CONFIG_NAME}; expected a positive integer", where=where)
@@ -282,7 +304,7 @@ def _parse_modules(
         for marker, problem in _UNSUPPORTED_TENSORS:
             if marker in key:
                 raise AdapterError(f"{problem} (tensor {key})", where=where, hint=SUPPORTED)
-        match = _FACTOR_RE.match(key[len(prefix):])
+        match = _FACTOR_RE.match(key[len(prefix) :])
         if match is None:
             if key.endswith(".lora_B.bias"):
                 raise AdapterError(f"LoRA bias is not supported (tensor {key})", where=where, hint=SUPPORTED)
@@ -298,7 +320,9 @@ def _parse_modules(
         pair = factors[name]
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
-            raise AdapterError(f"{name} has no {missing}.weight", where=where, hint="the adapter file is incomplete; re-save it")
+            raise AdapterError(
+                f"{name} has no {missing}.weight", where=where, hint="the adapter file is incomplete; re-save it"
+            )
         a_shape, b_shape = shapes[pair["A"]], shapes[pair["B"]]
         if len(a_shape) != 2 or len(b_shape) != 2:
             raise AdapterError(
@@ -324,7 +348,9 @@ def _parse_modules(
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         dtype_name = dtypes[pair["A"]]
         if dtype_name not in FLOAT_DTYPES or dtypes[pair["B"]] not in FLOAT_DTYPES:
-            raise AdapterError(f"{name}: unsupported dtype {dtype_name}", where=where, hint="use float32, float16 or bfloat16 weights")
+            raise AdapterError(
+                f"{name}: unsupported dtype {dtype_name}", where=where, hint="use float32, float16 or bfloat16 weights"
+            )
         modules[name] = LoraModule(name, rank, float(scale), b_shape[0], a_shape[1], FLOAT_DTYPES[dtype_name])
     return modules
 
@@ -367,7 +393,9 @@ def write_config(directory: Path, config: dict[str, Any]) -> None:
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def write_adapter(directory: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], config: dict[str, Any], dtype: torch.dtype) -> None:
+def write_adapter(
+    directory: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], config: dict[str, Any], dtype: torch.dtype
+) -> None:
     """Write a PEFT adapter (config + safetensors) whose modules have scale 1: ΔW = B @ A.
 
     ``factors`` maps module name to ``(B, A)``; see ``merged_config`` for the config.
@@ -393,7 +421,9 @@ class StreamingAdapterWriter:
     hashed on the way. safetensors readers take tensors in any order of the data section.
     """
 
-    def __init__(self, path: Path, ranks: dict[str, int], shapes: dict[str, tuple[int, int]], dtype: torch.dtype) -> None:
+    def __init__(
+        self, path: Path, ranks: dict[str, int], shapes: dict[str, tuple[int, int]], dtype: torch.dtype
+    ) -> None:
         self.path = path
         self.dtype = dtype
         itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -425,7 +455,9 @@ class StreamingAdapterWriter:
         for which, tensor in (("A", a), ("B", b)):
             name, shape = self._expected[self._next]
             if name != f"{KEY_PREFIX}{module}.lora_{which}.weight" or list(tensor.shape) != shape:
-                raise RuntimeError(f"{self.path}: expected {name} {shape}, got {module}.lora_{which} {list(tensor.shape)}")
+                raise RuntimeError(
+                    f"{self.path}: expected {name} {shape}, got {module}.lora_{which} {list(tensor.shape)}"
+                )
             data = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
             self._append(data.reshape(-1).view(torch.uint8).numpy().tobytes())
             self._next += 1
@@ -445,14 +477,22 @@ def check_against_base(adapters: list[Adapter], base: ModelShapes) -> None:
     shapes = base.shapes
     for adapter in adapters:
         for name, spec in adapter.modules.items():
-            expected = [spec.in_features, spec.out_features] if adapter.fan_in_fan_out else [spec.out_features, spec.in_features]
+            expected = (
+                [spec.in_features, spec.out_features]
+                if adapter.fan_in_fan_out
+                else [spec.out_features, spec.in_features]
+            )
             # Adapters trained on a task head (e.g. BertForSequenceClassification) carry a prefix
             # ("bert.") that a bare base checkpoint lacks, and the reverse: match on the name's tail.
             found = [
                 key
                 for key in shapes
                 if key.endswith(".weight")
-                and (key[: -len(".weight")] == name or name.endswith("." + key[: -len(".weight")]) or key[: -len(".weight")].endswith("." + name))
+                and (
+                    key[: -len(".weight")] == name
+                    or name.endswith("." + key[: -len(".weight")])
+                    or key[: -len(".weight")].endswith("." + name)
+                )
             ]
             if not found:
                 raise AdapterError(

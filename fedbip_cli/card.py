@@ -78,7 +78,9 @@ def model_card(record: dict[str, Any], client: str, declared_base: str | None = 
         f"- combine: {record['combine']}" + (f" at rank {record['rank']}" if record["rank"] is not None else ""),
         f"- energy kept: {'all (the merge is exact)' if checkpoint else _energy_line(record['energy_kept'][client])}",
         *(
-            [f"- share of the whole delta's energy in this adapter: {record['to_lora']['delta_energy_kept'][client]:.4f}"]
+            [
+                f"- share of the whole delta's energy in this adapter: {record['to_lora']['delta_energy_kept'][client]:.4f}"
+            ]
             if full and not checkpoint
             else []
         ),
@@ -89,7 +91,10 @@ def model_card(record: dict[str, Any], client: str, declared_base: str | None = 
         "",
         "| group | weights |",
         "|---|---|",
-        *(f"| {name} | {_weights_cell(record['clients'], group['weights'][index])} |" for name, group in record["groups"].items()),
+        *(
+            f"| {name} | {_weights_cell(record['clients'], group['weights'][index])} |"
+            for name, group in record["groups"].items()
+        ),
         "",
         "## Nearest neighbours",
         "",
@@ -186,6 +191,8 @@ def _neighbours_line(record: dict[str, Any], index: int) -> str:
     if not near:
         return "None (a single client)."
     over = "" if rows.shape[0] == 1 else f" (mean cosine over the {rows.shape[0]} groups)"
-    return f"By cosine similarity of task vectors{over}: " + ", ".join(
-        f"{record['clients'][j]} {value:.4f}" for j, value in near
-    ) + "."
+    return (
+        f"By cosine similarity of task vectors{over}: "
+        + ", ".join(f"{record['clients'][j]} {value:.4f}" for j, value in near)
+        + "."
+    )

@@ -115,7 +115,9 @@ def load_checkpoint(source: ResolvedSource, *, hashed: bool = True) -> Checkpoin
         for name, shape in shapes.items():
             if name in tensors:
                 raise AdapterError(
-                    f"tensor {name} is stored twice (also in {tensors[name].file.name})", where=str(path), hint=SUPPORTED
+                    f"tensor {name} is stored twice (also in {tensors[name].file.name})",
+                    where=str(path),
+                    hint=SUPPORTED,
                 )
             tensors[name] = _spec(name, shape, dtypes[name], path)
     if weight_map is not None:
@@ -129,7 +131,10 @@ def header_checkpoint(source: ResolvedSource, shapes: ModelShapes) -> Checkpoint
     """A checkpoint known from its safetensors headers alone (``sources.model_shapes``): for a dry
     run, whose Hub checkpoints' weights are not fetched. Its tensors cannot be read."""
     directory = shapes.directory or source.path
-    tensors = {name: _spec(name, shape, shapes.dtypes[name], directory / shapes.files[name]) for name, shape in shapes.shapes.items()}
+    tensors = {
+        name: _spec(name, shape, shapes.dtypes[name], directory / shapes.files[name])
+        for name, shape in shapes.shapes.items()
+    }
     if not tensors:
         raise AdapterError("the weights hold no tensors", where=shapes.where, hint=SUPPORTED)
     return Checkpoint(source.name, source, tensors, {f: "" for f in sorted(set(shapes.files.values()))})
@@ -153,7 +158,8 @@ def _weight_files(directory: Path, weight_map: dict[str, str] | None) -> list[st
         missing = [f for f in files if not (directory / f).is_file()]
         if missing:
             raise AdapterError(
-                f"{INDEX_NAME} lists {missing[0]}, which is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+                f"{INDEX_NAME} lists {missing[0]}, which is missing"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
                 where=str(directory),
                 hint="the download is incomplete; fetch every shard again",
             )
@@ -191,7 +197,9 @@ def _check_index(path: Path, weight_map: dict[str, str], tensors: dict[str, Tens
     """Every tensor the index names must be in the shard it names, and every stored tensor indexed."""
     for name, file in sorted(weight_map.items()):
         if name not in tensors or tensors[name].file != path.parent / file:
-            raise AdapterError(f"{INDEX_NAME} puts tensor {name} in {file}, which does not hold it", where=str(path), hint=SUPPORTED)
+            raise AdapterError(
+                f"{INDEX_NAME} puts tensor {name} in {file}, which does not hold it", where=str(path), hint=SUPPORTED
+            )
     unindexed = sorted(set(tensors) - set(weight_map))
     if unindexed:
         raise AdapterError(

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -44,20 +44,34 @@ SOURCES_HELP = (
     "@FILE (one source a line), or hf://owner/repo\\[@revision]\\[/subfolder]."
 )
 Sources = Annotated[list[str], typer.Argument(help=SOURCES_HELP, show_default=False)]
-Layerwise = Annotated[bool, typer.Option("--layerwise", help="One similarity per transformer block (FedBip-L); same as --granularity block.")]
-Granularity = Annotated[Optional[str], typer.Option("--granularity", help="model (default), block or module.", show_default=False)]
+Layerwise = Annotated[
+    bool,
+    typer.Option("--layerwise", help="One similarity per transformer block (FedBip-L); same as --granularity block."),
+]
+Granularity = Annotated[
+    str | None, typer.Option("--granularity", help="model (default), block or module.", show_default=False)
+]
 Base = Annotated[
-    Optional[str],
-    typer.Option("--base", help="Base model (directory or hf://): adapters are checked against it; full checkpoints need it (ΔW = W - W_base)."),
+    str | None,
+    typer.Option(
+        "--base",
+        help="Base model (directory or hf://): adapters are checked against it; full checkpoints need it (ΔW = W - W_base).",
+    ),
 ]
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
 CacheDir = Annotated[
-    Optional[Path],
-    typer.Option("--cache", help="Inner-product cache directory (default: $XDG_CACHE_HOME/fedbip, else ~/.cache/fedbip).", show_default=False),
+    Path | None,
+    typer.Option(
+        "--cache",
+        help="Inner-product cache directory (default: $XDG_CACHE_HOME/fedbip, else ~/.cache/fedbip).",
+        show_default=False,
+    ),
 ]
-NoCache = Annotated[bool, typer.Option("--no-cache", help="Keep no inner products between runs (the results are the same).")]
+NoCache = Annotated[
+    bool, typer.Option("--no-cache", help="Keep no inner products between runs (the results are the same).")
+]
 Similarity = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--similarity",
         help="exact (factor space, the default) or sketch: seeded random sketches whose Gram costs K²·M²/2 per module, "
@@ -66,7 +80,7 @@ Similarity = Annotated[
     ),
 ]
 SketchDim = Annotated[
-    Optional[int],
+    int | None,
     typer.Option(
         "--sketch-dim",
         help=f"With --similarity sketch: each module's ΔW is reduced to M×M numbers, 1 to {MAX_DIM} (default {DEFAULT_DIM}). "
@@ -78,8 +92,12 @@ SketchDim = Annotated[
     ),
 ]
 SketchSeed = Annotated[
-    Optional[int],
-    typer.Option("--sketch-seed", help="With --similarity sketch: the seed of the random projections (default 0); the same seed gives the same bits.", show_default=False),
+    int | None,
+    typer.Option(
+        "--sketch-seed",
+        help="With --similarity sketch: the seed of the random projections (default 0); the same seed gives the same bits.",
+        show_default=False,
+    ),
 ]
 
 
@@ -91,7 +109,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_callback(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
 ) -> None:
     """Compare many LoRA adapters of one base model and merge one personalized adapter per client."""
 
@@ -172,42 +192,107 @@ MERGE_EPILOG = """[b]Examples[/b]
 
 @app.command(epilog=MERGE_EPILOG)
 def merge(
-    sources: Annotated[Optional[list[str]], typer.Argument(help=SOURCES_HELP + " May come from --config instead.", show_default=False)] = None,
-    config: Annotated[
-        Optional[Path],
-        typer.Option("--config", "-c", help="TOML (or YAML: *.yaml, *.yml) file with sources and any option below (relative paths from its directory); the command line overrides it.", show_default=False),
+    sources: Annotated[
+        list[str] | None, typer.Argument(help=SOURCES_HELP + " May come from --config instead.", show_default=False)
     ] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory: one PEFT adapter (full checkpoints: one checkpoint, or adapter with --to-lora) and model card per client, plus fedbip-manifest.json.", show_default=False)] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="TOML (or YAML: *.yaml, *.yml) file with sources and any option below (relative paths from its directory); the command line overrides it.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output directory: one PEFT adapter (full checkpoints: one checkpoint, or adapter with --to-lora) and model card per client, plus fedbip-manifest.json.",
+            show_default=False,
+        ),
+    ] = None,
     base: Base = None,
     layerwise: Layerwise = False,
     granularity: Granularity = None,
-    weighting: Annotated[Optional[str], typer.Option(help="paper (S⁺ normalised per row, default) or softmax.", show_default=False)] = None,
-    negative: Annotated[Optional[str], typer.Option(help="clip (negatively similar clients get weight 0, default) or keep.", show_default=False)] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Softmax temperature (with --weighting softmax; default 1).", show_default=False)] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep each client and its K-1 nearest neighbours.", show_default=False)] = None,
-    combine: Annotated[
-        Optional[str],
-        typer.Option(help="svd: exact merge truncated to --rank (default); cat: exact, rank = sum of ranks; linear: A and B averaged separately (FedIT-style, inexact, equal ranks only).", show_default=False),
+    weighting: Annotated[
+        str | None, typer.Option(help="paper (S⁺ normalised per row, default) or softmax.", show_default=False)
     ] = None,
-    rank: Annotated[Optional[int], typer.Option(help="Output rank for svd (default: the largest input rank).", show_default=False)] = None,
+    negative: Annotated[
+        str | None,
+        typer.Option(help="clip (negatively similar clients get weight 0, default) or keep.", show_default=False),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(help="Softmax temperature (with --weighting softmax; default 1).", show_default=False),
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option("--top-k", help="Keep each client and its K-1 nearest neighbours.", show_default=False),
+    ] = None,
+    combine: Annotated[
+        str | None,
+        typer.Option(
+            help="svd: exact merge truncated to --rank (default); cat: exact, rank = sum of ranks; linear: A and B averaged separately (FedIT-style, inexact, equal ranks only).",
+            show_default=False,
+        ),
+    ] = None,
+    rank: Annotated[
+        int | None, typer.Option(help="Output rank for svd (default: the largest input rank).", show_default=False)
+    ] = None,
     to_lora: Annotated[
-        Optional[int],
-        typer.Option("--to-lora", help="Full checkpoints: write a rank-R PEFT adapter of each personalized delta (linear layers) instead of checkpoints.", show_default=False),
+        int | None,
+        typer.Option(
+            "--to-lora",
+            help="Full checkpoints: write a rank-R PEFT adapter of each personalized delta (linear layers) instead of checkpoints.",
+            show_default=False,
+        ),
     ] = None,
     max_shard_size: Annotated[
-        Optional[str],
-        typer.Option("--max-shard-size", help=f"Full checkpoints: the largest output shard (2GB = 2·10⁹ bytes, 500MiB, ...; default {pipeline.DEFAULT_MAX_SHARD_SIZE}).", show_default=False),
+        str | None,
+        typer.Option(
+            "--max-shard-size",
+            help=f"Full checkpoints: the largest output shard (2GB = 2·10⁹ bytes, 500MiB, ...; default {pipeline.DEFAULT_MAX_SHARD_SIZE}).",
+            show_default=False,
+        ),
     ] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto (CUDA when available, default), cpu or cuda.", show_default=False)] = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="auto (CUDA when available, default), cpu or cuda.", show_default=False),
+    ] = None,
     similarity: Similarity = None,
     sketch_dim: SketchDim = None,
     sketch_seed: SketchSeed = None,
-    overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace a non-empty --out.", show_default=False)] = None,
-    lock: Annotated[Optional[Path], typer.Option("--lock", help="Lock file: written after the merge with the commit or sha256 every source resolved to.", show_default=False)] = None,
-    locked: Annotated[Optional[bool], typer.Option("--locked/--no-locked", help="Refuse to run if any source resolves differently from --lock (which is then not rewritten).", show_default=False)] = None,
+    overwrite: Annotated[
+        bool | None,
+        typer.Option("--overwrite/--no-overwrite", help="Replace a non-empty --out.", show_default=False),
+    ] = None,
+    lock: Annotated[
+        Path | None,
+        typer.Option(
+            "--lock",
+            help="Lock file: written after the merge with the commit or sha256 every source resolved to.",
+            show_default=False,
+        ),
+    ] = None,
+    locked: Annotated[
+        bool | None,
+        typer.Option(
+            "--locked/--no-locked",
+            help="Refuse to run if any source resolves differently from --lock (which is then not rewritten).",
+            show_default=False,
+        ),
+    ] = None,
     cache: CacheDir = None,
     no_cache: NoCache = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve (Hub revisions to commits) and validate every source, the base, the lock and --out; print the plan; compute nothing.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Resolve (Hub revisions to commits) and validate every source, the base, the lock and --out; print the plan; compute nothing.",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
 ) -> None:
     """Write one personalized merged adapter (or full checkpoint) per client."""
@@ -245,11 +330,18 @@ def merge(
         )
         if dry_run:
             the_plan = pipeline.plan(workspace, settings.options, settings.out, overwrite=settings.overwrite)
-            _print_json({"dry_run": True, **the_plan}) if as_json else _stdout().print(report.plan_table(the_plan, settings.out))
+            _print_json({"dry_run": True, **the_plan}) if as_json else _stdout().print(
+                report.plan_table(the_plan, settings.out)
+            )
             return
         with InnerProductCache(settings.cache) as inner_cache, _progress(not as_json) as progress:
             result = pipeline.merge(
-                workspace, settings.options, settings.out, overwrite=settings.overwrite, progress=progress, cache=inner_cache
+                workspace,
+                settings.options,
+                settings.out,
+                overwrite=settings.overwrite,
+                progress=progress,
+                cache=inner_cache,
             )
     if as_json:
         _print_json(
@@ -286,10 +378,17 @@ def inspect_similarity(
     layerwise: Layerwise = False,
     granularity: Granularity = None,
     output_format: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
-    heatmap: Annotated[Optional[Path], typer.Option("--heatmap", help="Also write a heatmap PNG (one panel per group).", show_default=False)] = None,
+    heatmap: Annotated[
+        Path | None,
+        typer.Option("--heatmap", help="Also write a heatmap PNG (one panel per group).", show_default=False),
+    ] = None,
     matrix: Annotated[
-        Optional[Path],
-        typer.Option("--matrix", help="Also write each group's K x K similarity (float64) to this safetensors file; --format json then leaves the matrices out.", show_default=False),
+        Path | None,
+        typer.Option(
+            "--matrix",
+            help="Also write each group's K x K similarity (float64) to this safetensors file; --format json then leaves the matrices out.",
+            show_default=False,
+        ),
     ] = None,
     neighbours: Annotated[int, typer.Option(help="Nearest neighbours to list per client.")] = 3,
     device: Device = "auto",
@@ -351,15 +450,44 @@ SIMULATE_EPILOG = """[b]Examples[/b]
 def simulate(
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 50,
     clients: Annotated[int, typer.Option(help="Number of clients (ignored with --data).")] = 10,
-    strategy: Annotated[str, typer.Option(help="fedbip, fedbip-layerwise, fedavg, local, oracle, or the variants fedbip-cumulative, fedbip-layerwise-cumulative (similarity of whole trajectories).")] = "fedbip",
-    compare: Annotated[Optional[str], typer.Option(help="Comma-separated strategies run on identical data, seeds and initial adapter.", show_default=False)] = None,
-    partition: Annotated[str, typer.Option(help="tasks (conflicting task groups) or dirichlet (label skew on one task).")] = "tasks",
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="fedbip, fedbip-layerwise, fedavg, local, oracle, or the variants fedbip-cumulative, fedbip-layerwise-cumulative (similarity of whole trajectories)."
+        ),
+    ] = "fedbip",
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated strategies run on identical data, seeds and initial adapter.", show_default=False
+        ),
+    ] = None,
+    partition: Annotated[
+        str, typer.Option(help="tasks (conflicting task groups) or dirichlet (label skew on one task).")
+    ] = "tasks",
     groups: Annotated[int, typer.Option(help="Task groups for --partition tasks.")] = 3,
-    alpha: Annotated[Optional[float], typer.Option(help="Dirichlet concentration (default 1.0 within task groups, 0.1 for dirichlet).", show_default=False)] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Your own clients: DIR/<client>.jsonl or .csv with text and label.", show_default=False)] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            help="Dirichlet concentration (default 1.0 within task groups, 0.1 for dirichlet).", show_default=False
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Your own clients: DIR/<client>.jsonl or .csv with text and label.", show_default=False),
+    ] = None,
     max_examples: Annotated[int, typer.Option(help="Sentences of the embedded data used in all (0 = all).")] = 6000,
-    model: Annotated[Optional[str], typer.Option(help="A local Hugging Face encoder directory or hf:// reference (default: the embedded all-MiniLM-L6-v2).", show_default=False)] = None,
-    num_layers: Annotated[Optional[int], typer.Option(help="Keep only the first N encoder layers (quick experiments).", show_default=False)] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="A local Hugging Face encoder directory or hf:// reference (default: the embedded all-MiniLM-L6-v2).",
+            show_default=False,
+        ),
+    ] = None,
+    num_layers: Annotated[
+        int | None,
+        typer.Option(help="Keep only the first N encoder layers (quick experiments).", show_default=False),
+    ] = None,
     target_modules: Annotated[str, typer.Option(help="Comma-separated LoRA target modules.")] = "query,value",
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
     local_steps: Annotated[int, typer.Option(help="Local optimizer steps per round.")] = 4,
@@ -373,7 +501,9 @@ def simulate(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete round in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
     device: Device = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print summary.json on stdout; no progress or round lines.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print summary.json on stdout; no progress or round lines.")
+    ] = False,
 ) -> None:
     """Run federated LoRA fine-tuning rounds on non-IID data with FedBip or a baseline."""
     from fedbip_cli.simulate.loop import SimulationConfig
@@ -407,7 +537,9 @@ def simulate(
                 _stderr().print(f"{name:<17} round {round_:>3}/{rounds}  mean accuracy {accuracy:.4f}", highlight=False)
 
         with _progress(not as_json) as progress:
-            result = run_simulation(config, out, resume=resume, overwrite=overwrite, device=device, progress=progress, round_done=round_line)
+            result = run_simulation(
+                config, out, resume=resume, overwrite=overwrite, device=device, progress=progress, round_done=round_line
+            )
     if as_json:
         _print_json(result.summary)
     else:

@@ -27,7 +27,9 @@ def pinned_sources(resolved: Sequence[tuple[str, Sequence[ResolvedSource]]], bas
     pinned: list[str] = []
     for spec, group in resolved:
         if spec.startswith("@"):
-            pinned += [pinned_spec(s.origin, s.revision) if s.origin.startswith(HUB_PREFIX) else s.origin for s in group]
+            pinned += [
+                pinned_spec(s.origin, s.revision) if s.origin.startswith(HUB_PREFIX) else s.origin for s in group
+            ]
         else:
             pinned.append(pinned_spec(spec, group[0].revision if group else None, base_dir=base_dir))
     return pinned

@@ -54,7 +54,10 @@ def _number(value: Any) -> bool:
 
 # Every key a config file may hold: the check of its TOML type, and that type in words.
 KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "sources": (lambda v: isinstance(v, list) and all(map(_text, v)), 'a list of non-empty strings, e.g. ["adapters/"]'),
+    "sources": (
+        lambda v: isinstance(v, list) and all(map(_text, v)),
+        'a list of non-empty strings, e.g. ["adapters/"]',
+    ),
     "out": (_text, "a directory (string)"),
     "base": (_text, "a model directory or hf:// reference (string)"),
     "layerwise": (_flag, "true or false"),
@@ -69,8 +72,8 @@ KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_shard_size": (_text, 'a size (string), e.g. "5GB"'),
     "device": (_text, "a string"),
     "similarity": (_text, 'a string ("exact" or "sketch")'),
-    "sketch_dim": (_integer, "an integer (with similarity = \"sketch\")"),
-    "sketch_seed": (_integer, "an integer (with similarity = \"sketch\")"),
+    "sketch_dim": (_integer, 'an integer (with similarity = "sketch")'),
+    "sketch_seed": (_integer, 'an integer (with similarity = "sketch")'),
     "overwrite": (_flag, "true or false"),
     "lock": (_text, "a file (string)"),
     "locked": (_flag, "true or false"),
@@ -78,7 +81,17 @@ KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 _WEIGHT_KEYS = ("weighting", "negative", "temperature", "top_k")
 _HINT = "keys are the options of `fedbip merge --help` with '_' for '-'; its help lists the accepted values"
-_OPTION_KEYS = ("granularity", "combine", "rank", "to_lora", "max_shard_size", "device", "similarity", "sketch_dim", "sketch_seed")
+_OPTION_KEYS = (
+    "granularity",
+    "combine",
+    "rank",
+    "to_lora",
+    "max_shard_size",
+    "device",
+    "similarity",
+    "sketch_dim",
+    "sketch_seed",
+)
 # Checked on their own as options of a sketch; whether the method is one is checked once all layers are merged.
 _SKETCH_KEYS = ("sketch_dim", "sketch_seed")
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -117,7 +130,9 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UsageError("config file not found", where=where, hint="--config names a TOML file (or YAML: *.yaml, *.yml)") from None
+        raise UsageError(
+            "config file not found", where=where, hint="--config names a TOML file (or YAML: *.yaml, *.yml)"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read the config file: {exc}", where=where) from None
     data = _parse_yaml(text, where) if Path(path).suffix.lower() in YAML_SUFFIXES else _parse_toml(text, where)
@@ -154,7 +169,10 @@ class _YamlLoader(yaml.SafeLoader):
                 continue
             if (key.tag, key.value) in seen:
                 raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark, f"found duplicate key {key.value!r}", key.start_mark
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key.value!r}",
+                    key.start_mark,
                 )
             seen.add((key.tag, key.value))
         return super().construct_mapping(node, deep)
@@ -168,7 +186,9 @@ def _parse_yaml(text: str, where: str) -> dict[str, Any]:
     if data is None:  # an empty file
         return {}
     if not isinstance(data, dict):
-        raise UsageError(f"expected keys and values (a mapping) at the top level, found {_shown(data)}", where=where, hint=_HINT)
+        raise UsageError(
+            f"expected keys and values (a mapping) at the top level, found {_shown(data)}", where=where, hint=_HINT
+        )
     return data
 
 
@@ -183,7 +203,11 @@ def normalise(layer: Mapping[str, Any], where: str, hint: str | None = None) -> 
     values = dict(layer)
     if "layerwise" in values:
         if "granularity" in values:
-            raise UsageError("give layerwise or granularity, not both", where=where, hint="layerwise = true means granularity = \"block\"")
+            raise UsageError(
+                "give layerwise or granularity, not both",
+                where=where,
+                hint='layerwise = true means granularity = "block"',
+            )
         values["granularity"] = "block" if values.pop("layerwise") else "model"
     if "temperature" in values:
         values["temperature"] = float(values["temperature"])
@@ -223,9 +247,17 @@ def merge_settings(config: Path | None, given: Mapping[str, Any]) -> MergeSettin
     if not values.get("sources"):
         raise UsageError("no SOURCES given", where="fedbip merge", hint=hint)
     if values.get("out") is None:
-        raise UsageError("no output directory given", where="fedbip merge", hint="pass --out DIR, or set out = \"DIR\" in the config file")
+        raise UsageError(
+            "no output directory given",
+            where="fedbip merge",
+            hint='pass --out DIR, or set out = "DIR" in the config file',
+        )
     if values.get("locked") and values.get("lock") is None:
-        raise UsageError("--locked needs a lock file", where="fedbip merge", hint="pass --lock FILE, or set lock = \"FILE\" in the config file")
+        raise UsageError(
+            "--locked needs a lock file",
+            where="fedbip merge",
+            hint='pass --lock FILE, or set lock = "FILE" in the config file',
+        )
     cache = values.get("cache", True)
     return MergeSettings(
         sources=tuple(values["sources"]),

@@ -54,7 +54,9 @@ class OutputError(FedbipError):
 class CacheError(FedbipError):
     """The inner-product cache cannot be opened, read or written."""
 
-    default_hint = "delete the cache directory (it is rebuilt on the next run), choose another --cache, or pass --no-cache"
+    default_hint = (
+        "delete the cache directory (it is rebuilt on the next run), choose another --cache, or pass --no-cache"
+    )
 
 
 class LockError(FedbipError):

@@ -29,7 +29,14 @@ import torch
 from fedbip_cli import manifest
 from fedbip_cli.adapters import file_sha256, write_adapter
 from fedbip_cli.card import CARD_NAME, model_card
-from fedbip_cli.checkpoints import Checkpoint, TensorSpec, check_against_base, header_checkpoint, load_checkpoint, row_ranges
+from fedbip_cli.checkpoints import (
+    Checkpoint,
+    TensorSpec,
+    check_against_base,
+    header_checkpoint,
+    load_checkpoint,
+    row_ranges,
+)
 from fedbip_cli.errors import AdapterError, SourceError, UsageError
 from fedbip_cli.merge import weighted_sum
 from fedbip_cli.pipeline import LockState, MergeOptions, MergeResult, Progress, atomic_output, resolve_device
@@ -37,7 +44,15 @@ from fedbip_cli.shards import ShardedWriter, parse_size, plan_shards
 from fedbip_cli.similarity import SimilarityResult, checkpoint_inner_products, similarity_from_inner
 from fedbip_cli.sources import FULL, HUB_PREFIX, ResolvedSource, model_shapes, resolve_model_dir
 from fedbip_cli.taskvec import checkpoint_deltas, group_modules, natural_key, tensor_module
-from fedbip_cli.to_lora import OVERSAMPLE, POWER_ITERATIONS, SEED, LoraTarget, low_rank_factors, lora_targets, tensor_generator
+from fedbip_cli.to_lora import (
+    OVERSAMPLE,
+    POWER_ITERATIONS,
+    SEED,
+    LoraTarget,
+    lora_targets,
+    low_rank_factors,
+    tensor_generator,
+)
 from fedbip_cli.weights import personalized_weights
 
 # What a merged checkpoint takes from the base besides its weights, when the base has it.
@@ -100,22 +115,35 @@ def load_checkpoints(
         )
     directory = Path.cwd() if base_dir is None else Path(base_dir)
     if weights:
-        model_dir, revision = resolve_model_dir(base, allow_patterns=BASE_PATTERNS, base_dir=directory, revision=base_revision)
+        model_dir, revision = resolve_model_dir(
+            base, allow_patterns=BASE_PATTERNS, base_dir=directory, revision=base_revision
+        )
         base_checkpoint = load_checkpoint(ResolvedSource("base", model_dir, base, revision, FULL))
         checkpoints = [load_checkpoint(s) for s in sources]
     else:
         if base.startswith(HUB_PREFIX):
             base_checkpoint = _hub_headers("base", base, base_revision, directory)
         else:
-            base_checkpoint = load_checkpoint(ResolvedSource("base", resolve_model_dir(base, base_dir=directory)[0], base, None, FULL), hashed=False)
+            base_checkpoint = load_checkpoint(
+                ResolvedSource("base", resolve_model_dir(base, base_dir=directory)[0], base, None, FULL), hashed=False
+            )
         revision = base_checkpoint.source.revision
         checkpoints = [
-            _hub_headers(s.name, s.origin, s.revision, directory) if s.revision is not None else load_checkpoint(s, hashed=False)
+            _hub_headers(s.name, s.origin, s.revision, directory)
+            if s.revision is not None
+            else load_checkpoint(s, hashed=False)
             for s in sources
         ]
     check_against_base(checkpoints, base_checkpoint)
     return CheckpointWorkspace(
-        list(specs), list(sources), checkpoints, base_checkpoint, base, revision, base_dir=directory, resolved=list(resolved)
+        list(specs),
+        list(sources),
+        checkpoints,
+        base_checkpoint,
+        base,
+        revision,
+        base_dir=directory,
+        resolved=list(resolved),
     )
 
 
@@ -152,12 +180,19 @@ class CheckpointWorkspace:
         """The tensors that carry a task vector (the floating ones), in natural order."""
         return sorted((n for n, t in self.base_checkpoint.tensors.items() if t.floating), key=natural_key)
 
-    def inspect(self, *, granularity: str = "model", device: str = "auto", progress: Progress | None = None) -> SimilarityResult:
+    def inspect(
+        self, *, granularity: str = "model", device: str = "auto", progress: Progress | None = None
+    ) -> SimilarityResult:
         """Exact similarity of the checkpoints' task vectors at ``granularity`` (tensors grouped by module)."""
         groups = group_modules(self.tensors, granularity, module_of=tensor_module)
         advance = _start(progress, "similarity", len(self.tensors))
         inner = checkpoint_inner_products(
-            self.checkpoints, self.base_checkpoint, self.tensors, device=resolve_device(device), max_elements=self.chunk_elements, progress=advance
+            self.checkpoints,
+            self.base_checkpoint,
+            self.tensors,
+            device=resolve_device(device),
+            max_elements=self.chunk_elements,
+            progress=advance,
         )
         return similarity_from_inner(self.clients, granularity, groups, inner)
 
@@ -205,8 +240,12 @@ class CheckpointWorkspace:
         """Write one personalized checkpoint (or adapter, with ``to_lora``) per client into ``out``, and the manifest."""
         out = Path(out).absolute()
         with atomic_output(out, self, overwrite=overwrite) as tmp:
-            similarity = similarity or self.inspect(granularity=options.granularity, device=options.device, progress=progress)
-            weights = {name: personalized_weights(g.similarity, options.weights) for name, g in similarity.groups.items()}
+            similarity = similarity or self.inspect(
+                granularity=options.granularity, device=options.device, progress=progress
+            )
+            weights = {
+                name: personalized_weights(g.similarity, options.weights) for name, g in similarity.groups.items()
+            }
             rows = {t: weights[name] for name, g in similarity.groups.items() for t in g.modules}
             device = resolve_device(options.device)
             if options.to_lora is None:
@@ -218,7 +257,9 @@ class CheckpointWorkspace:
             record = self._manifest(options, similarity, weights, energy, lora_record, device)
             for client in self.clients:
                 (tmp / client / CARD_NAME).write_text(model_card(record, client), encoding="utf-8")
-                record["outputs"][client] = {f"{client}/{f.name}": file_sha256(f) for f in sorted((tmp / client).iterdir())}
+                record["outputs"][client] = {
+                    f"{client}/{f.name}": file_sha256(f) for f in sorted((tmp / client).iterdir())
+                }
             manifest.dump(record, tmp / manifest.MANIFEST_NAME)
         return MergeResult(similarity, weights, options.to_lora or 0, energy, out, record)
 
@@ -245,7 +286,9 @@ class CheckpointWorkspace:
                 if not spec.floating:
                     yield spec, self.base_checkpoint.read(spec.name, part), None
                     continue
-                base_rows, deltas = checkpoint_deltas(self.checkpoints, self.base_checkpoint, spec.name, part, device=device)
+                base_rows, deltas = checkpoint_deltas(
+                    self.checkpoints, self.base_checkpoint, spec.name, part, device=device
+                )
                 yield spec, base_rows, weighted_sum(deltas, rows[spec.name])
             advance(1)
 
@@ -262,7 +305,9 @@ class CheckpointWorkspace:
             merged = torch.zeros_like(base)
             for w, weight in zip(row, stored):
                 if w != 0.0:
-                    merged.add_(weight.to(torch.float64, copy=True).sub_(base), alpha=w)  # never the stored tensor itself
+                    merged.add_(
+                        weight.to(torch.float64, copy=True).sub_(base), alpha=w
+                    )  # never the stored tensor itself
             yield merged
 
     def _write_checkpoints(

@@ -55,15 +55,29 @@ class SplitColumns:
     def columns(self, index: slice) -> SplitColumns:
         if self.lo is not None:
             return SplitColumns(self.hi[:, index], self.lo[:, index])
-        first, last = torch.searchsorted(self.lo_columns, torch.tensor([index.start, index.stop], device=self.lo_columns.device)).tolist()
-        return SplitColumns(self.hi[:, index], None, self.lo_rows[first:last], self.lo_columns[first:last] - index.start, self.lo_values[first:last])
+        first, last = torch.searchsorted(
+            self.lo_columns, torch.tensor([index.start, index.stop], device=self.lo_columns.device)
+        ).tolist()
+        return SplitColumns(
+            self.hi[:, index],
+            None,
+            self.lo_rows[first:last],
+            self.lo_columns[first:last] - index.start,
+            self.lo_values[first:last],
+        )
 
     def lo_transposed_times(self, y: torch.Tensor) -> torch.Tensor:
         """``loᵀ @ y``: (n, m) for y (inner, m)."""
         if self.lo is not None:
             return self.lo.T @ y
         shape = (self.hi.shape[1], self.hi.shape[0])
-        sparse = torch.sparse_coo_tensor(torch.stack([self.lo_columns, self.lo_rows]), self.lo_values, shape, is_coalesced=True, check_invariants=False)
+        sparse = torch.sparse_coo_tensor(
+            torch.stack([self.lo_columns, self.lo_rows]),
+            self.lo_values,
+            shape,
+            is_coalesced=True,
+            check_invariants=False,
+        )
         return torch.sparse.mm(sparse, y)
 
 
@@ -113,7 +127,9 @@ class StackedFactors:
         return self.scales.shape[0]
 
 
-def stack_factors(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], scales: Sequence[float], *, device: torch.device | str = "cpu") -> StackedFactors:
+def stack_factors(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor]], scales: Sequence[float], *, device: torch.device | str = "cpu"
+) -> StackedFactors:
     """Stack stored (unscaled) ``(B, A)`` pairs, converted exactly to float64, padded to the largest rank."""
     rank = max(a.shape[0] for _, a in factors)
     out, inn = factors[0][0].shape[0], factors[0][1].shape[1]
@@ -123,7 +139,9 @@ def stack_factors(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], scales: 
         r = fa.shape[0]
         b[:, u * rank : u * rank + r] = fb.to(device=device, dtype=torch.float64)
         a[:, u * rank : u * rank + r] = fa.to(device=device, dtype=torch.float64).T
-    return StackedFactors(split_columns(b), split_columns(a), torch.tensor(list(scales), dtype=torch.float64, device=device), rank)
+    return StackedFactors(
+        split_columns(b), split_columns(a), torch.tensor(list(scales), dtype=torch.float64, device=device), rank
+    )
 
 
 def block_products(stacked: StackedFactors, rows: slice, columns: slice) -> torch.Tensor:

@@ -83,12 +83,18 @@ def read_lock(path: Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise LockError("no lock file here", where=str(path), hint="run once without --locked to create it, and commit it")
+        raise LockError(
+            "no lock file here", where=str(path), hint="run once without --locked to create it, and commit it"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LockError(f"cannot read the lock file: {exc}", where=str(path)) from None
-    if not isinstance(data, dict) or data.get("fedbip_lock") != LOCK_FORMAT or not isinstance(data.get("sources"), dict):
+    if (
+        not isinstance(data, dict)
+        or data.get("fedbip_lock") != LOCK_FORMAT
+        or not isinstance(data.get("sources"), dict)
+    ):
         raise LockError(f"not a fedbip lock file (format {LOCK_FORMAT})", where=str(path))
     return data
 
@@ -101,7 +107,11 @@ def write_lock(path: Path, record: dict[str, Any]) -> None:
         temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         os.replace(temporary, path)
     except OSError as exc:
-        raise LockError(f"cannot write the lock file: {exc.strerror}", where=str(path), hint="check the directory exists and is writable") from None
+        raise LockError(
+            f"cannot write the lock file: {exc.strerror}",
+            where=str(path),
+            hint="check the directory exists and is writable",
+        ) from None
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -139,7 +149,9 @@ def check_sources(expected: dict[str, Any], now: dict[str, Any], path: Path) -> 
             files = old.get("files") or {}
             for file in sorted(set(entry["files"]) | set(files)):
                 if entry["files"].get(file) != files.get(file):
-                    raise _moved(path, where, f"{file} has sha256 {entry['files'].get(file)}; {path} has {files.get(file)}")
+                    raise _moved(
+                        path, where, f"{file} has sha256 {entry['files'].get(file)}; {path} has {files.get(file)}"
+                    )
 
 
 def check_base(expected: dict[str, Any], now: dict[str, Any] | None, path: Path) -> None:

@@ -75,7 +75,9 @@ def merge_record(
         energy: client -> module -> energy kept.
         device: where the merge ran.
     """
-    command = reproducing_command(workspace, options.as_dict(), rank=rank if options.combine == "svd" else None, device=device)
+    command = reproducing_command(
+        workspace, options.as_dict(), rank=rank if options.combine == "svd" else None, device=device
+    )
     return {
         "fedbip_manifest": 1,
         "kind": LORA,
@@ -116,4 +118,6 @@ def reproducing_command(workspace: Any, options: dict[str, Any], *, rank: int | 
         device: where the merge ran.
     """
     base = pinned_spec(workspace.base, workspace.base_revision, base_dir=workspace.base_dir) if workspace.base else None
-    return merge_command(pinned_sources(workspace.resolved, workspace.base_dir), options, base=base, rank=rank, device=device.type)
+    return merge_command(
+        pinned_sources(workspace.resolved, workspace.base_dir), options, base=base, rank=rank, device=device.type
+    )

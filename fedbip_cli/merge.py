@@ -194,7 +194,9 @@ def orthonormal(y: torch.Tensor) -> torch.Tensor:
     return q
 
 
-def top_singular(cores: torch.Tensor, keep: int, *, solver: str, generator_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_singular(
+    cores: torch.Tensor, keep: int, *, solver: str, generator_seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``keep`` largest singular triplets of each matrix of ``cores`` (c, p, q): U, σ, Vᵀ.
 
     ``exact`` is a full batched SVD; ``randomized`` a subspace iteration with ``OVERSAMPLE`` extra
@@ -300,8 +302,12 @@ def merge_module_svd(
         root = sigma.clamp(min=0).sqrt()
         # One product per side for the whole chunk: Q_B (U √σ) and Q_A (V √σ), clients side by side.
         width = u.shape[2]
-        new_bs = left.apply((u * root[:, None, :]).permute(1, 0, 2).reshape(p_b, -1)).reshape(out_dim, len(clients), width)
-        new_as = right.apply((vt * root[:, :, None]).permute(2, 0, 1).reshape(p_a, -1)).reshape(in_dim, len(clients), width)
+        new_bs = left.apply((u * root[:, None, :]).permute(1, 0, 2).reshape(p_b, -1)).reshape(
+            out_dim, len(clients), width
+        )
+        new_as = right.apply((vt * root[:, :, None]).permute(2, 0, 1).reshape(p_a, -1)).reshape(
+            in_dim, len(clients), width
+        )
         for c, i in enumerate(clients):
             k_i = min(keeps[i], width)
             new_b = new_bs[:, c, :k_i]
@@ -315,7 +321,9 @@ def merge_module_svd(
     return results
 
 
-def svd_costs(ranks: Sequence[int | None], weights: torch.Tensor, rank: int, shape: tuple[int, int]) -> dict[str, float]:
+def svd_costs(
+    ranks: Sequence[int | None], weights: torch.Tensor, rank: int, shape: tuple[int, int]
+) -> dict[str, float]:
     """Estimated flops of the two exact svd paths at one module (``shared`` basis, ``per-client`` QR).
 
     per-client: for each client, QR of U (out, n_i) and Vᵀ (in, n_i) and an SVD of the core, with
@@ -344,7 +352,13 @@ def svd_costs(ranks: Sequence[int | None], weights: torch.Tensor, rank: int, sha
 
 
 def merge_module(
-    mode: str, factors: Sequence[Factors | None], weights: torch.Tensor, rank: int, *, path: str = "auto", solver: str = "auto"
+    mode: str,
+    factors: Sequence[Factors | None],
+    weights: torch.Tensor,
+    rank: int,
+    *,
+    path: str = "auto",
+    solver: str = "auto",
 ) -> list[Combined | None]:
     """Every client's merge of one module.
 

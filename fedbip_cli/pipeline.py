@@ -124,7 +124,9 @@ class MergeOptions:
         parse_size(self.max_shard_size)
         if self.device not in DEVICES:
             raise UsageError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
-        SimilarityMethod(self.similarity, self.sketch_dim, self.sketch_seed)  # raises on a bad method, dimension or seed
+        SimilarityMethod(
+            self.similarity, self.sketch_dim, self.sketch_seed
+        )  # raises on a bad method, dimension or seed
 
     @property
     def method(self) -> SimilarityMethod:
@@ -137,7 +139,10 @@ class MergeOptions:
             raise UsageError("--to-lora applies to full fine-tuned checkpoints", hint="merged adapters take --rank R")
         if kind == FULL and (self.rank is not None or self.combine != "svd"):
             option = "--rank" if self.rank is not None else f"--combine {self.combine}"
-            raise UsageError(f"{option} applies to LoRA adapters", hint="full checkpoints are merged whole, or written as adapters with --to-lora R")
+            raise UsageError(
+                f"{option} applies to LoRA adapters",
+                hint="full checkpoints are merged whole, or written as adapters with --to-lora R",
+            )
         check_method_kind(self.method, kind)
 
     def as_dict(self) -> dict[str, Any]:
@@ -233,7 +238,13 @@ def load(
         from fedbip_cli.fullmerge import load_checkpoints
 
         workspace = load_checkpoints(
-            list(specs), sources, base, base_dir=directory, resolved=resolved, base_revision=base_revision, weights=weights
+            list(specs),
+            sources,
+            base,
+            base_dir=directory,
+            resolved=resolved,
+            base_revision=base_revision,
+            weights=weights,
         )
     else:
         workspace = _load_adapters(list(specs), sources, base, base_revision, directory, resolved)
@@ -310,7 +321,9 @@ def inspect(
     if method.name == "sketch":
         groups = group_modules(workspace.modules, granularity)
         advance = (progress or _no_progress)("similarity", len(workspace.modules))
-        return sketch_similarity(workspace.adapters, granularity, groups, method, device=resolve_device(device), progress=advance)
+        return sketch_similarity(
+            workspace.adapters, granularity, groups, method, device=resolve_device(device), progress=advance
+        )
     if workspace.kind == FULL:
         return workspace.inspect(granularity=granularity, device=device, progress=progress)
     groups = group_modules(workspace.modules, granularity)
@@ -326,7 +339,13 @@ def default_rank(workspace: Workspace, options: MergeOptions) -> int:
     return options.rank or max(m.rank for a in workspace.adapters for m in a.modules.values())
 
 
-def plan(workspace: Workspace | CheckpointWorkspace, options: MergeOptions, out: Path | None = None, *, overwrite: bool = False) -> dict[str, Any]:
+def plan(
+    workspace: Workspace | CheckpointWorkspace,
+    options: MergeOptions,
+    out: Path | None = None,
+    *,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """What a merge would do, without computing: clients, ranks, modules, groups, output size.
 
     With ``out``, also refuse an output location that ``merge`` would refuse.
@@ -347,8 +366,13 @@ def plan(workspace: Workspace | CheckpointWorkspace, options: MergeOptions, out:
     groups = group_modules(workspace.modules, options.granularity)
     rank = default_rank(workspace, options)
     shapes = {name: (m.out_features, m.in_features) for a in workspace.adapters for name, m in a.modules.items()}
-    total_rank = {name: sum(a.modules[name].rank for a in workspace.adapters if name in a.modules) for name in workspace.modules}
-    out_rank = {name: total_rank[name] if options.combine == "cat" else min(rank, total_rank[name]) for name in workspace.modules}
+    total_rank = {
+        name: sum(a.modules[name].rank for a in workspace.adapters if name in a.modules) for name in workspace.modules
+    }
+    out_rank = {
+        name: total_rank[name] if options.combine == "cat" else min(rank, total_rank[name])
+        for name in workspace.modules
+    }
     itemsize = torch.empty(0, dtype=_output_dtype(workspace.adapters)).element_size()
     per_client = sum(out_rank[n] * (shapes[n][0] + shapes[n][1]) * itemsize for n in workspace.modules)
     return {
@@ -408,7 +432,9 @@ def merge(
     if workspace.kind == FULL:
         result = workspace.merge(options, out, overwrite=overwrite, progress=progress, similarity=similarity)
     else:
-        result = _merge_adapters(workspace, options, out, overwrite=overwrite, progress=progress, similarity=similarity, cache=cache)
+        result = _merge_adapters(
+            workspace, options, out, overwrite=overwrite, progress=progress, similarity=similarity, cache=cache
+        )
     lock = workspace.lock
     if lock is not None and not lock.locked:  # --locked holds the run to the lock file, never rewrites it
         lockfile.write_lock(lock.path, lock.record)
@@ -454,7 +480,8 @@ def _merge_adapters(
     energy: dict[str, dict[str, float | None]] = {c: {} for c in clients}
     with atomic_output(out, workspace, overwrite=overwrite) as tmp:
         writers = {
-            a.name: StreamingAdapterWriter(tmp / a.name / WEIGHTS_NAME, ranks[a.name], shapes, dtype) for a in workspace.adapters
+            a.name: StreamingAdapterWriter(tmp / a.name / WEIGHTS_NAME, ranks[a.name], shapes, dtype)
+            for a in workspace.adapters
         }
         advance = start("merge", len(workspace.modules))
         reader = FactorReader()
@@ -475,7 +502,8 @@ def _merge_adapters(
             card = model_card(record, adapter.name, adapter.config.get("base_model_name_or_path"))
             (directory / CARD_NAME).write_text(card, encoding="utf-8")
             record["outputs"][adapter.name] = {
-                f"{adapter.name}/{f.name}": digest if f.name == WEIGHTS_NAME else file_sha256(f) for f in sorted(directory.iterdir())
+                f"{adapter.name}/{f.name}": digest if f.name == WEIGHTS_NAME else file_sha256(f)
+                for f in sorted(directory.iterdir())
             }
             advance(1)
         manifest.dump(record, tmp / manifest.MANIFEST_NAME)
@@ -494,13 +522,25 @@ def _check_out(out: Path, workspace: Workspace | CheckpointWorkspace, overwrite:
     inputs += [path for path in paths if path.exists()]
     for path in inputs:
         if _inside(real, path):
-            raise OutputError(f"output directory lies inside the source {path}", where=str(out), hint="choose an --out outside every source")
+            raise OutputError(
+                f"output directory lies inside the source {path}",
+                where=str(out),
+                hint="choose an --out outside every source",
+            )
         if _inside(path, real):
-            raise OutputError(f"output directory contains the source {path}", where=str(out), hint="choose an --out that holds no input")
+            raise OutputError(
+                f"output directory contains the source {path}",
+                where=str(out),
+                hint="choose an --out that holds no input",
+            )
     if real.exists() and not real.is_dir():
         raise OutputError("exists and is not a directory", where=str(out), hint="choose another --out")
     if real.is_dir() and any(real.iterdir()) and not overwrite:
-        raise OutputError("output directory exists and is not empty", where=str(out), hint="pass --overwrite to replace it, or choose another --out")
+        raise OutputError(
+            "output directory exists and is not empty",
+            where=str(out),
+            hint="pass --overwrite to replace it, or choose another --out",
+        )
 
 
 @contextmanager

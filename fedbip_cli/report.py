@@ -74,7 +74,9 @@ def similarity_tables(result: Any, *, neighbours: int = 3) -> list[RenderableTyp
         )
     method = result.method
     if method["method"] == "sketch":
-        title += f"; sketched: {method['dim']} x {method['dim']} numbers per module, seed {method['seed']} (approximate)"
+        title += (
+            f"; sketched: {method['dim']} x {method['dim']} numbers per module, seed {method['seed']} (approximate)"
+        )
     renderables: list[RenderableType] = [
         _matrix_table(clients, overview, title, neighbours),
         _clusters_line(clients, suggest_clusters(overview)),
@@ -265,7 +267,11 @@ def write_matrices(result: Any, path: Path) -> None:
     path = Path(path)
     _check_output_path(path, "name a .safetensors file")
     tensors = {name: group.similarity.to(torch.float64).contiguous() for name, group in result.groups.items()}
-    metadata = {"clients": json.dumps(list(result.clients)), "granularity": result.granularity, "similarity": json.dumps(result.method)}
+    metadata = {
+        "clients": json.dumps(list(result.clients)),
+        "granularity": result.granularity,
+        "similarity": json.dumps(result.method),
+    }
     try:
         _replace_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
     except OSError as exc:
@@ -359,8 +365,10 @@ def _groups_table(result: Any) -> Table:
     table.add_column("suggested clusters")
     for name, group in result.groups.items():
         clusters = suggest_clusters(group.similarity)
-        text = "one cluster" if len(clusters) <= 1 else "  ".join(
-            "{" + ", ".join(map(str, cluster)) + "}" for cluster in clusters
+        text = (
+            "one cluster"
+            if len(clusters) <= 1
+            else "  ".join("{" + ", ".join(map(str, cluster)) + "}" for cluster in clusters)
         )
         table.add_row(name, str(len(group.modules)), text)
     return table
@@ -371,8 +379,7 @@ def _clusters_line(clients: list[str], clusters: list[list[int]]) -> Text:
     if len(clusters) <= 1:
         line.append("none; no split of the clients is clearly better than one cluster", style="not bold")
         return line
-    line.append("  ".join("{" + ", ".join(clients[i] for i in cluster) + "}" for cluster in clusters),
-                style="not bold")
+    line.append("  ".join("{" + ", ".join(clients[i] for i in cluster) + "}" for cluster in clusters), style="not bold")
     return line
 
 
@@ -402,7 +409,7 @@ def _value_cell(value: float, *, diagonal: bool) -> Text:
 def _shorten(name: str, width: int, *, keep_tail: bool = False) -> str:
     if len(name) <= width:
         return name
-    return "…" + name[-(width - 1):] if keep_tail else name[: width - 1] + "…"
+    return "…" + name[-(width - 1) :] if keep_tail else name[: width - 1] + "…"
 
 
 def _heatmap_figure(result: Any) -> Figure:
@@ -440,15 +447,20 @@ def _heatmap_figure(result: Any) -> Figure:
         axis.set_yticks(range(k))
         # Names only on the outer panels; inner ones keep bare ticks to stay legible.
         bottom = index + columns >= len(groups)
-        axis.set_xticklabels(
-            clients if bottom else [], rotation=45, ha="right", rotation_mode="anchor", fontsize=8
-        )
+        axis.set_xticklabels(clients if bottom else [], rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
         axis.set_yticklabels(clients if index % columns == 0 else [], fontsize=8)
         if annotate:
             for (i, j), value in np.ndenumerate(matrix):
-                axis.text(j, i, _format_value(value), ha="center", va="center", fontsize=7,
-                          color="white" if abs(value) > 0.6 else "black")
-    for axis in axes[len(groups):]:
+                axis.text(
+                    j,
+                    i,
+                    _format_value(value),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if abs(value) > 0.6 else "black",
+                )
+    for axis in axes[len(groups) :]:
         axis.set_visible(False)
     colorbar = figure.colorbar(image, ax=axes[: len(groups)].tolist(), shrink=0.8 if rows > 1 else 1.0)
     colorbar.set_label("cosine similarity")
@@ -483,11 +495,15 @@ def plan_table(plan: dict[str, Any], out: Path) -> RenderableType:
 
 def _lora_plan_table(plan: dict[str, Any], out: Path) -> Table:
     """The dry-run plan of adapters: one row per client, the totals in the caption."""
-    table = Table(title=f"merge plan → {out}", caption=(
-        f"{plan['modules']} modules in {len(plan['groups'])} {plan['granularity']} group(s); "
-        f"combine {plan['combine']}" + (f" at rank {plan['rank']}" if plan["rank"] else "")
-        + f"; about {_size(plan['output_bytes'])} to write"
-    ))
+    table = Table(
+        title=f"merge plan → {out}",
+        caption=(
+            f"{plan['modules']} modules in {len(plan['groups'])} {plan['granularity']} group(s); "
+            f"combine {plan['combine']}"
+            + (f" at rank {plan['rank']}" if plan["rank"] else "")
+            + f"; about {_size(plan['output_bytes'])} to write"
+        ),
+    )
     for column in ("client", "source", "modules", "ranks"):
         table.add_column(column)
     for client in plan["clients"]:
@@ -503,10 +519,13 @@ def _full_plan_table(plan: dict[str, Any], out: Path) -> Table:
         if plan["output"] == "checkpoint"
         else f"one adapter per client on {plan['lora_modules']} linear layers at rank {plan['rank']}"
     )
-    table = Table(title=f"merge plan → {out}", caption=(
-        f"{plan['tensors']} tensors ({plan['task_tensors']} with a task vector) in {len(plan['groups'])} "
-        f"{plan['granularity']} group(s); {written}; about {_size(plan['output_bytes'])} to write"
-    ))
+    table = Table(
+        title=f"merge plan → {out}",
+        caption=(
+            f"{plan['tensors']} tensors ({plan['task_tensors']} with a task vector) in {len(plan['groups'])} "
+            f"{plan['granularity']} group(s); {written}; about {_size(plan['output_bytes'])} to write"
+        ),
+    )
     for column in ("client", "source", "tensors", "weight files"):
         table.add_column(column)
     for client in plan["clients"]:
@@ -543,10 +562,13 @@ def merge_table(result: Any, top: int = 3) -> Table:
     clients = result.similarity.clients
     mean_weights = sum(result.weights.values()) / len(result.weights)
     written = "checkpoints" if result.manifest.get("output") == "checkpoint" else "adapters"
-    table = Table(title=f"personalized {written} written to {result.out}", caption=(
-        f"granularity {result.similarity.granularity} ({len(result.weights)} group(s)); combine "
-        f"{result.manifest['combine']}" + (f" at rank {result.rank}" if result.manifest["rank"] else "")
-    ))
+    table = Table(
+        title=f"personalized {written} written to {result.out}",
+        caption=(
+            f"granularity {result.similarity.granularity} ({len(result.weights)} group(s)); combine "
+            f"{result.manifest['combine']}" + (f" at rank {result.rank}" if result.manifest["rank"] else "")
+        ),
+    )
     table.add_column("client")
     table.add_column("largest weights" + (" (mean over groups)" if len(result.weights) > 1 else ""))
     table.add_column("energy kept (min / mean)", justify="right")
@@ -562,7 +584,9 @@ def merge_table(result: Any, top: int = 3) -> Table:
 
 def simulation_table(summary: dict[str, Any], out: Path) -> Table:
     """Final personalized accuracy per strategy (mean, worst client), ARI and time split."""
-    table = Table(title=f"fedbip simulate → {out}", caption="accuracy: each client's personalized model on its own test split")
+    table = Table(
+        title=f"fedbip simulate → {out}", caption="accuracy: each client's personalized model on its own test split"
+    )
     for column in ("strategy", "mean acc", "worst acc", "ARI", "train s", "eval s", "server s"):
         table.add_column(column, justify="left" if column == "strategy" else "right")
     for name, entry in summary["strategies"].items():

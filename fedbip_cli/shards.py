@@ -25,7 +25,18 @@ from fedbip_cli.errors import UsageError
 
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 # Decimal units as transformers reads "5GB"; binary units spelled out (GiB).
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
 _ALIGN = 8  # safetensors pads its header with spaces to a multiple of 8 bytes
 
@@ -140,7 +151,10 @@ class ShardedWriter:
             raise ValueError(f"{self._queue[self._next][1].name} and later tensors were not written")
         files = [self.directory / name for name, _ in self.plan.shards]
         if len(files) > 1:
-            index = {"metadata": {"total_size": self.plan.total_size}, "weight_map": dict(sorted(self.plan.weight_map.items()))}
+            index = {
+                "metadata": {"total_size": self.plan.total_size},
+                "weight_map": dict(sorted(self.plan.weight_map.items())),
+            }
             (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
             files.append(self.directory / INDEX_NAME)
         return files

@@ -67,7 +67,9 @@ def compute_pairs(factors: dict[bytes, KeyedFactors], keys: Sequence[bytes], mis
         (after one client is added: its row alone); when that would be half the rows or more, the
         upper triangle tile by tile.
     """
-    stacked = stack_factors([(factors[k].b, factors[k].a) for k in keys], [factors[k].scale for k in keys], device=factors[keys[0]].b.device)
+    stacked = stack_factors(
+        [(factors[k].b, factors[k].a) for k in keys], [factors[k].scale for k in keys], device=factors[keys[0]].b.device
+    )
     rows = None if bool(missing.all()) else covering_rows(missing, limit=(len(keys) - 1) // 2)
     if rows is None:
         return all_products(stacked).cpu()

@@ -61,16 +61,26 @@ class SimilarityMethod:
         if self.name not in METHODS:
             raise UsageError(f"unknown similarity method {self.name!r}; choose one of {', '.join(METHODS)}")
         if self.name == "exact":
-            given = [option for option, value in (("--sketch-dim", self.dim), ("--sketch-seed", self.seed)) if value is not None]
+            given = [
+                option
+                for option, value in (("--sketch-dim", self.dim), ("--sketch-seed", self.seed))
+                if value is not None
+            ]
             if given:
-                raise UsageError(f"{' and '.join(given)} apply to --similarity sketch", hint="add --similarity sketch, or drop them")
+                raise UsageError(
+                    f"{' and '.join(given)} apply to --similarity sketch", hint="add --similarity sketch, or drop them"
+                )
             return
-        if self.dim is not None and (isinstance(self.dim, bool) or not isinstance(self.dim, int) or not 1 <= self.dim <= MAX_DIM):
+        if self.dim is not None and (
+            isinstance(self.dim, bool) or not isinstance(self.dim, int) or not 1 <= self.dim <= MAX_DIM
+        ):
             raise UsageError(
                 f"sketch dimension {self.dim!r} must be an integer from 1 to {MAX_DIM}",
                 hint=f"each module is sketched to M x M numbers; the default M = {DEFAULT_DIM} kept whole-model cosines within 0.02 (README, 'Huge K')",
             )
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
+        ):
             raise UsageError(f"sketch seed {self.seed!r} must be an integer from 0 to 2^63 - 1")
 
     @property
@@ -164,8 +174,12 @@ def sketch_factors(b: torch.Tensor, a: torch.Tensor, proj: Projection) -> torch.
     n, d, r = b.shape
     count, m = proj.blocks**2, proj.dim // proj.blocks
     # One product over all clients' factor rows each side: (n·r, d) @ (d, bM), then the blocks.
-    left = (b.transpose(1, 2).reshape(n * r, d) @ proj.psi.to(b.dtype)).reshape(n, r, count, m).permute(0, 2, 3, 1)  # Ψ_ℓᵀ B
-    right = (a.reshape(n * r, -1) @ (proj.omega.to(a.dtype) / proj.dim)).reshape(n, r, count, m).transpose(1, 2)  # A Ω_ℓ / M
+    left = (
+        (b.transpose(1, 2).reshape(n * r, d) @ proj.psi.to(b.dtype)).reshape(n, r, count, m).permute(0, 2, 3, 1)
+    )  # Ψ_ℓᵀ B
+    right = (
+        (a.reshape(n * r, -1) @ (proj.omega.to(a.dtype) / proj.dim)).reshape(n, r, count, m).transpose(1, 2)
+    )  # A Ω_ℓ / M
     return (left @ right).reshape(n, -1)
 
 
@@ -193,7 +207,9 @@ def integer_products(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x.to(torch.float64) @ y.to(torch.float64).T
     total = None
     for start in range(0, x.shape[1], INT_CHUNK):
-        part = torch._int_mm(x[:, start : start + INT_CHUNK].contiguous(), y[:, start : start + INT_CHUNK].T).to(torch.float64)
+        part = torch._int_mm(x[:, start : start + INT_CHUNK].contiguous(), y[:, start : start + INT_CHUNK].T).to(
+            torch.float64
+        )
         total = part if total is None else total.add_(part)
     return total if total is not None else torch.zeros(x.shape[0], y.shape[0], dtype=torch.float64)
 
@@ -278,7 +294,11 @@ def sketch_module(
 
 
 def stack_factors(
-    adapters: Sequence[Adapter], module: str, index: list[int], stored: dict[int, tuple[torch.Tensor, torch.Tensor]], device: torch.device | str
+    adapters: Sequence[Adapter],
+    module: str,
+    index: list[int],
+    stored: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device | str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The clients' ``(scale · B, A)`` of one rank stacked, in float64 on ``device`` (``stored``
     as ``adapters.read_module`` returned them: checked for NaN and Inf)."""

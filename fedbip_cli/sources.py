@@ -267,7 +267,9 @@ class ModelShapes:
     directory: Path | None = None
 
 
-def _shapes_from(where: str, revision: str | None, directory: Path, entries: dict[str, dict[str, tuple[list[int], str]]]) -> ModelShapes:
+def _shapes_from(
+    where: str, revision: str | None, directory: Path, entries: dict[str, dict[str, tuple[list[int], str]]]
+) -> ModelShapes:
     """A ``ModelShapes`` from each weight file's header entries (tensor -> (shape, dtype))."""
     shapes, dtypes, files = {}, {}, {}
     for file, header in entries.items():
@@ -347,7 +349,9 @@ def _remote_entries(ref: HubRef, commit: str, name: str) -> dict[str, tuple[list
     def read(start: int, length: int) -> bytes:
         try:
             response = get_session().get(
-                url, headers={**headers, "Range": f"bytes={start}-{start + length - 1}"}, timeout=hub_constants.HF_HUB_DOWNLOAD_TIMEOUT
+                url,
+                headers={**headers, "Range": f"bytes={start}-{start + length - 1}"},
+                timeout=hub_constants.HF_HUB_DOWNLOAD_TIMEOUT,
             )
         except Exception as exc:  # the session's own transport errors (httpx's are no OSError): no connection, timeout
             hint = "check the connection and HF_ENDPOINT, or run once where the Hub can be reached"
@@ -360,7 +364,9 @@ def _remote_entries(ref: HubRef, commit: str, name: str) -> dict[str, tuple[list
         try:
             return _header_entries(read, where)
         except EntryNotFoundError:
-            raise SourceError(f"no {name} in the repository at commit {commit}", where=str(ref), hint=_SAFETENSORS_HINT) from None
+            raise SourceError(
+                f"no {name} in the repository at commit {commit}", where=str(ref), hint=_SAFETENSORS_HINT
+            ) from None
 
 
 def _header_entries(read: Callable[[int, int], bytes], where: str) -> dict[str, tuple[list[int], str]]:
@@ -370,7 +376,9 @@ def _header_entries(read: Callable[[int, int], bytes], where: str) -> dict[str, 
     """
 
     def corrupt(problem: str) -> SourceError:
-        return SourceError(f"corrupt or truncated safetensors file: {problem}", where=where, hint="re-download or re-save it")
+        return SourceError(
+            f"corrupt or truncated safetensors file: {problem}", where=where, hint="re-download or re-save it"
+        )
 
     prefix = read(0, 8)
     size = int.from_bytes(prefix, "little")
@@ -430,7 +438,9 @@ def _resolve_hub(ref: HubRef) -> list[ResolvedSource]:
     snapshot, root = _hub_dir(ref, configs, ref.revision)
     sources = []
     for directory, kind in _client_dirs(root, str(ref)):
-        client = ref if directory == root else HubRef(ref.repo_id, ref.revision, directory.relative_to(snapshot).as_posix())
+        client = (
+            ref if directory == root else HubRef(ref.repo_id, ref.revision, directory.relative_to(snapshot).as_posix())
+        )
         sources.append(ResolvedSource(_hub_name(client), directory.resolve(), str(client), snapshot.name, kind))
     return sources
 

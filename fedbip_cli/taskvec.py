@@ -90,7 +90,12 @@ def module_factors(
 
 
 def checkpoint_deltas(
-    checkpoints: Sequence[Checkpoint], base: Checkpoint, tensor: str, rows: slice | None = None, *, device: torch.device | str = "cpu"
+    checkpoints: Sequence[Checkpoint],
+    base: Checkpoint,
+    tensor: str,
+    rows: slice | None = None,
+    *,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The base's ``tensor`` (``rows`` of it) and every checkpoint's W − W_base there, in float64 on ``device``.
 
@@ -153,5 +158,7 @@ def keyed_module_factors(
             key = content_key(b, a, scale, salt)
         else:
             key = hashlib.sha256(f"{adapter.sha256}|{module}|{scale!r}".encode()).digest()
-        keyed.append(KeyedFactors(key, b.to(device=device, dtype=torch.float64), a.to(device=device, dtype=torch.float64), scale))
+        keyed.append(
+            KeyedFactors(key, b.to(device=device, dtype=torch.float64), a.to(device=device, dtype=torch.float64), scale)
+        )
     return keyed

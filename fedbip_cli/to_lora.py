@@ -131,7 +131,11 @@ def _layer_types(base_dir: Path) -> dict[str, str]:
         config = transformers.AutoConfig.from_pretrained(base_dir)
         architecture = getattr(transformers, (config.architectures or [""])[0], None)
         with torch.device("meta"):
-            model = architecture._from_config(config) if architecture is not None else transformers.AutoModel.from_config(config)
+            model = (
+                architecture._from_config(config)
+                if architecture is not None
+                else transformers.AutoModel.from_config(config)
+            )
     except Exception as exc:  # transformers raises many kinds of error for unknown or broken configs
         raise AdapterError(
             f"cannot build the base architecture from config.json to find its linear layers: {exc}",

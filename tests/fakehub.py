@@ -106,7 +106,11 @@ def _entry(path: str, data: bytes) -> dict[str, Any]:
     """A file's tree entry, as the Hub lists it: LFS files carry their sha256."""
     entry: dict[str, Any] = {"type": "file", "path": path, "size": len(data), "oid": blob_id(path, data)}
     if path.endswith(LFS_SUFFIXES):
-        entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": len(lfs_pointer(data))}
+        entry["lfs"] = {
+            "oid": hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+            "pointerSize": len(lfs_pointer(data)),
+        }
     return entry
 
 
@@ -136,7 +140,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             files = hub.commits[repo_id][commit]
             if api is not None and api["kind"] == "revision":
                 siblings = [{"rfilename": p} for p in sorted(files)]
-                return self._json({"id": repo_id, "modelId": repo_id, "sha": commit, "siblings": siblings, "private": False}, body)
+                return self._json(
+                    {"id": repo_id, "modelId": repo_id, "sha": commit, "siblings": siblings, "private": False}, body
+                )
             if api is not None:
                 prefix = f"{api['path']}/" if api["path"] else ""
                 return self._json([_entry(p, d) for p, d in sorted(files.items()) if p.startswith(prefix)], body)

@@ -48,7 +48,9 @@ def blob_id(path: str, data: bytes) -> str:
 
 def derived_commit(files: Mapping[str, bytes]) -> str:
     """A deterministic 40-hex commit hash for a set of repository files."""
-    return hashlib.sha1("".join(f"{path}\0{blob_id(path, files[path])}\0" for path in sorted(files)).encode()).hexdigest()
+    return hashlib.sha1(
+        "".join(f"{path}\0{blob_id(path, files[path])}\0" for path in sorted(files)).encode()
+    ).hexdigest()
 
 
 def make_hub_cache(

@@ -28,8 +28,20 @@ from benchmarks.workloads import client_names, workload  # noqa: E402
 
 def test_bench_tiny_end_to_end(tmp_path: Path) -> None:
     rows_path, results = tmp_path / "rows.json", tmp_path / "RESULTS.md"
-    command = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--workload", "tiny", "--work-dir", str(tmp_path / "work"),
-               "--results", str(results), "--json", str(rows_path), "--skip", "startup"]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench.py"),
+        "--workload",
+        "tiny",
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--results",
+        str(results),
+        "--json",
+        str(rows_path),
+        "--skip",
+        "startup",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -50,7 +62,13 @@ def test_bench_tiny_end_to_end(tmp_path: Path) -> None:
     assert rows["dense"]["estimated"] and rows["dense"]["wall_s"] > 0
 
     text = results.read_text()
-    for label in ("I/O floor", "fedbip merge --layerwise", "fedbip inspect-similarity", "dense torch reference (float64)", "peft add_weighted_adapter (svd)"):
+    for label in (
+        "I/O floor",
+        "fedbip merge --layerwise",
+        "fedbip inspect-similarity",
+        "dense torch reference (float64)",
+        "peft add_weighted_adapter (svd)",
+    ):
         assert f"| {label} |" in text
     assert "## The issue's targets" in text and "tiny" in text
 
@@ -67,7 +85,9 @@ def test_measure_own_peak_rss_timeout_and_failure() -> None:
     """The launcher reports the child's own peak (not this process's, which holds torch), a timeout and a failure."""
     python = [sys.executable, "-c"]
     small = measure.run([*python, "pass"], timeout=30, env=os.environ)
-    big = measure.run([*python, "b = bytearray(300_000_000); b[::4096] = b'x' * len(b[::4096])"], timeout=30, env=os.environ)
+    big = measure.run(
+        [*python, "b = bytearray(300_000_000); b[::4096] = b'x' * len(b[::4096])"], timeout=30, env=os.environ
+    )
     assert small.status == big.status == "ok"
     assert small.peak_rss_mb < 40 and big.peak_rss_mb > 300
     slow = measure.run([*python, "import time; time.sleep(30)"], timeout=0.5, env=os.environ)
@@ -83,7 +103,11 @@ def test_similarity_rows_streams_any_json_layout(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(reference, "CHUNK", 7)  # every token straddles a chunk boundary somewhere
     clients = ["c0", "c1", "c2", "c3"]
     matrix = [[float(10 * i + j) for j in range(4)] for i in range(4)]
-    document = {"clients": clients, "granularity": "model", "groups": {"model": {"similarity": matrix, "norms": [1.0] * 4}}}
+    document = {
+        "clients": clients,
+        "granularity": "model",
+        "groups": {"model": {"similarity": matrix, "norms": [1.0] * 4}},
+    }
     for indent in (None, 2):
         path = tmp_path / f"out-{indent}.json"
         path.write_text(json.dumps(document, indent=indent))

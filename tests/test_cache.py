@@ -173,7 +173,9 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 def merge(clients: Path, out: Path, *cache_args: str) -> dict:
-    result = runner.invoke(app, ["merge", str(clients), "--out", str(out), "--overwrite", "--layerwise", "--json", *cache_args])
+    result = runner.invoke(
+        app, ["merge", str(clients), "--out", str(out), "--overwrite", "--layerwise", "--json", *cache_args]
+    )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 

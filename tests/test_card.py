@@ -34,15 +34,34 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 def hub_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict, str, str]:
     """Three Hub clients and one local client merged layer-wise against a Hub base; (out, manifest, commit, base commit)."""
     use_offline_cache(monkeypatch, tmp_path / "hub")
-    built = {n: random_adapter(tmp_path / "build" / n, SHAPES, torch.Generator().manual_seed(i), r=2 + i) for i, n in enumerate("abc")}
+    built = {
+        n: random_adapter(tmp_path / "build" / n, SHAPES, torch.Generator().manual_seed(i), r=2 + i)
+        for i, n in enumerate("abc")
+    }
     commit = make_hub_cache(tmp_path / "hub", "org/adapters", repository_files(built))
     base_commit = make_hub_cache(tmp_path / "hub", "org/base", base_model_files(SHAPES))
-    local = random_adapter(tmp_path / "local" / "d", SHAPES, torch.Generator().manual_seed(0), lora_alpha=7)  # a's direction
+    local = random_adapter(
+        tmp_path / "local" / "d", SHAPES, torch.Generator().manual_seed(0), lora_alpha=7
+    )  # a's direction
     out = tmp_path / "merged"
-    result = runner.invoke(app, [
-        "merge", "hf://org/adapters@main", str(local), "--base", "hf://org/base", "--out", str(out),
-        "--layerwise", "--top-k", "3", "--rank", "3", "--no-cache",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "merge",
+            "hf://org/adapters@main",
+            str(local),
+            "--base",
+            "hf://org/base",
+            "--out",
+            str(out),
+            "--layerwise",
+            "--top-k",
+            "3",
+            "--rank",
+            "3",
+            "--no-cache",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out, json.loads((out / "fedbip-manifest.json").read_text()), commit, base_commit
 
@@ -69,7 +88,10 @@ def test_card_content(hub_merge: tuple[Path, dict, str, str]) -> None:
         assert len(kept) == 3
         assert f"| {name} | " + ", ".join(f"{clients[j]} {row[j]:.4f}" for j in kept) + " |" in body
     # d has a's factors at another scale: cosine 1, a's nearest neighbour.
-    assert "## Nearest neighbours\n\nBy cosine similarity of task vectors (mean cosine over the 2 groups): d 1.0000," in body
+    assert (
+        "## Nearest neighbours\n\nBy cosine similarity of task vectors (mean cosine over the 2 groups): d 1.0000,"
+        in body
+    )
     assert f"```bash\n{manifest['command']}\n```" in body
 
 
@@ -81,13 +103,23 @@ def test_card_is_an_output_with_its_hash(hub_merge: tuple[Path, dict, str, str])
         assert "\x1b" not in card.read_text() and str(out) not in card.read_text()
 
 
-def test_card_command_reproduces_the_merge_after_main_moved(hub_merge: tuple[Path, dict, str, str], tmp_path: Path) -> None:
+def test_card_command_reproduces_the_merge_after_main_moved(
+    hub_merge: tuple[Path, dict, str, str], tmp_path: Path
+) -> None:
     out, manifest, commit, _ = hub_merge
     command = manifest["command"]
-    assert command.startswith(f"fedbip merge hf://org/adapters@{commit} {tmp_path / 'local' / 'd'} --out OUT --base hf://org/base@")
-    assert "--granularity block --weighting paper --negative clip --temperature 1.0 --top-k 3 --combine svd --rank 3 --device cpu" in command
+    assert command.startswith(
+        f"fedbip merge hf://org/adapters@{commit} {tmp_path / 'local' / 'd'} --out OUT --base hf://org/base@"
+    )
+    assert (
+        "--granularity block --weighting paper --negative clip --temperature 1.0 --top-k 3 --combine svd --rank 3 --device cpu"
+        in command
+    )
     # main moves on: the pinned command still reads the merged commit.
-    moved = {n: random_adapter(tmp_path / "build2" / n, SHAPES, torch.Generator().manual_seed(40 + i)) for i, n in enumerate("abc")}
+    moved = {
+        n: random_adapter(tmp_path / "build2" / n, SHAPES, torch.Generator().manual_seed(40 + i))
+        for i, n in enumerate("abc")
+    }
     make_hub_cache(tmp_path / "hub", "org/adapters", repository_files(moved))
 
     again = tmp_path / "again"
@@ -104,11 +136,16 @@ def test_card_command_reproduces_the_merge_after_main_moved(hub_merge: tuple[Pat
     assert rerun["inputs"][0]["source"] == f"hf://org/adapters@{commit}/a" and rerun["inputs"][0]["revision"] == commit
 
 
-@pytest.mark.parametrize(("combine", "energy", "rank"), [("linear", "- energy kept: unknown", None), ("cat", "- energy kept: min 1.0000, mean 1.0000", None)])
+@pytest.mark.parametrize(
+    ("combine", "energy", "rank"),
+    [("linear", "- energy kept: unknown", None), ("cat", "- energy kept: min 1.0000, mean 1.0000", None)],
+)
 def test_card_for_other_combine_modes(tmp_path: Path, combine: str, energy: str, rank: int | None) -> None:
     for i in range(3):
         random_adapter(tmp_path / "clients" / f"c{i}", SHAPES, torch.Generator().manual_seed(i))
-    result = runner.invoke(app, ["merge", str(tmp_path / "clients"), "--out", str(tmp_path / "o"), "--combine", combine, "--json"])
+    result = runner.invoke(
+        app, ["merge", str(tmp_path / "clients"), "--out", str(tmp_path / "o"), "--combine", combine, "--json"]
+    )
     assert result.exit_code == 0, result.output
     card = (tmp_path / "o" / "c1" / "README.md").read_text()
     assert energy in card and f"- combine: {combine}\n" in card
@@ -119,11 +156,15 @@ def test_card_for_other_combine_modes(tmp_path: Path, combine: str, energy: str,
 def test_command_expands_an_at_list_to_its_pinned_clients(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An @list may change after the merge: the command names its clients instead, Hub ones pinned."""
     use_offline_cache(monkeypatch, tmp_path / "hub")
-    built = {n: random_adapter(tmp_path / "build" / n, SHAPES, torch.Generator().manual_seed(i)) for i, n in enumerate("ab")}
+    built = {
+        n: random_adapter(tmp_path / "build" / n, SHAPES, torch.Generator().manual_seed(i)) for i, n in enumerate("ab")
+    }
     commit = make_hub_cache(tmp_path / "hub", "org/adapters", repository_files(built))
     local = random_adapter(tmp_path / "local" / "c", SHAPES, torch.Generator().manual_seed(5))
     (tmp_path / "list.txt").write_text("hf://org/adapters@main/a  # one Hub client\nlocal/c\n")
-    result = runner.invoke(app, ["merge", f"@{tmp_path / 'list.txt'}", "hf://org/adapters/b", "--out", str(tmp_path / "o")])
+    result = runner.invoke(
+        app, ["merge", f"@{tmp_path / 'list.txt'}", "hf://org/adapters/b", "--out", str(tmp_path / "o")]
+    )
     assert result.exit_code == 0, result.output
     command = json.loads((tmp_path / "o" / "fedbip-manifest.json").read_text())["command"]
     expected = f"fedbip merge hf://org/adapters@{commit}/a {local.resolve()} hf://org/adapters@{commit}/b --out OUT"

@@ -65,7 +65,12 @@ def test_version_and_help_show_examples() -> None:
 def test_console_script_and_module_entry_points(adapters: Path) -> None:
     exe = Path(sys.executable).parent / "fedbip"
     for command in ([str(exe)], [sys.executable, "-m", "fedbip_cli"]):
-        done = subprocess.run([*command, "inspect-similarity", str(adapters), "--format", "csv"], capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [*command, "inspect-similarity", str(adapters), "--format", "csv"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr
         assert done.stdout.splitlines()[0] == "group,client_i,client_j,similarity"
 
@@ -99,7 +104,11 @@ def test_merge_writes_adapters_and_manifest(adapters: Path, tmp_path: Path) -> N
     assert summary["clients"] == sorted(p.name for p in adapters.iterdir())
     assert sorted(p.name for p in out.iterdir()) == ["fedbip-manifest.json", *summary["clients"]]
     for client in summary["clients"]:
-        assert {p.name for p in (out / client).iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+        assert {p.name for p in (out / client).iterdir()} == {
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "README.md",
+        }
     weights = summary["weights"]["model"]
     assert all(abs(sum(row) - 1) < 1e-12 for row in weights)
     assert weights[0][0] == pytest.approx(weights[0][1]) and weights[0][1] > weights[0][2]
@@ -128,9 +137,7 @@ def test_dry_run_prints_plan_and_writes_nothing(adapters: Path, tmp_path: Path) 
 
 def test_hub_sources_through_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, adapters: Path) -> None:
     cache = tmp_path / "hub"
-    files = {
-        f"{c.name}/{f.name}": f.read_bytes() for c in sorted(adapters.iterdir()) for f in sorted(c.iterdir())
-    }
+    files = {f"{c.name}/{f.name}": f.read_bytes() for c in sorted(adapters.iterdir()) for f in sorted(c.iterdir())}
     commit = make_hub_cache(cache, "org/community-adapters", files)
     use_offline_cache(monkeypatch, cache)
     out = tmp_path / "merged"
@@ -175,7 +182,13 @@ def corrupt(root: Path, how: str) -> str:
                 extra = "lora_magnitude_vector" if how == "dora-tensor" else "lora_B.bias"
                 tensors[f"{module}.{extra}"] = torch.ones(8)
             save_file(tensors, str(weights))
-        return {"ab-mismatch": "ranks differ", "nan": "NaN", "zero": "task vector is zero", "dora-tensor": "DoRA", "lora-bias": "LoRA bias"}[how]
+        return {
+            "ab-mismatch": "ranks differ",
+            "nan": "NaN",
+            "zero": "task vector is zero",
+            "dora-tensor": "DoRA",
+            "lora-bias": "LoRA bias",
+        }[how]
     if how == "shape-across":
         g = torch.Generator().manual_seed(3)
         random_adapter(client, {**SHAPES, "encoder.layer.0.attention.self.query": (8, 5)}, g)
@@ -201,8 +214,23 @@ def corrupt(root: Path, how: str) -> str:
 
 @pytest.mark.parametrize(
     "how",
-    ["bad-json", "truncated", "garbage", "ab-mismatch", "nan", "zero", "dora-tensor", "lora-bias",
-     "shape-across", "use-dora", "prefix-tuning", "bias-all", "rank-0", "pickle", "config-rank"],
+    [
+        "bad-json",
+        "truncated",
+        "garbage",
+        "ab-mismatch",
+        "nan",
+        "zero",
+        "dora-tensor",
+        "lora-bias",
+        "shape-across",
+        "use-dora",
+        "prefix-tuning",
+        "bias-all",
+        "rank-0",
+        "pickle",
+        "config-rank",
+    ],
 )
 def test_bad_adapter_is_one_line_error_and_nothing_written(adapters: Path, tmp_path: Path, how: str) -> None:
     needle = corrupt(adapters, how)
@@ -248,6 +276,9 @@ def test_debug_variable_shows_traceback(adapters: Path, tmp_path: Path) -> None:
     env = {**os.environ, "FEDBIP_DEBUG": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "fedbip_cli", "merge", str(adapters), "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, env=env, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     assert done.returncode != 0 and "Traceback" in done.stderr and "AdapterError" in done.stderr

@@ -36,7 +36,9 @@ def write_config(directory: Path, text: str, name: str = "fedbip.toml") -> Path:
 
 
 def test_every_key_parsed_with_paths_from_the_file(tmp_path: Path) -> None:
-    config = write_config(tmp_path, """
+    config = write_config(
+        tmp_path,
+        """
 sources = ["adapters/", "hf://org/repo@v1/sub", "@more.txt"]
 out = "merged"
 base = "../models/base"
@@ -52,7 +54,8 @@ overwrite = true
 lock = "fedbip.lock"
 locked = true
 cache = ".cache/fedbip"
-""")
+""",
+    )
     settings = merge_settings(config, {})
     assert settings.sources == ("adapters/", "hf://org/repo@v1/sub", "@more.txt")  # as written: lock keys
     assert settings.source_dir == tmp_path
@@ -74,25 +77,38 @@ def test_defaults_layerwise_and_cache_switches(tmp_path: Path) -> None:
     assert settings.cache == default_cache_dir() and settings.lock is None and settings.overwrite is False
     assert settings.options.combine == "svd" and settings.options.weights.top_k is None
     assert merge_settings(write_config(tmp_path, 'sources = ["a"]\nout = "o"\ncache = false\n'), {}).cache is None
-    assert merge_settings(write_config(tmp_path, 'sources = ["a"]\nout = "o"\ncache = true\n'), {}).cache == default_cache_dir()
+    assert (
+        merge_settings(write_config(tmp_path, 'sources = ["a"]\nout = "o"\ncache = true\n'), {}).cache
+        == default_cache_dir()
+    )
     hub_base = merge_settings(write_config(tmp_path, 'sources = ["a"]\nout = "o"\nbase = "hf://org/base"\n'), {})
     assert hub_base.base == "hf://org/base"
 
 
 def test_command_line_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "conf").mkdir()
-    config = write_config(tmp_path / "conf", """
+    config = write_config(
+        tmp_path / "conf",
+        """
 sources = ["adapters/"]
 out = "merged"
 layerwise = true
 combine = "cat"
 overwrite = true
 cache = "c"
-""")
+""",
+    )
     monkeypatch.chdir(tmp_path)
     settings = merge_settings(
         config,
-        {"sources": ["mine/"], "granularity": "model", "combine": "svd", "overwrite": False, "cache": False, "out": Path("here")},
+        {
+            "sources": ["mine/"],
+            "granularity": "model",
+            "combine": "svd",
+            "overwrite": False,
+            "cache": False,
+            "out": Path("here"),
+        },
     )
     assert settings.sources == ("mine/",) and settings.source_dir == tmp_path  # from the working directory now
     assert settings.options.granularity == "model" and settings.options.combine == "svd"
@@ -103,26 +119,46 @@ cache = "c"
 
 # The same mistakes written in TOML and in YAML, and the one message both give.
 BAD_CONFIGS = [
-    ('top-k = 3', 'top-k: 3', "unknown key 'top-k'; did you mean 'top_k'?"),
-    ('[merge]\nrank = 2', 'merge:\n  rank: 2', "unknown key 'merge'"),
+    ("top-k = 3", "top-k: 3", "unknown key 'top-k'; did you mean 'top_k'?"),
+    ("[merge]\nrank = 2", "merge:\n  rank: 2", "unknown key 'merge'"),
     ('top_k = "4"', 'top_k: "4"', 'top_k = "4": expected an integer'),
-    ('rank = true', 'rank: true', "rank = true: expected an integer"),
-    ('sources = "adapters/"', 'sources: adapters/', 'sources = "adapters/": expected a list of non-empty strings'),
+    ("rank = true", "rank: true", "rank = true: expected an integer"),
+    ('sources = "adapters/"', "sources: adapters/", 'sources = "adapters/": expected a list of non-empty strings'),
     ('sources = ["a", ""]', 'sources: [a, ""]', 'sources = ["a", ""]: expected a list'),
-    ('temperature = "hot"', 'temperature: hot', 'temperature = "hot": expected a number'),
-    ('overwrite = 1', 'overwrite: 1', "overwrite = 1: expected true or false"),
-    ('cache = 3', 'cache: 3', "cache = 3: expected a directory"),
-    ('combine = "mean"', 'combine: mean', 'combine = "mean": unknown combine mode \'mean\'; choose one of svd, cat, linear'),
-    ('weighting = "magic"', 'weighting: magic', 'weighting = "magic": unknown weighting \'magic\'; choose one of paper, softmax'),
-    ('negative = "drop"', 'negative: drop', 'negative = "drop": unknown negative mode'),
-    ('granularity = "layer"', 'granularity: layer', 'granularity = "layer": unknown granularity \'layer\'; choose one of model, block, module'),
-    ('device = "tpu"', 'device: tpu', 'device = "tpu": unknown device \'tpu\'; choose one of auto, cpu, cuda'),
-    ('temperature = 0', 'temperature: 0', "temperature = 0.0: temperature 0.0 must be positive"),
-    ('top_k = 0', 'top_k: 0', "top_k = 0: top-k 0 must be at least 1"),
-    ('rank = -1', 'rank: -1', "rank = -1: rank -1 must be a positive integer"),
-    ('layerwise = true\ngranularity = "module"', 'layerwise: true\ngranularity: module', "give layerwise or granularity, not both"),
-    ('rank = ', 'rank: [', "not valid"),
-    ('rank = 2\nrank = 3', 'rank: 2\nrank: 3', "not valid"),  # a key given twice: TOML refuses it, and so does fedbip's YAML
+    ('temperature = "hot"', "temperature: hot", 'temperature = "hot": expected a number'),
+    ("overwrite = 1", "overwrite: 1", "overwrite = 1: expected true or false"),
+    ("cache = 3", "cache: 3", "cache = 3: expected a directory"),
+    (
+        'combine = "mean"',
+        "combine: mean",
+        "combine = \"mean\": unknown combine mode 'mean'; choose one of svd, cat, linear",
+    ),
+    (
+        'weighting = "magic"',
+        "weighting: magic",
+        "weighting = \"magic\": unknown weighting 'magic'; choose one of paper, softmax",
+    ),
+    ('negative = "drop"', "negative: drop", 'negative = "drop": unknown negative mode'),
+    (
+        'granularity = "layer"',
+        "granularity: layer",
+        "granularity = \"layer\": unknown granularity 'layer'; choose one of model, block, module",
+    ),
+    ('device = "tpu"', "device: tpu", "device = \"tpu\": unknown device 'tpu'; choose one of auto, cpu, cuda"),
+    ("temperature = 0", "temperature: 0", "temperature = 0.0: temperature 0.0 must be positive"),
+    ("top_k = 0", "top_k: 0", "top_k = 0: top-k 0 must be at least 1"),
+    ("rank = -1", "rank: -1", "rank = -1: rank -1 must be a positive integer"),
+    (
+        'layerwise = true\ngranularity = "module"',
+        "layerwise: true\ngranularity: module",
+        "give layerwise or granularity, not both",
+    ),
+    ("rank = ", "rank: [", "not valid"),
+    (
+        "rank = 2\nrank = 3",
+        "rank: 2\nrank: 3",
+        "not valid",
+    ),  # a key given twice: TOML refuses it, and so does fedbip's YAML
 ]
 
 
@@ -142,7 +178,10 @@ def test_bad_config_names_file_key_and_value(tmp_path: Path, name: str, toml: st
     ("text", "message"),
     [
         ("rank: 2\nrank: 3\n", "found duplicate key 'rank'"),
-        ("- adapters/\n- more/\n", 'expected keys and values (a mapping) at the top level, found ["adapters/", "more/"]'),
+        (
+            "- adapters/\n- more/\n",
+            'expected keys and values (a mapping) at the top level, found ["adapters/", "more/"]',
+        ),
         ("base:\n", "base = null: expected a model directory or hf:// reference"),
         ("out: 2024-01-01\n", 'out = "2024-01-01": expected a directory (string)'),
         ("1: x\n", "unknown key 1"),
@@ -176,7 +215,9 @@ def test_missing_pieces_are_usage_errors(tmp_path: Path) -> None:
         merge_settings(write_config(tmp_path, 'sources = ["a"]\n'), {})
     with pytest.raises(UsageError, match="--locked needs a lock file"):
         merge_settings(write_config(tmp_path, 'sources = ["a"]\nout = "o"\nlocked = true\n'), {})
-    assert merge_settings(write_config(tmp_path, 'sources = ["a"]\nlocked = true\n'), {"out": Path("o"), "lock": Path("l")}).locked
+    assert merge_settings(
+        write_config(tmp_path, 'sources = ["a"]\nlocked = true\n'), {"out": Path("o"), "lock": Path("l")}
+    ).locked
 
 
 def test_every_key_is_a_merge_option() -> None:
@@ -210,7 +251,9 @@ def test_merge_from_config_without_sources_on_the_command_line(
     assert manifest["options"]["granularity"] == "block" and manifest["options"]["combine"] == "cat"
 
     # Flags override the file: another combine and granularity, and --overwrite for the busy out.
-    result = runner.invoke(app, ["merge", "-c", str(config), "--combine", "svd", "--granularity", "model", "--overwrite"])
+    result = runner.invoke(
+        app, ["merge", "-c", str(config), "--combine", "svd", "--granularity", "model", "--overwrite"]
+    )
     assert result.exit_code == 0, result.output
     manifest = json.loads((project / "merged" / "fedbip-manifest.json").read_text())
     assert manifest["options"]["granularity"] == "model" and manifest["options"]["combine"] == "svd"

@@ -17,7 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import dense_delta, dense_deltas, lora_rank, pattern_value, random_adapter, random_factors, read_adapter, write_lora_adapter
+from factories import (
+    dense_delta,
+    dense_deltas,
+    lora_rank,
+    pattern_value,
+    random_adapter,
+    random_factors,
+    read_adapter,
+    write_lora_adapter,
+)
 
 from fedbip_cli import pipeline
 from fedbip_cli.adapters import load_adapter
@@ -62,7 +71,12 @@ def build(scenario: str, root: Path, seed: int = 1234) -> list[Path]:
         return random_adapter(root / name, SHAPES, gen, **kw)
 
     if scenario == "mixed_ranks":
-        return [make("c0", r=1, lora_alpha=4), make("c1", r=2, lora_alpha=8), make("c2", r=3, lora_alpha=2), make("c3", r=2, lora_alpha=16)]
+        return [
+            make("c0", r=1, lora_alpha=4),
+            make("c1", r=2, lora_alpha=8),
+            make("c2", r=3, lora_alpha=2),
+            make("c3", r=2, lora_alpha=16),
+        ]
     if scenario == "rslora":
         return [
             make("c0", r=1, lora_alpha=8, use_rslora=True),
@@ -73,7 +87,9 @@ def build(scenario: str, root: Path, seed: int = 1234) -> list[Path]:
         return [
             make("c0", r=2, lora_alpha=4, rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN),
             make("c1", r=2, lora_alpha=4),
-            make("c2", r=1, lora_alpha=2, rank_pattern={"down_proj": 4}, alpha_pattern={r"layers\.1\.mlp\.down_proj": 32}),
+            make(
+                "c2", r=1, lora_alpha=2, rank_pattern={"down_proj": 4}, alpha_pattern={r"layers\.1\.mlp\.down_proj": 32}
+            ),
         ]
     if scenario == "fan_in_fan_out":
         return [make(f"c{i}", r=r, lora_alpha=4, fan_in_fan_out=True) for i, r in enumerate((2, 3, 2))]
@@ -115,7 +131,9 @@ def group_of(granularity: str) -> dict[str, str]:
     return {m: g for g, members in GROUPS[granularity].items() for m in members}
 
 
-def reference_merges(dirs: list[Path], granularity: str) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+def reference_merges(
+    dirs: list[Path], granularity: str
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     """Paper/clip weights per group and M_i^m = Σ_j P_ij ΔW_j^m for every client i."""
     deltas = reference_deltas(dirs)
     weights = {g: reference_paper_weights(reference_cosine(deltas, ms)) for g, ms in GROUPS[granularity].items()}
@@ -128,7 +146,9 @@ def reference_merges(dirs: list[Path], granularity: str) -> tuple[dict[str, torc
 
 
 def run_merge(dirs: list[Path], out: Path, **options: object) -> pipeline.MergeResult:
-    weights = WeightOptions(**{k: options.pop(k) for k in ("weighting", "negative", "temperature", "top_k") if k in options})
+    weights = WeightOptions(
+        **{k: options.pop(k) for k in ("weighting", "negative", "temperature", "top_k") if k in options}
+    )
     workspace = pipeline.load([str(d) for d in dirs])
     return pipeline.merge(workspace, MergeOptions(weights=weights, device="cpu", **options), out)
 
@@ -269,7 +289,10 @@ def tiny_base(shapes: dict[str, tuple[int, int]], conv1d: bool) -> torch.nn.Modu
             if not hasattr(parent, part):
                 parent.add_module(part, torch.nn.Module())
             parent = getattr(parent, part)
-        parent.add_module(leaf, Conv1D(out_features, in_features) if conv1d else torch.nn.Linear(in_features, out_features, bias=False))
+        parent.add_module(
+            leaf,
+            Conv1D(out_features, in_features) if conv1d else torch.nn.Linear(in_features, out_features, bias=False),
+        )
     return root
 
 
@@ -280,7 +303,9 @@ def test_reference_is_peft_get_delta_weight(tmp_path: Path, scenario: str) -> No
     peft = pytest.importorskip("peft")
     for d in build(scenario, tmp_path):
         model = peft.PeftModel.from_pretrained(tiny_base(SHAPES, conv1d=scenario == "fan_in_fan_out"), str(d))
-        layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "get_delta_weight")}
+        layers = {
+            n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "get_delta_weight")
+        }
         # peft adapts every module matching target_modules; one absent from the file keeps B = 0.
         for name, shape in SHAPES.items():
             want = dense_delta(d, name, shape)
@@ -323,7 +348,9 @@ def test_fan_in_fan_out_reference_is_transposed(tmp_path: Path) -> None:
 # --- invariants --------------------------------------------------------------------------------
 
 
-def refactored(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], gen: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def refactored(
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]], gen: torch.Generator
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(A, B) -> (G⁻¹ A, B G) with G = Q₁ diag(d) Q₂, d in [0.4, 2.5]: the same ΔW, other factors."""
     out = {}
     for module, (a, b) in factors.items():
@@ -339,7 +366,10 @@ def refactored(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], gen: torch
 def test_refactoring_leaves_similarity_unchanged(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(7)
     originals = [random_factors(SHAPES, gen, r=r) for r in (3, 2, 4)]
-    dirs = [write_lora_adapter(tmp_path / "orig" / f"c{i}", f, r=f[Q0][0].shape[0], lora_alpha=4) for i, f in enumerate(originals)]
+    dirs = [
+        write_lora_adapter(tmp_path / "orig" / f"c{i}", f, r=f[Q0][0].shape[0], lora_alpha=4)
+        for i, f in enumerate(originals)
+    ]
     # float64 storage, so the refactored adapter has the same ΔW to ~1e-15.
     moved = refactored(originals[0], gen)
     twin = write_lora_adapter(tmp_path / "c0_refactored", moved, r=3, lora_alpha=4)
@@ -365,7 +395,9 @@ def test_identical_adapters_have_similarity_one(tmp_path: Path) -> None:
     shutil.copytree(first, tmp_path / "b")
     shutil.copytree(first, tmp_path / "c")
     for granularity in GRANULARITIES:
-        result = pipeline.inspect(pipeline.load([str(tmp_path / n) for n in "abc"]), granularity=granularity, device="cpu")
+        result = pipeline.inspect(
+            pipeline.load([str(tmp_path / n) for n in "abc"]), granularity=granularity, device="cpu"
+        )
         for group in result.groups.values():
             assert_similarity_close(group.similarity, torch.ones(3, 3, dtype=torch.float64), granularity)
 
@@ -403,7 +435,12 @@ def test_top_k_one_merges_to_own_delta(tmp_path: Path, combine: str) -> None:
     for i, (client, expected) in enumerate(zip(result.similarity.clients, reference_deltas(dirs))):
         assert lora_rank(tmp_path / "out" / client, Q0) == lora_rank(dirs[i], Q0)
         for m in SHAPES:
-            assert_delta_close(dense_delta(tmp_path / "out" / client, m, SHAPES[m]), expected[m], MERGE_RTOL[torch.float32], f"{client}/{m}")
+            assert_delta_close(
+                dense_delta(tmp_path / "out" / client, m, SHAPES[m]),
+                expected[m],
+                MERGE_RTOL[torch.float32],
+                f"{client}/{m}",
+            )
 
 
 def test_identical_clients_merge_to_their_delta(tmp_path: Path) -> None:
@@ -416,7 +453,12 @@ def test_identical_clients_merge_to_their_delta(tmp_path: Path) -> None:
     for client in "abc":
         assert lora_rank(tmp_path / "out" / client, Q0) == 2
         for m in SHAPES:
-            assert_delta_close(dense_delta(tmp_path / "out" / client, m, SHAPES[m]), expected[m], MERGE_RTOL[torch.float32], f"{client}/{m}")
+            assert_delta_close(
+                dense_delta(tmp_path / "out" / client, m, SHAPES[m]),
+                expected[m],
+                MERGE_RTOL[torch.float32],
+                f"{client}/{m}",
+            )
             assert result.energy[client][m] == pytest.approx(1.0, abs=1e-12)
 
 
@@ -433,7 +475,10 @@ def e(x: float) -> float:
     ("options", "expected"),
     [
         (WeightOptions(), [[2 / 3, 1 / 3, 0], [0.5 / 1.8, 1 / 1.8, 0.3 / 1.8], [0, 0.3 / 1.3, 1 / 1.3]]),
-        (WeightOptions(negative="keep"), [[1 / 1.3, 0.5 / 1.3, -0.2 / 1.3], [0.5 / 1.8, 1 / 1.8, 0.3 / 1.8], [-0.2 / 1.1, 0.3 / 1.1, 1 / 1.1]]),
+        (
+            WeightOptions(negative="keep"),
+            [[1 / 1.3, 0.5 / 1.3, -0.2 / 1.3], [0.5 / 1.8, 1 / 1.8, 0.3 / 1.8], [-0.2 / 1.1, 0.3 / 1.1, 1 / 1.1]],
+        ),
         (
             WeightOptions(weighting="softmax", temperature=0.5),
             [
@@ -445,15 +490,33 @@ def e(x: float) -> float:
         (
             WeightOptions(weighting="softmax", negative="keep", temperature=2.0),
             [
-                [e(0.5) / (e(0.5) + e(0.25) + e(-0.1)), e(0.25) / (e(0.5) + e(0.25) + e(-0.1)), e(-0.1) / (e(0.5) + e(0.25) + e(-0.1))],
-                [e(0.25) / (e(0.25) + e(0.5) + e(0.15)), e(0.5) / (e(0.25) + e(0.5) + e(0.15)), e(0.15) / (e(0.25) + e(0.5) + e(0.15))],
-                [e(-0.1) / (e(-0.1) + e(0.15) + e(0.5)), e(0.15) / (e(-0.1) + e(0.15) + e(0.5)), e(0.5) / (e(-0.1) + e(0.15) + e(0.5))],
+                [
+                    e(0.5) / (e(0.5) + e(0.25) + e(-0.1)),
+                    e(0.25) / (e(0.5) + e(0.25) + e(-0.1)),
+                    e(-0.1) / (e(0.5) + e(0.25) + e(-0.1)),
+                ],
+                [
+                    e(0.25) / (e(0.25) + e(0.5) + e(0.15)),
+                    e(0.5) / (e(0.25) + e(0.5) + e(0.15)),
+                    e(0.15) / (e(0.25) + e(0.5) + e(0.15)),
+                ],
+                [
+                    e(-0.1) / (e(-0.1) + e(0.15) + e(0.5)),
+                    e(0.15) / (e(-0.1) + e(0.15) + e(0.5)),
+                    e(0.5) / (e(-0.1) + e(0.15) + e(0.5)),
+                ],
             ],
         ),
         (WeightOptions(top_k=2), [[2 / 3, 1 / 3, 0], [0.5 / 1.5, 1 / 1.5, 0], [0, 0.3 / 1.3, 1 / 1.3]]),
-        (WeightOptions(top_k=2, negative="keep"), [[2 / 3, 1 / 3, 0], [0.5 / 1.5, 1 / 1.5, 0], [0, 0.3 / 1.3, 1 / 1.3]]),
+        (
+            WeightOptions(top_k=2, negative="keep"),
+            [[2 / 3, 1 / 3, 0], [0.5 / 1.5, 1 / 1.5, 0], [0, 0.3 / 1.3, 1 / 1.3]],
+        ),
         (WeightOptions(top_k=1), [[1, 0, 0], [0, 1, 0], [0, 0, 1]]),
-        (WeightOptions(top_k=3, negative="keep"), [[1 / 1.3, 0.5 / 1.3, -0.2 / 1.3], [0.5 / 1.8, 1 / 1.8, 0.3 / 1.8], [-0.2 / 1.1, 0.3 / 1.1, 1 / 1.1]]),
+        (
+            WeightOptions(top_k=3, negative="keep"),
+            [[1 / 1.3, 0.5 / 1.3, -0.2 / 1.3], [0.5 / 1.8, 1 / 1.8, 0.3 / 1.8], [-0.2 / 1.1, 0.3 / 1.1, 1 / 1.1]],
+        ),
     ],
     ids=["paper", "paper-keep", "softmax-T0.5", "softmax-keep-T2", "top2", "top2-keep", "top1", "top3-keep"],
 )
@@ -474,7 +537,9 @@ def test_top_k_keeps_self_and_breaks_ties_to_lower_index() -> None:
     ]
     tied = torch.tensor([[1.0, 0.4, 0.4], [0.4, 1.0, 0.4], [0.4, 0.4, 1.0]], dtype=torch.float64)
     weights = personalized_weights(tied, WeightOptions(top_k=2))
-    assert torch.allclose(weights, torch.tensor([[1, 0.4, 0], [0.4, 1, 0], [0.4, 0, 1]], dtype=torch.float64) / 1.4, atol=1e-15)
+    assert torch.allclose(
+        weights, torch.tensor([[1, 0.4, 0], [0.4, 1, 0], [0.4, 0, 1]], dtype=torch.float64) / 1.4, atol=1e-15
+    )
     softmax = personalized_weights(tied, WeightOptions(weighting="softmax", top_k=2))
     assert ((softmax > 0) == (weights > 0)).all()
 
@@ -483,7 +548,9 @@ def test_keep_with_non_positive_row_sum_raises() -> None:
     similarity = torch.tensor([[1.0, -0.6, -0.6], [-0.6, 1.0, 0.1], [-0.6, 0.1, 1.0]], dtype=torch.float64)
     with pytest.raises(FedbipError, match=r"row\(s\) \[0\]"):
         personalized_weights(similarity, WeightOptions(negative="keep"))
-    assert torch.allclose(personalized_weights(similarity, WeightOptions())[0], torch.tensor([1.0, 0, 0], dtype=torch.float64))
+    assert torch.allclose(
+        personalized_weights(similarity, WeightOptions())[0], torch.tensor([1.0, 0, 0], dtype=torch.float64)
+    )
 
 
 @pytest.mark.parametrize(
@@ -535,7 +602,11 @@ def test_cat_merge_is_exact(tmp_path: Path, scenario: str, granularity: str) -> 
         for m in SHAPES:
             got = dense_delta(tmp_path / "out" / client, m, SHAPES[m])
             assert_delta_close(got, expected[i][m], MERGE_RTOL[dtype], f"{scenario}/{client}/{m}")
-            contributing = [j for j, d in enumerate(dirs) if weights[group_of(granularity)[m]][i, j] != 0 and f"{m}.lora_A.weight" in read_adapter(d)[1]]
+            contributing = [
+                j
+                for j, d in enumerate(dirs)
+                if weights[group_of(granularity)[m]][i, j] != 0 and f"{m}.lora_A.weight" in read_adapter(d)[1]
+            ]
             rank = sum(lora_rank(dirs[j], m) for j in contributing)
             assert (lora_rank(tmp_path / "out" / client, m) if rank else 0) == rank
 
@@ -577,7 +648,12 @@ def test_svd_truncation_equals_dense_truncated_svd(tmp_path: Path, rank: int) ->
             truncated = (u[:, :keep] * sigma[:keep]) @ vh[:keep]
             energy = float((sigma[:keep] ** 2).sum() / (sigma**2).sum())
             assert lora_rank(tmp_path / "out" / client, m) == keep
-            assert_delta_close(dense_delta(tmp_path / "out" / client, m, SHAPES[m]), truncated, MERGE_RTOL[torch.float32], f"{client}/{m}")
+            assert_delta_close(
+                dense_delta(tmp_path / "out" / client, m, SHAPES[m]),
+                truncated,
+                MERGE_RTOL[torch.float32],
+                f"{client}/{m}",
+            )
             assert result.energy[client][m] == pytest.approx(energy, rel=1e-10)
             assert result.manifest["energy_kept"][client][m] == result.energy[client][m]
     assert truncated_modules >= len(SHAPES)  # the truncation really drops something, often
@@ -589,9 +665,17 @@ def test_linear_merge_averages_factors(tmp_path: Path, fan_in_fan_out: bool) -> 
     alphas = (4, 16, 2)
     # A shared initialisation plus client noise (FedIT's setting): positive similarities, dense weights.
     shared = random_factors(SHAPES, gen, r=2)
-    raw = [{m: (a + 0.7 * n[0], b + 0.7 * n[1]) for (m, (a, b)), n in zip(shared.items(), random_factors(SHAPES, gen, r=2).values())} for _ in alphas]
+    raw = [
+        {
+            m: (a + 0.7 * n[0], b + 0.7 * n[1])
+            for (m, (a, b)), n in zip(shared.items(), random_factors(SHAPES, gen, r=2).values())
+        }
+        for _ in alphas
+    ]
     dirs = [
-        write_lora_adapter(tmp_path / "in" / f"c{i}", f, r=2, lora_alpha=alpha, fan_in_fan_out=fan_in_fan_out, dtype=torch.float32)
+        write_lora_adapter(
+            tmp_path / "in" / f"c{i}", f, r=2, lora_alpha=alpha, fan_in_fan_out=fan_in_fan_out, dtype=torch.float32
+        )
         for i, (f, alpha) in enumerate(zip(raw, alphas))
     ]
     stored = [read_adapter(d)[1] for d in dirs]
@@ -606,7 +690,9 @@ def test_linear_merge_averages_factors(tmp_path: Path, fan_in_fan_out: bool) -> 
             b = sum(p[i, j] * (alphas[j] / 2) * stored[j][f"{m}.lora_B.weight"].double() for j in range(3))
             a = sum(p[i, j] * stored[j][f"{m}.lora_A.weight"].double() for j in range(3))
             want = (b @ a).T if fan_in_fan_out else b @ a
-            assert_delta_close(dense_delta(tmp_path / "out" / f"c{i}", m, SHAPES[m]), want, MERGE_RTOL[torch.float32], f"c{i}/{m}")
+            assert_delta_close(
+                dense_delta(tmp_path / "out" / f"c{i}", m, SHAPES[m]), want, MERGE_RTOL[torch.float32], f"c{i}/{m}"
+            )
             assert lora_rank(tmp_path / "out" / f"c{i}", m) == 2
     exact = sum(p[0, j] * dense_delta(dirs[j], Q0, SHAPES[Q0]) for j in range(3))
     assert relative_error(dense_delta(tmp_path / "out" / "c0", Q0, SHAPES[Q0]), exact) > 1e-2  # linear is not Σ P ΔW
@@ -644,7 +730,12 @@ def test_zero_weight_clients_are_skipped(tmp_path: Path, combine: str) -> None:
         for m in SHAPES:
             want = stacked[client] if combine == "cat" else min(stacked[client], *SHAPES[m])
             assert lora_rank(tmp_path / "out" / client, m) == want
-            assert_delta_close(dense_delta(tmp_path / "out" / client, m, SHAPES[m]), expected[i][m], MERGE_RTOL[torch.float32], f"{client}/{m}")
+            assert_delta_close(
+                dense_delta(tmp_path / "out" / client, m, SHAPES[m]),
+                expected[i][m],
+                MERGE_RTOL[torch.float32],
+                f"{client}/{m}",
+            )
 
 
 # --- determinism and manifest --------------------------------------------------------------------
@@ -660,7 +751,14 @@ def test_merge_is_byte_identical_and_manifest_is_faithful(tmp_path: Path) -> Non
     run_merge(dirs, tmp_path / "two", granularity="block", rank=2)
 
     one, two = tree_bytes(tmp_path / "one"), tree_bytes(tmp_path / "two")
-    assert sorted(one) == sorted([MANIFEST_NAME] + [f"{c}/{f}" for c in ("c0", "c1", "c2") for f in ("README.md", "adapter_config.json", "adapter_model.safetensors")])
+    assert sorted(one) == sorted(
+        [MANIFEST_NAME]
+        + [
+            f"{c}/{f}"
+            for c in ("c0", "c1", "c2")
+            for f in ("README.md", "adapter_config.json", "adapter_model.safetensors")
+        ]
+    )
     assert one == two
 
     record = json.loads(one[MANIFEST_NAME])
@@ -696,7 +794,11 @@ def test_merge_is_byte_identical_and_manifest_is_faithful(tmp_path: Path) -> Non
     assert HEAD not in record["energy_kept"]["c1"]  # c1 does not target lm_head and takes only itself there
     assert set(record["outputs"]) == {"c0", "c1", "c2"}
     for client, files in record["outputs"].items():
-        assert sorted(files) == [f"{client}/README.md", f"{client}/adapter_config.json", f"{client}/adapter_model.safetensors"]
+        assert sorted(files) == [
+            f"{client}/README.md",
+            f"{client}/adapter_config.json",
+            f"{client}/adapter_model.safetensors",
+        ]
         for rel, digest in files.items():
             assert digest == hashlib.sha256(one[rel]).hexdigest()
 
@@ -708,7 +810,9 @@ def test_merged_adapter_loads_back(tmp_path: Path) -> None:
     for client in ("c0", "c1", "c2"):
         adapter = load_adapter(ResolvedSource(client, tmp_path / "out" / client, client))
         assert all(spec.scale == 1.0 for spec in adapter.modules.values())
-        assert {m: spec.rank for m, spec in adapter.modules.items()} == {m: lora_rank(tmp_path / "out" / client, m) for m in adapter.modules}
+        assert {m: spec.rank for m, spec in adapter.modules.items()} == {
+            m: lora_rank(tmp_path / "out" / client, m) for m in adapter.modules
+        }
 
 
 # --- output safety -----------------------------------------------------------------------------
@@ -740,7 +844,11 @@ def test_empty_out_is_accepted(tmp_path: Path) -> None:
 def test_out_overlapping_a_source_is_refused(tmp_path: Path, where: str) -> None:
     dirs = build("mixed_ranks", tmp_path / "clients")
     specs = [str(tmp_path / "clients")] if where == "inside-parent-spec" else [str(d) for d in dirs]
-    out = {"inside-client": dirs[0] / "merged", "inside-parent-spec": tmp_path / "clients" / "merged", "contains-sources": tmp_path}[where]
+    out = {
+        "inside-client": dirs[0] / "merged",
+        "inside-parent-spec": tmp_path / "clients" / "merged",
+        "contains-sources": tmp_path,
+    }[where]
     before = tree_bytes(tmp_path)
     with pytest.raises(OutputError):
         pipeline.merge(pipeline.load(specs), MergeOptions(device="cpu"), out, overwrite=True)
@@ -749,7 +857,9 @@ def test_out_overlapping_a_source_is_refused(tmp_path: Path, where: str) -> None
 
 
 @pytest.mark.parametrize("existing", [False, True])
-def test_failure_mid_write_leaves_no_partial_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool) -> None:
+def test_failure_mid_write_leaves_no_partial_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool
+) -> None:
     dirs = build("mixed_ranks", tmp_path / "in")
     out = tmp_path / "out"
     if existing:

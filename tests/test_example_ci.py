@@ -69,7 +69,9 @@ class Pipeline:
         return make_hub_cache(self.hub, self.hub_repo, repository_files(built))
 
     def sh(self, command: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["bash", "-c", command], cwd=self.repo, env=self.env, capture_output=True, text=True, check=False)
+        return subprocess.run(
+            ["bash", "-c", command], cwd=self.repo, env=self.env, capture_output=True, text=True, check=False
+        )
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +111,9 @@ def test_the_workflow_commands_locally(pipeline: Pipeline) -> None:
     assert summary["cache"]["dir"] == str(pipeline.repo / ".fedbip-cache")
     assert summary["cache"]["computed"] == 0  # the developer's run filled the cache with every pair
     for client in clients:
-        assert (pipeline.out / client / "README.md").is_file() and (pipeline.out / client / "adapter_model.safetensors").is_file()
+        assert (pipeline.out / client / "README.md").is_file() and (
+            pipeline.out / client / "adapter_model.safetensors"
+        ).is_file()
     manifest = json.loads((pipeline.out / "fedbip-manifest.json").read_text())
     assert manifest["options"]["top_k"] == 4 and manifest["base"]["source"] == f"hf://{pipeline.base_repo}"
     assert all(1 <= sum(1 for w in row if w) <= 4 for w in summary["weights"].values() for row in w)
@@ -131,5 +135,7 @@ def test_the_workflow_fails_when_the_hub_moves(pipeline: Pipeline) -> None:
     assert accepted.returncode == 0, accepted.stderr
     modules, moved_clients, total = len(SHAPES), 4, 6
     cache = json.loads(accepted.stdout)["cache"]
-    assert cache["computed"] == modules * (moved_clients * (moved_clients + 1) // 2 + moved_clients * (total - moved_clients))
+    assert cache["computed"] == modules * (
+        moved_clients * (moved_clients + 1) // 2 + moved_clients * (total - moved_clients)
+    )
     assert all(pipeline.sh(command).returncode == 0 for command in fedbip_commands())

@@ -140,21 +140,29 @@ def test_the_fixture_is_not_trivial(bert: Reference) -> None:
 @pytest.mark.parametrize("chunk", [None, CHUNK])
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("model", ["bert", "gpt2"])
-def test_similarity_matches_dense_reference(model: str, granularity: str, chunk: int | None, request: pytest.FixtureRequest) -> None:
+def test_similarity_matches_dense_reference(
+    model: str, granularity: str, chunk: int | None, request: pytest.FixtureRequest
+) -> None:
     ref: Reference = request.getfixturevalue(model)
     result = pipeline.inspect(load(ref, chunk), granularity=granularity, device="cpu")
     expected = reference_groups(ref, granularity)
     assert result.clients == ref.full.clients
     assert {name: set(g.modules) for name, g in result.groups.items()} == expected
     if granularity == "block":
-        outside = {"embeddings.word_embeddings", "embeddings.LayerNorm", "pooler.dense"} if model == "bert" else {"wte", "wpe", "ln_f"}
+        outside = (
+            {"embeddings.word_embeddings", "embeddings.LayerNorm", "pooler.dense"}
+            if model == "bert"
+            else {"wte", "wpe", "ln_f"}
+        )
         assert outside | {"encoder.layer.1" if model == "bert" else "h.1"} <= set(expected)
     for name, group in result.groups.items():
         dense = reference_cosine(ref.deltas, sorted(expected[name]))
         assert torch.allclose(group.similarity, dense, atol=SIM_ATOL, rtol=0), name
         norms = torch.stack([torch.cat([d[n].flatten() for n in expected[name]]).norm() for d in ref.deltas])
         assert torch.allclose(group.norms, norms, rtol=1e-12, atol=0), name
-    if granularity == "module" and model == "bert":  # a client that left the embeddings alone is similar to no one there
+    if (
+        granularity == "module" and model == "bert"
+    ):  # a client that left the embeddings alone is similar to no one there
         s = result.groups["embeddings.word_embeddings"].similarity
         assert s[1].tolist() == [0.0, 1.0, 0.0, 0.0]
 
@@ -163,14 +171,20 @@ def test_similarity_matches_dense_reference(model: str, granularity: str, chunk:
 
 
 @pytest.mark.parametrize("granularity", ["model", "block"])
-def test_merged_checkpoints_equal_base_plus_weighted_deltas_and_load(bert: Reference, granularity: str, tmp_path: Path) -> None:
+def test_merged_checkpoints_equal_base_plus_weighted_deltas_and_load(
+    bert: Reference, granularity: str, tmp_path: Path
+) -> None:
     out = pipeline.merge(load(bert), MergeOptions(granularity=granularity, device="cpu"), tmp_path / "out").out
     merged = reference_merged(bert, granularity)
     input_ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
     plain = forward(AutoModel.from_pretrained(bert.full.base).eval(), input_ids)
     worst = 0.0
     for i, client in enumerate(bert.full.clients):
-        assert sorted(p.name for p in (out / client).iterdir()) == ["README.md", "config.json", WEIGHTS_NAME]  # README.md: the card
+        assert sorted(p.name for p in (out / client).iterdir()) == [
+            "README.md",
+            "config.json",
+            WEIGHTS_NAME,
+        ]  # README.md: the card
         assert (out / client / "config.json").read_bytes() == (bert.full.base / "config.json").read_bytes()
         got = load_file(out / client / WEIGHTS_NAME)
         assert set(got) == set(bert.base)
@@ -197,7 +211,9 @@ def test_manifest_and_byte_identical_reruns(bert: Reference, tmp_path: Path) -> 
     # their last bits: the Grams are summed in another order).
     pipeline.merge(load(bert, chunk=None), options, tmp_path / "whole")
     whole = tree_bytes(tmp_path / "whole")
-    assert {k: v for k, v in tree_bytes(tmp_path / "one").items() if k != MANIFEST_NAME} == {k: v for k, v in whole.items() if k != MANIFEST_NAME}
+    assert {k: v for k, v in tree_bytes(tmp_path / "one").items() if k != MANIFEST_NAME} == {
+        k: v for k, v in whole.items() if k != MANIFEST_NAME
+    }
 
     record = json.loads((tmp_path / "one" / MANIFEST_NAME).read_text(encoding="utf-8"))
     assert record == first.manifest
@@ -208,11 +224,15 @@ def test_manifest_and_byte_identical_reruns(bert: Reference, tmp_path: Path) -> 
         assert entry["tensors"] == len(bert.base)
     outputs = {path: digest for files in record["outputs"].values() for path, digest in files.items()}
     assert outputs == {
-        str(p.relative_to(tmp_path / "one")): sha256(p) for p in (tmp_path / "one").rglob("*") if p.is_file() and p.name != MANIFEST_NAME
+        str(p.relative_to(tmp_path / "one")): sha256(p)
+        for p in (tmp_path / "one").rglob("*")
+        if p.is_file() and p.name != MANIFEST_NAME
     }
     weights = reference_weights(bert, "block")
     for group in record["groups"].values():
-        assert torch.allclose(torch.tensor(group["weights"], dtype=torch.float64), weights[group["modules"][0]], atol=1e-12)
+        assert torch.allclose(
+            torch.tensor(group["weights"], dtype=torch.float64), weights[group["modules"][0]], atol=1e-12
+        )
 
 
 def test_integer_buffers_dtype_and_tokenizer_come_from_the_base(tmp_path: Path) -> None:
@@ -233,11 +253,19 @@ def test_integer_buffers_dtype_and_tokenizer_come_from_the_base(tmp_path: Path) 
         "mask": torch.tensor([True, False, True]),
     }
     save(tmp_path / "base", base)
-    extras = {"generation_config.json": '{"max_length": 9}', "tokenizer.json": '{"model": {}}', "vocab.txt": "a\nb\n", "notes.md": "not copied"}
+    extras = {
+        "generation_config.json": '{"max_length": 9}',
+        "tokenizer.json": '{"model": {}}',
+        "vocab.txt": "a\nb\n",
+        "notes.md": "not copied",
+    }
     for name, text in extras.items():
         (tmp_path / "base" / name).write_text(text)
     for i in range(3):
-        client = {n: (t + 0.1 * torch.randn(t.shape, generator=gen)).bfloat16() if t.is_floating_point() else t for n, t in base.items()}
+        client = {
+            n: (t + 0.1 * torch.randn(t.shape, generator=gen)).bfloat16() if t.is_floating_point() else t
+            for n, t in base.items()
+        }
         client["position_ids"] = torch.arange(7) * (i + 2)
         client["mask"] = ~base["mask"]
         save(tmp_path / "ft" / f"c{i}", client)
@@ -247,7 +275,9 @@ def test_integer_buffers_dtype_and_tokenizer_come_from_the_base(tmp_path: Path) 
     out = pipeline.merge(workspace, MergeOptions(granularity="block", device="cpu"), tmp_path / "out").out
     merged = reference_merged(ref, "block")
     for i, client in enumerate(ref.full.clients):
-        assert sorted(p.name for p in (out / client).iterdir()) == sorted(["README.md", "config.json", WEIGHTS_NAME, *extras.keys() - {"notes.md"}])
+        assert sorted(p.name for p in (out / client).iterdir()) == sorted(
+            ["README.md", "config.json", WEIGHTS_NAME, *extras.keys() - {"notes.md"}]
+        )
         assert all((out / client / n).read_text() == extras[n] for n in extras if n != "notes.md")
         got = load_file(out / client / WEIGHTS_NAME)
         assert torch.equal(got["position_ids"], base["position_ids"]) and torch.equal(got["mask"], base["mask"])
@@ -280,7 +310,9 @@ def test_sharded_output_through_the_cli(bert: Reference, tmp_path: Path) -> None
         got = read_model(sharded / client)
         assert got.keys() == reference_tensors.keys() and all(torch.equal(got[n], reference_tensors[n]) for n in got)
         model = AutoModel.from_pretrained(sharded / client).eval()
-        assert all(torch.equal(p, reference_tensors[n]) for n, p in model.state_dict().items() if n in reference_tensors)
+        assert all(
+            torch.equal(p, reference_tensors[n]) for n, p in model.state_dict().items() if n in reference_tensors
+        )
         assert set(summary["outputs"][client]) == {f"{client}/{p.name}" for p in (sharded / client).iterdir()}
 
 
@@ -289,7 +321,12 @@ def test_dry_run_plans_sizes_and_writes_nothing(bert: Reference, tmp_path: Path)
     args = ("merge", bert.full.checkpoints, "--base", bert.full.base, "--out", out, "--dry-run")
     plan = json.loads(invoke(*args, "--json", "--max-shard-size", "20KB").stdout)
     total = sum(t.numel() * t.element_size() for t in bert.base.values())
-    assert (plan["kind"], plan["output"], plan["tensors"], plan["task_tensors"]) == ("full", "checkpoint", len(bert.base), len(bert.names))
+    assert (plan["kind"], plan["output"], plan["tensors"], plan["task_tensors"]) == (
+        "full",
+        "checkpoint",
+        len(bert.base),
+        len(bert.names),
+    )
     assert plan["output_bytes"] == 4 * total and plan["shards"] > 3
     plan = json.loads(invoke(*args, "--json", "--to-lora", "4").stdout)
     linear = [n for n, t in bert.base.items() if t.ndim == 2 and "embeddings" not in n]
@@ -301,19 +338,25 @@ def test_dry_run_plans_sizes_and_writes_nothing(bert: Reference, tmp_path: Path)
 
 
 def test_inspect_similarity_through_the_cli(bert: Reference) -> None:
-    result = invoke("inspect-similarity", bert.full.checkpoints, "--base", bert.full.base, "--layerwise", "--format", "json")
+    result = invoke(
+        "inspect-similarity", bert.full.checkpoints, "--base", bert.full.base, "--layerwise", "--format", "json"
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     groups = reference_groups(bert, "block")
     assert set(data["groups"]) == set(groups)
     dense = reference_cosine(bert.deltas, sorted(groups["encoder.layer.0"]))
-    assert torch.allclose(torch.tensor(data["groups"]["encoder.layer.0"]["similarity"], dtype=torch.float64), dense, atol=1e-12)
+    assert torch.allclose(
+        torch.tensor(data["groups"]["encoder.layer.0"]["similarity"], dtype=torch.float64), dense, atol=1e-12
+    )
 
 
 # --- --to-lora -------------------------------------------------------------------------------------
 
 
-def check_to_lora(ref: Reference, out: Path, rank: int, granularity: str, energy_atol: float, delta_rtol: float) -> dict:
+def check_to_lora(
+    ref: Reference, out: Path, rank: int, granularity: str, energy_atol: float, delta_rtol: float
+) -> dict:
     """Every client's adapter loads in peft without complaint, its deltas are M's rank-``rank``
     truncation, and the manifest's energies are the dense SVD's. Returns the manifest."""
     record = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
@@ -336,7 +379,9 @@ def check_to_lora(ref: Reference, out: Path, rank: int, granularity: str, energy
             energy = energy_kept(m, rank)
             assert record["energy_kept"][client][module] == pytest.approx(energy, abs=energy_atol), (client, module)
             kept_energy += energy * float((m * m).sum())
-        assert record["to_lora"]["delta_energy_kept"][client] == pytest.approx(kept_energy / total_energy, abs=energy_atol)
+        assert record["to_lora"]["delta_energy_kept"][client] == pytest.approx(
+            kept_energy / total_energy, abs=energy_atol
+        )
     return record
 
 
@@ -378,7 +423,9 @@ def test_to_lora_on_conv1d_with_a_spectral_tail(gpt2: Reference, tmp_path: Path)
     out = pipeline.merge(load(gpt2), MergeOptions(to_lora=4, device="cpu"), tmp_path / "out").out
     record = check_to_lora(gpt2, out, 4, "model", energy_atol=1e-4, delta_rtol=2e-2)
     assert json.loads((out / "gf_one" / "adapter_config.json").read_text(encoding="utf-8"))["fan_in_fan_out"] is True
-    assert sorted(record["to_lora"]["modules"]) == sorted(n.removesuffix(".weight") for n in gpt2.names if re.search(r"c_\w+\.weight$", n))
+    assert sorted(record["to_lora"]["modules"]) == sorted(
+        n.removesuffix(".weight") for n in gpt2.names if re.search(r"c_\w+\.weight$", n)
+    )
     assert max(e for per_client in record["energy_kept"].values() for e in per_client.values()) < 0.95
     again = pipeline.merge(load(gpt2), MergeOptions(to_lora=4, device="cpu"), tmp_path / "again").out
     assert tree_bytes(out) == tree_bytes(again)  # the sketch is seeded
@@ -426,7 +473,11 @@ def break_set(ref: Reference, root: Path, how: str) -> tuple[list[str], tuple[st
         adapter = root / "adapter"
         adapter.mkdir()
         (adapter / "adapter_config.json").write_text("{}")
-        return [str(checkpoints), str(adapter), *base], ("LoRA adapters (adapter) and full fine-tuned checkpoints (ft_a, ft_b, ft_c, ft_d)",), 1
+        return (
+            [str(checkpoints), str(adapter), *base],
+            ("LoRA adapters (adapter) and full fine-tuned checkpoints (ft_a, ft_b, ft_c, ft_d)",),
+            1,
+        )
     if how == "copy-of-base":
         shutil.rmtree(client)
         shutil.copytree(ref.full.base, client)
@@ -442,7 +493,20 @@ def break_set(ref: Reference, root: Path, how: str) -> tuple[list[str], tuple[st
 
 @pytest.mark.parametrize(
     "how",
-    ["no-base", "extra-tensor", "missing-tensor", "shape", "nan", "pickled", "shard-missing", "mixed", "copy-of-base", "rank", "combine", "shard-size"],
+    [
+        "no-base",
+        "extra-tensor",
+        "missing-tensor",
+        "shape",
+        "nan",
+        "pickled",
+        "shard-missing",
+        "mixed",
+        "copy-of-base",
+        "rank",
+        "combine",
+        "shard-size",
+    ],
 )
 def test_bad_checkpoints_are_one_line_errors_and_nothing_is_written(bert: Reference, tmp_path: Path, how: str) -> None:
     args, needles, code = break_set(bert, tmp_path, how)
@@ -486,16 +550,33 @@ def schema_errors(name: str, document: dict) -> list[str]:
 
 def test_cards_and_command_reproduce_a_full_merge(bert: Reference, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = invoke("merge", bert.full.checkpoints, "--base", bert.full.base, "--out", out, "--layerwise", "--max-shard-size", "20KB", "--device", "cpu")
+    result = invoke(
+        "merge",
+        bert.full.checkpoints,
+        "--base",
+        bert.full.base,
+        "--out",
+        out,
+        "--layerwise",
+        "--max-shard-size",
+        "20KB",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     record = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
     command = record["command"]
-    assert command.startswith(f"fedbip merge {bert.full.checkpoints} --out OUT --base {bert.full.base} --granularity block")
+    assert command.startswith(
+        f"fedbip merge {bert.full.checkpoints} --out OUT --base {bert.full.base} --granularity block"
+    )
     assert "--max-shard-size 20KB --device cpu" in command and "--combine" not in command and "--rank" not in command
     for client in bert.full.clients:
         card = (out / client / "README.md").read_text(encoding="utf-8")
         assert "library_name: transformers\n" in card and "- full-fine-tuning\n" in card
-        assert "personalized checkpoint: W_base + Σ_j P_ij ΔW_j" in card and "- energy kept: all (the merge is exact)" in card
+        assert (
+            "personalized checkpoint: W_base + Σ_j P_ij ΔW_j" in card
+            and "- energy kept: all (the merge is exact)" in card
+        )
         assert f"```bash\n{command}\n```" in card and str(out) not in card
         for entry in record["inputs"]:
             assert all(digest in card for digest in entry["files"].values())
@@ -510,8 +591,17 @@ def test_to_lora_card_summary_and_plan_match_the_schemas(bert: Reference, tmp_pa
     args = ("merge", bert.full.checkpoints, "--base", bert.full.base, "--device", "cpu", "--json")
     summary = json.loads(invoke(*args, "--out", tmp_path / "lora", "--to-lora", "2").stdout)
     assert schema_errors("merge-summary.schema.json", summary) == []
-    assert (summary["kind"], summary["output"], summary["combine"], summary["rank"]) == ("full", "lora", "randomized-svd", 2)
-    assert summary["cache"] == {"dir": summary["cache"]["dir"], "hits": 0, "computed": 0}  # the dense path keeps no cache
+    assert (summary["kind"], summary["output"], summary["combine"], summary["rank"]) == (
+        "full",
+        "lora",
+        "randomized-svd",
+        2,
+    )
+    assert summary["cache"] == {
+        "dir": summary["cache"]["dir"],
+        "hits": 0,
+        "computed": 0,
+    }  # the dense path keeps no cache
     card = (tmp_path / "lora" / bert.full.clients[0] / "README.md").read_text(encoding="utf-8")
     assert "library_name: peft\n" in card and "rank-2 LoRA adapter of the personalized delta" in card
     assert "- combine: randomized-svd at rank 2" in card and "share of the whole delta's energy" in card
@@ -522,9 +612,13 @@ def test_to_lora_card_summary_and_plan_match_the_schemas(bert: Reference, tmp_pa
     for extra in ((), ("--to-lora", "2")):
         plan = json.loads(invoke(*args, "--out", tmp_path / "plan", "--dry-run", *extra).stdout)
         assert schema_errors("dry-run.schema.json", plan) == [] and plan["kind"] == "full"
-        assert plan["base"]["source"] == str(bert.full.base) and plan["sources"] == [{"spec": str(bert.full.checkpoints), "clients": bert.full.clients}]
+        assert plan["base"]["source"] == str(bert.full.base) and plan["sources"] == [
+            {"spec": str(bert.full.checkpoints), "clients": bert.full.clients}
+        ]
     assert schema_errors("dry-run.schema.json", {**plan, "modules": 3}) != []  # an adapters' field is not a full plan's
-    inspected = json.loads(invoke("inspect-similarity", bert.full.checkpoints, "--base", bert.full.base, "--format", "json").stdout)
+    inspected = json.loads(
+        invoke("inspect-similarity", bert.full.checkpoints, "--base", bert.full.base, "--format", "json").stdout
+    )
     assert schema_errors("inspect.schema.json", inspected) == []
 
 

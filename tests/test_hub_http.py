@@ -28,7 +28,10 @@ SHAPES = {"encoder.layer.0.attention.self.query": (64, 48), "encoder.layer.1.att
 
 def adapters(root: Path, seed: int) -> dict[str, bytes]:
     """Two adapters ``a/`` and ``b/`` as repository files."""
-    made = {name: random_adapter(root / f"seed{seed}" / name, SHAPES, torch.Generator().manual_seed(seed + i)) for i, name in enumerate("ab")}
+    made = {
+        name: random_adapter(root / f"seed{seed}" / name, SHAPES, torch.Generator().manual_seed(seed + i))
+        for i, name in enumerate("ab")
+    }
     return repository_files(made)
 
 
@@ -116,7 +119,9 @@ def test_a_cached_base_is_read_from_the_cache(hub: FakeHub, tmp_path: Path) -> N
     run = Run(hub, tmp_path)
     assert make_hub_cache(run.hf_home / "hub", "org/base", files) == commit  # as downloaded by an earlier run
 
-    result = run("hf://org/adapters", "--base", "hf://org/base", "--out", str(tmp_path / "merged"), "--dry-run", "--json")
+    result = run(
+        "hf://org/adapters", "--base", "hf://org/base", "--out", str(tmp_path / "merged"), "--dry-run", "--json"
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["base"] == {"source": "hf://org/base", "revision": commit}
     assert [r for r in hub.file_requests() if r.repo_id == "org/base"] == []  # nothing of the base: all cached
@@ -128,7 +133,16 @@ def test_locked_refuses_a_moved_branch_before_downloading_weights(hub: FakeHub, 
     hub.push("org/base", base_files)
     run = Run(hub, tmp_path)
     lock = tmp_path / "fedbip.lock"
-    common = ("hf://org/adapters", "--base", "hf://org/base", "--out", str(tmp_path / "merged"), "--lock", str(lock), "--no-cache")
+    common = (
+        "hf://org/adapters",
+        "--base",
+        "hf://org/base",
+        "--out",
+        str(tmp_path / "merged"),
+        "--lock",
+        str(lock),
+        "--no-cache",
+    )
 
     merged = run(*common)
     assert merged.returncode == 0, merged.stderr
@@ -156,7 +170,17 @@ def test_dry_run_over_hub_checkpoints_reads_only_headers(hub: FakeHub, tmp_path:
     base_commit = hub.push("org/base", base_files)
     run = Run(hub, tmp_path)
 
-    planned = run("hf://org/ft", "--base", "hf://org/base", "--out", str(tmp_path / "merged"), "--dry-run", "--json", "--to-lora", "2")
+    planned = run(
+        "hf://org/ft",
+        "--base",
+        "hf://org/base",
+        "--out",
+        str(tmp_path / "merged"),
+        "--dry-run",
+        "--json",
+        "--to-lora",
+        "2",
+    )
     assert planned.returncode == 0, planned.stderr
     plan = json.loads(planned.stdout)
     assert [c["name"] for c in plan["clients"]] == full.clients
@@ -183,5 +207,7 @@ def test_dry_run_over_hub_checkpoints_reads_only_headers(hub: FakeHub, tmp_path:
     hub.push("org/ft", odd)
     hub.requests.clear()
     refused = run("hf://org/ft", "--base", "hf://org/base", "--out", str(tmp_path / "merged"), "--dry-run")
-    assert refused.returncode == 1 and f"tensor {first} has shape" in refused.stderr and "Traceback" not in refused.stderr
+    assert (
+        refused.returncode == 1 and f"tensor {first} has shape" in refused.stderr and "Traceback" not in refused.stderr
+    )
     only_headers_read(hub, "org/ft", odd)

@@ -23,7 +23,10 @@ runner = CliRunner()
 def adapter_files(root: Path, names: list[str], seed: int) -> dict[str, bytes]:
     """Adapters ``names`` as repository files ``<name>/adapter_*``."""
     return repository_files(
-        {name: random_adapter(root / f"seed{seed}" / name, SHAPES, torch.Generator().manual_seed(seed + i)) for i, name in enumerate(names)}
+        {
+            name: random_adapter(root / f"seed{seed}" / name, SHAPES, torch.Generator().manual_seed(seed + i))
+            for i, name in enumerate(names)
+        }
     )
 
 
@@ -79,10 +82,14 @@ def test_lock_records_commits_and_file_hashes(project: Project) -> None:
     hub = lock["sources"]["hf://org/adapters"]
     assert sorted(hub) == ["a", "b"] and {entry["revision"] for entry in hub.values()} == {project.commit}
     snapshot = project.hub / "models--org--adapters" / "snapshots" / project.commit
-    assert hub["b"]["files"] == {f: sha256(snapshot / "b" / f) for f in ("adapter_config.json", "adapter_model.safetensors")}
+    assert hub["b"]["files"] == {
+        f: sha256(snapshot / "b" / f) for f in ("adapter_config.json", "adapter_model.safetensors")
+    }
     local = lock["sources"]["local/"]["c"]
     assert local["revision"] is None
-    assert local["files"]["adapter_model.safetensors"] == sha256(project.root / "local" / "c" / "adapter_model.safetensors")
+    assert local["files"]["adapter_model.safetensors"] == sha256(
+        project.root / "local" / "c" / "adapter_model.safetensors"
+    )
     assert lock["base"] == {"spec": "hf://org/base", "revision": project.base_commit}
     manifest = json.loads((project.root / "merged" / "fedbip-manifest.json").read_text())
     assert [i["revision"] for i in manifest["inputs"]] == [project.commit, project.commit, None]
@@ -111,7 +118,9 @@ def test_locked_refuses_a_moved_revision(project: Project) -> None:
 
     # Accepting the move: a run without --locked rewrites the lock, and --locked passes again.
     assert project.merge().exit_code == 0
-    assert {e["revision"] for e in json.loads(project.lock.read_text())["sources"]["hf://org/adapters"].values()} == {moved}
+    assert {e["revision"] for e in json.loads(project.lock.read_text())["sources"]["hf://org/adapters"].values()} == {
+        moved
+    }
     assert project.merge("--locked").exit_code == 0
 
 
@@ -139,7 +148,9 @@ def test_locked_refuses_a_moved_base_before_reading_it(project: Project) -> None
 
 
 def test_a_pinned_revision_does_not_move(project: Project) -> None:
-    project.config.write_text(project.config.read_text().replace("hf://org/adapters", f"hf://org/adapters@{project.commit}"))
+    project.config.write_text(
+        project.config.read_text().replace("hf://org/adapters", f"hf://org/adapters@{project.commit}")
+    )
     assert project.merge().exit_code == 0
     project.move_main()
     result = project.merge("--locked", "--json")
@@ -169,7 +180,19 @@ def test_locked_refuses_a_moved_base_and_new_sources(project: Project) -> None:
 
     extra = project.tmp / "extra"
     random_adapter(extra / "e", SHAPES, torch.Generator().manual_seed(11))
-    result = runner.invoke(app, ["merge", str(project.root / "local"), str(extra), "--out", str(project.tmp / "o"), "--lock", str(project.lock), "--locked"])
+    result = runner.invoke(
+        app,
+        [
+            "merge",
+            str(project.root / "local"),
+            str(extra),
+            "--out",
+            str(project.tmp / "o"),
+            "--lock",
+            str(project.lock),
+            "--locked",
+        ],
+    )
     assert result.exit_code == 1 and "is not in the lock file" in result.stderr
 
 

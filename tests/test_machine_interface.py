@@ -42,7 +42,9 @@ def json_output(*args: str) -> dict:
 def inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """SOURCES mixing a Hub repository of two adapters and a local directory of two, plus ``--base`` on the Hub."""
     use_offline_cache(monkeypatch, tmp_path / "hub")
-    built = {n: random_adapter(tmp_path / "build" / n, SHAPES, torch.Generator().manual_seed(i)) for i, n in enumerate("ab")}
+    built = {
+        n: random_adapter(tmp_path / "build" / n, SHAPES, torch.Generator().manual_seed(i)) for i, n in enumerate("ab")
+    }
     make_hub_cache(tmp_path / "hub", "org/adapters", repository_files(built))
     make_hub_cache(tmp_path / "hub", "org/base", base_model_files(SHAPES))
     for i, name in enumerate("cd"):
@@ -54,8 +56,12 @@ def test_merge_summaries_match_the_schema(inputs: list[str], tmp_path: Path) -> 
     schema = validator("merge-summary.schema.json")
     outputs = [
         json_output("merge", *inputs, "--out", tmp_path / "o1", "--json", "--lock", tmp_path / "fedbip.lock"),
-        json_output("merge", *inputs, "--out", tmp_path / "o2", "--json", "--layerwise", "--combine", "linear", "--no-cache"),
-        json_output("merge", *inputs, "--out", tmp_path / "o3", "--json", "--granularity", "module", "--combine", "cat"),
+        json_output(
+            "merge", *inputs, "--out", tmp_path / "o2", "--json", "--layerwise", "--combine", "linear", "--no-cache"
+        ),
+        json_output(
+            "merge", *inputs, "--out", tmp_path / "o3", "--json", "--granularity", "module", "--combine", "cat"
+        ),
     ]
     for summary in outputs:
         schema.validate(summary)
@@ -100,14 +106,25 @@ def test_matrix_file_holds_what_the_json_leaves_out(inputs: list[str], tmp_path:
             assert matrix.dtype == torch.float64 and matrix.tolist() == group["similarity"]
             assert lean["groups"][name]["norms"] == group["norms"]
     assert not list(tmp_path.glob(".sim.safetensors.*"))  # written atomically, nothing left behind
-    result = runner.invoke(app, ["inspect-similarity", *inputs, "--matrix", str(tmp_path / "missing" / "m.safetensors")])
+    result = runner.invoke(
+        app, ["inspect-similarity", *inputs, "--matrix", str(tmp_path / "missing" / "m.safetensors")]
+    )
     assert result.exit_code == 1 and "directory does not exist" in result.output
 
 
 def test_dry_run_plan_matches_the_schema(inputs: list[str], tmp_path: Path) -> None:
     schema = validator("dry-run.schema.json")
     plan = json_output(
-        "merge", *inputs, "--out", tmp_path / "o", "--dry-run", "--json", "--lock", tmp_path / "l.json", "--cache", tmp_path / "c"
+        "merge",
+        *inputs,
+        "--out",
+        tmp_path / "o",
+        "--dry-run",
+        "--json",
+        "--lock",
+        tmp_path / "l.json",
+        "--cache",
+        tmp_path / "c",
     )
     schema.validate(plan)
     assert [c["revision"] is not None for c in plan["clients"]] == [True, True, False, False]
@@ -120,7 +137,12 @@ def test_dry_run_plan_matches_the_schema(inputs: list[str], tmp_path: Path) -> N
 
 def test_exit_codes(inputs: list[str], tmp_path: Path) -> None:
     assert runner.invoke(app, ["merge", *inputs, "--out", str(tmp_path / "ok")]).exit_code == 0
-    assert runner.invoke(app, ["merge", "hf://org/missing", str(tmp_path / "local"), "--out", str(tmp_path / "x")]).exit_code == 1
+    assert (
+        runner.invoke(
+            app, ["merge", "hf://org/missing", str(tmp_path / "local"), "--out", str(tmp_path / "x")]
+        ).exit_code
+        == 1
+    )
     assert runner.invoke(app, ["merge", *inputs, "--out", str(tmp_path / "x"), "--combine", "mean"]).exit_code == 2
     assert runner.invoke(app, ["merge", *inputs, "--out", str(tmp_path / "x"), "--no-such-flag"]).exit_code == 2
 
@@ -130,9 +152,15 @@ def test_exit_codes(inputs: list[str], tmp_path: Path) -> None:
 
 def run_piped(args: list[str], **extra_env: str) -> subprocess.CompletedProcess[str]:
     """Run fedbip in a subprocess with stdout and stderr on pipes, in an environment that asks for colour when it can."""
-    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR", "PY_COLORS", "TTY_COMPATIBLE", "GITHUB_ACTIONS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("FORCE_COLOR", "NO_COLOR", "PY_COLORS", "TTY_COMPATIBLE", "GITHUB_ACTIONS")
+    }
     env.update(TERM="xterm-256color", COLORTERM="truecolor", **extra_env)
-    return subprocess.run([sys.executable, "-m", "fedbip_cli", *args], capture_output=True, text=True, env=env, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "fedbip_cli", *args], capture_output=True, text=True, env=env, check=False
+    )
 
 
 def test_no_ansi_escapes_when_piped(tmp_path: Path) -> None:

@@ -22,7 +22,16 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from tinybase import BERT_CLIENTS, BERT_EQUAL_RANK, TinySet, lora_layers, save_adapters, save_bert_base, tiny_bert, tiny_gpt2
+from tinybase import (
+    BERT_CLIENTS,
+    BERT_EQUAL_RANK,
+    TinySet,
+    lora_layers,
+    save_adapters,
+    save_bert_base,
+    tiny_bert,
+    tiny_gpt2,
+)
 from transformers import AutoModel
 
 from fedbip_cli import pipeline
@@ -106,7 +115,9 @@ def complaints() -> Iterator[list[str]]:
             for logger in loggers:
                 logger.removeHandler(handler)
             # transformers' own deprecation notices are no statement about the adapter.
-            messages.extend(str(w.message) for w in caught if not issubclass(w.category, (DeprecationWarning, FutureWarning)))
+            messages.extend(
+                str(w.message) for w in caught if not issubclass(w.category, (DeprecationWarning, FutureWarning))
+            )
 
 
 def load_peft(base: Path, adapter: Path) -> tuple[PeftModel, list[str]]:
@@ -181,7 +192,9 @@ def merged_delta(row: torch.Tensor, loras: list[PeftLora | None]) -> torch.Tenso
     return weighted_sum(row, [None if f is None else f.delta for f in loras])
 
 
-def reference_delta(combine: str, rank: int | None, row: torch.Tensor, loras: list[PeftLora | None], fifo: bool) -> torch.Tensor:
+def reference_delta(
+    combine: str, rank: int | None, row: torch.Tensor, loras: list[PeftLora | None], fifo: bool
+) -> torch.Tensor:
     """What client i's merged delta must be, in the base weight's layout.
 
     cat: M exactly; svd: the best rank-``rank`` approximation of M (dense SVD); linear (FedIT, not
@@ -256,14 +269,18 @@ def test_merged_adapters_load_in_peft_and_match_the_dense_reference(
     for i, client in enumerate(clients):
         loras = {m: [inputs.loras[c].get(m) for c in clients] for m in modules}
         rows = {m: weights[m][i] for m in modules}
-        expected = {m: reference_delta(case.combine, manifest["rank"], rows[m], loras[m], tiny.fan_in_fan_out) for m in modules}
+        expected = {
+            m: reference_delta(case.combine, manifest["rank"], rows[m], loras[m], tiny.fan_in_fan_out) for m in modules
+        }
 
         merged, messages = load_peft(tiny.base, out / client)
         assert not messages, f"{client}: {messages}"
         output = forward(merged, input_ids)
         assert (output - plain).abs().max() > 1e-2, f"{client}: the merged adapter changes nothing"
         target = reference_forward(tiny.base, expected, input_ids)
-        assert torch.allclose(output.double(), target, atol=FORWARD, rtol=0), float((output.double() - target).abs().max())
+        assert torch.allclose(output.double(), target, atol=FORWARD, rtol=0), float(
+            (output.double() - target).abs().max()
+        )
 
         got = peft_loras(merged)
         assert set(got) <= set(modules)

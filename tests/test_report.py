@@ -211,7 +211,7 @@ def test_similarity_csv_long_format():
     assert lines[0] == "group,client_i,client_j,similarity"
     assert len(lines) == 1 + 2 * 3 * 3
     assert lines[1] == "encoder.layer.0,a,a,1.0"
-    assert lines[2] == "encoder.layer.0,a,\"b,c\",0.25"
+    assert lines[2] == 'encoder.layer.0,a,"b,c",0.25'
     assert lines[3] == "encoder.layer.0,a,d,-0.1"
     assert lines[12] == "encoder.layer.1,a,d,0.30000000000000004"
     rows = list(csv.DictReader(io.StringIO(text)))
@@ -306,7 +306,9 @@ def test_write_json_streams_tensors_and_round_trips():
         "clients": ["a", "b"],
         "empty": {},
         "nothing": [],
-        "groups": {"model": {"similarity": matrix, "norms": torch.tensor([2.0, 3.5], dtype=torch.float64), "modules": ["q"]}},
+        "groups": {
+            "model": {"similarity": matrix, "norms": torch.tensor([2.0, 3.5], dtype=torch.float64), "modules": ["q"]}
+        },
         "neighbours": {"a": [["b", 0.5]], "b": []},
         "rows": [{"x": 1, "y": None}, {"x": 2.5, "y": True}],
         "flag": False,
@@ -319,4 +321,4 @@ def test_write_json_streams_tensors_and_round_trips():
     assert parsed == expected
     assert parsed["groups"]["model"]["similarity"][0][1] == 0.1234567890123456789  # full precision
     assert "[1.0, 0.12345678901234568]" in text  # a matrix row on one line
-    assert text.endswith("}\n") and text.startswith("{\n  \"clients\": [\"a\", \"b\"],")
+    assert text.endswith("}\n") and text.startswith('{\n  "clients": ["a", "b"],')

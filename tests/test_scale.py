@@ -20,11 +20,21 @@ from fedbip_cli.adapters import StreamingAdapterWriter
 
 
 def planted_factors(
-    count: int, out_dim: int, in_dim: int, ranks: list[int], *, seed: int = 0, dtype: torch.dtype = torch.float16, clusters: int = 3
+    count: int,
+    out_dim: int,
+    in_dim: int,
+    ranks: list[int],
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+    clusters: int = 3,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Stored (B, A) per client: a cluster centre plus noise, in ``dtype`` like community adapters."""
     g = torch.Generator().manual_seed(seed)
-    centres = [(torch.randn(out_dim, max(ranks), generator=g) * 0.02, torch.randn(max(ranks), in_dim, generator=g)) for _ in range(clusters)]
+    centres = [
+        (torch.randn(out_dim, max(ranks), generator=g) * 0.02, torch.randn(max(ranks), in_dim, generator=g))
+        for _ in range(clusters)
+    ]
     out = []
     for u in range(count):
         r = ranks[u % len(ranks)]
@@ -157,7 +167,9 @@ def test_module_merge_paths_match_the_dense_truncated_svd(case: str, path: str, 
 
 def test_randomized_solver_is_close_on_a_flat_spectrum_and_reports_the_energy_it_keeps() -> None:
     g = torch.Generator().manual_seed(5)
-    factors = [((torch.randn(120, 6, generator=g)).double(), torch.randn(6, 100, generator=g).double()) for _ in range(8)]
+    factors = [
+        ((torch.randn(120, 6, generator=g)).double(), torch.randn(6, 100, generator=g).double()) for _ in range(8)
+    ]
     rows = torch.full((8, 8), 1 / 8, dtype=torch.float64)
     results = merge.merge_module("svd", factors, rows, 4, path="shared", solver="randomized")
     for i, result in enumerate(results):
@@ -207,7 +219,10 @@ def test_streaming_writer_output_loads_as_the_tensors_written(tmp_path: Path, dt
     g = torch.Generator().manual_seed(0)
     shapes = {"layer.0.q": (6, 5), "layer.0.v": (6, 5), "layer.1.q": (7, 3)}
     ranks = {"layer.0.q": 2, "layer.0.v": 3, "layer.1.q": 1}
-    written = {m: (torch.randn(shapes[m][0], r, generator=g), torch.randn(r, shapes[m][1], generator=g)) for m, r in ranks.items()}
+    written = {
+        m: (torch.randn(shapes[m][0], r, generator=g), torch.randn(r, shapes[m][1], generator=g))
+        for m, r in ranks.items()
+    }
     writer = StreamingAdapterWriter(tmp_path / "adapter_model.safetensors", ranks, shapes, dtype)
     for module, (b, a) in written.items():
         writer.write(module, b, a)
@@ -223,7 +238,9 @@ def test_streaming_writer_output_loads_as_the_tensors_written(tmp_path: Path, dt
 
 
 def test_streaming_writer_refuses_out_of_order_or_missing_tensors(tmp_path: Path) -> None:
-    writer = StreamingAdapterWriter(tmp_path / "w.safetensors", {"a": 1, "b": 1}, {"a": (2, 2), "b": (2, 2)}, torch.float32)
+    writer = StreamingAdapterWriter(
+        tmp_path / "w.safetensors", {"a": 1, "b": 1}, {"a": (2, 2), "b": (2, 2)}, torch.float32
+    )
     with pytest.raises(RuntimeError, match="expected"):
         writer.write("b", torch.zeros(2, 1), torch.zeros(1, 2))
     writer.write("a", torch.zeros(2, 1), torch.zeros(1, 2))

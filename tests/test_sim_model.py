@@ -40,7 +40,9 @@ MODULES = [f"encoder.layer.{i}.attention.self.{name}" for i in range(LAYERS) for
 
 
 def make_model(seed: int = 0) -> ClientModel:
-    return ClientModel(embedded_model_dir(), num_labels=NUM_LABELS, rank=RANK, max_length=32, seed=seed, num_layers=LAYERS)
+    return ClientModel(
+        embedded_model_dir(), num_labels=NUM_LABELS, rank=RANK, max_length=32, seed=seed, num_layers=LAYERS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +108,9 @@ def test_state_round_trip_and_checks(model: ClientModel) -> None:
         model.load_state({**target, "classifier.bias": torch.zeros(NUM_LABELS + 1)})
 
 
-def test_train_learns_and_changes_only_the_trainable_state(model: ClientModel, data: tuple[Tokens, torch.Tensor]) -> None:
+def test_train_learns_and_changes_only_the_trainable_state(
+    model: ClientModel, data: tuple[Tokens, torch.Tensor]
+) -> None:
     tokens, labels = data
     initial = model.initial_state()
     model.load_state(initial)
@@ -134,7 +138,9 @@ def test_train_is_reproducible_from_the_generator_seed(model: ClientModel, data:
     for seed in (7, 7, 8):
         model.load_state(model.initial_state())
         # 3 steps of 3 over 8 sentences: the batches cross a pass boundary, so the order matters.
-        loss = model.train(tokens, labels, steps=3, batch_size=3, lr=1e-3, generator=torch.Generator().manual_seed(seed))
+        loss = model.train(
+            tokens, labels, steps=3, batch_size=3, lr=1e-3, generator=torch.Generator().manual_seed(seed)
+        )
         runs.append((loss, model.state()))
     assert runs[0][0] == runs[1][0]
     assert_states_equal(runs[0][1], runs[1][1])
@@ -169,7 +175,9 @@ def mean_pooled(encoder: torch.nn.Module, tokens: Tokens) -> torch.Tensor:
 
 # PeftModel.from_pretrained calls a transformers API that transformers 5 deprecates.
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
-def test_saved_adapter_loads_in_peft_with_the_same_outputs(model: ClientModel, data: tuple[Tokens, torch.Tensor], tmp_path: Path) -> None:
+def test_saved_adapter_loads_in_peft_with_the_same_outputs(
+    model: ClientModel, data: tuple[Tokens, torch.Tensor], tmp_path: Path
+) -> None:
     tokens, _ = data
     state = random_state(model, seed=9)
     model.save_adapter(state, tmp_path)

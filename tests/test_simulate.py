@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors import safe_open
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModel
 from typer.testing import CliRunner
@@ -95,7 +95,9 @@ def adapter_bytes(out: Path, strategy: str, client: str) -> bytes:
 
 def without_seconds(summary: dict[str, Any]) -> dict[str, Any]:
     """The summary less its wall-clock timings, the only part a re-run may change."""
-    strategies = {name: {k: v for k, v in entry.items() if k != "seconds"} for name, entry in summary["strategies"].items()}
+    strategies = {
+        name: {k: v for k, v in entry.items() if k != "seconds"} for name, entry in summary["strategies"].items()
+    }
     return {**summary, "strategies": strategies}
 
 
@@ -147,7 +149,9 @@ def test_compare_run_writes_metrics_similarity_summary_and_plots(compared: tuple
     for strategy in ALL:
         meta = checkpoint_meta(out / "checkpoints" / f"{strategy}.safetensors")
         assert meta["round"] == 2 and meta["config"]["strategies"] == list(ALL)
-        assert sorted({key.split("/")[0] for key in load_file(out / "checkpoints" / f"{strategy}.safetensors")}) == CLIENTS
+        assert (
+            sorted({key.split("/")[0] for key in load_file(out / "checkpoints" / f"{strategy}.safetensors")}) == CLIENTS
+        )
         assert sorted(p.name for p in (out / "adapters" / strategy).iterdir()) == CLIENTS
 
 
@@ -184,7 +188,9 @@ def test_adapters_are_inspectable_and_load_in_peft(compared: tuple[Path, dict[st
     base = AutoModel.from_pretrained(embedded_model_dir(), num_hidden_layers=LAYERS)
     model = PeftModel.from_pretrained(base, directory)
     layers = {n.removeprefix(KEY_PREFIX): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
-    assert sorted(layers) == [f"encoder.layer.{i}.attention.self.{m}" for i in range(LAYERS) for m in ("query", "value")]
+    assert sorted(layers) == [
+        f"encoder.layer.{i}.attention.self.{m}" for i in range(LAYERS) for m in ("query", "value")
+    ]
     scale = CONFIG.lora_alpha / CONFIG.rank
     for name, layer in layers.items():
         expected = scale * state[f"{name}.lora_B"] @ state[f"{name}.lora_A"]
@@ -200,7 +206,9 @@ class Interrupted(KeyboardInterrupt):
 
 
 def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path: Path) -> None:
-    config = replace(CONFIG, strategies=("fedavg", "fedbip"), rounds=3, clients=3, groups=3, local_steps=1, eval_every=2)
+    config = replace(
+        CONFIG, strategies=("fedavg", "fedbip"), rounds=3, clients=3, groups=3, local_steps=1, eval_every=2
+    )
     whole = simulate(config, tmp_path / "a", device="cpu")
 
     def stop(strategy: str, round_: int, accuracy: float | None) -> None:
@@ -247,12 +255,20 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path: Path) -> N
     assert file_bytes(a / "adapters") == adapters_a
 
 
-SPORT = ["the striker scored twice in the cup final", "the team won the league match at home",
-         "the tennis player won the open final", "the coach praised the players after the game",
-         "the sprinter broke the world record at the olympics"]
-MONEY = ["the bank raised interest rates again", "shares fell after the company reported losses",
-         "oil prices pushed inflation to a new high", "the firm cut jobs after sales slumped",
-         "investors sold bonds as the market dropped"]
+SPORT = [
+    "the striker scored twice in the cup final",
+    "the team won the league match at home",
+    "the tennis player won the open final",
+    "the coach praised the players after the game",
+    "the sprinter broke the world record at the olympics",
+]
+MONEY = [
+    "the bank raised interest rates again",
+    "shares fell after the company reported losses",
+    "oil prices pushed inflation to a new high",
+    "the firm cut jobs after sales slumped",
+    "investors sold bonds as the market dropped",
+]
 
 
 def client_rows(offset: int) -> list[dict[str, str]]:
@@ -288,7 +304,11 @@ def test_data_dir_through_the_cli_prints_only_the_json_summary(tmp_path: Path) -
     assert summary["labels"] == ["money", "sport"]
     entry = summary["strategies"]["fedbip"]
     assert "ari" not in entry and 0 <= entry["mean_accuracy"] <= 1
-    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["alpha", "beta", "gamma"]  # one strategy: no subfolder
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == [
+        "alpha",
+        "beta",
+        "gamma",
+    ]  # one strategy: no subfolder
     assert "round" not in result.stderr  # --json: no round lines
 
 
@@ -328,8 +348,27 @@ def test_option_errors_exit_2(tmp_path: Path) -> None:
 def test_partial_participation_samples_the_same_clients_for_every_strategy(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = invoke(
-        "simulate", "--compare", "fedavg,local", "--clients", "4", "--groups", "2", "--participation", "0.5",
-        "--rounds", "2", "--local-steps", "1", "--max-examples", "300", "--eval-every", "1", *SMALL, "--out", out, "--json",
+        "simulate",
+        "--compare",
+        "fedavg,local",
+        "--clients",
+        "4",
+        "--groups",
+        "2",
+        "--participation",
+        "0.5",
+        "--rounds",
+        "2",
+        "--local-steps",
+        "1",
+        "--max-examples",
+        "300",
+        "--eval-every",
+        "1",
+        *SMALL,
+        "--out",
+        out,
+        "--json",
     )
     assert result.exit_code == 0, result.output
     metrics = read_jsonl(out / "metrics.jsonl")

@@ -92,7 +92,9 @@ def test_one_orthogonal_block_of_full_width_is_exact(square: list[Path]) -> None
         assert projection(0, module, WIDTH, WIDTH, WIDTH).blocks == 1
         exact = reference_inner(square, SQUARE, module)
         assert exact.abs().max() > 0
-        assert torch.allclose(float_gram(workspace, module, WIDTH, seed=3), exact, rtol=0, atol=1e-10 * float(exact.abs().max()))
+        assert torch.allclose(
+            float_gram(workspace, module, WIDTH, seed=3), exact, rtol=0, atol=1e-10 * float(exact.abs().max())
+        )
 
 
 def test_sketched_inner_products_are_unbiased(tmp_path: Path) -> None:
@@ -106,7 +108,7 @@ def test_sketched_inner_products_are_unbiased(tmp_path: Path) -> None:
         standard_error = draws.std(dim=0) / 20
         assert float(standard_error.max()) > 1e-3 * float(exact.abs().max())  # one draw is far from exact
         present = standard_error > 0  # the client without the module: exactly 0 in every draw
-        assert torch.all(error[present].abs() <= 5 * standard_error[present]), (error / standard_error)
+        assert torch.all(error[present].abs() <= 5 * standard_error[present]), error / standard_error
         assert torch.all(error[~present] == 0)
 
 
@@ -157,7 +159,12 @@ def test_integer_gram_is_exact_whatever_the_tiling(monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_factor_reader_reads_what_safe_open_reads(tmp_path: Path, dtype: torch.dtype) -> None:
-    dirs = [random_adapter(tmp_path / f"c{i}", OBLONG, torch.Generator().manual_seed(i), r=3, rank_pattern={"value": 1}, dtype=dtype) for i in range(2)]
+    dirs = [
+        random_adapter(
+            tmp_path / f"c{i}", OBLONG, torch.Generator().manual_seed(i), r=3, rank_pattern={"value": 1}, dtype=dtype
+        )
+        for i in range(2)
+    ]
     workspace = pipeline.load([str(d) for d in dirs])
     reader = FactorReader()
     for module in OBLONG:
@@ -185,7 +192,9 @@ def test_sketched_similarity_is_near_the_dense_cosine(square: list[Path], granul
     deltas = [dense_deltas(d, SQUARE) for d in square]
     full = pipeline.inspect(workspace, granularity=granularity, device="cpu", similarity="sketch", sketch_dim=WIDTH)
     small = pipeline.inspect(workspace, granularity=granularity, device="cpu", similarity="sketch", sketch_dim=2)
-    assert full.method == {"method": "sketch", "dim": WIDTH, "seed": 0} and list(full.groups) == list(GROUPS[granularity])
+    assert full.method == {"method": "sketch", "dim": WIDTH, "seed": 0} and list(full.groups) == list(
+        GROUPS[granularity]
+    )
     worst_small = 0.0
     for name, members in GROUPS[granularity].items():
         exact = reference_cosine(deltas, members)
@@ -195,7 +204,9 @@ def test_sketched_similarity_is_near_the_dense_cosine(square: list[Path], granul
         norms = torch.stack([torch.cat([d[m].flatten() for m in members]).norm() for d in deltas])
         assert torch.allclose(full.groups[name].norms, norms, rtol=1e-12, atol=0)  # exact, not sketched
     assert worst_small > 0.05  # a 2 x 2 sketch is far off: the tolerance above is not vacuous
-    assert full.groups[next(iter(GROUPS[granularity]))].similarity[0, 4] == pytest.approx(1.0, abs=1e-3)  # c0 and its twin
+    assert full.groups[next(iter(GROUPS[granularity]))].similarity[0, 4] == pytest.approx(
+        1.0, abs=1e-3
+    )  # c0 and its twin
 
 
 def test_a_missing_module_is_a_zero_delta(square: list[Path]) -> None:
@@ -208,14 +219,27 @@ def test_a_missing_module_is_a_zero_delta(square: list[Path]) -> None:
 
 def test_same_seed_same_bits_and_another_seed_differs(square: list[Path]) -> None:
     workspace = pipeline.load([str(d) for d in square])
-    runs = [pipeline.inspect(workspace, device="cpu", similarity="sketch", sketch_dim=4, sketch_seed=s).groups["model"].similarity for s in (5, 5, 6)]
+    runs = [
+        pipeline.inspect(workspace, device="cpu", similarity="sketch", sketch_dim=4, sketch_seed=s)
+        .groups["model"]
+        .similarity
+        for s in (5, 5, 6)
+    ]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 
 def test_permuting_clients_permutes_the_result_bit_for_bit(square: list[Path]) -> None:
     order = [3, 0, 4, 2, 1]
-    forward = pipeline.inspect(pipeline.load([str(d) for d in square]), granularity="block", device="cpu", similarity="sketch", sketch_dim=4)
-    permuted = pipeline.inspect(pipeline.load([str(square[i]) for i in order]), granularity="block", device="cpu", similarity="sketch", sketch_dim=4)
+    forward = pipeline.inspect(
+        pipeline.load([str(d) for d in square]), granularity="block", device="cpu", similarity="sketch", sketch_dim=4
+    )
+    permuted = pipeline.inspect(
+        pipeline.load([str(square[i]) for i in order]),
+        granularity="block",
+        device="cpu",
+        similarity="sketch",
+        sketch_dim=4,
+    )
     assert permuted.clients == [forward.clients[i] for i in order]
     index = torch.tensor(order)
     for name, group in forward.groups.items():
@@ -231,8 +255,14 @@ def test_adding_clients_changes_no_other_sketch(tmp_path: Path) -> None:
     for module in SQUARE:
         small, large = sketch_module(few.adapters, module, method), sketch_module(many.adapters, module, method)
         assert torch.equal(large.codes[:5], small.codes) and torch.equal(large.scale[:5], small.scale)
-    alone = pipeline.inspect(few, device="cpu", similarity="sketch", sketch_dim=4, sketch_seed=9).groups["model"].similarity
-    within = pipeline.inspect(many, device="cpu", similarity="sketch", sketch_dim=4, sketch_seed=9).groups["model"].similarity
+    alone = (
+        pipeline.inspect(few, device="cpu", similarity="sketch", sketch_dim=4, sketch_seed=9).groups["model"].similarity
+    )
+    within = (
+        pipeline.inspect(many, device="cpu", similarity="sketch", sketch_dim=4, sketch_seed=9)
+        .groups["model"]
+        .similarity
+    )
     assert torch.equal(within[:5, :5], alone)
 
 
@@ -245,7 +275,9 @@ def schema(name: str) -> jsonschema.Draft202012Validator:
 
 def test_inspect_json_says_how_it_was_computed(square: list[Path]) -> None:
     root = square[0].parent
-    result = invoke("inspect-similarity", root, "--similarity", "sketch", "--sketch-dim", "64", "--format", "json", "--layerwise")
+    result = invoke(
+        "inspect-similarity", root, "--similarity", "sketch", "--sketch-dim", "64", "--format", "json", "--layerwise"
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     schema("inspect.schema.json").validate(data)
@@ -257,7 +289,9 @@ def test_inspect_json_says_how_it_was_computed(square: list[Path]) -> None:
         assert 0 < float(difference.abs().max()) < 0.05, name
     assert not schema("inspect.schema.json").is_valid({**data, "similarity": {"method": "sketch", "dim": 64}})
     table = invoke("inspect-similarity", root, "--similarity", "sketch", "--sketch-dim", "5", "--sketch-seed", "3")
-    assert table.exit_code == 0 and "sketched: 5 x 5 numbers per module, seed 3 (approximate)" in " ".join(table.stdout.split())
+    assert table.exit_code == 0 and "sketched: 5 x 5 numbers per module, seed 3 (approximate)" in " ".join(
+        table.stdout.split()
+    )
 
 
 def test_merge_with_a_sketch_writes_adapters_and_records_it(square: list[Path], tmp_path: Path) -> None:
@@ -273,7 +307,9 @@ def test_merge_with_a_sketch_writes_adapters_and_records_it(square: list[Path], 
     assert "--similarity sketch --sketch-dim 6 --sketch-seed 2" in record["command"]
     card = (tmp_path / "o1" / "c0" / "README.md").read_text()
     assert "- similarity: sketched cosine (6 x 6 numbers per module, seed 2; approximate)" in card
-    sketched = pipeline.inspect(pipeline.load([str(root)]), device="cpu", similarity="sketch", sketch_dim=6, sketch_seed=2)
+    sketched = pipeline.inspect(
+        pipeline.load([str(root)]), device="cpu", similarity="sketch", sketch_dim=6, sketch_seed=2
+    )
     weights = personalized_weights(sketched.groups["model"].similarity, WeightOptions())
     assert torch.equal(torch.tensor(record["groups"]["model"]["weights"], dtype=torch.float64), weights)
     assert sorted(p.name for p in (tmp_path / "o1").iterdir() if p.is_dir()) == sorted(d.name for d in square)
@@ -295,7 +331,9 @@ def test_merge_with_a_sketch_writes_adapters_and_records_it(square: list[Path], 
         (["--similarity", "approximate"], "unknown similarity method 'approximate'; choose one of exact, sketch"),
     ],
 )
-def test_bad_sketch_options_are_usage_errors(square: list[Path], tmp_path: Path, options: list[str], message: str) -> None:
+def test_bad_sketch_options_are_usage_errors(
+    square: list[Path], tmp_path: Path, options: list[str], message: str
+) -> None:
     root = square[0].parent
     assert_user_error(invoke("inspect-similarity", root, *options), message, code=2)
     assert_user_error(invoke("merge", root, "--out", tmp_path / "o", *options), message, code=2)
@@ -310,7 +348,11 @@ def test_config_file_takes_the_sketch_options(square: list[Path], tmp_path: Path
     assert tomllib.loads(config.read_text())["sketch_dim"] == 5
     result = invoke("merge", "--config", config)
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "o" / MANIFEST_NAME).read_text())["similarity"] == {"method": "sketch", "dim": 5, "seed": 0}
+    assert json.loads((tmp_path / "o" / MANIFEST_NAME).read_text())["similarity"] == {
+        "method": "sketch",
+        "dim": 5,
+        "seed": 0,
+    }
 
 
 def test_full_checkpoints_refuse_the_sketch(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
@@ -319,5 +361,7 @@ def test_full_checkpoints_refuse_the_sketch(tmp_path_factory: pytest.TempPathFac
     full = full_bert(tmp_path_factory.mktemp("full"))
     args = [full.checkpoints, "--base", full.base, "--similarity", "sketch"]
     assert_user_error(invoke("inspect-similarity", *args), "--similarity sketch applies to LoRA adapters", code=2)
-    assert_user_error(invoke("merge", *args, "--out", tmp_path / "o"), "--similarity sketch applies to LoRA adapters", code=2)
+    assert_user_error(
+        invoke("merge", *args, "--out", tmp_path / "o"), "--similarity sketch applies to LoRA adapters", code=2
+    )
     assert not (tmp_path / "o").exists()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import constants as hub_constants
 from hubcache import make_hub_cache, use_offline_cache
+from huggingface_hub import constants as hub_constants
 from safetensors.torch import save
 
 from fedbip_cli.errors import SourceError
@@ -280,9 +280,16 @@ def test_hub_folder_of_adapters_expands(hub: Path, tmp_path: Path) -> None:
 
 
 def test_hub_full_checkpoints_fetch_their_weights(hub: Path) -> None:
-    shards = {"model.safetensors.index.json": b"{}", "model-00001-of-00002.safetensors": b"1", "model-00002-of-00002.safetensors": b"2"}
+    shards = {
+        "model.safetensors.index.json": b"{}",
+        "model-00001-of-00002.safetensors": b"1",
+        "model-00002-of-00002.safetensors": b"2",
+    }
     files = {
-        **{f"ft/one/{k}": v for k, v in {"config.json": b"{}", "model.safetensors": WEIGHTS, "pytorch_model.bin": b"x"}.items()},
+        **{
+            f"ft/one/{k}": v
+            for k, v in {"config.json": b"{}", "model.safetensors": WEIGHTS, "pytorch_model.bin": b"x"}.items()
+        },
         **{f"ft/two/{k}": v for k, v in {"config.json": b"{}", **shards}.items()},
     }
     # An interrupted download of the pickle does not matter: it is never fetched.
@@ -302,7 +309,9 @@ def test_hub_full_checkpoints_fetch_their_weights(hub: Path) -> None:
 def test_hub_configs_first_then_weights_at_the_same_commit(hub: Path) -> None:
     """Without weights, a Hub client's commit is known from its config alone; the weights come after."""
     files = {f"{c}/{k}": v for c in ("a", "b") for k, v in ADAPTER.items()}
-    commit = make_hub_cache(hub, "owner/repo", files, missing={"a/adapter_model.safetensors", "b/adapter_model.safetensors"})
+    commit = make_hub_cache(
+        hub, "owner/repo", files, missing={"a/adapter_model.safetensors", "b/adapter_model.safetensors"}
+    )
 
     [(spec, sources)] = resolve_specs(["hf://owner/repo"], weights=False)
 
@@ -381,25 +390,47 @@ def test_model_shapes_from_headers_local_and_hub(hub: Path, tmp_path: Path) -> N
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "model.safetensors").write_bytes(safetensors_bytes({"q.weight": (8, 6), "q.bias": (8,)}))
     local = model_shapes("base", base_dir=tmp_path)
-    assert (local.where, local.revision, local.shapes) == (str(tmp_path / "base"), None, {"q.weight": [8, 6], "q.bias": [8]})
+    assert (local.where, local.revision, local.shapes) == (
+        str(tmp_path / "base"),
+        None,
+        {"q.weight": [8, 6], "q.bias": [8]},
+    )
     assert local.dtypes == {"q.weight": "F32", "q.bias": "F32"} and local.directory == tmp_path / "base"
     assert local.files == {"q.weight": "model.safetensors", "q.bias": "model.safetensors"}
     assert resolve_revision(str(tmp_path / "base")) is None
 
-    shards = {"model-00001-of-00002.safetensors": {"a.weight": (4, 2)}, "model-00002-of-00002.safetensors": {"b.weight": (3, 5)}}
+    shards = {
+        "model-00001-of-00002.safetensors": {"a.weight": (4, 2)},
+        "model-00002-of-00002.safetensors": {"b.weight": (3, 5)},
+    }
     index = {"metadata": {}, "weight_map": {t: f for f, tensors in shards.items() for t in tensors}}
     files = {f"m/{f}": safetensors_bytes(tensors) for f, tensors in shards.items()}
-    commit = make_hub_cache(hub, "owner/base", {"m/config.json": b"{}", "m/model.safetensors.index.json": json.dumps(index).encode(), **files})
+    commit = make_hub_cache(
+        hub,
+        "owner/base",
+        {"m/config.json": b"{}", "m/model.safetensors.index.json": json.dumps(index).encode(), **files},
+    )
     assert resolve_revision("hf://owner/base/m") == commit
     shapes = model_shapes("hf://owner/base/m", revision=commit)
-    assert (shapes.where, shapes.revision, shapes.shapes) == ("hf://owner/base/m", commit, {"a.weight": [4, 2], "b.weight": [3, 5]})
-    assert shapes.files == {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}
-    assert shapes.directory is not None and shapes.directory.name == "m" and (shapes.directory / "config.json").is_file()
+    assert (shapes.where, shapes.revision, shapes.shapes) == (
+        "hf://owner/base/m",
+        commit,
+        {"a.weight": [4, 2], "b.weight": [3, 5]},
+    )
+    assert shapes.files == {
+        "a.weight": "model-00001-of-00002.safetensors",
+        "b.weight": "model-00002-of-00002.safetensors",
+    }
+    assert (
+        shapes.directory is not None and shapes.directory.name == "m" and (shapes.directory / "config.json").is_file()
+    )
 
 
 def test_model_shapes_offline_without_the_weights(hub: Path) -> None:
     """Offline, headers come from the cache: a base whose weights were never fetched is reported, naming the file."""
-    commit = make_hub_cache(hub, "owner/base", {"config.json": b"{}", "model.safetensors": WEIGHTS}, missing={"model.safetensors"})
+    commit = make_hub_cache(
+        hub, "owner/base", {"config.json": b"{}", "model.safetensors": WEIGHTS}, missing={"model.safetensors"}
+    )
     assert resolve_revision("hf://owner/base") == commit  # the configs are enough for the commit
     with pytest.raises(SourceError, match="model.safetensors is not in the local Hub cache .*HF_HUB_OFFLINE") as info:
         model_shapes("hf://owner/base")
@@ -415,7 +446,9 @@ def test_model_shapes_when_the_hub_cannot_be_reached(tmp_path: Path, monkeypatch
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub_constants, "ENDPOINT", endpoint)  # what HF_ENDPOINT sets at import
-    monkeypatch.setattr(hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     files = {"config.json": b"{}", "model.safetensors": WEIGHTS}
     commit = make_hub_cache(tmp_path / "hub", "owner/base", files, missing={"model.safetensors"})
     with pytest.raises(SourceError, match="the Hub could not be reached") as info:
@@ -425,7 +458,12 @@ def test_model_shapes_when_the_hub_cannot_be_reached(tmp_path: Path, monkeypatch
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\x05\x00\x00\x00\x00\x00\x00\x00{}", (1 << 40).to_bytes(8, "little"), b"\x04\x00\x00\x00\x00\x00\x00\x00[12]"],
+    [
+        b"",
+        b"\x05\x00\x00\x00\x00\x00\x00\x00{}",
+        (1 << 40).to_bytes(8, "little"),
+        b"\x04\x00\x00\x00\x00\x00\x00\x00[12]",
+    ],
     ids=["empty", "truncated", "huge-length", "not-an-object"],
 )
 def test_model_shapes_refuses_a_corrupt_header(tmp_path: Path, data: bytes) -> None:

@@ -167,7 +167,9 @@ def test_fedbip_weights_are_clipped_row_normalised_cosines() -> None:
     torch.testing.assert_close(s, expected_s, rtol=0, atol=1e-12)
     # P = S⁺ / row sums: negative similarity gets weight 0, so c keeps only its own update.
     # Row a: (1, 1, 0, 3/5) / (13/5); row d: (3/5, 3/5, 0, 1) / (11/5).
-    expected_p = f64([[5 / 13, 5 / 13, 0, 3 / 13], [5 / 13, 5 / 13, 0, 3 / 13], [0, 0, 1, 0], [3 / 11, 3 / 11, 0, 5 / 11]])
+    expected_p = f64(
+        [[5 / 13, 5 / 13, 0, 3 / 13], [5 / 13, 5 / 13, 0, 3 / 13], [0, 0, 1, 0], [3 / 11, 3 / 11, 0, 5 / 11]]
+    )
     torch.testing.assert_close(step.plan.rows["model"], expected_p, rtol=0, atol=1e-12)
     # a receives 5/13·(1,0) + 5/13·(2,0) + 3/13·(3,4) on A0, d 3/11·(1,0) + 3/11·(2,0) + 5/11·(3,4)
     assert step.plan.receivers == CLIENTS
@@ -274,7 +276,10 @@ def test_every_weight_row_sums_to_one(strategy: str) -> None:
 
 def test_check_strategies_lists_the_valid_names() -> None:
     assert check_strategies(["fedavg", "fedbip"]) == ["fedavg", "fedbip"]
-    with pytest.raises(UsageError, match="unknown strategy fedprox; choose from fedbip, fedbip-layerwise, fedavg, local, oracle, fedbip-cumulative, fedbip-layerwise-cumulative"):
+    with pytest.raises(
+        UsageError,
+        match="unknown strategy fedprox; choose from fedbip, fedbip-layerwise, fedavg, local, oracle, fedbip-cumulative, fedbip-layerwise-cumulative",
+    ):
         check_strategies(["fedbip", "fedprox"])
     with pytest.raises(UsageError, match=r"\(none\)"):
         check_strategies([])

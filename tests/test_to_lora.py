@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from tinybase import save_bert_base, save_gpt2_base
 
-from fedbip_cli.to_lora import low_rank_factors, lora_targets, randomized_svd, tensor_generator
+from fedbip_cli.to_lora import lora_targets, low_rank_factors, randomized_svd, tensor_generator
 
 
 def with_spectrum(sigma: torch.Tensor, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -68,10 +68,19 @@ def test_lora_targets_are_the_linear_weights(tmp_path: Path) -> None:
         names = list(f.keys())
     targets, skipped = lora_targets(bert, names)
     assert len(targets) == 13 and not any(t.transposed for t in targets)
-    assert {t.module for t in targets} >= {"encoder.layer.0.attention.self.query", "encoder.layer.1.output.dense", "pooler.dense"}
+    assert {t.module for t in targets} >= {
+        "encoder.layer.0.attention.self.query",
+        "encoder.layer.1.output.dense",
+        "pooler.dense",
+    }
     assert set(skipped) | {t.tensor for t in targets} == set(names)
-    assert skipped["embeddings.LayerNorm.weight"] == "LayerNorm weight; only the weights of linear layers become LoRA modules"
-    assert lora_targets(bert, ["no.such.weight"])[1]["no.such.weight"].startswith("no layer of the base architecture holds it")
+    assert (
+        skipped["embeddings.LayerNorm.weight"]
+        == "LayerNorm weight; only the weights of linear layers become LoRA modules"
+    )
+    assert lora_targets(bert, ["no.such.weight"])[1]["no.such.weight"].startswith(
+        "no layer of the base architecture holds it"
+    )
 
     gpt2 = save_gpt2_base(tmp_path / "gpt2")
     targets, skipped = lora_targets(gpt2, ["h.0.attn.c_attn.weight", "h.0.attn.c_attn.bias", "wte.weight"])

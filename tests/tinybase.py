@@ -37,7 +37,15 @@ from transformers import AutoModel, BertConfig, BertModel, GPT2Config, GPT2Model
 
 PEFT_PREFIX = "base_model.model."
 BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 100}
-GPT2 = {"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "n_positions": 64, "bos_token_id": 0, "eos_token_id": 0}
+GPT2 = {
+    "n_embd": 32,
+    "n_layer": 2,
+    "n_head": 2,
+    "vocab_size": 100,
+    "n_positions": 64,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
 SHARED_SEED = 1234
 FACTOR_STD = 0.2
 NOISE = 0.5
@@ -116,11 +124,15 @@ def _save_base(cls: type[PreTrainedModel], config: Any, directory: Path, seed: i
 def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
     """The LoRA layers of a peft model, by module name without peft's ``base_model.model.`` prefix."""
     return {
-        name.removeprefix(PEFT_PREFIX): module for name, module in model.named_modules() if isinstance(module, LoraLayer)
+        name.removeprefix(PEFT_PREFIX): module
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer)
     }
 
 
-def save_adapters(base_dir: Path, out_dir: Path, clients: Sequence[ClientSpec], *, fan_in_fan_out: bool = False) -> Path:
+def save_adapters(
+    base_dir: Path, out_dir: Path, clients: Sequence[ClientSpec], *, fan_in_fan_out: bool = False
+) -> Path:
     """Save one PEFT adapter per client under ``out_dir/<name>`` with seeded, non-zero factors."""
     for spec in clients:
         config = LoraConfig(**spec.lora, fan_in_fan_out=fan_in_fan_out, lora_dropout=0.0)
@@ -133,7 +145,10 @@ def save_adapters(base_dir: Path, out_dir: Path, clients: Sequence[ClientSpec], 
                 shared = torch.Generator().manual_seed(SHARED_SEED + zlib.crc32(name.encode()))
                 shared_b = torch.randn(b.shape[0], SHARED_RANK, generator=shared, dtype=torch.float64)[:, : b.shape[1]]
                 shared_a = torch.randn(SHARED_RANK, a.shape[1], generator=shared, dtype=torch.float64)[: a.shape[0]]
-                b.copy_(FACTOR_STD * (spec.sign * shared_b + NOISE * torch.randn(b.shape, generator=noise, dtype=torch.float64)))
+                b.copy_(
+                    FACTOR_STD
+                    * (spec.sign * shared_b + NOISE * torch.randn(b.shape, generator=noise, dtype=torch.float64))
+                )
                 a.copy_(FACTOR_STD * (shared_a + NOISE * torch.randn(a.shape, generator=noise, dtype=torch.float64)))
         model.save_pretrained(out_dir / spec.name, safe_serialization=True)
     return out_dir
@@ -187,11 +202,15 @@ def save_finetuned(base_dir: Path, out_dir: Path, clients: Sequence[FineTune], *
                 shared = torch.Generator().manual_seed(SHARED_SEED + zlib.crc32(name.encode()))
                 if param.ndim == 2:
                     rows, cols = param.shape
-                    common = torch.randn(rows, SHARED_DELTA_RANK, generator=shared) @ torch.randn(SHARED_DELTA_RANK, cols, generator=shared)
+                    common = torch.randn(rows, SHARED_DELTA_RANK, generator=shared) @ torch.randn(
+                        SHARED_DELTA_RANK, cols, generator=shared
+                    )
                     mine = torch.randn(rows, 1, generator=own) @ torch.randn(1, cols, generator=own)
                     delta = spec.sign * common + NOISE * mine + tail * torch.randn(rows, cols, generator=own)
                 else:
-                    delta = spec.sign * torch.randn(param.shape, generator=shared) + NOISE * torch.randn(param.shape, generator=own)
+                    delta = spec.sign * torch.randn(param.shape, generator=shared) + NOISE * torch.randn(
+                        param.shape, generator=own
+                    )
                 param += DELTA_STD * delta
         model.save_pretrained(out_dir / spec.name, safe_serialization=True)
     return out_dir
@@ -200,7 +219,11 @@ def save_finetuned(base_dir: Path, out_dir: Path, clients: Sequence[FineTune], *
 def full_bert(directory: Path) -> FullSet:
     """A tiny BERT base in ``directory/base`` and the ``FULL_BERT_CLIENTS`` in ``directory/checkpoints``."""
     base = save_bert_base(directory / "base")
-    return FullSet(base, save_finetuned(base, directory / "checkpoints", FULL_BERT_CLIENTS), sorted(c.name for c in FULL_BERT_CLIENTS))
+    return FullSet(
+        base,
+        save_finetuned(base, directory / "checkpoints", FULL_BERT_CLIENTS),
+        sorted(c.name for c in FULL_BERT_CLIENTS),
+    )
 
 
 def full_gpt2(directory: Path, *, tail: float = 1.0) -> FullSet:

@@ -25,7 +25,7 @@ DATA_SUFFIXES = (".jsonl", ".csv")
 # Two fixed-width look-behinds because Python's look-behind cannot have variable width.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"')\]])\s+")
 _DATA_HINT = (
-    "--data DIR holds one file per client: <client>.jsonl with one {\"text\": ..., \"label\": ...} "
+    '--data DIR holds one file per client: <client>.jsonl with one {"text": ..., "label": ...} '
     "object a line, or <client>.csv with a header that has text and label columns"
 )
 

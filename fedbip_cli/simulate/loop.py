@@ -22,11 +22,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fedbip_cli.errors import AdapterError, OutputError, UsageError
-from fedbip_cli.sources import resolve_model_dir
 from fedbip_cli.simulate.data import ClientData, load_bbc, load_client_files
 from fedbip_cli.simulate.model import ClientModel, Tokens, embedded_model_dir
 from fedbip_cli.simulate.partition import PARTITIONS, partition_dirichlet, partition_tasks
 from fedbip_cli.simulate.strategies import RoundUpdates, State, check_strategies, server_step
+from fedbip_cli.sources import resolve_model_dir
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_KEY = "fedbip_checkpoint"
@@ -111,7 +111,12 @@ def load_clients(config: SimulationConfig) -> tuple[list[ClientData], list[str]]
     if config.data_dir is not None:
         return load_client_files(Path(config.data_dir), test_fraction=config.test_fraction, seed=config.seed)
     data = load_bbc()
-    common = {"num_clients": config.clients, "seed": config.seed, "test_fraction": config.test_fraction, "max_examples": config.max_examples}
+    common = {
+        "num_clients": config.clients,
+        "seed": config.seed,
+        "test_fraction": config.test_fraction,
+        "max_examples": config.max_examples,
+    }
     if config.partition == "tasks":
         return partition_tasks(data, groups=config.groups, alpha=config.alpha or 1.0, **common)
     return partition_dirichlet(data, alpha=config.alpha or 0.1, **common)
@@ -138,7 +143,9 @@ class Simulation:
         self.config = config
         self.out = Path(out)
         self.clients, self.label_names = load_clients(config)
-        model_dir = resolve_model_dir(config.model, allow_patterns=MODEL_FILES)[0] if config.model else embedded_model_dir()
+        model_dir = (
+            resolve_model_dir(config.model, allow_patterns=MODEL_FILES)[0] if config.model else embedded_model_dir()
+        )
         self.model = ClientModel(
             model_dir,
             num_labels=len(self.label_names),
@@ -201,7 +208,9 @@ class Simulation:
                 meta = json.loads((handle.metadata() or {})[CHECKPOINT_KEY])
                 flat = {key: handle.get_tensor(key) for key in handle.keys()}
         except Exception as exc:  # a damaged file: safetensors, JSON and key errors alike
-            raise AdapterError(f"unreadable checkpoint ({exc})", where=str(path), hint="start afresh with --overwrite") from None
+            raise AdapterError(
+                f"unreadable checkpoint ({exc})", where=str(path), hint="start afresh with --overwrite"
+            ) from None
         if meta["config"] != json.loads(json.dumps(asdict(self.config))):
             raise UsageError(
                 f"the checkpoint in {self.out} was written with other options",
@@ -247,12 +256,18 @@ class Simulation:
             run.seconds["train"] += time.perf_counter() - start
 
             start = time.perf_counter()
-            step = server_step(strategy, RoundUpdates(self.names, chosen, run.bar, trained, examples, groups, self.initial))
+            step = server_step(
+                strategy, RoundUpdates(self.names, chosen, run.bar, trained, examples, groups, self.initial)
+            )
             run.bar = step.bar
             run.seconds["server"] += time.perf_counter() - start
             run.similarity.append(
-                {"strategy": strategy, "round": round_, "clients": step.similarity.clients,
-                 "similarity": step.similarity.groups["model"].similarity.tolist()}
+                {
+                    "strategy": strategy,
+                    "round": round_,
+                    "clients": step.similarity.clients,
+                    "similarity": step.similarity.groups["model"].similarity.tolist(),
+                }
             )
 
             accuracy: dict[str, float] = {}
@@ -289,7 +304,11 @@ def check_out(out: Path, *, resume: bool, overwrite: bool) -> bool:
         raise OutputError("exists and is not a directory", where=str(out))
     busy = out.is_dir() and any(out.iterdir())
     if busy and not (resume or overwrite):
-        raise OutputError("output directory exists and is not empty", where=str(out), hint="pass --resume to continue it or --overwrite to start afresh")
+        raise OutputError(
+            "output directory exists and is not empty",
+            where=str(out),
+            hint="pass --resume to continue it or --overwrite to start afresh",
+        )
     return busy and overwrite and not resume
 
 
@@ -313,5 +332,8 @@ def mean_accuracy_by_round(metrics: list[dict[str, Any]]) -> dict[int, float]:
 def final_accuracy(metrics: list[dict[str, Any]]) -> dict[str, float]:
     """Each client's test accuracy at the last evaluated round."""
     last = max(row["round"] for row in metrics if row["test_accuracy"] is not None)
-    return {row["client"]: row["test_accuracy"] for row in metrics if row["round"] == last and row["test_accuracy"] is not None}
-
+    return {
+        row["client"]: row["test_accuracy"]
+        for row in metrics
+        if row["round"] == last and row["test_accuracy"] is not None
+    }

@@ -102,16 +102,21 @@ class ClientModel:
             if num_layers is not None:
                 _keep_layers(base, num_layers, self.model_dir)
             base.pooler = None  # the head reads mean-pooled states; the CLS pooler would be wasted work
-            config = LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=list(target_modules), lora_dropout=0.0, bias="none")
+            config = LoraConfig(
+                r=rank, lora_alpha=lora_alpha, target_modules=list(target_modules), lora_dropout=0.0, bias="none"
+            )
             try:
                 self._model = get_peft_model(base, config).to(self.device).eval()
             except NoMatchingPeftModuleError:
                 raise UsageError(
-                    f"target modules {list(target_modules)} match no layer of {self.model_dir}", hint="for BERT models use e.g. query,value"
+                    f"target modules {list(target_modules)} match no layer of {self.model_dir}",
+                    hint="for BERT models use e.g. query,value",
                 ) from None
             self._head = torch.nn.Linear(base.config.hidden_size, num_labels).to(self.device)
         layers = {
-            name.removeprefix(KEY_PREFIX): module for name, module in self._model.named_modules() if isinstance(module, LoraLayer)
+            name.removeprefix(KEY_PREFIX): module
+            for name, module in self._model.named_modules()
+            if isinstance(module, LoraLayer)
         }
         self._params: dict[str, torch.nn.Parameter] = {}
         for name, layer in layers.items():
@@ -168,7 +173,14 @@ class ClientModel:
         return Tokens(encoded["input_ids"].long(), encoded["attention_mask"].long())
 
     def train(
-        self, tokens: Tokens, labels: torch.Tensor, *, steps: int, batch_size: int, lr: float, generator: torch.Generator
+        self,
+        tokens: Tokens,
+        labels: torch.Tensor,
+        *,
+        steps: int,
+        batch_size: int,
+        lr: float,
+        generator: torch.Generator,
     ) -> float:
         """Fine-tune the loaded state for ``steps`` AdamW steps; return the mean training loss.
 
@@ -253,7 +265,9 @@ class ClientModel:
             raise ValueError(f"state does not fit this model: missing {missing}, unexpected {unexpected}")
         for key, param in self._params.items():
             if tuple(state[key].shape) != tuple(param.shape):
-                raise ValueError(f"state[{key!r}] has shape {tuple(state[key].shape)}; this model expects {tuple(param.shape)}")
+                raise ValueError(
+                    f"state[{key!r}] has shape {tuple(state[key].shape)}; this model expects {tuple(param.shape)}"
+                )
 
 
 def _keep_layers(base: torch.nn.Module, num_layers: int, model_dir: Path) -> None:
@@ -261,7 +275,9 @@ def _keep_layers(base: torch.nn.Module, num_layers: int, model_dir: Path) -> Non
     layers = getattr(getattr(base, "encoder", None), "layer", None)
     if not isinstance(layers, torch.nn.ModuleList) or not 1 <= num_layers <= len(layers):
         available = len(layers) if isinstance(layers, torch.nn.ModuleList) else "no encoder.layer"
-        raise UsageError(f"num_layers={num_layers} for {model_dir} ({available} layers)", hint="keep between 1 and all of the layers")
+        raise UsageError(
+            f"num_layers={num_layers} for {model_dir} ({available} layers)", hint="keep between 1 and all of the layers"
+        )
     base.encoder.layer = layers[:num_layers]
     base.config.num_hidden_layers = num_layers
 

@@ -119,7 +119,9 @@ def _summary(config: SimulationConfig, simulation: Simulation, runs: list[Strate
             "accuracy": accuracy,
             "seconds": run.seconds,
             "rounds": run.round,
-            "clusters": [[similarity.clients[i] for i in c] for c in suggest_clusters(similarity.groups["model"].similarity)],
+            "clusters": [
+                [similarity.clients[i] for i in c] for c in suggest_clusters(similarity.groups["model"].similarity)
+            ],
         }
         if all(groups[c] is not None for c in similarity.clients):
             found = cluster_labels(suggest_clusters(similarity.groups["model"].similarity), len(similarity.clients))
