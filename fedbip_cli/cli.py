@@ -7,18 +7,22 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from fedbip_cli import __version__, pipeline, report
-from fedbip_cli.config import merge_settings
+from fedbip_cli import __version__
+from fedbip_cli.defaults import DEFAULT_DIM, DEFAULT_MAX_SHARD_SIZE, MAX_DIM
 from fedbip_cli.errors import FedbipError
 from fedbip_cli.innercache import InnerProductCache, default_cache_dir
-from fedbip_cli.sketch import DEFAULT_DIM, MAX_DIM, SimilarityMethod
+
+# pipeline, report, config and sketch import torch (seconds to load): each command imports them
+# in its body, so that --help and --version answer at once (tests/test_startup.py).
+if TYPE_CHECKING:
+    from fedbip_cli import pipeline
 
 app = typer.Typer(
     name="fedbip",
@@ -169,6 +173,8 @@ def _cache_dir(cache: Path | None, no_cache: bool) -> Path | None:
 
 
 def _print_json(data: Any) -> None:
+    from fedbip_cli import report
+
     report.write_json(data, sys.stdout)
 
 
@@ -253,7 +259,7 @@ def merge(
         str | None,
         typer.Option(
             "--max-shard-size",
-            help=f"Full checkpoints: the largest output shard (2GB = 2·10⁹ bytes, 500MiB, ...; default {pipeline.DEFAULT_MAX_SHARD_SIZE}).",
+            help=f"Full checkpoints: the largest output shard (2GB = 2·10⁹ bytes, 500MiB, ...; default {DEFAULT_MAX_SHARD_SIZE}).",
             show_default=False,
         ),
     ] = None,
@@ -296,6 +302,9 @@ def merge(
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
 ) -> None:
     """Write one personalized merged adapter (or full checkpoint) per client."""
+    from fedbip_cli import pipeline, report
+    from fedbip_cli.config import merge_settings
+
     given = {
         "sources": sources or None,
         "out": out,
@@ -399,6 +408,9 @@ def inspect_similarity(
     sketch_seed: SketchSeed = None,
 ) -> None:
     """Show how similar the clients' task vectors are, with nearest neighbours and clusters."""
+    from fedbip_cli import pipeline, report
+    from fedbip_cli.sketch import SimilarityMethod
+
     gran = _granularity(layerwise, granularity) or "model"
     if output_format not in ("table", "json", "csv"):
         raise typer.BadParameter(f"{output_format!r}; choose one of table, json, csv", param_hint="--format")
@@ -506,6 +518,7 @@ def simulate(
     ] = False,
 ) -> None:
     """Run federated LoRA fine-tuning rounds on non-IID data with FedBip or a baseline."""
+    from fedbip_cli import report
     from fedbip_cli.simulate.loop import SimulationConfig
     from fedbip_cli.simulate.runner import simulate as run_simulation
 

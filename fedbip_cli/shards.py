@@ -21,9 +21,9 @@ from typing import BinaryIO
 import torch
 
 from fedbip_cli.checkpoints import INDEX_NAME, WEIGHTS_NAME, TensorSpec
+from fedbip_cli.defaults import DEFAULT_MAX_SHARD_SIZE as DEFAULT_MAX_SHARD_SIZE  # re-exported: its old home
 from fedbip_cli.errors import UsageError
 
-DEFAULT_MAX_SHARD_SIZE = "2GB"
 # Decimal units as transformers reads "5GB"; binary units spelled out (GiB).
 _UNITS = {
     "": 1,

@@ -1,0 +1,10 @@
+"""Defaults and limits that ``fedbip --help`` shows, in a module with no heavy imports.
+
+The CLI builds its help text at import; importing these from ``sketch`` or ``shards`` would load
+torch first and make ``fedbip --help`` and ``fedbip --version`` take seconds. Their old homes
+import them from here.
+"""
+
+DEFAULT_MAX_SHARD_SIZE = "2GB"  # full checkpoints: the largest output shard
+DEFAULT_DIM = 96  # sketch dimension M: each module's ΔW is reduced to M x M numbers
+MAX_DIM = 1024
