@@ -13,7 +13,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,21 +29,39 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
-SUPPORTED = "supported: plain LoRA adapters (peft_type LORA) on linear layers, saved as adapter_model.safetensors"
+SUPPORTED = (
+    "supported: peft LoRA adapters (peft_type LORA) saved as adapter_model.safetensors, on linear, Conv1D and "
+    "embedding layers, with rsLoRA, rank/alpha patterns, DoRA, lora_bias, bias='lora_only'/'all' and modules_to_save"
+)
 
+# Stored tensor names, relative to the key prefix: a linear LoRA's factors, an embedding LoRA's
+# factors, a DoRA magnitude, a LoRA bias, and a trained base bias of an adapted layer (bias="lora_only").
 _FACTOR_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
-# Tensor names that mark a kind of adapter whose delta is not s * B @ A, with what to tell the user.
+_EMBEDDING_RE = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>[AB])$")
+_MAGNITUDE_RE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector$")
+_LORA_BIAS_RE = re.compile(r"^(?P<module>.+)\.lora_B\.bias$")
+_BASE_LAYER_RE = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>\w+)$")
+# Tensor names that mark a kind of adapter fedbip refuses, with what to tell the user.
 _UNSUPPORTED_TENSORS = (
-    ("lora_magnitude_vector", "DoRA adapters (use_dora) are not supported"),
-    ("lora_embedding_", "LoRA on embedding layers is not supported"),
-    ("modules_to_save", "modules_to_save (fully trained extra modules) are not supported"),
-    ("trainable_tokens", "trainable token adapters are not supported"),
+    ("trainable_tokens", "trainable token adapters (trainable_token_indices) are not supported"),
+    ("lora_embedding_magnitude", "DoRA on embedding layers is not supported"),
+)
+# init_lora_weights values whose adapters are deltas relative to a modified base (the base's weights
+# were replaced by a residual at initialisation): their s·B·A alone is not the task vector.
+_MODIFIED_BASE_INITS = ("pissa", "olora", "corda", "loftq")
+CONVERT_HINT = (
+    "convert it to a plain LoRA of the unmodified base with peft: model.save_pretrained(dir, "
+    "path_initial_model_for_weight_conversion=<the adapter as initialised, saved before training>)"
 )
 
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One LoRA-adapted module: ΔW = scale · B @ A, with B of shape (out, r) and A of shape (r, in)."""
+    """One LoRA-adapted module: ΔW = scale · B @ A, with B of shape (out, r) and A of shape (r, in).
+
+    An embedding LoRA (``embedding``) stores its factors as ``lora_embedding_B`` (dim, r) and
+    ``lora_embedding_A`` (r, vocab); the embedding weight (vocab, dim) changes by (scale · B @ A)ᵀ.
+    """
 
     name: str
     rank: int
@@ -51,6 +69,49 @@ class LoraModule:
     out_features: int
     in_features: int
     dtype: torch.dtype
+    embedding: bool = False
+
+    def keys(self, prefix: str = KEY_PREFIX) -> tuple[str, str]:
+        """The stored names of A and B."""
+        if self.embedding:
+            return f"{prefix}{self.name}.lora_embedding_A", f"{prefix}{self.name}.lora_embedding_B"
+        return f"{prefix}{self.name}.lora_A.weight", f"{prefix}{self.name}.lora_B.weight"
+
+
+# Kinds of dense part: a task-vector part that is not a low-rank product of stored factors.
+DORA = "dora"  # m ⊙ (W + sBA)/‖W + sBA‖_row − W on a linear weight; needs the base weight
+SAVED = "saved"  # a modules_to_save tensor: W_saved − W_base (W_base = 0 where the base lacks it)
+LORA_BIAS = "lora-bias"  # scale · lora_B.bias, a delta of the adapted layer's bias
+BIAS = "bias"  # a trained bias (bias="lora_only"/"all"): b_saved − b_base
+NEEDS_BASE = (DORA, SAVED, BIAS)
+
+
+@dataclass(frozen=True)
+class DensePart:
+    """A part of a task vector held as a dense delta of one base tensor.
+
+    ``name`` is the part's name (``classifier`` for ``classifier.weight``, ``classifier.bias``: see
+    ``part_name``); ``tensor`` the base tensor it changes; ``key`` the stored tensor it is read from
+    (a DoRA part: its magnitude; its factors are ``lora``).
+    """
+
+    name: str
+    kind: str
+    tensor: str
+    key: str
+    shape: tuple[int, ...]
+    lora: LoraModule | None = None
+
+
+def part_name(tensor: str) -> str:
+    """The part of a task vector that changes base tensor ``tensor``: its module for a ``.weight``
+    (as LoRA names it), else the tensor's name (``classifier.bias``)."""
+    return tensor[: -len(".weight")] if tensor.endswith(".weight") else tensor
+
+
+def part_module(part: str) -> str:
+    """The module a part belongs to: ``classifier`` for both ``classifier`` and ``classifier.bias``."""
+    return part.rsplit(".", 1)[0] if part.endswith(".bias") else part
 
 
 @dataclass
@@ -61,24 +122,49 @@ class Adapter:
     source: ResolvedSource
     config: dict[str, Any]
     fan_in_fan_out: bool
-    modules: dict[str, LoraModule]
+    modules: dict[str, LoraModule]  # the low-rank parts (linear and embedding LoRA), by module
     weights_path: Path
     sha256: str
+    dense: dict[str, DensePart] = field(default_factory=dict)  # every other part, by part name
     _prefix: str = field(default=KEY_PREFIX, repr=False)
+
+    @property
+    def parts(self) -> list[str]:
+        """Every part of this client's task vector (low-rank and dense)."""
+        return [*self.modules, *self.dense]
+
+    @property
+    def base_model(self) -> str | None:
+        """The base model named in the config (``base_model_name_or_path``)."""
+        value = self.config.get("base_model_name_or_path")
+        return value if isinstance(value, str) and value else None
 
     @property
     def where(self) -> str:
         return str(self.source.path)
 
-    def stored_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def stored_factors(self, module: str, spec: LoraModule | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(B, A)`` for ``module`` exactly as stored: unscaled, in the file's dtype, on the CPU.
 
+        ``spec`` names factors that are not a low-rank part of their own (a DoRA part's).
         Raises AdapterError when a tensor holds NaN or Inf.
         """
+        a_key, b_key = (spec or self.modules[module]).keys(self._prefix)
         with safe_open(self.weights_path, framework="pt") as f:
-            a = f.get_tensor(f"{self._prefix}{module}.lora_A.weight")
-            b = f.get_tensor(f"{self._prefix}{module}.lora_B.weight")
+            a, b = f.get_tensor(a_key), f.get_tensor(b_key)
         return _finite(self, module, b, a)
+
+    def stored_tensor(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` exactly as stored, checked for NaN and Inf."""
+        with safe_open(self.weights_path, framework="pt") as f:
+            tensor = f.get_tensor(key)
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(
+                f"{key} contains NaN or Inf values",
+                where=str(self.weights_path),
+                hint="the adapter's training diverged or the file is damaged; re-train or re-save it",
+            )
+        return tensor
 
     def factors(
         self, module: str, *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
@@ -159,8 +245,8 @@ def _factor_places(adapter: Adapter) -> dict[str, tuple[tuple[torch.dtype, list[
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
     places = {}
-    for module in adapter.modules:
-        entries = [header[f"{adapter._prefix}{module}.lora_{which}.weight"] for which in "AB"]
+    for module, spec in adapter.modules.items():
+        entries = [header[key] for key in spec.keys(adapter._prefix)]
         places[module] = tuple(
             (FLOAT_DTYPES[e["dtype"]], e["shape"], 8 + size + e["data_offsets"][0], 8 + size + e["data_offsets"][1])
             for e in entries
@@ -196,11 +282,9 @@ def load_adapter(source: ResolvedSource) -> Adapter:
         raise AdapterError(f"{WEIGHTS_NAME} is missing", where=str(directory), hint=SUPPORTED)
     shapes, dtypes = read_header(weights)
     prefix = KEY_PREFIX if all(k.startswith(KEY_PREFIX) for k in shapes) else ""
-    modules = _parse_modules(shapes, dtypes, prefix, config, weights)
-    if not modules:
-        raise AdapterError(
-            "no LoRA tensors (*.lora_A.weight / *.lora_B.weight) found", where=str(weights), hint=SUPPORTED
-        )
+    modules, dense = _parse_parts(shapes, dtypes, prefix, config, weights)
+    if not modules and not dense:
+        raise AdapterError("no LoRA tensors (*.lora_A / *.lora_B) found", where=str(weights), hint=SUPPORTED)
     return Adapter(
         name=source.name,
         source=source,
@@ -209,6 +293,7 @@ def load_adapter(source: ResolvedSource) -> Adapter:
         modules=modules,
         weights_path=weights,
         sha256=file_sha256(weights),
+        dense=dense,
         _prefix=prefix,
     )
 
@@ -245,16 +330,16 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise AdapterError(f"peft_type {peft_type!r} is not supported", where=where, hint=SUPPORTED)
-    if config.get("use_dora"):
-        raise AdapterError("DoRA adapters (use_dora: true) are not supported", where=where, hint=SUPPORTED)
-    if config.get("lora_bias"):
-        raise AdapterError("LoRA bias (lora_bias: true) is not supported", where=where, hint=SUPPORTED)
-    if config.get("bias", "none") != "none":
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_MODIFIED_BASE_INITS):
         raise AdapterError(
-            f"bias {config.get('bias')!r} is not supported (trained biases are not a low-rank delta)",
+            f"init_lora_weights={init!r}: this adapter is a delta relative to a base whose weights {init} "
+            "initialisation replaced, so it is not a task vector of the base model",
             where=where,
-            hint=SUPPORTED,
+            hint=CONVERT_HINT,
         )
+    if config.get("bias", "none") not in ("none", "lora_only", "all"):
+        raise AdapterError(f"bias {config.get('bias')!r}; expected none, lora_only or all", where=where)
     r = config.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise AdapterError(f"lora rank r={r!r} in {CONFIG_NAME}; expected a positive integer", where=where)
@@ -264,6 +349,9 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(key) or {}, dict):
             raise AdapterError(f"{key} must be an object mapping module patterns to numbers", where=where)
+    saved = config.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
+        raise AdapterError("modules_to_save must be a list of module names", where=where)
 
 
 def read_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
@@ -295,64 +383,143 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _parse_modules(
+def _parse_parts(
     shapes: dict[str, list[int]], dtypes: dict[str, str], prefix: str, config: dict[str, Any], path: Path
-) -> dict[str, LoraModule]:
+) -> tuple[dict[str, LoraModule], dict[str, DensePart]]:
+    """Every part of an adapter from its header: low-rank modules, and dense parts by part name.
+
+    Each stored tensor is claimed by exactly one rule below; one that none claims is an error.
+    """
     where = str(path)
     factors: dict[str, dict[str, str]] = {}
+    embedding: set[str] = set()
+    magnitudes: dict[str, str] = {}
+    lora_biases: dict[str, str] = {}
+    plain: dict[str, str] = {}  # saved module tensors and trained biases: base tensor -> stored key
     for key in shapes:
         for marker, problem in _UNSUPPORTED_TENSORS:
             if marker in key:
                 raise AdapterError(f"{problem} (tensor {key})", where=where, hint=SUPPORTED)
-        match = _FACTOR_RE.match(key[len(prefix) :])
-        if match is None:
-            if key.endswith(".lora_B.bias"):
-                raise AdapterError(f"LoRA bias is not supported (tensor {key})", where=where, hint=SUPPORTED)
-            if key.endswith(".bias"):
-                raise AdapterError(f"trained biases are not supported (tensor {key})", where=where, hint=SUPPORTED)
+        name = key[len(prefix) :]
+        if match := _FACTOR_RE.match(name) or _EMBEDDING_RE.match(name):
+            factors.setdefault(match["module"], {})[match["which"]] = key
+            if "embedding" in key:
+                embedding.add(match["module"])
+        elif match := _MAGNITUDE_RE.match(name):
+            magnitudes[match["module"]] = key
+        elif match := _LORA_BIAS_RE.match(name):
+            lora_biases[match["module"]] = key
+        elif "lora_" in name:
             raise AdapterError(f"unexpected tensor {key}", where=where, hint=SUPPORTED)
-        factors.setdefault(match["module"], {})[match["which"]] = key
+        else:
+            match = _BASE_LAYER_RE.match(name)
+            plain[f"{match['module']}.{match['param']}" if match else name] = key
+    if magnitudes and not config.get("use_dora"):
+        raise AdapterError(
+            f"DoRA magnitude tensor {next(iter(magnitudes.values()))} but use_dora is not true in {CONFIG_NAME}",
+            where=where,
+            hint="the config and the weights do not belong together",
+        )
+    if config.get("use_dora") and factors and not magnitudes:
+        raise AdapterError(
+            f"use_dora is true in {CONFIG_NAME} but the weights hold no DoRA magnitude (lora_magnitude_vector)",
+            where=where,
+            hint="the config and the weights do not belong together",
+        )
+    if lora_biases and not config.get("lora_bias"):
+        raise AdapterError(
+            f"LoRA bias tensor {next(iter(lora_biases.values()))} but lora_bias is not true in {CONFIG_NAME}",
+            where=where,
+            hint="the config and the weights do not belong together",
+        )
+    modules = {
+        name: _lora_module(name, pair, name in embedding, shapes, dtypes, config, where)
+        for name, pair in sorted(factors.items())
+    }
+    dense: dict[str, DensePart] = {}
+    for module, key in magnitudes.items():
+        spec = modules.pop(module, None)
+        if spec is None or spec.embedding:
+            raise AdapterError(
+                f"DoRA magnitude {key} has no linear lora_A/lora_B beside it", where=where, hint=SUPPORTED
+            )
+        shape = (
+            (spec.in_features, spec.out_features)
+            if config.get("fan_in_fan_out")
+            else (spec.out_features, spec.in_features)
+        )
+        dense[module] = DensePart(module, DORA, f"{module}.weight", key, shape, spec)
+    for module, key in lora_biases.items():
+        spec = modules.get(module) or (dense[module].lora if module in dense else None)
+        if spec is None:
+            raise AdapterError(f"LoRA bias {key} has no lora_A/lora_B beside it", where=where, hint=SUPPORTED)
+        dense[f"{module}.bias"] = DensePart(
+            f"{module}.bias", LORA_BIAS, f"{module}.bias", key, tuple(shapes[key]), spec
+        )
+    saved = config.get("modules_to_save") or []
+    for tensor, key in plain.items():
+        module, param = tensor.rsplit(".", 1) if "." in tensor else ("", tensor)
+        if any(module == m or module.endswith("." + m) for m in saved):
+            kind = SAVED
+        elif param == "bias" and config.get("bias", "none") != "none":
+            kind = BIAS
+        else:
+            raise AdapterError(f"unexpected tensor {key}", where=where, hint=SUPPORTED)
+        if dtypes[key] not in FLOAT_DTYPES:
+            raise AdapterError(
+                f"{key}: unsupported dtype {dtypes[key]}", where=where, hint="use floating-point weights"
+            )
+        part = part_name(tensor)
+        if part in dense or part in modules:
+            raise AdapterError(f"{tensor} is both a LoRA module and a saved tensor", where=where, hint=SUPPORTED)
+        dense[part] = DensePart(part, kind, tensor, key, tuple(shapes[key]))
+    return modules, dict(sorted(dense.items()))
 
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    modules: dict[str, LoraModule] = {}
-    for name in sorted(factors):
-        pair = factors[name]
-        if set(pair) != {"A", "B"}:
-            missing = "lora_B" if "A" in pair else "lora_A"
-            raise AdapterError(
-                f"{name} has no {missing}.weight", where=where, hint="the adapter file is incomplete; re-save it"
-            )
-        a_shape, b_shape = shapes[pair["A"]], shapes[pair["B"]]
-        if len(a_shape) != 2 or len(b_shape) != 2:
-            raise AdapterError(
-                f"{name}: lora_A {a_shape} / lora_B {b_shape} are not matrices (LoRA on convolutions is not supported)",
-                where=where,
-                hint=SUPPORTED,
-            )
-        if a_shape[0] != b_shape[1]:
-            raise AdapterError(
-                f"{name}: lora_A has shape {a_shape} and lora_B {b_shape}; their ranks differ",
-                where=where,
-                hint="lora_A must be (r, in_features) and lora_B (out_features, r)",
-            )
-        rank = a_shape[0]
-        expected = _pattern_value(rank_pattern, name, config["r"])
-        if expected != rank:
-            raise AdapterError(
-                f"{name}: tensors have rank {rank} but {CONFIG_NAME} gives r={expected} for this module",
-                where=where,
-                hint="the config and the weights do not belong together",
-            )
-        alpha = _pattern_value(alpha_pattern, name, config.get("lora_alpha", 8))
-        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        dtype_name = dtypes[pair["A"]]
-        if dtype_name not in FLOAT_DTYPES or dtypes[pair["B"]] not in FLOAT_DTYPES:
-            raise AdapterError(
-                f"{name}: unsupported dtype {dtype_name}", where=where, hint="use float32, float16 or bfloat16 weights"
-            )
-        modules[name] = LoraModule(name, rank, float(scale), b_shape[0], a_shape[1], FLOAT_DTYPES[dtype_name])
-    return modules
+
+def _lora_module(
+    name: str,
+    pair: dict[str, str],
+    embedding: bool,
+    shapes: dict[str, list[int]],
+    dtypes: dict[str, str],
+    config: dict[str, Any],
+    where: str,
+) -> LoraModule:
+    """A module's low-rank part from its two stored factors, checked against each other and the config."""
+    if set(pair) != {"A", "B"}:
+        missing = "B" if "A" in pair else "A"
+        raise AdapterError(
+            f"{name} has no lora_{missing}", where=where, hint="the adapter file is incomplete; re-save it"
+        )
+    a_shape, b_shape = shapes[pair["A"]], shapes[pair["B"]]
+    if len(a_shape) != 2 or len(b_shape) != 2:
+        raise AdapterError(
+            f"{name}: lora_A {a_shape} / lora_B {b_shape} are not matrices (LoRA on convolutions is not supported)",
+            where=where,
+            hint=SUPPORTED,
+        )
+    if a_shape[0] != b_shape[1]:
+        raise AdapterError(
+            f"{name}: lora_A has shape {a_shape} and lora_B {b_shape}; their ranks differ",
+            where=where,
+            hint="lora_A must be (r, in_features) and lora_B (out_features, r)",
+        )
+    rank = a_shape[0]
+    expected = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+    if expected != rank:
+        raise AdapterError(
+            f"{name}: tensors have rank {rank} but {CONFIG_NAME} gives r={expected} for this module",
+            where=where,
+            hint="the config and the weights do not belong together",
+        )
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    dtype_name = dtypes[pair["A"]]
+    if dtype_name not in FLOAT_DTYPES or dtypes[pair["B"]] not in FLOAT_DTYPES:
+        raise AdapterError(
+            f"{name}: unsupported dtype {dtype_name}", where=where, hint="use float32, float16 or bfloat16 weights"
+        )
+    return LoraModule(name, rank, float(scale), b_shape[0], a_shape[1], FLOAT_DTYPES[dtype_name], embedding)
 
 
 def merged_config(ranks: dict[str, int], config: dict[str, Any]) -> dict[str, Any]:
@@ -412,32 +579,36 @@ def write_adapter(
 _DTYPE_CODES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
 
 
+def lora_entries(ranks: dict[str, int], shapes: dict[str, tuple[int, int]]) -> dict[str, list[int]]:
+    """The stored names and shapes of linear LoRA factors: each module's A (r, in) then B (out, r)."""
+    entries: dict[str, list[int]] = {}
+    for module, r in ranks.items():
+        out_dim, in_dim = shapes[module]
+        entries[f"{KEY_PREFIX}{module}.lora_A.weight"] = [r, in_dim]
+        entries[f"{KEY_PREFIX}{module}.lora_B.weight"] = [out_dim, r]
+    return entries
+
+
 class StreamingAdapterWriter:
-    """Writes a merged adapter's safetensors file module by module, so that a merge holds one module's
+    """Writes a merged adapter's safetensors file tensor by tensor, so that a merge holds one module's
     outputs at a time instead of every client's whole adapter.
 
-    The header (names, shapes, offsets) is written first from the ranks known before the merge; the
-    data follow in the order of ``ranks`` (each module's A then B), appended as they are computed and
-    hashed on the way. safetensors readers take tensors in any order of the data section.
+    The header (names, shapes, offsets) is written first from ``entries`` (name -> shape), known
+    before the merge; the data follow in that order, appended as they are computed and hashed on the
+    way. safetensors readers take tensors in any order of the data section.
     """
 
-    def __init__(
-        self, path: Path, ranks: dict[str, int], shapes: dict[str, tuple[int, int]], dtype: torch.dtype
-    ) -> None:
+    def __init__(self, path: Path, entries: dict[str, list[int]], dtype: torch.dtype) -> None:
         self.path = path
         self.dtype = dtype
         itemsize = torch.empty(0, dtype=dtype).element_size()
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        self._expected: list[tuple[str, list[int]]] = []
+        self._expected = list(entries.items())
         offset = 0
-        for module, r in ranks.items():
-            out_dim, in_dim = shapes[module]
-            for which, shape in (("A", [r, in_dim]), ("B", [out_dim, r])):
-                name = f"{KEY_PREFIX}{module}.lora_{which}.weight"
-                size = shape[0] * shape[1] * itemsize
-                header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
-                self._expected.append((name, shape))
-                offset += size
+        for name, shape in self._expected:
+            size = math.prod(shape) * itemsize
+            header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
         self._digest = hashlib.sha256()
@@ -450,17 +621,21 @@ class StreamingAdapterWriter:
             f.write(data)
         self._digest.update(data)
 
+    def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Append tensor ``name``; tensors must come in the order of the entries."""
+        expected, shape = self._expected[self._next] if self._next < len(self._expected) else (None, None)
+        if name != expected or list(tensor.shape) != shape:
+            raise RuntimeError(f"{self.path}: expected {expected} {shape}, got {name} {list(tensor.shape)}")
+        data = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
+        self._append(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._next += 1
+
     def write(self, module: str, b: torch.Tensor, a: torch.Tensor) -> None:
-        """Append ``module``'s factors; modules must come in the order given to the constructor."""
-        for which, tensor in (("A", a), ("B", b)):
-            name, shape = self._expected[self._next]
-            if name != f"{KEY_PREFIX}{module}.lora_{which}.weight" or list(tensor.shape) != shape:
-                raise RuntimeError(
-                    f"{self.path}: expected {name} {shape}, got {module}.lora_{which} {list(tensor.shape)}"
-                )
-            data = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
-            self._append(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-            self._next += 1
+        """Append ``module``'s LoRA factors (linear or embedding, as the entries name them): A then B."""
+        embedding = self._next < len(self._expected) and self._expected[self._next][0].endswith(".lora_embedding_A")
+        a_key, b_key = LoraModule(module, 0, 1.0, 0, 0, self.dtype, embedding).keys()
+        self.write_tensor(a_key, a)
+        self.write_tensor(b_key, b)
 
     def close(self) -> str:
         """Check that every tensor was written; return the file's sha256."""
@@ -469,40 +644,52 @@ class StreamingAdapterWriter:
         return self._digest.hexdigest()
 
 
-def check_against_base(adapters: list[Adapter], base: ModelShapes) -> None:
-    """Check that every adapted module exists in the base with the shape its factors imply.
+def base_keys(tensor: str, names: Iterable[str]) -> list[str]:
+    """The base tensors that ``tensor`` (an adapter's name for it) may be, exact match first.
 
-    ``base`` comes from the base's safetensors headers (``sources.model_shapes``): no weight is read.
+    Adapters trained on a task head (e.g. BertForSequenceClassification) carry a prefix ("bert.")
+    that a bare base checkpoint lacks, and the reverse: names match on their tails.
+    """
+    exact = [key for key in names if key == tensor]
+    return exact or [key for key in names if tensor.endswith("." + key) or key.endswith("." + tensor)]
+
+
+def weight_shape(spec: LoraModule, fan_in_fan_out: bool) -> list[int]:
+    """The shape of the base weight a LoRA module's factors imply (embeddings and Conv1D are (in, out))."""
+    transposed = fan_in_fan_out or spec.embedding
+    return [spec.in_features, spec.out_features] if transposed else [spec.out_features, spec.in_features]
+
+
+def check_against_base(adapters: list[Adapter], base: ModelShapes) -> None:
+    """Check that every part's tensor exists in the base with the shape the adapter implies.
+
+    A saved module (``modules_to_save``) that the base lacks is allowed: a task head that the model
+    class initialises afresh; its delta is taken against zero (see ``parts``). ``base`` comes from the
+    base's safetensors headers (``sources.model_shapes``): no weight is read.
     """
     shapes = base.shapes
+    hint = f"this adapter was trained on another model than {base.where}"
     for adapter in adapters:
-        for name, spec in adapter.modules.items():
-            expected = (
-                [spec.in_features, spec.out_features]
-                if adapter.fan_in_fan_out
-                else [spec.out_features, spec.in_features]
-            )
-            # Adapters trained on a task head (e.g. BertForSequenceClassification) carry a prefix
-            # ("bert.") that a bare base checkpoint lacks, and the reverse: match on the name's tail.
-            found = [
-                key
-                for key in shapes
-                if key.endswith(".weight")
-                and (
-                    key[: -len(".weight")] == name
-                    or name.endswith("." + key[: -len(".weight")])
-                    or key[: -len(".weight")].endswith("." + name)
-                )
-            ]
+        # tensor -> (what the message calls it, its shape as the adapter implies it)
+        expected = {
+            f"{n}.weight": (f"module {n}", "the factors imply a weight", weight_shape(m, adapter.fan_in_fan_out))
+            for n, m in adapter.modules.items()
+        }
+        expected |= {
+            d.tensor: (f"{d.tensor}", "the adapter implies a tensor", list(d.shape)) for d in adapter.dense.values()
+        }
+        for tensor, (what, implied, shape) in expected.items():
+            found = base_keys(tensor, shapes)
             if not found:
+                if (
+                    adapter.dense.get(part_name(tensor), None) is not None
+                    and adapter.dense[part_name(tensor)].kind == SAVED
+                ):
+                    continue
+                raise AdapterError(f"{what} does not exist in the base model", where=adapter.where, hint=hint)
+            if all(shapes[key] != shape for key in found):
                 raise AdapterError(
-                    f"module {name} does not exist in the base model",
+                    f"{what}: {implied} of shape {shape}, the base has {shapes[found[0]]}",
                     where=adapter.where,
-                    hint=f"this adapter was trained on another model than {base.where}",
-                )
-            if all(shapes[key] != expected for key in found):
-                raise AdapterError(
-                    f"module {name}: the factors imply a weight of shape {expected}, the base has {shapes[found[0]]}",
-                    where=adapter.where,
-                    hint=f"this adapter was trained on another model than {base.where}",
+                    hint=hint,
                 )

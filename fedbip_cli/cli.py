@@ -247,6 +247,14 @@ def merge(
     rank: Annotated[
         int | None, typer.Option(help="Output rank for svd (default: the largest input rank).", show_default=False)
     ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Dtype of the merged adapters: auto (default: the inputs' dtype when they all agree, else float32), "
+            "float32, float16 or bfloat16. float16/bfloat16 round the exact cat merge to their precision.",
+            show_default=False,
+        ),
+    ] = None,
     to_lora: Annotated[
         int | None,
         typer.Option(
@@ -316,6 +324,7 @@ def merge(
         "top_k": top_k,
         "combine": combine,
         "rank": rank,
+        "dtype": dtype,
         "to_lora": to_lora,
         "max_shard_size": max_shard_size,
         "device": device,

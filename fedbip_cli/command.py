@@ -62,7 +62,7 @@ def merge_command(
         else:
             words += ["--max-shard-size", str(options["max_shard_size"])]
     else:
-        words += ["--combine", str(options["combine"])]
+        words += ["--combine", str(options["combine"]), "--dtype", str(options.get("dtype", "auto"))]
     if rank is not None:
         words += ["--rank", str(rank)]
     words += ["--device", device]

@@ -16,6 +16,7 @@ import torch
 
 from fedbip_cli import __version__
 from fedbip_cli.command import merge_command, pinned_sources
+from fedbip_cli.merge import registered
 from fedbip_cli.sources import LORA, pinned_spec
 
 MANIFEST_NAME = "fedbip-manifest.json"
@@ -76,7 +77,7 @@ def merge_record(
         device: where the merge ran.
     """
     command = reproducing_command(
-        workspace, options.as_dict(), rank=rank if options.combine == "svd" else None, device=device
+        workspace, options.as_dict(), rank=rank if registered(options.combine).uses_rank else None, device=device
     )
     return {
         "fedbip_manifest": 1,
@@ -101,7 +102,7 @@ def merge_record(
         "similarity": similarity.method,
         "groups": groups(similarity, weights),
         "combine": options.combine,
-        "rank": rank if options.combine == "svd" else None,
+        "rank": rank if registered(options.combine).uses_rank else None,
         "energy_kept": energy,
         "outputs": {},
     }

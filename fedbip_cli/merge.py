@@ -122,13 +122,23 @@ def output_rank(mode: str, ranks: Sequence[int | None], row: torch.Tensor, rank:
         rank: the requested rank (svd).
         shape: (out, in) of the module.
     """
-    weights = row.tolist()
-    if mode == "linear":
-        return next((r for r in ranks if r is not None), 0)
-    total = sum(r for r, w in zip(ranks, weights) if r is not None and w != 0.0)
-    if mode == "cat" or total == 0:
-        return total
-    return min(rank, total, *shape)
+    contributing = [r for r, w in zip(ranks, row.tolist()) if r is not None and w != 0.0]
+    present = [r for r in ranks if r is not None]
+    return registered(mode).stack_rank(contributing, present, rank, shape) if present else 0
+
+
+def combine_rank(mode: str, rank: int, shape: tuple[int, int]) -> int:
+    """The rank a dense merged delta of ``shape`` (out, in) is written with under ``mode``.
+
+    Raises UsageError for a mode that only averages factors (``linear``): a dense delta has none.
+    """
+    dense_rank = registered(mode).dense_rank
+    if dense_rank is None:
+        raise UsageError(
+            f"--combine {mode} averages LoRA factors; DoRA and mixed-kind modules have no shared factors",
+            hint="use --combine svd (rank R) or cat (exact)",
+        )
+    return dense_rank(rank, shape)
 
 
 # Randomized subspace iteration for the shared-basis path: extra vectors and power iterations.
@@ -379,15 +389,51 @@ def merge_module(
     return [combine(factors, weights[i], rank) for i in range(weights.shape[0])]
 
 
-COMBINERS: dict[str, Callable[[Sequence[Factors | None], torch.Tensor, int], Combined | None]] = {
-    "svd": combine_svd,
-    "cat": combine_cat,
-    "linear": combine_linear,
+@dataclass(frozen=True)
+class Combiner:
+    """A combine mode and everything that depends on it.
+
+    ``combine`` merges one client's row; ``stack_rank(contributing, present, rank, shape)`` is its
+    output rank from the ranks of the clients with non-zero weight (and of every client with the
+    module); ``dense_rank(rank, shape)`` the rank it writes a dense delta with (None: it cannot);
+    ``uses_rank``: whether ``--rank`` applies.
+    """
+
+    combine: Callable[[Sequence[Factors | None], torch.Tensor, int], Combined | None]
+    stack_rank: Callable[[list[int], list[int], int, tuple[int, int]], int]
+    dense_rank: Callable[[int, tuple[int, int]], int] | None
+    uses_rank: bool
+
+
+COMBINERS: dict[str, Combiner] = {
+    "svd": Combiner(
+        combine_svd,
+        stack_rank=lambda contributing, present, rank, shape: min(rank, sum(contributing), *shape),  # 0: none
+        dense_rank=lambda rank, shape: min(rank, *shape),
+        uses_rank=True,
+    ),
+    "cat": Combiner(
+        combine_cat,
+        stack_rank=lambda contributing, present, rank, shape: sum(contributing),
+        dense_rank=lambda rank, shape: min(shape),  # full rank: exact
+        uses_rank=False,
+    ),
+    "linear": Combiner(
+        combine_linear,
+        stack_rank=lambda contributing, present, rank, shape: present[0],  # zero weights give zero factors
+        dense_rank=None,
+        uses_rank=False,
+    ),
 }
 
 
-def combiner(name: str) -> Callable[[Sequence[Factors | None], torch.Tensor, int], Combined | None]:
-    """The registered combine function called ``name``."""
+def registered(name: str) -> Combiner:
+    """The registered combine mode called ``name``."""
     if name not in COMBINERS:
         raise UsageError(f"unknown combine mode {name!r}; choose one of {', '.join(COMBINERS)}")
     return COMBINERS[name]
+
+
+def combiner(name: str) -> Callable[[Sequence[Factors | None], torch.Tensor, int], Combined | None]:
+    """The combine function of the registered mode ``name``."""
+    return registered(name).combine

@@ -9,6 +9,7 @@ nothing here prints.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,11 @@ import torch
 
 from fedbip_cli import lockfile, manifest
 from fedbip_cli.adapters import (
+    BIAS,
+    DORA,
+    KEY_PREFIX,
+    NEEDS_BASE,
+    SAVED,
     WEIGHTS_NAME,
     Adapter,
     FactorReader,
@@ -28,19 +34,30 @@ from fedbip_cli.adapters import (
     check_against_base,
     file_sha256,
     load_adapter,
-    merged_config,
+    part_module,
     write_config,
 )
 from fedbip_cli.card import CARD_NAME, model_card
 from fedbip_cli.errors import AdapterError, OutputError, SourceError, UsageError
 from fedbip_cli.innercache import InnerProductCache
-from fedbip_cli.merge import combiner, merge_module, output_rank
+from fedbip_cli.merge import merge_module, output_rank, registered, weighted_sum
+from fedbip_cli.parts import BaseTensors, dense_deltas
 from fedbip_cli.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
-from fedbip_cli.similarity import SimilarityResult, module_inner_products, similarity_from_inner
+from fedbip_cli.similarity import SimilarityResult, dense_inner_products, module_inner_products, similarity_from_inner
 from fedbip_cli.sketch import SimilarityMethod, sketch_similarity
 from fedbip_cli.sources import FULL, LORA, ResolvedSource, fetch_weights, model_shapes, resolve_revision, resolve_specs
-from fedbip_cli.taskvec import GRANULARITIES, all_modules, group_modules, module_factors
+from fedbip_cli.taskvec import GRANULARITIES, all_modules, group_modules, module_factors, natural_key
 from fedbip_cli.weights import WeightOptions, personalized_weights
+from fedbip_cli.writeback import (
+    AS_BIAS,
+    AS_LORA,
+    AS_LORA_BIAS,
+    AS_SAVED,
+    ClientLayout,
+    DenseOutput,
+    dense_lora,
+    dense_outputs,
+)
 
 if TYPE_CHECKING:
     from fedbip_cli.fullmerge import CheckpointWorkspace
@@ -85,17 +102,24 @@ class Workspace:
     specs: list[str]
     sources: list[ResolvedSource]
     adapters: list[Adapter]
-    modules: list[str]
+    modules: list[str]  # parts every client holds as LoRA factors (or lacks): the factor engine's
     base: str | None = None
     base_revision: str | None = None
     base_dir: Path = field(default_factory=Path.cwd)
     resolved: list[tuple[str, list[ResolvedSource]]] = field(default_factory=list)
     lock: LockState | None = None
+    dense_parts: list[str] = field(default_factory=list)  # parts some client holds densely (``parts``)
+    base_tensors: BaseTensors | None = None  # the base's weights, when a dense part needs them
     kind: ClassVar[str] = LORA
 
     @property
     def clients(self) -> list[str]:
         return [a.name for a in self.adapters]
+
+    @property
+    def parts(self) -> list[str]:
+        """Every part of the clients' task vectors, in natural order."""
+        return sorted([*self.modules, *self.dense_parts], key=natural_key)
 
 
 @dataclass(frozen=True)
@@ -112,11 +136,14 @@ class MergeOptions:
     similarity: str = "exact"  # or "sketch" (adapters only), with sketch_dim and sketch_seed
     sketch_dim: int | None = None
     sketch_seed: int | None = None
+    dtype: str = "auto"  # adapters: the output dtype (auto: the inputs' when they agree, else float32)
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise UsageError(f"unknown granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}")
-        combiner(self.combine)  # raises on an unknown name, listing the valid ones
+        registered(self.combine)  # raises on an unknown name, listing the valid ones
+        if self.dtype != "auto" and self.dtype not in OUTPUT_DTYPES:
+            raise UsageError(f"unknown dtype {self.dtype!r}; choose one of auto, {', '.join(OUTPUT_DTYPES)}")
         if self.rank is not None and self.rank < 1:
             raise UsageError(f"rank {self.rank} must be a positive integer")
         if self.to_lora is not None and self.to_lora < 1:
@@ -154,6 +181,7 @@ class MergeOptions:
             "top_k": self.weights.top_k,
             "combine": self.combine,
             "rank": self.rank,
+            "dtype": self.dtype,
             "similarity": self.method.as_dict(),
         }
 
@@ -267,12 +295,53 @@ def _load_adapters(
     never fetched."""
     adapters = [load_adapter(s) for s in sources]
     _check_consistent(adapters)
-    workspace = Workspace(specs, sources, adapters, all_modules(adapters), base_dir=directory, resolved=resolved)
-    if base is not None:
-        shapes = model_shapes(base, revision=base_revision, base_dir=directory)
-        check_against_base(adapters, shapes)
-        workspace.base, workspace.base_revision = base, shapes.revision
+    dense = sorted({p for a in adapters for p in a.dense}, key=natural_key)
+    factor_modules = [m for m in all_modules(adapters) if m not in set(dense)]
+    workspace = Workspace(
+        specs, sources, adapters, factor_modules, base_dir=directory, resolved=resolved, dense_parts=dense
+    )
+    needs_base = [(a, d) for a in adapters for d in a.dense.values() if d.kind in NEEDS_BASE]
+    if base is None:
+        _check_same_base(adapters)
+        if needs_base:
+            adapter, part = needs_base[0]
+            raise AdapterError(
+                f"{PART_KINDS[part.kind]} ({part.tensor}) is a change of a base tensor; "
+                "its task vector needs the base model's weights",
+                where=adapter.where,
+                hint="pass --base MODEL, the model the adapters were trained on (a directory or hf:// reference)",
+            )
+        return workspace
+    shapes = model_shapes(base, revision=base_revision, base_dir=directory)
+    check_against_base(adapters, shapes)
+    workspace.base, workspace.base_revision = base, shapes.revision
+    if needs_base:  # the base's weights are read only when a part needs them
+        workspace.base_tensors = BaseTensors.open(base, revision=shapes.revision, base_dir=directory)
     return workspace
+
+
+# How each kind of dense part is named in messages.
+PART_KINDS = {
+    DORA: "a DoRA module",
+    SAVED: "a saved module (modules_to_save)",
+    BIAS: "a trained bias (bias='lora_only' or 'all')",
+}
+
+
+def _check_same_base(adapters: Sequence[Adapter]) -> None:
+    """Without --base, the clients must name one base model in their configs."""
+    bases: dict[str, list[str]] = {}
+    for adapter in adapters:
+        if adapter.base_model is not None:
+            bases.setdefault(adapter.base_model, []).append(adapter.name)
+    if len(bases) > 1:
+        listed = "; ".join(f"{base}: {', '.join(names)}" for base, names in bases.items())
+        raise AdapterError(
+            f"the clients were trained on different base models ({listed})",
+            where=adapters[0].where,
+            hint="merge each base model's adapters separately, or pass --base MODEL to check every client "
+            "against one base (their shapes must match it)",
+        )
 
 
 def _check_consistent(adapters: Sequence[Adapter]) -> None:
@@ -319,6 +388,12 @@ def inspect(
     method = SimilarityMethod(similarity, sketch_dim, sketch_seed)
     check_method_kind(method, workspace.kind)
     if method.name == "sketch":
+        if workspace.kind == LORA and workspace.dense_parts:
+            raise UsageError(
+                f"--similarity {method.name} compares LoRA factors; these adapters also have dense parts "
+                f"({', '.join(workspace.dense_parts[:3])}{', ...' if len(workspace.dense_parts) > 3 else ''})",
+                hint="drop --similarity (the exact similarity handles every kind)",
+            )
         groups = group_modules(workspace.modules, granularity)
         advance = (progress or _no_progress)("similarity", len(workspace.modules))
         return sketch_similarity(
@@ -326,17 +401,24 @@ def inspect(
         )
     if workspace.kind == FULL:
         return workspace.inspect(granularity=granularity, device=device, progress=progress)
-    groups = group_modules(workspace.modules, granularity)
-    advance = (progress or _no_progress)("similarity", len(workspace.modules))
+    groups = group_modules(workspace.parts, granularity, module_of=part_module)
+    advance = (progress or _no_progress)("similarity", len(workspace.parts))
     inner = module_inner_products(
         workspace.adapters, workspace.modules, device=resolve_device(device), cache=cache, progress=advance
     )
+    reader = FactorReader()
+    for part in workspace.dense_parts:  # dense parts: exact float64 Grams, not cached
+        deltas = dense_deltas(workspace.adapters, part, workspace.base_tensors, reader)
+        inner[part] = dense_inner_products(deltas)
+        advance(1)
     return similarity_from_inner(workspace.clients, granularity, groups, inner)
 
 
 def default_rank(workspace: Workspace, options: MergeOptions) -> int:
     """``--rank`` or the largest input rank."""
-    return options.rank or max(m.rank for a in workspace.adapters for m in a.modules.values())
+    ranks = [m.rank for a in workspace.adapters for m in a.modules.values()]
+    ranks += [d.lora.rank for a in workspace.adapters for d in a.dense.values() if d.lora is not None]
+    return options.rank or max(ranks, default=1)
 
 
 def plan(
@@ -363,18 +445,15 @@ def plan(
     }
     if workspace.kind == FULL:
         return {**common, **workspace.plan(options)}
-    groups = group_modules(workspace.modules, options.granularity)
+    groups = group_modules(workspace.parts, options.granularity, module_of=part_module)
     rank = default_rank(workspace, options)
-    shapes = {name: (m.out_features, m.in_features) for a in workspace.adapters for name, m in a.modules.items()}
-    total_rank = {
-        name: sum(a.modules[name].rank for a in workspace.adapters if name in a.modules) for name in workspace.modules
-    }
-    out_rank = {
-        name: total_rank[name] if options.combine == "cat" else min(rank, total_rank[name])
-        for name in workspace.modules
-    }
-    itemsize = torch.empty(0, dtype=_output_dtype(workspace.adapters)).element_size()
-    per_client = sum(out_rank[n] * (shapes[n][0] + shapes[n][1]) * itemsize for n in workspace.modules)
+    # Every client weighing every client: the largest each output can be.
+    full = {name: torch.ones(len(workspace.adapters), len(workspace.adapters)) for name in groups}
+    group_of = {part: name for name, members in groups.items() for part in members}
+    layouts, _ = _layouts(workspace, options, full, group_of, rank)
+    itemsize = torch.empty(0, dtype=output_dtype(workspace.adapters, options.dtype)).element_size()
+    per_client = max(sum(math.prod(shape) for shape in layout.entries.values()) for layout in layouts.values())
+    per_client *= itemsize
     return {
         **common,
         "clients": [
@@ -382,24 +461,34 @@ def plan(
                 "name": a.name,
                 "source": a.source.origin,
                 "revision": a.source.revision,
-                "modules": len(a.modules),
+                "modules": len(a.parts),
                 "ranks": sorted({m.rank for m in a.modules.values()}),
             }
             for a in workspace.adapters
         ],
-        "modules": len(workspace.modules),
+        "modules": len(workspace.parts),
+        "dense_parts": len(workspace.dense_parts),
         "granularity": options.granularity,
         "groups": {name: len(members) for name, members in groups.items()},
         "combine": options.combine,
-        "rank": rank if options.combine != "cat" else None,
-        # An upper bound for cat, which only stacks clients with non-zero weight.
+        "rank": rank if registered(options.combine).uses_rank else None,
+        "dtype": str(output_dtype(workspace.adapters, options.dtype)).removeprefix("torch."),
+        # An upper bound: cat only stacks clients with non-zero weight.
         "output_bytes": per_client * len(workspace.adapters),
     }
 
 
-def _output_dtype(adapters: Sequence[Adapter]) -> torch.dtype:
-    """The inputs' dtype when they all agree, else float32."""
+# --dtype: auto keeps the inputs' dtype when they all agree (float32 otherwise).
+OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def output_dtype(adapters: Sequence[Adapter], name: str = "auto") -> torch.dtype:
+    """The dtype merged adapters are written in: ``name``, or under ``auto`` the inputs' dtype when
+    every stored factor and dense tensor has the same one, else float32."""
+    if name != "auto":
+        return OUTPUT_DTYPES[name]
     dtypes = {m.dtype for a in adapters for m in a.modules.values()}
+    dtypes |= {d.lora.dtype for a in adapters for d in a.dense.values() if d.lora is not None}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
@@ -463,27 +552,18 @@ def _merge_adapters(
     weights = {name: personalized_weights(g.similarity, options.weights) for name, g in similarity.groups.items()}
     group_of = {m: name for name, g in similarity.groups.items() for m in g.modules}
     rank = default_rank(workspace, options)
-    dtype = _output_dtype(workspace.adapters)
+    dtype = output_dtype(workspace.adapters, options.dtype)
     clients = workspace.clients
-    shapes = {name: (m.out_features, m.in_features) for a in workspace.adapters for name, m in a.modules.items()}
-    # Every output's modules and ranks are known before any compute: the files are written module by
-    # module as the merge goes, holding one module's factors and outputs at a time.
-    ranks: dict[str, dict[str, int]] = {c: {} for c in clients}
-    for module in workspace.modules:
-        inputs = [a.modules[module].rank if module in a.modules else None for a in workspace.adapters]
-        rows = weights[group_of[module]]
-        for i, client in enumerate(clients):
-            r = output_rank(options.combine, inputs, rows[i], rank, shapes[module])
-            if r > 0:  # no contributing client targets this module: ΔW = 0, leave it out
-                ranks[client][module] = r
+    fan_in_fan_out = workspace.adapters[0].fan_in_fan_out
+    layouts, dense = _layouts(workspace, options, weights, group_of, rank)
+    out_features = {name: m.out_features for a in workspace.adapters for name, m in a.modules.items()}
+    out_features |= {n: d.lora_shape(fan_in_fan_out)[0] for n, d in dense.items() if d.how == AS_LORA}
+    filled = {c: layouts[c].zero_biases(out_features) for c in clients}
 
     energy: dict[str, dict[str, float | None]] = {c: {} for c in clients}
     with atomic_output(out, workspace, overwrite=overwrite) as tmp:
-        writers = {
-            a.name: StreamingAdapterWriter(tmp / a.name / WEIGHTS_NAME, ranks[a.name], shapes, dtype)
-            for a in workspace.adapters
-        }
-        advance = start("merge", len(workspace.modules))
+        writers = {c: StreamingAdapterWriter(tmp / c / WEIGHTS_NAME, layouts[c].entries, dtype) for c in clients}
+        advance = start("merge", len(workspace.parts))
         reader = FactorReader()
         for module in workspace.modules:
             factors = module_factors(workspace.adapters, module, device=device, reader=reader)
@@ -493,12 +573,39 @@ def _merge_adapters(
                     writers[clients[i]].write(module, result.b, result.a)
                     energy[clients[i]][module] = result.energy
             advance(1)
+        for part, output in dense.items():
+            deltas = dense_deltas(workspace.adapters, part, workspace.base_tensors, reader)
+            present = [j for j, d in enumerate(deltas) if d is not None]
+            stacked = torch.stack([deltas[j] for j in present])
+            merged = weighted_sum(stacked, weights[group_of[part]][:, present].to(torch.float64))
+            base = workspace.base_tensors.read(output.tensor) if workspace.base_tensors is not None else None
+            for i, client in enumerate(clients):
+                layout = layouts[client]
+                if output.how == AS_SAVED:
+                    writers[client].write_tensor(
+                        f"{KEY_PREFIX}{output.tensor}", merged[i] if base is None else base + merged[i]
+                    )
+                elif output.how == AS_LORA and part in layout.ranks:
+                    result = dense_lora(part, merged[i], layout.ranks[part], fan_in_fan_out)
+                    writers[client].write(part, result.b, result.a)
+                    energy[client][part] = result.energy
+                elif output.how == AS_BIAS:
+                    assert base is not None  # a trained bias needs the base (checked at load)
+                    writers[client].write_tensor(layout.bias_key(output.module), base + merged[i])
+                elif output.how == AS_LORA_BIAS and output.module in layout.lora_biases:
+                    writers[client].write_tensor(f"{KEY_PREFIX}{output.module}.lora_B.bias", merged[i])
+            advance(1)
+        for client in clients:
+            for module in filled[client]:
+                writers[client].write_tensor(f"{KEY_PREFIX}{module}.lora_B.bias", torch.zeros(out_features[module]))
         advance = start("write", len(clients))
         record = manifest.merge_record(workspace, options, similarity, weights, rank, energy, device)
+        record["parts"] = _parts_record(workspace, dense)
+        bias_mode = "all" if any(a.config.get("bias") == "all" for a in workspace.adapters) else "lora_only"
         for adapter in workspace.adapters:
             digest = writers[adapter.name].close()
             directory = tmp / adapter.name
-            write_config(directory, merged_config(ranks[adapter.name], adapter.config))
+            write_config(directory, layouts[adapter.name].config(adapter.config, bias_mode))
             card = model_card(record, adapter.name, adapter.config.get("base_model_name_or_path"))
             (directory / CARD_NAME).write_text(card, encoding="utf-8")
             record["outputs"][adapter.name] = {
@@ -508,6 +615,62 @@ def _merge_adapters(
             advance(1)
         manifest.dump(record, tmp / manifest.MANIFEST_NAME)
     return MergeResult(similarity, weights, rank, energy, out, record)
+
+
+def _layouts(
+    workspace: Workspace,
+    options: MergeOptions,
+    weights: dict[str, torch.Tensor],
+    group_of: dict[str, str],
+    rank: int,
+) -> tuple[dict[str, ClientLayout], dict[str, DenseOutput]]:
+    """Every output's tensors and ranks, known before any compute, in the order the merge writes them:
+    the LoRA modules, then the dense parts (the files are streamed module by module)."""
+    adapters, clients = workspace.adapters, workspace.clients
+    layouts = {c: ClientLayout() for c in clients}
+    for module in workspace.modules:
+        spec = next(a.modules[module] for a in adapters if module in a.modules)
+        inputs = [a.modules[module].rank if module in a.modules else None for a in adapters]
+        rows = weights[group_of[module]]
+        for i, client in enumerate(clients):
+            r = output_rank(options.combine, inputs, rows[i], rank, (spec.out_features, spec.in_features))
+            if r > 0:  # no contributing client targets this module: ΔW = 0, leave it out
+                layouts[client].add_lora(module, r, (spec.out_features, spec.in_features), embedding=spec.embedding)
+    dense = dense_outputs(adapters, workspace.dense_parts)
+    for part, output in dense.items():
+        holders = torch.tensor([part in a.dense or part in a.modules for a in adapters])
+        rows = weights[group_of[part]]
+        for i, client in enumerate(clients):
+            contributes = bool(((rows[i] != 0) & holders).any())
+            layouts[client].add_dense(output, options.combine, rank, contributes, adapters[0].fan_in_fan_out)
+    return layouts, dense
+
+
+def _parts_record(workspace: Workspace, dense: dict[str, DenseOutput]) -> dict[str, Any]:
+    """The manifest's account of the task vectors' parts: each client's kinds, and how dense parts were
+    written back (and which had no base tensor, so that their delta was taken against zero)."""
+    kinds = {
+        a.name: dict(
+            sorted(
+                (
+                    {
+                        **{m: "embedding-lora" if s.embedding else "lora" for m, s in a.modules.items()},
+                        **{p: d.kind for p, d in a.dense.items()},
+                    }
+                ).items(),
+                key=lambda item: natural_key(item[0]),
+            )
+        )
+        for a in workspace.adapters
+    }
+    base = workspace.base_tensors
+    return {
+        "kinds": kinds,
+        "written_as": {p: o.how for p, o in dense.items()},
+        "against_zero": [
+            o.tensor for o in dense.values() if o.how == AS_SAVED and (base is None or base.find(o.tensor) is None)
+        ],
+    }
 
 
 def _inside(child: Path, parent: Path) -> bool:

@@ -197,8 +197,11 @@ def corrupt(root: Path, how: str) -> str:
         config["use_dora"] = True
     elif how == "prefix-tuning":
         config["peft_type"] = "PREFIX_TUNING"
-    elif how == "bias-all":
+    elif how == "bias-all":  # a trained bias is a change of the base's: it needs --base
         config["bias"] = "all"
+        tensors = load_file(str(weights))
+        tensors[f"{module}.bias"] = torch.ones(8)
+        save_file(tensors, str(weights))
     elif how == "rank-0":
         config["r"] = 0
     elif how == "pickle":
@@ -209,7 +212,7 @@ def corrupt(root: Path, how: str) -> str:
         config_path.write_text(json.dumps(config))
         return "r=3"
     config_path.write_text(json.dumps(config))
-    return {"use-dora": "DoRA", "prefix-tuning": "PREFIX_TUNING", "bias-all": "bias", "rank-0": "r=0"}[how]
+    return {"use-dora": "DoRA", "prefix-tuning": "PREFIX_TUNING", "bias-all": "--base", "rank-0": "r=0"}[how]
 
 
 @pytest.mark.parametrize(

@@ -771,6 +771,7 @@ def test_merge_is_byte_identical_and_manifest_is_faithful(tmp_path: Path) -> Non
         "top_k": None,
         "combine": "svd",
         "rank": 2,
+        "dtype": "auto",
         "similarity": {"method": "exact"},
     }
     assert [i["name"] for i in record["inputs"]] == ["c0", "c1", "c2"]

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedbip_cli import gram, merge
-from fedbip_cli.adapters import StreamingAdapterWriter
+from fedbip_cli.adapters import StreamingAdapterWriter, lora_entries
 
 
 def planted_factors(
@@ -223,7 +223,7 @@ def test_streaming_writer_output_loads_as_the_tensors_written(tmp_path: Path, dt
         m: (torch.randn(shapes[m][0], r, generator=g), torch.randn(r, shapes[m][1], generator=g))
         for m, r in ranks.items()
     }
-    writer = StreamingAdapterWriter(tmp_path / "adapter_model.safetensors", ranks, shapes, dtype)
+    writer = StreamingAdapterWriter(tmp_path / "adapter_model.safetensors", lora_entries(ranks, shapes), dtype)
     for module, (b, a) in written.items():
         writer.write(module, b, a)
     digest = writer.close()
@@ -239,7 +239,7 @@ def test_streaming_writer_output_loads_as_the_tensors_written(tmp_path: Path, dt
 
 def test_streaming_writer_refuses_out_of_order_or_missing_tensors(tmp_path: Path) -> None:
     writer = StreamingAdapterWriter(
-        tmp_path / "w.safetensors", {"a": 1, "b": 1}, {"a": (2, 2), "b": (2, 2)}, torch.float32
+        tmp_path / "w.safetensors", lora_entries({"a": 1, "b": 1}, {"a": (2, 2), "b": (2, 2)}), torch.float32
     )
     with pytest.raises(RuntimeError, match="expected"):
         writer.write("b", torch.zeros(2, 1), torch.zeros(1, 2))
