@@ -1,4 +1,5 @@
-"""``fedbip simulate`` end to end: outputs, final adapters, resume, --data files and user errors.
+"""``fedbip simulate`` end to end: outputs, the saved base and final adapters (loaded with peft),
+resume, --data files and user errors.
 
 Small on purpose: the embedded MiniLM cut to 2 encoder layers, 300 BBC sentences, a few clients,
 rounds and local steps of batch 8. Each test reads the results it needs from a handful of runs.
@@ -15,19 +16,16 @@ from typing import Any
 
 import pytest
 import torch
-from peft import PeftModel
-from peft.tuners.lora import LoraLayer
+from peft import AutoPeftModelForSequenceClassification, PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
-from fedbip_cli.adapters import KEY_PREFIX
 from fedbip_cli.cli import app
 from fedbip_cli.errors import AdapterError, OutputError, UsageError
 from fedbip_cli.simulate import loop
-from fedbip_cli.simulate.loop import SimulationConfig
-from fedbip_cli.simulate.model import HEAD_NAME, embedded_model_dir
+from fedbip_cli.simulate.loop import SimulationConfig, load_clients
 from fedbip_cli.simulate.runner import simulate
 from fedbip_cli.simulate.strategies import STRATEGIES
 
@@ -89,8 +87,13 @@ def file_bytes(directory: Path) -> dict[str, bytes]:
 
 
 def adapter_bytes(out: Path, strategy: str, client: str) -> bytes:
-    directory = out / "adapters" / strategy / client
-    return (directory / "adapter_model.safetensors").read_bytes() + (directory / HEAD_NAME).read_bytes()
+    """The adapter's tensors (LoRA and the head): the file in which clients' adapters differ."""
+    return (out / "adapters" / strategy / client / "adapter_model.safetensors").read_bytes()
+
+
+def portable_bytes(out: Path, directory: Path) -> dict[str, bytes]:
+    """``file_bytes`` with the run's own absolute path (which adapters name their base by) made neutral."""
+    return {name: data.replace(str(out.resolve()).encode(), b"OUT") for name, data in file_bytes(directory).items()}
 
 
 def without_seconds(summary: dict[str, Any]) -> dict[str, Any]:
@@ -153,6 +156,13 @@ def test_compare_run_writes_metrics_similarity_summary_and_plots(compared: tuple
             sorted({key.split("/")[0] for key in load_file(out / "checkpoints" / f"{strategy}.safetensors")}) == CLIENTS
         )
         assert sorted(p.name for p in (out / "adapters" / strategy).iterdir()) == CLIENTS
+    assert json.loads((out / "groups.json").read_text()) == dict(zip(CLIENTS, [0, 1, 0, 1], strict=True))
+    assert {p.name for p in (out / "base").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+    base_config = json.loads((out / "base" / "config.json").read_text())
+    assert base_config["architectures"] == ["BertForSequenceClassification"]
+    assert base_config["num_hidden_layers"] == LAYERS
+    # num_labels is len(id2label): transformers 5 writes only the labels
+    assert base_config["id2label"] == {str(i): label for i, label in enumerate(summary["labels"])}
 
 
 def checkpoint_meta(path: Path) -> dict[str, Any]:
@@ -171,34 +181,56 @@ def test_final_adapters_follow_each_strategy(compared: tuple[Path, dict[str, Any
     assert len({adapter_bytes(out, "fedbip", c) for c in CLIENTS}) > 1  # personalized
 
 
+def logits_on(model: torch.nn.Module, texts: list[str], tokenizer_dir: Path) -> torch.Tensor:
+    """Logits of ``model`` on ``texts``, tokenized from ``tokenizer_dir`` as the run did (32 tokens)."""
+    encoded = AutoTokenizer.from_pretrained(tokenizer_dir)(
+        texts, padding="max_length", truncation=True, max_length=CONFIG.max_length, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        return model.eval()(**encoded).logits
+
+
 # PeftModel.from_pretrained calls a transformers API that transformers 5 deprecates.
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
-def test_adapters_are_inspectable_and_load_in_peft(compared: tuple[Path, dict[str, Any]]) -> None:
-    out, _ = compared
-    result = invoke("inspect-similarity", out / "adapters" / "fedbip", "--format", "json", "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    inspected = json.loads(result.stdout)
-    assert inspected["clients"] == CLIENTS
-    assert torch.tensor(inspected["groups"]["model"]["similarity"]).diagonal().tolist() == pytest.approx([1.0] * 4)
-
-    # The adapter holds the final state of the checkpoint: peft's ΔW = scale · B @ A, and the head.
+def test_adapters_load_in_peft_onto_the_saved_base_and_predict_as_in_the_run(
+    compared: tuple[Path, dict[str, Any]],
+) -> None:
+    out, summary = compared
+    base = out / "base"
+    clients = {c.name: c for c in load_clients(CONFIG)[0]}
     checkpoint = load_file(out / "checkpoints" / "fedbip.safetensors")
-    state = {key.split("/", 1)[1]: t for key, t in checkpoint.items() if key.startswith("client-01/")}
+    for client in CLIENTS:
+        directory = out / "adapters" / "fedbip" / client
+        assert {p.name for p in directory.iterdir()} == {
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "README.md",
+        }
+        config = json.loads((directory / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str(base.resolve())
+        assert config["task_type"] == "SEQ_CLS" and "classifier" in config["modules_to_save"]
+        # The head inside the adapter is the client's final one from the checkpoint, bit for bit.
+        with safe_open(directory / "adapter_model.safetensors", framework="pt") as f:
+            for name in ("weight", "bias"):
+                saved = f.get_tensor(f"base_model.model.classifier.{name}")
+                assert torch.equal(saved, checkpoint[f"{client}/classifier.{name}"]), (client, name)
+
+        # Onto the saved base, each adapter predicts its client's test split with the accuracy the run recorded.
+        model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), directory)
+        data = clients[client]
+        predictions = logits_on(model, data.test_texts, base).argmax(dim=-1)
+        accuracy = (predictions == torch.tensor(data.test_labels)).sum().item() / len(data.test_labels)
+        assert accuracy == pytest.approx(summary["strategies"]["fedbip"]["accuracy"][client], abs=1e-9), client
+
+    # peft's Auto class finds the base from the adapter alone, and gives the same logits.
     directory = out / "adapters" / "fedbip" / "client-01"
-    base = AutoModel.from_pretrained(embedded_model_dir(), num_hidden_layers=LAYERS)
-    model = PeftModel.from_pretrained(base, directory)
-    layers = {n.removeprefix(KEY_PREFIX): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
-    assert sorted(layers) == [
-        f"encoder.layer.{i}.attention.self.{m}" for i in range(LAYERS) for m in ("query", "value")
-    ]
-    scale = CONFIG.lora_alpha / CONFIG.rank
-    for name, layer in layers.items():
-        expected = scale * state[f"{name}.lora_B"] @ state[f"{name}.lora_A"]
-        assert expected.abs().max() > 0
-        torch.testing.assert_close(layer.get_delta_weight("default"), expected, atol=1e-6, rtol=1e-5)
-    head = load_file(directory / HEAD_NAME)
-    assert torch.equal(head["classifier.weight"], state["classifier.weight"])
-    assert torch.equal(head["classifier.bias"], state["classifier.bias"])
+    texts = clients["client-01"].test_texts
+    auto = AutoPeftModelForSequenceClassification.from_pretrained(directory)
+    onto = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), directory)
+    torch.testing.assert_close(logits_on(auto, texts, base), logits_on(onto, texts, base), atol=1e-5, rtol=1e-5)
+    # ... which are not the base's own: the adapter (LoRA and head) changes the predictions.
+    plain = logits_on(AutoModelForSequenceClassification.from_pretrained(base), texts, base)
+    assert not torch.allclose(plain, logits_on(onto, texts, base), atol=1e-3)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -240,8 +272,11 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path: Path) -> N
     assert without_seconds(resumed.summary) == without_seconds(whole.summary)
     assert resumed.summary["strategies"]["fedbip"]["rounds"] == 3
     adapters_a, adapters_b = file_bytes(a / "adapters"), file_bytes(b / "adapters")
-    assert len(adapters_a) == 2 * 3 * 3  # 2 strategies x 3 clients x (config, weights, head)
-    assert adapters_a == adapters_b
+    assert len(adapters_a) == 2 * 3 * 3  # 2 strategies x 3 clients x (config, weights, card)
+    # identical but for the absolute path of the base each names (a/base, b/base)
+    assert portable_bytes(a, a / "adapters") == portable_bytes(b, b / "adapters")
+    assert adapters_a != adapters_b
+    assert file_bytes(a / "base") == file_bytes(b / "base")
 
     # resuming with other options names the checkpoint it refuses, and changes nothing
     with pytest.raises(UsageError, match="other options") as info:

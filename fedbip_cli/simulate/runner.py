@@ -1,9 +1,12 @@
 """``fedbip simulate`` as one library call: run every strategy, then write the results.
 
 Outputs in ``out``: ``metrics.jsonl`` (per strategy, round and client), ``similarity.jsonl``
-(the participants' update similarity of every round), ``summary.json``, the final personalized
-adapters as PEFT directories (``adapters/<client>``, or ``adapters/<strategy>/<client>`` when
-several strategies are compared), ``accuracy.png`` and ``similarity.png``, and ``checkpoints/``.
+(the participants' update similarity of every round), ``summary.json``, ``groups.json`` (each
+client's true task group, when known), ``base/`` (the Hugging Face sequence classifier the run
+started from: encoder and initial head), the final personalized adapters as PEFT directories with
+the head inside (``adapters/<client>``, or ``adapters/<strategy>/<client>`` when several strategies
+are compared; each names ``base/`` as its base model), ``accuracy.png`` and ``similarity.png``, and
+``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ from fedbip_cli.simulate.loop import (
 )
 
 SUMMARY = "summary.json"
+GROUPS = "groups.json"
+BASE = "base"
+ADAPTERS = "adapters"
 
 
 @dataclass
@@ -74,6 +80,7 @@ def simulate(
     _write_jsonl(out / METRICS, [row for r in runs for row in r.metrics])
     _write_jsonl(out / SIMILARITY, [row for r in runs for row in r.similarity])
     _write_adapters(simulation, runs, out)
+    _write_groups(simulation, out)
     summary = _summary(config, simulation, runs, str(torch_device))
     _atomic_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     report.write_accuracy_plot({r.strategy: mean_accuracy_by_round(r.metrics) for r in runs}, out / "accuracy.png")
@@ -92,12 +99,25 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def _write_adapters(simulation: Simulation, runs: list[StrategyRun], out: Path) -> None:
-    root = out / "adapters"
+    """The base the run started from (encoder and initial head) and every final adapter, which
+    names that base by its absolute path."""
+    base = out / BASE
+    shutil.rmtree(base, ignore_errors=True)
+    simulation.model.save_base(base)
+    root = out / ADAPTERS
     shutil.rmtree(root, ignore_errors=True)
     for run in runs:
         directory = root if len(runs) == 1 else root / run.strategy
         for client, state in run.bar.items():
-            simulation.model.save_adapter(state, directory / client)
+            simulation.model.save_adapter(state, directory / client, base=base)
+
+
+def _write_groups(simulation: Simulation, out: Path) -> None:
+    """``groups.json``: each client's true task group, when the partition knows them (``tasks``),
+    to score suggested clusters against."""
+    groups = {d.name: d.group for d in simulation.data}
+    if all(group is not None for group in groups.values()):
+        _atomic_text(out / GROUPS, json.dumps(groups, indent=2) + "\n")
 
 
 def _final_similarity(run: StrategyRun) -> SimilarityResult:
