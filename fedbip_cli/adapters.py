@@ -126,6 +126,9 @@ class Adapter:
     weights_path: Path
     sha256: str
     dense: dict[str, DensePart] = field(default_factory=dict)  # every other part, by part name
+    # Copies of base weights (peft saves the embedding beside an embedding LoRA): base tensor -> key.
+    # They carry no task vector; with --base they must equal the base's (``parts.check_copies``).
+    base_copies: dict[str, str] = field(default_factory=dict)
     _prefix: str = field(default=KEY_PREFIX, repr=False)
 
     @property
@@ -282,7 +285,7 @@ def load_adapter(source: ResolvedSource) -> Adapter:
         raise AdapterError(f"{WEIGHTS_NAME} is missing", where=str(directory), hint=SUPPORTED)
     shapes, dtypes = read_header(weights)
     prefix = KEY_PREFIX if all(k.startswith(KEY_PREFIX) for k in shapes) else ""
-    modules, dense = _parse_parts(shapes, dtypes, prefix, config, weights)
+    modules, dense, copies = _parse_parts(shapes, dtypes, prefix, config, weights)
     if not modules and not dense:
         raise AdapterError("no LoRA tensors (*.lora_A / *.lora_B) found", where=str(weights), hint=SUPPORTED)
     return Adapter(
@@ -294,6 +297,7 @@ def load_adapter(source: ResolvedSource) -> Adapter:
         weights_path=weights,
         sha256=file_sha256(weights),
         dense=dense,
+        base_copies=copies,
         _prefix=prefix,
     )
 
@@ -385,8 +389,9 @@ FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16
 
 def _parse_parts(
     shapes: dict[str, list[int]], dtypes: dict[str, str], prefix: str, config: dict[str, Any], path: Path
-) -> tuple[dict[str, LoraModule], dict[str, DensePart]]:
-    """Every part of an adapter from its header: low-rank modules, and dense parts by part name.
+) -> tuple[dict[str, LoraModule], dict[str, DensePart], dict[str, str]]:
+    """Every part of an adapter from its header: low-rank modules, dense parts by part name, and the
+    copies of base weights peft saves beside an embedding LoRA (base tensor -> stored key).
 
     Each stored tensor is claimed by exactly one rule below; one that none claims is an error.
     """
@@ -396,6 +401,7 @@ def _parse_parts(
     magnitudes: dict[str, str] = {}
     lora_biases: dict[str, str] = {}
     plain: dict[str, str] = {}  # saved module tensors and trained biases: base tensor -> stored key
+    copies: dict[str, str] = {}  # copies of base weights: base tensor -> stored key
     for key in shapes:
         for marker, problem in _UNSUPPORTED_TENSORS:
             if marker in key:
@@ -411,8 +417,9 @@ def _parse_parts(
             lora_biases[match["module"]] = key
         elif "lora_" in name:
             raise AdapterError(f"unexpected tensor {key}", where=where, hint=SUPPORTED)
+        elif (match := _BASE_LAYER_RE.match(name)) and match["param"] != "bias":
+            copies[f"{match['module']}.{match['param']}"] = key  # peft's save_embedding_layers copy
         else:
-            match = _BASE_LAYER_RE.match(name)
             plain[f"{match['module']}.{match['param']}" if match else name] = key
     if magnitudes and not config.get("use_dora"):
         raise AdapterError(
@@ -473,7 +480,7 @@ def _parse_parts(
         if part in dense or part in modules:
             raise AdapterError(f"{tensor} is both a LoRA module and a saved tensor", where=where, hint=SUPPORTED)
         dense[part] = DensePart(part, kind, tensor, key, tuple(shapes[key]))
-    return modules, dict(sorted(dense.items()))
+    return modules, dict(sorted(dense.items())), copies
 
 
 def _lora_module(

@@ -140,3 +140,22 @@ def dense_deltas(
             hint="all adapters must be trained on the same base model",
         )
     return deltas
+
+
+def check_copies(adapters: Sequence[Adapter], base: BaseTensors) -> None:
+    """The copies of base weights an adapter saved must be the base's own (a resized or changed
+    embedding means the adapter was trained on another base).
+
+    Raises AdapterError naming the first copy that differs.
+    """
+    for adapter in adapters:
+        for tensor, key in adapter.base_copies.items():
+            reference = base.read(tensor)
+            copy = adapter.stored_tensor(key).to(torch.float64)
+            if reference is None or reference.shape != copy.shape or not torch.equal(reference, copy):
+                raise AdapterError(
+                    f"{key} is a copy of the base's {tensor} that differs from --base's (resized or retrained)",
+                    where=adapter.where,
+                    hint="pass as --base the model the adapter was trained on (with its added tokens), "
+                    "or re-save the adapter with save_embedding_layers=False if the embedding is unchanged",
+                )

@@ -41,7 +41,7 @@ from fedbip_cli.card import CARD_NAME, model_card
 from fedbip_cli.errors import AdapterError, OutputError, SourceError, UsageError
 from fedbip_cli.innercache import InnerProductCache
 from fedbip_cli.merge import merge_module, output_rank, registered, weighted_sum
-from fedbip_cli.parts import BaseTensors, dense_deltas
+from fedbip_cli.parts import BaseTensors, check_copies, dense_deltas
 from fedbip_cli.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from fedbip_cli.similarity import SimilarityResult, dense_inner_products, module_inner_products, similarity_from_inner
 from fedbip_cli.sketch import SimilarityMethod, sketch_similarity
@@ -301,6 +301,7 @@ def _load_adapters(
         specs, sources, adapters, factor_modules, base_dir=directory, resolved=resolved, dense_parts=dense
     )
     needs_base = [(a, d) for a in adapters for d in a.dense.values() if d.kind in NEEDS_BASE]
+    copies = any(a.base_copies for a in adapters)
     if base is None:
         _check_same_base(adapters)
         if needs_base:
@@ -315,8 +316,9 @@ def _load_adapters(
     shapes = model_shapes(base, revision=base_revision, base_dir=directory)
     check_against_base(adapters, shapes)
     workspace.base, workspace.base_revision = base, shapes.revision
-    if needs_base:  # the base's weights are read only when a part needs them
+    if needs_base or copies:  # the base's weights are read only when a part needs them
         workspace.base_tensors = BaseTensors.open(base, revision=shapes.revision, base_dir=directory)
+        check_copies(adapters, workspace.base_tensors)
     return workspace
 
 

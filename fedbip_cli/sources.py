@@ -405,7 +405,9 @@ def _resolve(spec: str, base: Path, lists: tuple[Path, ...]) -> list[ResolvedSou
         raise SourceError("no such file or directory", where=spec, hint=_FORMS)
     if not path.is_dir():
         raise SourceError("not a directory", where=spec, hint=_FORMS)
-    return [ResolvedSource(d.name, d.resolve(), str(d.resolve()), kind=kind) for d, kind in _client_dirs(path, spec)]
+    return [
+        ResolvedSource(name, d.resolve(), str(d.resolve()), kind=kind) for d, kind, name in _client_dirs(path, spec)
+    ]
 
 
 def _resolve_list(list_file: Path, lists: tuple[Path, ...]) -> list[ResolvedSource]:
@@ -437,7 +439,7 @@ def _resolve_hub(ref: HubRef) -> list[ResolvedSource]:
     configs = [_in(ref, pattern) for name in (_CONFIG, _MODEL_CONFIG) for pattern in (name, f"*/{name}")]
     snapshot, root = _hub_dir(ref, configs, ref.revision)
     sources = []
-    for directory, kind in _client_dirs(root, str(ref)):
+    for directory, kind, _ in _client_dirs(root, str(ref)):
         client = (
             ref if directory == root else HubRef(ref.repo_id, ref.revision, directory.relative_to(snapshot).as_posix())
         )
@@ -541,16 +543,24 @@ def _kind(directory: Path) -> str | None:
     return FULL if (directory / _MODEL_CONFIG).is_file() else None
 
 
-def _client_dirs(directory: Path, where: str) -> list[tuple[Path, str]]:
-    """``directory`` itself if it is a client, else its visible sub-directories that are, by name; with their kind."""
+def _client_dirs(directory: Path, where: str) -> list[tuple[Path, str, str]]:
+    """``directory`` itself if it is a client, else its visible sub-directories that are; each with its
+    kind and its client name.
+
+    A sub-directory that is no client but holds exactly one adapter directory is that adapter, named
+    after the sub-directory: peft's ``save_pretrained`` writes an adapter that is not called
+    ``default`` under a directory of its adapter name (``client3/my_adapter/adapter_config.json``).
+    """
     kind = _kind(directory)
     if kind is not None:
-        return [(directory, kind)]
-    children = sorted(
-        ((c, _kind(c)) for c in directory.iterdir() if not c.name.startswith(".")),
-        key=lambda item: item[0].name,
-    )
-    clients = [(c, k) for c, k in children if k is not None]
+        return [(directory, kind, directory.name)]
+    clients = []
+    for child in sorted((c for c in directory.iterdir() if not c.name.startswith(".")), key=lambda c: c.name):
+        kind = _kind(child)
+        if kind is not None:
+            clients.append((child, kind, child.name))
+        elif child.is_dir() and len(named := _named_adapters(child)) == 1:
+            clients.append((named[0], LORA, child.name))
     if not clients:
         raise SourceError(
             f"no {_CONFIG} (adapter) nor {_MODEL_CONFIG} (fine-tuned model) here nor in any sub-directory",
@@ -559,6 +569,11 @@ def _client_dirs(directory: Path, where: str) -> list[tuple[Path, str]]:
             f"({_MODEL_CONFIG} + model.safetensors) inside it",
         )
     return clients
+
+
+def _named_adapters(directory: Path) -> list[Path]:
+    """The adapter directories directly inside ``directory`` (peft's named-adapter layout)."""
+    return [c for c in sorted(directory.iterdir()) if not c.name.startswith(".") and (c / _CONFIG).is_file()]
 
 
 def _check_unique(sources: list[ResolvedSource]) -> None:
