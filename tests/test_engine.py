@@ -29,6 +29,7 @@ from factories import (
 )
 
 from fedbip_cli import pipeline
+from fedbip_cli import similarity as similarity_module
 from fedbip_cli.adapters import load_adapter
 from fedbip_cli.errors import AdapterError, FedbipError, OutputError, UsageError
 from fedbip_cli.manifest import MANIFEST_NAME
@@ -885,3 +886,19 @@ def test_failure_mid_write_leaves_no_partial_output(
     else:
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == (["in", "out"] if existing else ["in"])
+
+
+@pytest.mark.parametrize("block", [1024, 7])
+def test_cosine_is_exactly_symmetric_even_from_an_asymmetric_gram(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(similarity_module, "SYMMETRIC_BLOCK", block)
+    x = torch.randn(50, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    gram = x @ x.T
+    gram += 1e-13 * torch.randn(50, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cosine, norms = similarity_module.cosine_from_inner(gram)
+    assert torch.equal(cosine, cosine.T)
+    upper = torch.triu(gram) + torch.triu(gram, 1).T  # the reference: the upper triangle, mirrored
+    expected = upper / (norms[:, None] * norms[None, :])
+    expected.fill_diagonal_(1.0)
+    assert torch.equal(cosine, expected)
+    in_place, _ = similarity_module.cosine_from_inner(gram.clone(), in_place=True)
+    assert torch.equal(in_place, cosine)
