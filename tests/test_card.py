@@ -112,7 +112,7 @@ def test_card_command_reproduces_the_merge_after_main_moved(
         f"fedbip merge hf://org/adapters@{commit} {tmp_path / 'local' / 'd'} --out OUT --base hf://org/base@"
     )
     assert (
-        "--granularity block --weighting paper --negative clip --temperature 1.0 --top-k 3 --combine svd --rank 3 --device cpu"
+        "--granularity block --weighting paper --negative clip --temperature 1.0 --top-k 3 --combine svd --dtype auto --rank 3 --device cpu"
         in command
     )
     # main moves on: the pinned command still reads the merged commit.
