@@ -275,7 +275,7 @@ def load(
             weights=weights,
         )
     else:
-        workspace = _load_adapters(list(specs), sources, base, base_revision, directory, resolved)
+        workspace = _load_adapters(list(specs), sources, base, base_revision, directory, resolved, weights=weights)
     if lock is not None:
         base_pin = lockfile.base_record(base, workspace.base_revision)
         workspace.lock = LockState(lock, lockfile.lock_record(pinned, base_pin), locked)
@@ -289,10 +289,13 @@ def _load_adapters(
     base_revision: str | None,
     directory: Path,
     resolved: list[tuple[str, list[ResolvedSource]]],
+    *,
+    weights: bool = True,
 ) -> Workspace:
     """Validate LoRA adapters: consistent with each other, and with ``base`` (at commit ``base_revision``
-    when from the Hub) when given. The base's shapes come from its safetensors headers: its weights are
-    never fetched."""
+    when from the Hub) when given. The base's shapes come from its safetensors headers; its weights are
+    fetched only when a part needs them (DoRA, saved modules, trained biases, embedding copies) and
+    never for a dry run (``weights=False``)."""
     adapters = [load_adapter(s) for s in sources]
     _check_consistent(adapters)
     dense = sorted({p for a in adapters for p in a.dense}, key=natural_key)
@@ -316,7 +319,7 @@ def _load_adapters(
     shapes = model_shapes(base, revision=base_revision, base_dir=directory)
     check_against_base(adapters, shapes)
     workspace.base, workspace.base_revision = base, shapes.revision
-    if needs_base or copies:  # the base's weights are read only when a part needs them
+    if weights and (needs_base or copies):  # the base's weights are read only when a part needs them
         workspace.base_tensors = BaseTensors.open(base, revision=shapes.revision, base_dir=directory)
         check_copies(adapters, workspace.base_tensors)
     return workspace
