@@ -51,6 +51,7 @@ from test_kinds import (  # noqa: E402
     merge,
     ordered,
     paper_weights,
+    relative_errors,
 )
 
 SVD_CASES = ("lora", "dora")
@@ -84,15 +85,7 @@ def kinds(case: Case) -> str:
 
 def frobenius_errors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, float]:
     """Per parameter ‖got − expected‖_F / ‖expected‖_F (not expected to change: over the largest ‖expected‖_F)."""
-    top = max(float(t.norm()) for t in expected.values())
-    errors = {}
-    for name in sorted(set(got) | set(expected)):
-        want = expected.get(name)
-        have = got.get(name)
-        want = torch.zeros_like(have) if want is None else want
-        have = torch.zeros_like(want) if have is None else have
-        errors[name] = float((have - want).norm()) / (float(want.norm()) or top)
-    return errors
+    return relative_errors(got, expected, size=lambda t: float(t.norm()))
 
 
 def measure(case: Case, base: Path, work: Path) -> tuple[float, float, float | None]:

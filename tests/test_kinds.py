@@ -274,18 +274,23 @@ def combined(row: torch.Tensor, deltas: Sequence[dict[str, torch.Tensor]]) -> di
     return {n: sum(float(w) * d[n] for w, d in zip(row, deltas) if n in d) for n in names}
 
 
-def relative_errors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per parameter: max |got − expected| / max |expected| (a parameter not expected to change: over the
-    largest expected change of any parameter)."""
-    top = max(float(t.abs().max()) for t in expected.values())
+def max_abs(t: torch.Tensor) -> float:
+    return float(t.abs().max())
+
+
+def relative_errors(
+    got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], size: Callable[[torch.Tensor], float] = max_abs
+) -> dict[str, float]:
+    """Per parameter: size(got − expected) / size(expected), max |·| by default (a parameter not expected
+    to change: over the largest expected change of any parameter)."""
+    top = max(size(t) for t in expected.values())
     errors = {}
     for name in sorted(set(got) | set(expected)):
         want = expected.get(name)
         have = got.get(name)
         want = torch.zeros_like(have) if want is None else want
         have = torch.zeros_like(want) if have is None else have
-        scale = float(want.abs().max()) or top
-        errors[name] = float((have - want).abs().max()) / scale
+        errors[name] = size(have - want) / (size(want) or top)
     return errors
 
 
