@@ -44,10 +44,14 @@ BASE_PATTERNS = ("*.json", "*.safetensors")
 
 @dataclass
 class BaseTensors:
-    """The base model's tensors, read lazily by the names adapters give them (tails match)."""
+    """The base model's tensors, read lazily by the names adapters give them (tails match).
+
+    Parts are processed one at a time, so only the last tensor read is kept: every client's delta
+    and the written output of a part share one read, and memory holds one base tensor, not the model.
+    """
 
     checkpoint: Checkpoint
-    _cache: dict[str, torch.Tensor | None] = field(default_factory=dict, repr=False)
+    _last: tuple[str, torch.Tensor | None] | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, spec: str, *, revision: str | None, base_dir: Path) -> BaseTensors:
@@ -64,10 +68,10 @@ class BaseTensors:
 
     def read(self, tensor: str) -> torch.Tensor | None:
         """The base's ``tensor`` in float64 (stored layout), or None when the base lacks it."""
-        if tensor not in self._cache:
+        if self._last is None or self._last[0] != tensor:
             key = self.find(tensor)
-            self._cache[tensor] = None if key is None else self.checkpoint.read(key).to(torch.float64)
-        return self._cache[tensor]
+            self._last = (tensor, None if key is None else self.checkpoint.read(key).to(torch.float64))
+        return self._last[1]
 
 
 def lora_delta(spec: LoraModule, b: torch.Tensor, a: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
