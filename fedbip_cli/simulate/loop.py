@@ -25,7 +25,7 @@ from fedbip_cli.errors import AdapterError, OutputError, UsageError
 from fedbip_cli.simulate.data import ClientData, load_bbc, load_client_files
 from fedbip_cli.simulate.model import ClientModel, Tokens, embedded_model_dir
 from fedbip_cli.simulate.partition import PARTITIONS, partition_dirichlet, partition_tasks
-from fedbip_cli.simulate.strategies import RoundUpdates, State, check_strategies, server_step
+from fedbip_cli.simulate.strategies import RoundUpdates, ServerStep, State, check_strategies, server_step
 from fedbip_cli.sources import resolve_model_dir
 
 CHECKPOINTS = "checkpoints"
@@ -136,6 +136,96 @@ def batch_generator(config: SimulationConfig, round_: int, client_index: int) ->
     return torch.Generator().manual_seed(((config.seed * 1_000_003) + round_ * 10_007 + client_index) % (2**63))
 
 
+def build_model(config: SimulationConfig, label_names: list[str], *, device: str = "cpu") -> ClientModel:
+    """The client model of ``config`` for ``label_names``: the same in every process for one seed."""
+    model_dir = resolve_model_dir(config.model, allow_patterns=MODEL_FILES)[0] if config.model else embedded_model_dir()
+    return ClientModel(
+        model_dir,
+        labels=label_names,
+        target_modules=config.target_modules,
+        rank=config.rank,
+        lora_alpha=config.lora_alpha,
+        max_length=config.max_length,
+        seed=config.seed,
+        device=device,
+        num_layers=config.num_layers,
+    )
+
+
+def tokenize_client(model: ClientModel, client: ClientData) -> ClientTokens:
+    """One client's sentences tokenized for ``model``."""
+    return ClientTokens(
+        client.name,
+        model.tokenize(client.train_texts),
+        torch.tensor(client.train_labels),
+        model.tokenize(client.test_texts),
+        torch.tensor(client.test_labels),
+        client.group,
+    )
+
+
+def train_client(
+    model: ClientModel, config: SimulationConfig, data: ClientTokens, state: State, round_: int, index: int
+) -> tuple[State, float]:
+    """One client's local training in ``round_``, from the personalized ``state`` the server sent it:
+    the trained state and the mean training loss. ``index`` is the client's place in client order,
+    which seeds its batches; every engine calls this one function."""
+    model.load_state(state)
+    loss = model.train(
+        data.train,
+        data.train_labels,
+        steps=config.local_steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        generator=batch_generator(config, round_, index),
+    )
+    return model.state(), loss
+
+
+def evaluate_client(model: ClientModel, data: ClientTokens, state: State) -> float:
+    """Test accuracy of ``state`` on one client's test sentences."""
+    model.load_state(state)
+    return model.evaluate(data.test, data.test_labels)
+
+
+def evaluates(config: SimulationConfig, round_: int) -> bool:
+    """Whether clients are evaluated after ``round_``: every ``eval_every`` rounds and after the last."""
+    return round_ % config.eval_every == 0 or round_ == config.rounds
+
+
+def similarity_record(strategy: str, round_: int, step: ServerStep) -> dict[str, Any]:
+    """One line of ``similarity.jsonl``: the participants and their whole-model update similarity."""
+    return {
+        "strategy": strategy,
+        "round": round_,
+        "clients": step.similarity.clients,
+        "similarity": step.similarity.groups["model"].similarity.tolist(),
+    }
+
+
+def metric_rows(
+    strategy: str,
+    round_: int,
+    clients: list[str],
+    examples: dict[str, int],
+    losses: dict[str, float],
+    accuracy: dict[str, float],
+) -> list[dict[str, Any]]:
+    """The lines of ``metrics.jsonl`` for one round, one per client: a client that did not train
+    has no ``train_loss``, one that was not evaluated no ``test_accuracy``."""
+    return [
+        {
+            "strategy": strategy,
+            "round": round_,
+            "client": client,
+            "train_loss": losses.get(client),
+            "test_accuracy": accuracy.get(client),
+            "examples": examples[client],
+        }
+        for client in clients
+    ]
+
+
 class Simulation:
     """Runs every configured strategy on one partition, writing metrics and checkpoints to ``out``."""
 
@@ -143,31 +233,8 @@ class Simulation:
         self.config = config
         self.out = Path(out)
         self.clients, self.label_names = load_clients(config)
-        model_dir = (
-            resolve_model_dir(config.model, allow_patterns=MODEL_FILES)[0] if config.model else embedded_model_dir()
-        )
-        self.model = ClientModel(
-            model_dir,
-            labels=self.label_names,
-            target_modules=config.target_modules,
-            rank=config.rank,
-            lora_alpha=config.lora_alpha,
-            max_length=config.max_length,
-            seed=config.seed,
-            device=device,
-            num_layers=config.num_layers,
-        )
-        self.data = [
-            ClientTokens(
-                c.name,
-                self.model.tokenize(c.train_texts),
-                torch.tensor(c.train_labels),
-                self.model.tokenize(c.test_texts),
-                torch.tensor(c.test_labels),
-                c.group,
-            )
-            for c in self.clients
-        ]
+        self.model = build_model(config, self.label_names, device=device)
+        self.data = [tokenize_client(self.model, c) for c in self.clients]
         self.names = [c.name for c in self.clients]
         self.initial = self.model.initial_state()
 
@@ -242,16 +309,9 @@ class Simulation:
             start = time.perf_counter()
             for index, data in enumerate(self.data):
                 if data.name in chosen:
-                    self.model.load_state(run.bar[data.name])
-                    losses[data.name] = self.model.train(
-                        data.train,
-                        data.train_labels,
-                        steps=self.config.local_steps,
-                        batch_size=self.config.batch_size,
-                        lr=self.config.lr,
-                        generator=batch_generator(self.config, round_, index),
+                    trained[data.name], losses[data.name] = train_client(
+                        self.model, self.config, data, run.bar[data.name], round_, index
                     )
-                    trained[data.name] = self.model.state()
                 advance(1)
             run.seconds["train"] += time.perf_counter() - start
 
@@ -261,33 +321,15 @@ class Simulation:
             )
             run.bar = step.bar
             run.seconds["server"] += time.perf_counter() - start
-            run.similarity.append(
-                {
-                    "strategy": strategy,
-                    "round": round_,
-                    "clients": step.similarity.clients,
-                    "similarity": step.similarity.groups["model"].similarity.tolist(),
-                }
-            )
+            run.similarity.append(similarity_record(strategy, round_, step))
 
             accuracy: dict[str, float] = {}
-            if round_ % self.config.eval_every == 0 or round_ == self.config.rounds:
+            if evaluates(self.config, round_):
                 start = time.perf_counter()
                 for data in self.data:
-                    self.model.load_state(run.bar[data.name])
-                    accuracy[data.name] = self.model.evaluate(data.test, data.test_labels)
+                    accuracy[data.name] = evaluate_client(self.model, data, run.bar[data.name])
                 run.seconds["eval"] += time.perf_counter() - start
-            for data in self.data:
-                run.metrics.append(
-                    {
-                        "strategy": strategy,
-                        "round": round_,
-                        "client": data.name,
-                        "train_loss": losses.get(data.name),
-                        "test_accuracy": accuracy.get(data.name),
-                        "examples": examples[data.name],
-                    }
-                )
+            run.metrics.extend(metric_rows(strategy, round_, self.names, examples, losses, accuracy))
             run.round = round_
             self.save_checkpoint(run)
             if on_round is not None:
