@@ -37,6 +37,7 @@ from fedbip_cli.simulate.loop import (
     mean_accuracy_by_round,
     prepare_out,
 )
+from fedbip_cli.simulate.model import ClientModel
 
 SUMMARY = "summary.json"
 GROUPS = "groups.json"
@@ -48,6 +49,16 @@ ADAPTERS = "adapters"
 class SimulationResult:
     out: Path
     summary: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What the outputs record of one client (an engine whose server holds no data learns it from the client)."""
+
+    name: str
+    group: int | None
+    train_examples: int
+    test_examples: int
 
 
 def simulate(
@@ -77,11 +88,25 @@ def simulate(
     for strategy in config.strategies:
         runs.append(simulation.run_strategy(strategy, resume=resume, progress=progress, on_round=on_round))
 
+    clients = [ClientInfo(d.name, d.group, len(d.train), len(d.test)) for d in simulation.data]
+    return write_outputs(config, out, simulation.model, clients, simulation.label_names, runs, str(torch_device))
+
+
+def write_outputs(
+    config: SimulationConfig,
+    out: Path,
+    model: ClientModel,
+    clients: list[ClientInfo],
+    labels: list[str],
+    runs: list[StrategyRun],
+    device: str,
+) -> SimulationResult:
+    """Write every output of finished ``runs`` into ``out``; every engine ends with this."""
     _write_jsonl(out / METRICS, [row for r in runs for row in r.metrics])
     _write_jsonl(out / SIMILARITY, [row for r in runs for row in r.similarity])
-    _write_adapters(simulation, runs, out)
-    _write_groups(simulation, out)
-    summary = _summary(config, simulation, runs, str(torch_device))
+    _write_adapters(model, runs, out)
+    _write_groups(clients, out)
+    summary = _summary(config, clients, labels, runs, device)
     _atomic_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     report.write_accuracy_plot({r.strategy: mean_accuracy_by_round(r.metrics) for r in runs}, out / "accuracy.png")
     report.write_heatmap(_final_similarity(runs[0]), out / "similarity.png")
@@ -98,24 +123,24 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_adapters(simulation: Simulation, runs: list[StrategyRun], out: Path) -> None:
+def _write_adapters(model: ClientModel, runs: list[StrategyRun], out: Path) -> None:
     """The base the run started from (encoder and initial head) and every final adapter, which
     names that base by its absolute path."""
     base = out / BASE
     shutil.rmtree(base, ignore_errors=True)
-    simulation.model.save_base(base)
+    model.save_base(base)
     root = out / ADAPTERS
     shutil.rmtree(root, ignore_errors=True)
     for run in runs:
         directory = root if len(runs) == 1 else root / run.strategy
         for client, state in run.bar.items():
-            simulation.model.save_adapter(state, directory / client, base=base)
+            model.save_adapter(state, directory / client, base=base)
 
 
-def _write_groups(simulation: Simulation, out: Path) -> None:
+def _write_groups(clients: list[ClientInfo], out: Path) -> None:
     """``groups.json``: each client's true task group, when the partition knows them (``tasks``),
     to score suggested clusters against."""
-    groups = {d.name: d.group for d in simulation.data}
+    groups = {c.name: c.group for c in clients}
     if all(group is not None for group in groups.values()):
         _atomic_text(out / GROUPS, json.dumps(groups, indent=2) + "\n")
 
@@ -127,8 +152,10 @@ def _final_similarity(run: StrategyRun) -> SimilarityResult:
     return SimilarityResult(list(last["clients"]), "model", {"model": group})
 
 
-def _summary(config: SimulationConfig, simulation: Simulation, runs: list[StrategyRun], device: str) -> dict[str, Any]:
-    groups = {d.name: d.group for d in simulation.data}
+def _summary(
+    config: SimulationConfig, clients: list[ClientInfo], labels: list[str], runs: list[StrategyRun], device: str
+) -> dict[str, Any]:
+    groups = {c.name: c.group for c in clients}
     strategies: dict[str, Any] = {}
     for run in runs:
         accuracy = final_accuracy(run.metrics)
@@ -152,9 +179,9 @@ def _summary(config: SimulationConfig, simulation: Simulation, runs: list[Strate
         "device": device,
         "config": asdict(config),
         "clients": [
-            {"name": d.name, "group": d.group, "train_examples": len(d.train), "test_examples": len(d.test)}
-            for d in simulation.data
+            {"name": c.name, "group": c.group, "train_examples": c.train_examples, "test_examples": c.test_examples}
+            for c in clients
         ],
-        "labels": simulation.label_names,
+        "labels": labels,
         "strategies": strategies,
     }
