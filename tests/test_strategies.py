@@ -15,6 +15,7 @@ import torch
 
 from fedbip_cli.errors import UsageError
 from fedbip_cli.simulate.strategies import (
+    EMA_DECAY,
     STRATEGIES,
     RoundUpdates,
     State,
@@ -278,8 +279,88 @@ def test_check_strategies_lists_the_valid_names() -> None:
     assert check_strategies(["fedavg", "fedbip"]) == ["fedavg", "fedbip"]
     with pytest.raises(
         UsageError,
-        match="unknown strategy fedprox; choose from fedbip, fedbip-layerwise, fedavg, local, oracle, fedbip-cumulative, fedbip-layerwise-cumulative",
+        match="unknown strategy fedprox; choose from fedbip, fedbip-layerwise, fedamp, uniform, fedavg, local, oracle, "
+        "fedbip-cumulative, fedbip-layerwise-cumulative, fedbip-ema, fedbip-layerwise-ema",
     ):
         check_strategies(["fedbip", "fedprox"])
     with pytest.raises(UsageError, match=r"\(none\)"):
         check_strategies([])
+
+
+def test_uniform_adds_the_plain_mean_update_to_each_participant_only() -> None:
+    tau = {c: TAU_MODEL[c] for c in ("a", "b", "d")}
+    step = server_step("uniform", updates(tau, examples={"a": 1, "b": 50, "c": 1, "d": 9}))
+    assert step.plan.receivers == ["a", "b", "d"]
+    torch.testing.assert_close(step.plan.rows["model"], torch.full((3, 3), 1 / 3, dtype=torch.float64))
+    # mean τ = ((1 + 2 + 3)/3, 4/3, 0, ...) = (2, 4/3, 0, ...), whatever the examples
+    mean = state([2, 4 / 3], [0, 0], [0, 0], 0)
+    for c in ("a", "b", "d"):
+        assert_state(step.bar[c], add(BAR[c], mean))
+    assert_state(step.bar["c"], BAR["c"])
+
+
+def test_fedamp_weights_and_models_on_three_clients_worked_by_hand() -> None:
+    # Trained models differ in A0[0] only: a = 0, b = 1, c = -2 (other entries 7 in all three),
+    # so the squared distances are d_ab = 1, d_ac = 4, d_bc = 9. σ = the lower median of the six
+    # off-diagonal distances (1, 1, 4, 4, 9, 9) = 4, α = σ/(K-1) = 2, and
+    # ξ_ij = α e^{-d/σ}/σ = e^{-d/4}/2 for j ≠ i, ξ_ii = 1 - Σ_{j≠i} ξ_ij.
+    models = {c: state([x, 7], [7, 7], [7, 7], 7) for c, x in (("a", 0), ("b", 1), ("c", -2))}
+    e = math.exp
+    expected = f64(
+        [
+            [1 - (e(-1 / 4) + e(-1)) / 2, e(-1 / 4) / 2, e(-1) / 2],
+            [e(-1 / 4) / 2, 1 - (e(-1 / 4) + e(-9 / 4)) / 2, e(-9 / 4) / 2],
+            [e(-1) / 2, e(-9 / 4) / 2, 1 - (e(-1) + e(-9 / 4)) / 2],
+        ]
+    )
+    round_ = RoundUpdates(
+        clients=list(CLIENTS),
+        participants=["a", "b", "c"],
+        bar=BAR,
+        trained=models,
+        examples={c: 1 for c in CLIENTS},
+        groups={c: None for c in CLIENTS},
+    )
+    step = server_step("fedamp", round_)
+    assert step.plan.receivers == ["a", "b", "c"] and step.plan.mix_models
+    torch.testing.assert_close(step.plan.rows["model"], expected, rtol=0, atol=1e-12)
+    # Each receiver gets the ξ-weighted model u_i = Σ_j ξ_ij w_j, not θ̄_i plus an update:
+    # u_a's A0[0] = 0·ξ_aa + 1·ξ_ab - 2·ξ_ac = e^{-1/4}/2 - e^{-1}; the shared entries stay 7.
+    assert step.bar["a"][A0][0, 0].item() == pytest.approx(e(-1 / 4) / 2 - e(-1), abs=1e-6)
+    # u_c's A0[0] = 0·ξ_ca + 1·ξ_cb - 2·ξ_cc = e^{-9/4}/2 - 2 + e^{-1} + e^{-9/4}
+    assert step.bar["c"][A0][0, 0].item() == pytest.approx(e(-9 / 4) / 2 - 2 + e(-1) + e(-9 / 4), abs=1e-6)
+    for c in ("a", "b", "c"):
+        torch.testing.assert_close(step.bar[c][W], torch.full((1, 2), 7.0))
+    assert_state(step.bar["d"], BAR["d"])
+
+
+def test_fedamp_with_identical_models_is_the_plain_mean() -> None:
+    same = {c: state([1, 2], [3, 4], [5, 6], 7) for c in ("a", "b")}
+    round_ = RoundUpdates(list(CLIENTS), ["a", "b"], BAR, same, {c: 1 for c in CLIENTS}, {c: None for c in CLIENTS})
+    torch.testing.assert_close(
+        server_step("fedamp", round_).plan.rows["model"], torch.full((2, 2), 0.5, dtype=torch.float64)
+    )
+
+
+def test_ema_memory_and_fedbip_ema_weights_against_a_dense_reference() -> None:
+    # Round 2 of a run: a and b have a memory from round 1, d has none (its memory starts as τ_d).
+    previous = {"a": state([0, 5], [0, 0], [0, 0], 0), "b": state([-4, 0], [0, 0], [1, 0], 0)}
+    round_ = updates({c: TAU_MODEL[c] for c in ("a", "b", "d")})
+    round_.memory = {c: dict(m) for c, m in previous.items()}
+    step = server_step("fedbip-ema", round_)
+    expected = {
+        "a": EMA_DECAY * flat(previous["a"]) + (1 - EMA_DECAY) * flat(TAU_MODEL["a"]),
+        "b": EMA_DECAY * flat(previous["b"]) + (1 - EMA_DECAY) * flat(TAU_MODEL["b"]),
+        "d": flat(TAU_MODEL["d"]),
+    }
+    for c, vector in expected.items():
+        np.testing.assert_allclose(flat(step.memory[c]), vector, rtol=1e-6, atol=1e-7)
+    assert "c" not in step.memory
+    vectors = [expected[c] for c in ("a", "b", "d")]
+    s = np.array([[cosine(x, y) for y in vectors] for x in vectors])
+    positive = np.maximum(s, 0)
+    torch.testing.assert_close(step.plan.rows["model"], torch.tensor(positive / positive.sum(axis=1, keepdims=True)))
+    # the merge itself adds this round's τ (not the EMA) with those weights
+    tau = np.stack([flat(TAU_MODEL[c]) for c in ("a", "b", "d")])
+    merged = (positive / positive.sum(axis=1, keepdims=True)) @ tau
+    np.testing.assert_allclose(flat(step.bar["b"]), flat(BAR["b"]) + merged[1], rtol=1e-6, atol=1e-6)

@@ -3,13 +3,16 @@
 Every strategy is the same two verbs: choose weight rows over the participants' task vectors
 τ_k = θ_k − θ̄_k (and which clients receive them), then θ̄_r ← θ̄_r + Σ_k P_rk τ_k. Similarities,
 weights and the merge itself are the library's own (``similarity``, ``weights``, ``merge``);
-strategies differ only in how P is chosen.
+strategies differ only in how P is chosen. FedAMP mixes whole models instead, θ̄_r ← Σ_k P_rk θ_k.
+
+The server also keeps one memory per client, an exponential moving average of its past updates
+(``EMA_DECAY``), which the ``-ema`` variants compare instead of the single round's τ.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -20,6 +23,10 @@ from fedbip_cli.taskvec import block_of, natural_key
 from fedbip_cli.weights import WeightOptions, personalized_weights
 
 State = dict[str, torch.Tensor]
+
+# m_k ← β m_k + (1 − β) τ_k: a half-life of ln 0.5 / ln 0.8 ≈ 3.1 rounds, long enough to average
+# out a few rounds of minibatch noise, short enough to follow the task. Chosen a priori, not tuned.
+EMA_DECAY = 0.8
 
 
 @dataclass
@@ -33,6 +40,7 @@ class RoundUpdates:
     examples: dict[str, int]  # training examples per client
     groups: dict[str, int | None]  # true task groups; only the oracle may look
     initial: State | None = None  # the shared initial adapter θ⁰ (for similarity of whole trajectories)
+    memory: dict[str, State] | None = None  # the server's EMA of each client's past updates (see EMA_DECAY)
 
 
 @dataclass
@@ -43,6 +51,8 @@ class Plan:
     rows: dict[str, torch.Tensor]
     # The whole-model similarity of this round's τ, when the plan already computed it.
     similarity: SimilarityResult | None = None
+    # False: θ̄_r ← θ̄_r + Σ_k P_rk τ_k (task vectors). True: θ̄_r ← Σ_k P_rk θ_k (whole models, FedAMP).
+    mix_models: bool = False
 
 
 @dataclass
@@ -50,6 +60,7 @@ class ServerStep:
     bar: dict[str, State]  # θ̄ for every client after the step
     similarity: SimilarityResult  # of the participants' task vectors (whole model)
     plan: Plan
+    memory: dict[str, State]  # the EMA of each client's updates, this round's included
 
 
 def parameter_groups(names: list[str], granularity: str) -> dict[str, list[str]]:
@@ -84,6 +95,26 @@ def cumulative_vectors(updates: RoundUpdates) -> dict[str, torch.Tensor]:
         name: torch.stack([updates.trained[c][name] - initial for c in updates.participants])
         for name, initial in updates.initial.items()
     }
+
+
+def ema_memory(updates: RoundUpdates, tau: dict[str, torch.Tensor]) -> dict[str, State]:
+    """m_k ← β m_k + (1 − β) τ_k for each participant (m_k = τ_k on its first round); others keep m_k."""
+    memory = dict(updates.memory or {})
+    for k, client in enumerate(updates.participants):
+        previous = memory.get(client)
+        memory[client] = {
+            name: t[k].clone() if previous is None else EMA_DECAY * previous[name] + (1 - EMA_DECAY) * t[k]
+            for name, t in tau.items()
+        }
+    return memory
+
+
+def ema_vectors(updates: RoundUpdates) -> dict[str, torch.Tensor]:
+    """Each participant's EMA of its updates (this round's included), stacked on dim 0."""
+    if updates.memory is None:
+        raise UsageError("EMA similarity needs the server's memory of past updates")
+    names = list(updates.memory[updates.participants[0]])
+    return {name: torch.stack([updates.memory[c][name] for c in updates.participants]) for name in names}
 
 
 def update_similarity(participants: list[str], tau: dict[str, torch.Tensor], granularity: str) -> SimilarityResult:
@@ -122,13 +153,63 @@ def plan_oracle(updates: RoundUpdates, tau: dict[str, torch.Tensor]) -> Plan:
     return Plan(receivers, {"model": _uniform_rows(updates, receivers, same)})
 
 
+def plan_uniform(updates: RoundUpdates, tau: dict[str, torch.Tensor]) -> Plan:
+    """The paper's ablation: FedBip's personalized step with every weight 1/K over the K participants."""
+    count = len(updates.participants)
+    return Plan(list(updates.participants), {"model": torch.full((count, count), 1 / count, dtype=torch.float64)})
+
+
+def fedamp_weights(models: dict[str, torch.Tensor]) -> torch.Tensor:
+    """FedAMP's attention-inducing weights over K models stacked on dim 0 of each tensor.
+
+    Huang et al., "Personalized Cross-Silo Federated Learning on Non-IID Data" (AAAI 2021), eq. for
+    ξ, as PFLlib's ``serveramp.py`` computes it: ξ_ij = α·A'(‖w_i − w_j‖²) for j ≠ i with
+    A'(x) = e^{−x/σ}/σ, and ξ_ii = 1 − Σ_{j≠i} ξ_ij. The paper leaves σ and α to the user (PFLlib's
+    defaults α = σ = 1 give negative self-weights at the scale of LoRA adapters); here σ is the
+    median of the K(K−1) squared distances of the round, so that the weights do not depend on the
+    parameters' scale, and α = σ/(K−1), the largest α that keeps every ξ_ii ≥ 0 whatever the
+    distances: ξ_ij = e^{−d_ij/σ}/(K−1).
+
+    Returns:
+        (K, K) float64 rows that sum to 1.
+    """
+    flat = torch.cat([t.reshape(t.shape[0], -1).to(torch.float64) for t in models.values()], dim=1)
+    count = flat.shape[0]
+    if count == 1:
+        return torch.ones(1, 1, dtype=torch.float64)
+    squared = torch.cdist(flat, flat).square()
+    off = ~torch.eye(count, dtype=torch.bool)
+    sigma = squared[off].median().item()
+    if not sigma > 0:  # at least half the pairs identical: treat every pair as identical
+        return torch.full((count, count), 1 / count, dtype=torch.float64)
+    xi = torch.exp(-squared / sigma) / (count - 1) * off
+    return xi + torch.diag(1 - xi.sum(dim=1))
+
+
+def plan_fedamp(updates: RoundUpdates, tau: dict[str, torch.Tensor]) -> Plan:
+    """FedAMP: each participant's next model is u_i = Σ_j ξ_ij w_j over the trained models w_j
+    (``fedamp_weights``); the client then trains from u_i, as in the paper's algorithm. PFLlib's
+    client keeps training its own model and adds a proximal term computed on detached tensors
+    (no gradient); the paper's proximal term is left out here too."""
+    models = {name: torch.stack([updates.trained[c][name] for c in updates.participants]) for name in tau}
+    return Plan(list(updates.participants), {"model": fedamp_weights(models)}, mix_models=True)
+
+
+# What FedBip's similarity compares: the round's τ (the paper), whole trajectories, or EMAs.
+_BASES: dict[str, Callable[[RoundUpdates, dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
+    "update": lambda updates, tau: tau,
+    "cumulative": lambda updates, tau: cumulative_vectors(updates),
+    "ema": lambda updates, tau: ema_vectors(updates),
+}
+
+
 def _fedbip(granularity: str, basis: str = "update") -> Callable[[RoundUpdates, dict[str, torch.Tensor]], Plan]:
-    """FedBip weights from the cosine of this round's updates τ (the paper) or, with ``basis``
-    ``cumulative``, of each participant's whole trajectory θ_k − θ⁰; either way the round's
-    updates τ are what is merged."""
+    """FedBip weights from the cosine of this round's updates τ (the paper), of each participant's
+    whole trajectory θ_k − θ⁰ (``cumulative``) or of the EMA of its updates (``ema``); in every
+    case the round's updates τ are what is merged."""
 
     def plan(updates: RoundUpdates, tau: dict[str, torch.Tensor]) -> Plan:
-        vectors = tau if basis == "update" else cumulative_vectors(updates)
+        vectors = _BASES[basis](updates, tau)
         similarity = update_similarity(updates.participants, vectors, granularity)
         rows = {name: personalized_weights(g.similarity, WeightOptions()) for name, g in similarity.groups.items()}
         reusable = basis == "update" and granularity == "model"
@@ -141,13 +222,18 @@ def _fedbip(granularity: str, basis: str = "update") -> Callable[[RoundUpdates, 
 STRATEGIES: dict[str, Callable[[RoundUpdates, dict[str, torch.Tensor]], Plan]] = {
     "fedbip": _fedbip("model"),
     "fedbip-layerwise": _fedbip("block"),
+    "fedamp": plan_fedamp,
+    "uniform": plan_uniform,
     "fedavg": plan_fedavg,
     "local": plan_local,
     "oracle": plan_oracle,
-    # Variants (not in the paper): similarity of whole trajectories, which accumulate task signal
-    # while a single round's few-step updates are dominated by minibatch noise.
+    # Variants (not in the paper): similarity of whole trajectories, or of an EMA of past updates,
+    # which accumulate task signal while a single round's few-step updates are dominated by
+    # minibatch noise.
     "fedbip-cumulative": _fedbip("model", "cumulative"),
     "fedbip-layerwise-cumulative": _fedbip("block", "cumulative"),
+    "fedbip-ema": _fedbip("model", "ema"),
+    "fedbip-layerwise-ema": _fedbip("block", "ema"),
 }
 
 
@@ -163,8 +249,10 @@ def check_strategies(names: list[str]) -> list[str]:
 
 
 def server_step(strategy: str, updates: RoundUpdates) -> ServerStep:
-    """One round's aggregation: θ̄_r ← θ̄_r + Σ_k P_rk τ_k for every receiver r."""
+    """One round's aggregation: θ̄_r ← θ̄_r + Σ_k P_rk τ_k for every receiver r (Σ_k P_rk θ_k when
+    the plan mixes models), and the server's memory of updates moved on by this round's."""
     tau = task_vectors(updates)
+    updates = replace(updates, memory=ema_memory(updates, tau))
     plan = STRATEGIES[strategy](updates, tau)
     if set(plan.rows) == {"model"}:
         group_of = {name: "model" for name in tau}
@@ -174,8 +262,14 @@ def server_step(strategy: str, updates: RoundUpdates) -> ServerStep:
     for receiver in plan.receivers:
         bar[receiver] = dict(bar[receiver])
     for name, stacked in tau.items():
+        if plan.mix_models:
+            models = torch.stack([updates.trained[c][name] for c in updates.participants])
+            merged = weighted_sum(models, plan.rows[group_of[name]])
+            for r, receiver in enumerate(plan.receivers):
+                bar[receiver][name] = merged[r]
+            continue
         merged = weighted_sum(stacked, plan.rows[group_of[name]])
         for r, receiver in enumerate(plan.receivers):
             bar[receiver][name] = updates.bar[receiver][name] + merged[r]
     similarity = plan.similarity or update_similarity(updates.participants, tau, "model")
-    return ServerStep(bar, similarity, plan)
+    return ServerStep(bar, similarity, plan, updates.memory or {})
