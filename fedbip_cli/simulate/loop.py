@@ -193,6 +193,26 @@ def evaluates(config: SimulationConfig, round_: int) -> bool:
     return round_ % config.eval_every == 0 or round_ == config.rounds
 
 
+def server_round(
+    run: StrategyRun,
+    round_: int,
+    chosen: list[str],
+    trained: dict[str, State],
+    *,
+    clients: list[str],
+    examples: dict[str, int],
+    groups: dict[str, int | None],
+    initial: State,
+) -> ServerStep:
+    """The server's part of ``round_``: the strategy's step over the participants ``chosen`` and
+    their ``trained`` states, applied to ``run`` (its personalized states and similarity record).
+    Every engine calls this one function after collecting the round's replies."""
+    step = server_step(run.strategy, RoundUpdates(clients, chosen, run.bar, trained, examples, groups, initial))
+    run.bar = step.bar
+    run.similarity.append(similarity_record(run.strategy, round_, step))
+    return step
+
+
 def similarity_record(strategy: str, round_: int, step: ServerStep) -> dict[str, Any]:
     """One line of ``similarity.jsonl``: the participants and their whole-model update similarity."""
     return {
@@ -316,12 +336,10 @@ class Simulation:
             run.seconds["train"] += time.perf_counter() - start
 
             start = time.perf_counter()
-            step = server_step(
-                strategy, RoundUpdates(self.names, chosen, run.bar, trained, examples, groups, self.initial)
+            server_round(
+                run, round_, chosen, trained, clients=self.names, examples=examples, groups=groups, initial=self.initial
             )
-            run.bar = step.bar
             run.seconds["server"] += time.perf_counter() - start
-            run.similarity.append(similarity_record(strategy, round_, step))
 
             accuracy: dict[str, float] = {}
             if evaluates(self.config, round_):
