@@ -61,49 +61,35 @@ def merge_record(
     options: Any,
     similarity: Any,
     weights: dict[str, torch.Tensor],
-    rank: int,
-    energy: dict[str, dict[str, float | None]],
+    written: Any,
     device: torch.device,
 ) -> dict[str, Any]:
-    """The manifest of a merge, with ``outputs`` still empty (filled as the files are written).
+    """The manifest of a merge of any kind of source, with ``outputs`` still empty (filled as the files are hashed).
 
     Args:
-        workspace: the ``pipeline.Workspace`` merged.
-        options: its ``pipeline.MergeOptions``.
+        workspace: the ``workspace.Workspace`` merged (adapters or full checkpoints).
+        options: its ``options.MergeOptions``.
         similarity: the ``similarity.SimilarityResult`` the weights came from.
         weights: per group, the (K, K) weight matrix.
-        rank: the output rank (used by ``svd`` only).
-        energy: client -> module -> energy kept.
+        written: the workspace's ``workspace.Written`` account of its outputs.
         device: where the merge ran.
     """
-    command = reproducing_command(
-        workspace, options.as_dict(), rank=rank if registered(options.combine).uses_rank else None, device=device
-    )
+    recorded = workspace.recorded_options(options)
+    uses_rank = workspace.kind == LORA and registered(options.combine).uses_rank
     return {
         "fedbip_manifest": 1,
-        "kind": LORA,
+        "kind": workspace.kind,
         "versions": library_versions(),
-        "options": options.as_dict(),
-        "command": command,
-        "base": {"source": workspace.base, "revision": workspace.base_revision} if workspace.base else None,
-        "inputs": [
-            {
-                "name": a.name,
-                "source": a.source.origin,
-                "revision": a.source.revision,
-                "sha256": a.sha256,
-                "modules": len(a.modules),
-                "ranks": sorted({m.rank for m in a.modules.values()}),
-            }
-            for a in workspace.adapters
-        ],
+        "options": recorded,
+        "command": reproducing_command(workspace, recorded, rank=written.rank if uses_rank else None, device=device),
+        "base": workspace.base_record(),
+        "inputs": workspace.inputs_record(),
         "clients": similarity.clients,
         "granularity": similarity.granularity,
         "similarity": similarity.method,
         "groups": groups(similarity, weights),
-        "combine": options.combine,
-        "rank": rank if registered(options.combine).uses_rank else None,
-        "energy_kept": energy,
+        **written.record,
+        "energy_kept": written.energy,
         "outputs": {},
     }
 
@@ -112,7 +98,7 @@ def reproducing_command(workspace: Any, options: dict[str, Any], *, rank: int | 
     """The ``fedbip merge`` command that reproduces a merge of ``workspace`` (see ``command``).
 
     Args:
-        workspace: the ``pipeline.Workspace`` or ``fullmerge.CheckpointWorkspace`` merged.
+        workspace: the ``workspace.Workspace`` merged.
         options: the merge's options as recorded (``MergeOptions.as_dict()``, plus ``to_lora`` and
             ``max_shard_size`` for full checkpoints).
         rank: the rank used by ``svd`` (None otherwise).

@@ -427,6 +427,10 @@ COMBINERS: dict[str, Combiner] = {
 }
 
 
+# The mode a merge uses unless told otherwise: the exact merge truncated to the largest input rank.
+DEFAULT_COMBINE = "svd"
+
+
 def registered(name: str) -> Combiner:
     """The registered combine mode called ``name``."""
     if name not in COMBINERS:

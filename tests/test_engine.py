@@ -28,7 +28,7 @@ from factories import (
     write_lora_adapter,
 )
 
-from fedbip_cli import pipeline
+from fedbip_cli import adapter_workspace, pipeline
 from fedbip_cli import similarity as similarity_module
 from fedbip_cli.adapters import load_adapter
 from fedbip_cli.errors import AdapterError, FedbipError, OutputError, UsageError
@@ -867,7 +867,7 @@ def test_failure_mid_write_leaves_no_partial_output(
     if existing:
         out.mkdir()
         (out / "old.txt").write_text("previous merge")
-    real = pipeline.write_config
+    real = adapter_workspace.write_config
     written: list[Path] = []
 
     def fail_after_first(directory: Path, *args: object, **kwargs: object) -> None:
@@ -876,7 +876,7 @@ def test_failure_mid_write_leaves_no_partial_output(
         real(directory, *args, **kwargs)
         written.append(directory)
 
-    monkeypatch.setattr(pipeline, "write_config", fail_after_first)
+    monkeypatch.setattr(adapter_workspace, "write_config", fail_after_first)
     with pytest.raises(RuntimeError, match="disk full"):
         pipeline.merge(pipeline.load([str(d) for d in dirs]), MergeOptions(device="cpu"), out, overwrite=existing)
 

@@ -10,8 +10,8 @@ skipped and copied from the base). Similarity and weights are the adapters' own;
 * or, with ``--to-lora R``, a PEFT adapter of M_i = Σ_j P_ij ΔW_j on every linear layer
   (``to_lora``), with the energy kept per module and the share of the whole delta it carries.
 
-``pipeline`` hands full checkpoints over to ``CheckpointWorkspace``; outputs go through the
-pipeline's atomic output directory and manifest rules, with a model card per client. Their
+A ``CheckpointWorkspace`` is the pipeline's source of parts for full checkpoints (one part per
+floating tensor); the pipeline owns the output directory, the manifest and the cards. Their
 similarity takes the dense path below, never the adapters' inner-product cache.
 """
 
@@ -20,15 +20,13 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from fedbip_cli import manifest
-from fedbip_cli.adapters import file_sha256, write_adapter
-from fedbip_cli.card import CARD_NAME, model_card
+from fedbip_cli.adapters import write_adapter
 from fedbip_cli.checkpoints import (
     Checkpoint,
     TensorSpec,
@@ -38,12 +36,13 @@ from fedbip_cli.checkpoints import (
     row_ranges,
 )
 from fedbip_cli.errors import AdapterError, SourceError, UsageError
+from fedbip_cli.innercache import InnerProductCache
 from fedbip_cli.merge import weighted_sum
-from fedbip_cli.pipeline import LockState, MergeOptions, MergeResult, Progress, atomic_output, resolve_device
+from fedbip_cli.options import MergeOptions, Progress, start
 from fedbip_cli.shards import ShardedWriter, parse_size, plan_shards
-from fedbip_cli.similarity import SimilarityResult, checkpoint_inner_products, similarity_from_inner
+from fedbip_cli.similarity import checkpoint_inner_products
 from fedbip_cli.sources import FULL, HUB_PREFIX, ResolvedSource, model_shapes, resolve_model_dir
-from fedbip_cli.taskvec import checkpoint_deltas, group_modules, natural_key, tensor_module
+from fedbip_cli.taskvec import checkpoint_deltas, natural_key, tensor_module
 from fedbip_cli.to_lora import (
     OVERSAMPLE,
     POWER_ITERATIONS,
@@ -53,7 +52,7 @@ from fedbip_cli.to_lora import (
     low_rank_factors,
     tensor_generator,
 )
-from fedbip_cli.weights import personalized_weights
+from fedbip_cli.workspace import Workspace, Written
 
 # What a merged checkpoint takes from the base besides its weights, when the base has it.
 BASE_FILES = (
@@ -136,12 +135,12 @@ def load_checkpoints(
         ]
     check_against_base(checkpoints, base_checkpoint)
     return CheckpointWorkspace(
-        list(specs),
-        list(sources),
-        checkpoints,
-        base_checkpoint,
-        base,
-        revision,
+        specs=list(specs),
+        sources=list(sources),
+        checkpoints=checkpoints,
+        base_checkpoint=base_checkpoint,
+        base=base,
+        base_revision=revision,
         base_dir=directory,
         resolved=list(resolved),
     )
@@ -155,19 +154,12 @@ def _hub_headers(name: str, spec: str, revision: str | None, base_dir: Path) -> 
     return header_checkpoint(ResolvedSource(name, shapes.directory, spec, shapes.revision, FULL), shapes)
 
 
-@dataclass
-class CheckpointWorkspace:
+@dataclass(kw_only=True)
+class CheckpointWorkspace(Workspace):
     """Validated full checkpoints of one base: every tensor checked against the base's."""
 
-    specs: list[str]
-    sources: list[ResolvedSource]
     checkpoints: list[Checkpoint]
     base_checkpoint: Checkpoint
-    base: str  # as given (directory or hf:// reference)
-    base_revision: str | None = None
-    base_dir: Path = field(default_factory=Path.cwd)  # relative SOURCES and base are taken from here
-    resolved: list[tuple[str, list[ResolvedSource]]] = field(default_factory=list)
-    lock: LockState | None = None
     chunk_elements: int | None = CHUNK_ELEMENTS  # rows read at a time hold at most this many elements
     kind: ClassVar[str] = FULL
 
@@ -180,25 +172,28 @@ class CheckpointWorkspace:
         """The tensors that carry a task vector (the floating ones), in natural order."""
         return sorted((n for n, t in self.base_checkpoint.tensors.items() if t.floating), key=natural_key)
 
-    def inspect(
-        self, *, granularity: str = "model", device: str = "auto", progress: Progress | None = None
-    ) -> SimilarityResult:
-        """Exact similarity of the checkpoints' task vectors at ``granularity`` (tensors grouped by module)."""
-        groups = group_modules(self.tensors, granularity, module_of=tensor_module)
-        advance = _start(progress, "similarity", len(self.tensors))
-        inner = checkpoint_inner_products(
+    @property
+    def parts(self) -> list[str]:
+        return self.tensors
+
+    @staticmethod
+    def module_of(part: str) -> str:
+        return tensor_module(part)
+
+    def inner_products(
+        self, device: torch.device, cache: InnerProductCache | None, advance: Callable[[int], None]
+    ) -> dict[str, torch.Tensor]:
+        """Exact inner products of the checkpoints' task vectors, a range of rows at a time (no cache)."""
+        return checkpoint_inner_products(
             self.checkpoints,
             self.base_checkpoint,
             self.tensors,
-            device=resolve_device(device),
+            device=device,
             max_elements=self.chunk_elements,
             progress=advance,
         )
-        return similarity_from_inner(self.clients, granularity, groups, inner)
 
-    def plan(self, options: MergeOptions) -> dict[str, Any]:
-        """What a merge would write, without reading any weights (``pipeline.plan`` adds the sources, base and lock)."""
-        groups = group_modules(self.tensors, options.granularity, module_of=tensor_module)
+    def plan_outputs(self, options: MergeOptions, groups: dict[str, list[str]]) -> dict[str, Any]:
         if options.to_lora is None:
             shards = plan_shards(self._output_order(), parse_size(options.max_shard_size)).shards
             per_client = sum(t.nbytes for _, tensors in shards for t in tensors)
@@ -219,8 +214,6 @@ class CheckpointWorkspace:
             ],
             "tensors": len(self.base_checkpoint.tensors),
             "task_tensors": len(self.tensors),
-            "granularity": options.granularity,
-            "groups": {name: len(members) for name, members in groups.items()},
             "output": "checkpoint" if options.to_lora is None else "lora",
             "shards": len(shards) or None,
             "lora_modules": None if options.to_lora is None else len(targets),
@@ -228,40 +221,48 @@ class CheckpointWorkspace:
             "output_bytes": per_client * len(self.checkpoints),
         }
 
-    def merge(
+    def write(
         self,
+        tmp: Path,
         options: MergeOptions,
-        out: Path,
-        *,
-        overwrite: bool = False,
-        progress: Progress | None = None,
-        similarity: SimilarityResult | None = None,
-    ) -> MergeResult:
-        """Write one personalized checkpoint (or adapter, with ``to_lora``) per client into ``out``, and the manifest."""
-        out = Path(out).absolute()
-        with atomic_output(out, self, overwrite=overwrite) as tmp:
-            similarity = similarity or self.inspect(
-                granularity=options.granularity, device=options.device, progress=progress
-            )
-            weights = {
-                name: personalized_weights(g.similarity, options.weights) for name, g in similarity.groups.items()
+        weights: dict[str, torch.Tensor],
+        group_of: dict[str, str],
+        device: torch.device,
+        progress: Progress | None,
+    ) -> Written:
+        """One personalized checkpoint per client, or with ``to_lora`` one rank-R adapter per client."""
+        rows = {t: weights[group_of[t]] for t in self.tensors}
+        if options.to_lora is None:
+            energy: dict[str, dict[str, float | None]] = {c: {} for c in self.clients}
+            lora_record = None
+            self._write_checkpoints(rows, tmp, parse_size(options.max_shard_size), device, progress)
+        else:
+            energy, lora_record = self._write_adapters(rows, tmp, options.to_lora, device, progress)
+        record = {
+            "output": "checkpoint" if lora_record is None else "lora",
+            "combine": "exact" if lora_record is None else "randomized-svd",
+            "rank": options.to_lora,
+            "to_lora": lora_record,
+        }
+        return Written(energy, options.to_lora or 0, record)
+
+    def inputs_record(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": c.name,
+                "source": c.source.origin,
+                "revision": c.source.revision,
+                "files": c.files,
+                "tensors": len(c.tensors),
             }
-            rows = {t: weights[name] for name, g in similarity.groups.items() for t in g.modules}
-            device = resolve_device(options.device)
-            if options.to_lora is None:
-                energy: dict[str, dict[str, float | None]] = {c: {} for c in self.clients}
-                lora_record = None
-                self._write_checkpoints(rows, tmp, parse_size(options.max_shard_size), device, progress)
-            else:
-                energy, lora_record = self._write_adapters(rows, tmp, options.to_lora, device, progress)
-            record = self._manifest(options, similarity, weights, energy, lora_record, device)
-            for client in self.clients:
-                (tmp / client / CARD_NAME).write_text(model_card(record, client), encoding="utf-8")
-                record["outputs"][client] = {
-                    f"{client}/{f.name}": file_sha256(f) for f in sorted((tmp / client).iterdir())
-                }
-            manifest.dump(record, tmp / manifest.MANIFEST_NAME)
-        return MergeResult(similarity, weights, options.to_lora or 0, energy, out, record)
+            for c in self.checkpoints
+        ]
+
+    def base_record(self) -> dict[str, Any] | None:
+        return {"source": self.base, "revision": self.base_revision, "files": self.base_checkpoint.files}
+
+    def recorded_options(self, options: MergeOptions) -> dict[str, Any]:
+        return {**options.as_dict(), "to_lora": options.to_lora, "max_shard_size": options.max_shard_size}
 
     def _output_order(self) -> list[TensorSpec]:
         """Every base tensor, in natural order: the order of the output shards."""
@@ -316,7 +317,7 @@ class CheckpointWorkspace:
         """Stream W_base + Σ_j P_ij ΔW_j into one sharded checkpoint per client, plus the base's config files."""
         order = self._output_order()
         plan = plan_shards(order, max_bytes)
-        advance = _start(progress, "write", len(order))
+        advance = start(progress, "write", len(order))
         with ExitStack() as stack:
             writers = [stack.enter_context(ShardedWriter(tmp / c, plan)) for c in self.clients]
             for spec, base_rows, merged in self._merged(order, rows, device, advance):
@@ -345,7 +346,7 @@ class CheckpointWorkspace:
         total = torch.zeros(len(clients), dtype=torch.float64)  # ‖M_i‖² over every task tensor
         kept = torch.zeros(len(clients), dtype=torch.float64)  # Σ kept σ² over the written modules
         others = [self.base_checkpoint.tensors[n] for n in self.tensors if n not in target_of]
-        advance = _start(progress, "to-lora", len(self.tensors))
+        advance = start(progress, "to-lora", len(self.tensors))
         # Tensors that stay out of the adapter only count towards the whole delta's energy.
         for _, _, merged in self._merged(others, rows, device, advance):
             assert merged is not None  # only task tensors are asked for
@@ -387,50 +388,6 @@ class CheckpointWorkspace:
             "delta_energy_kept": {c: float(kept[i] / total[i]) if total[i] > 0 else 1.0 for i, c in enumerate(clients)},
         }
         return energy, record
-
-    def _manifest(
-        self,
-        options: MergeOptions,
-        similarity: SimilarityResult,
-        weights: dict[str, torch.Tensor],
-        energy: dict[str, dict[str, float | None]],
-        lora_record: dict[str, Any] | None,
-        device: torch.device,
-    ) -> dict[str, Any]:
-        """The manifest of a merge, with ``outputs`` still empty (filled as the files are written)."""
-        recorded = {**options.as_dict(), "to_lora": options.to_lora, "max_shard_size": options.max_shard_size}
-        return {
-            "fedbip_manifest": 1,
-            "kind": FULL,
-            "versions": manifest.library_versions(),
-            "options": recorded,
-            "command": manifest.reproducing_command(self, recorded, rank=None, device=device),
-            "base": {"source": self.base, "revision": self.base_revision, "files": self.base_checkpoint.files},
-            "inputs": [
-                {
-                    "name": c.name,
-                    "source": c.source.origin,
-                    "revision": c.source.revision,
-                    "files": c.files,
-                    "tensors": len(c.tensors),
-                }
-                for c in self.checkpoints
-            ],
-            "clients": similarity.clients,
-            "granularity": similarity.granularity,
-            "groups": manifest.groups(similarity, weights),
-            "output": "checkpoint" if lora_record is None else "lora",
-            "combine": "exact" if lora_record is None else "randomized-svd",
-            "rank": options.to_lora,
-            "energy_kept": energy,
-            "to_lora": lora_record,
-            "outputs": {},
-        }
-
-
-def _start(progress: Progress | None, stage: str, total: int) -> Callable[[int], None]:
-    """Start a progress stage; a no-op without a progress callback."""
-    return progress(stage, total) if progress is not None else (lambda n: None)
 
 
 def _lora_bytes(spec: TensorSpec, rank: int) -> int:
