@@ -1,0 +1,60 @@
+"""``fedbip simulate --engine flower``: the run on Flower's Simulation Engine, on this machine.
+
+One virtual SuperNode per client (the engine gives node i ``partition-id=i``), the ClientApps run by
+Flower's Ray backend, the ServerApp in this process. The same apps serve a real deployment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fedbip_cli.simulate.loop import SimulationConfig, check_out
+from fedbip_cli.simulate.runner import SimulationResult
+
+# Offline and quiet: no telemetry, no update check, no usage statistics from Ray.
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+def simulate_on_flower(
+    config: SimulationConfig,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    cpus_per_client: float = 1.0,
+    round_timeout: float = 600.0,
+) -> SimulationResult:
+    """Run every strategy of ``config`` on Flower's Simulation Engine and write ``simulate``'s outputs.
+
+    Args:
+        config: the run's options; ``config.clients`` virtual SuperNodes are started.
+        out: the output directory (refused when not empty, unless ``overwrite``).
+        cpus_per_client: CPUs Ray reserves for each ClientApp (how many train at once).
+        round_timeout: seconds to wait for a round's replies.
+    """
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    check_out(Path(out), resume=False, overwrite=overwrite)
+    # flwr is imported here: `fedbip simulate` without --engine flower needs no flwr.
+    from flwr.simulation import run_simulation
+
+    from fedbip_cli.simulate.flower.apps import client_app, make_server_app
+
+    results: list[SimulationResult] = []
+    server_app = make_server_app(
+        config, Path(out), overwrite=overwrite, round_timeout=round_timeout, collect=results.append
+    )
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=config.clients,
+        backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}},
+    )
+    if not results:
+        raise RuntimeError("the Flower simulation ended without a result; see Flower's log above")
+    return results[0]
