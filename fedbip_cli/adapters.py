@@ -22,10 +22,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fedbip_cli.boundedio import parse_json, read_json
 from fedbip_cli.errors import AdapterError
 from fedbip_cli.sources import ModelShapes, ResolvedSource
 
 CONFIG_NAME = "adapter_config.json"
+MAX_CONFIG_BYTES = 4 * 2**20  # peft writes a few KB; a rank_pattern for every module of a 70B model is ~40 KB
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
@@ -246,7 +248,7 @@ def _factor_places(adapter: Adapter) -> dict[str, tuple[tuple[torch.dtype, list[
     """Where each module's lora_A and lora_B lie in the adapter's weights file."""
     with open(adapter.weights_path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+        header = parse_json(f.read(size), where=str(adapter.weights_path), error=AdapterError)
     places = {}
     for module, spec in adapter.modules.items():
         entries = [header[key] for key in spec.keys(adapter._prefix)]
@@ -284,6 +286,11 @@ def load_adapter(source: ResolvedSource) -> Adapter:
             )
         raise AdapterError(f"{WEIGHTS_NAME} is missing", where=str(directory), hint=SUPPORTED)
     shapes, dtypes = read_header(weights)
+    for key, shape in shapes.items():
+        if 0 in shape:
+            raise AdapterError(
+                f"tensor {key} has shape {shape}: an empty dimension", where=str(weights), hint=SUPPORTED
+            )
     prefix = KEY_PREFIX if all(k.startswith(KEY_PREFIX) for k in shapes) else ""
     modules, dense, copies = _parse_parts(shapes, dtypes, prefix, config, weights)
     if not modules and not dense:
@@ -312,18 +319,13 @@ def file_sha256(path: Path) -> str:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not path.exists():
         raise AdapterError(
             f"{CONFIG_NAME} is missing",
             where=str(path.parent),
             hint="point at a PEFT adapter directory (as written by save_pretrained)",
         )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(
-            f"cannot read {CONFIG_NAME}: {exc}", where=str(path), hint="the file must be valid JSON as written by peft"
-        ) from None
+    config = read_json(path, error=AdapterError, limit=MAX_CONFIG_BYTES, what=CONFIG_NAME)
     if not isinstance(config, dict):
         raise AdapterError("expected a JSON object", where=str(path), hint="the file must be a PEFT adapter config")
     return config
@@ -333,7 +335,7 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
     where = str(path)
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        raise AdapterError(f"peft_type {peft_type!r} is not supported", where=where, hint=SUPPORTED)
+        raise AdapterError(f"peft_type {_short(peft_type)} is not supported", where=where, hint=SUPPORTED)
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_MODIFIED_BASE_INITS):
         raise AdapterError(
@@ -343,19 +345,69 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
             hint=CONVERT_HINT,
         )
     if config.get("bias", "none") not in ("none", "lora_only", "all"):
-        raise AdapterError(f"bias {config.get('bias')!r}; expected none, lora_only or all", where=where)
+        raise AdapterError(f"bias {_short(config.get('bias'))}; expected none, lora_only or all", where=where)
     r = config.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise AdapterError(f"lora rank r={r!r} in {CONFIG_NAME}; expected a positive integer", where=where)
-    alpha = config.get("lora_alpha", 8)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise AdapterError(f"lora_alpha={alpha!r}; expected a number", where=where)
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise AdapterError(f"{key} must be an object mapping module patterns to numbers", where=where)
+    if not _positive_int(r):
+        raise AdapterError(f"lora rank r={_short(r)} in {CONFIG_NAME}; expected a positive integer", where=where)
+    if not _alpha(alpha := config.get("lora_alpha", 8)):
+        raise AdapterError(f"lora_alpha={_short(alpha)}; expected {_ALPHA_WORDS}", where=where)
+    for key in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
+        if config.get(key) not in (None, True, False):
+            raise AdapterError(f"{key}={_short(config[key])}; expected true or false", where=where)
+    for key, accepts, expected in (
+        ("rank_pattern", _positive_int, "a positive integer"),
+        ("alpha_pattern", _alpha, _ALPHA_WORDS),
+    ):
+        _check_patterns(key, config.get(key) or {}, accepts, expected, where)
     saved = config.get("modules_to_save") or []
     if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
         raise AdapterError("modules_to_save must be a list of module names", where=where)
+
+
+# Bounds on an adapter config's numbers: peft's alphas are in the tens to thousands; 10⁶ leaves room
+# and keeps scale · B · A far from float64's overflow for any finite float32 factors.
+MAX_ALPHA = 1e6
+_ALPHA_WORDS = f"a finite number between -{MAX_ALPHA:g} and {MAX_ALPHA:g}"
+MAX_PATTERN_KEY = 1000  # characters of a rank_pattern / alpha_pattern key (a module name or regex)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _alpha(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and abs(value) <= MAX_ALPHA
+    )
+
+
+def _check_patterns(key: str, patterns: Any, accepts: Any, expected: str, where: str) -> None:
+    """A rank_pattern / alpha_pattern: an object whose keys are regexes (as peft matches them) and
+    whose values ``accepts``."""
+    if not isinstance(patterns, dict):
+        raise AdapterError(f"{key} must be an object mapping module patterns to numbers", where=where)
+    for pattern, value in patterns.items():
+        if not pattern or len(pattern) > MAX_PATTERN_KEY:
+            raise AdapterError(
+                f"{key}: a key of {len(pattern)} characters; expected 1 to {MAX_PATTERN_KEY}", where=where
+            )
+        try:
+            re.compile(_pattern_regex(pattern))
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise AdapterError(
+                f"{key}: key {_short(pattern)} is not a valid regular expression ({exc})", where=where
+            ) from None
+        if not accepts(value):
+            raise AdapterError(f"{key}[{_short(pattern)}] = {_short(value)}; expected {expected}", where=where)
+
+
+def _short(value: Any, width: int = 80) -> str:
+    """``repr(value)``, cut to ``width`` characters: a hostile value never floods a message."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def read_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
@@ -378,9 +430,14 @@ def read_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """peft's lookup: the first pattern key that matches the end of the module name wins."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if re.match(_pattern_regex(key), module):
             return value
     return default
+
+
+def _pattern_regex(key: str) -> str:
+    """The regex peft matches a pattern key with: the key at the end of the module name, after a dot."""
+    return rf"(.*\.)?({key})$"
 
 
 # The floating dtypes fedbip computes with, by their safetensors names.

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import reprlib
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -29,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from fedbip_cli.boundedio import MAX_DEPTH, check_depth, read_text
+from fedbip_cli.defaults import MAX_TEMPERATURE, MIN_TEMPERATURE
 from fedbip_cli.errors import UsageError
 from fedbip_cli.innercache import default_cache_dir
 from fedbip_cli.pipeline import MergeOptions
@@ -80,6 +83,10 @@ KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "locked": (_flag, "true or false"),
     "cache": (lambda v: _flag(v) or _text(v), "a directory (string), true (the default directory) or false (no cache)"),
 }
+# Numeric options' bounds, checked for the config file and the command line alike. A softmax
+# temperature outside them turns S/T into Inf or 0/0 (similarities lie in [-1, 1]).
+BOUNDS: dict[str, tuple[float, float]] = {"temperature": (MIN_TEMPERATURE, MAX_TEMPERATURE)}
+MAX_CONFIG_BYTES = 2**20  # a config file holds options and a list of sources
 _WEIGHT_KEYS = ("weighting", "negative", "temperature", "top_k")
 _HINT = "keys are the options of `fedbip merge --help` with '_' for '-'; its help lists the accepted values"
 _OPTION_KEYS = (
@@ -130,13 +137,9 @@ def read_config(path: Path) -> dict[str, Any]:
     """
     where = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(
-            "config file not found", where=where, hint="--config names a TOML file (or YAML: *.yaml, *.yml)"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read the config file: {exc}", where=where) from None
+        text = read_text(Path(path), error=UsageError, limit=MAX_CONFIG_BYTES, what="the config file")
+    except UsageError as exc:
+        raise UsageError(exc.message, where=where, hint="--config names a TOML file (or YAML: *.yaml, *.yml)") from None
     data = _parse_yaml(text, where) if Path(path).suffix.lower() in YAML_SUFFIXES else _parse_toml(text, where)
     for key, value in data.items():
         _check_key(key, value, where)
@@ -155,6 +158,7 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def _parse_toml(text: str, where: str) -> dict[str, Any]:
+    check_depth(text, where=where, error=UsageError, what="the config file")
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -162,7 +166,23 @@ def _parse_toml(text: str, where: str) -> dict[str, Any]:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice (TOML does; plain YAML would keep the last)."""
+    """YAML's safe loader, refusing a key given twice (TOML does; plain YAML would keep the last),
+    aliases (``*name``: a config needs none, and an alias bomb expands exponentially wherever its
+    value is walked) and nodes nested deeper than ``MAX_DEPTH`` (the composer recurses)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        mark = self.peek_event().start_mark
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted in a config file", mark)
+        if self._depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"values nested more than {MAX_DEPTH} deep", mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[tuple[str, str]] = set()
@@ -211,6 +231,11 @@ def normalise(layer: Mapping[str, Any], where: str, hint: str | None = None) -> 
                 hint='layerwise = true means granularity = "block"',
             )
         values["granularity"] = "block" if values.pop("layerwise") else "model"
+    for key, (low, high) in BOUNDS.items():
+        if key in values and not low <= values[key] <= high:  # NaN fails both comparisons
+            raise UsageError(
+                f"{key} = {_shown(values[key])}: expected a number from {low:g} to {high:g}", where=where, hint=hint
+            )
     if "temperature" in values:
         values["temperature"] = float(values["temperature"])
     for key in (*_WEIGHT_KEYS, *_OPTION_KEYS):
@@ -284,9 +309,11 @@ def _check_key(key: str, value: Any, where: str) -> None:
         raise UsageError(f"{key} = {_shown(value)}: expected {expected}", where=where, hint=_HINT)
 
 
-def _shown(value: Any) -> str:
-    """A value as it would be written in TOML (strings in double quotes, true/false; YAML's null as null)."""
+def _shown(value: Any, width: int = 80) -> str:
+    """A value as it would be written in TOML (strings in double quotes, true/false; YAML's null as null),
+    cut to ``width`` characters: a hostile value (deeply nested through dotted keys, huge) never floods a message."""
     try:
-        return json.dumps(value, default=str)
-    except (TypeError, ValueError):
-        return repr(value)
+        text = json.dumps(value, default=str)
+    except (TypeError, ValueError, RecursionError):
+        text = reprlib.repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."

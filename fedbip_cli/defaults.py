@@ -8,3 +8,7 @@ import them from here.
 DEFAULT_MAX_SHARD_SIZE = "2GB"  # full checkpoints: the largest output shard
 DEFAULT_DIM = 96  # sketch dimension M: each module's ΔW is reduced to M x M numbers
 MAX_DIM = 1024
+# Softmax temperature bounds (--temperature and the config key): similarities lie in [-1, 1], so
+# S/T stays finite and distinguishable.
+MIN_TEMPERATURE = 1e-6
+MAX_TEMPERATURE = 1e6

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedbip_cli import checkpoints
 from fedbip_cli.adapters import CONFIG_NAME, WEIGHTS_NAME, file_sha256
+from fedbip_cli.boundedio import read_json
 from fedbip_cli.errors import LockError
 from fedbip_cli.sources import FULL, HUB_PREFIX, ResolvedSource
 
@@ -76,27 +77,96 @@ def lock_record(sources: dict[str, Any], base: dict[str, Any] | None) -> dict[st
 
 
 def read_lock(path: Path) -> dict[str, Any]:
-    """Read and check the shape of a lock file.
+    """Read a lock file and check every field's type and shape (see the module's format).
 
     Raises:
-        LockError: the file is missing, not JSON, or not a fedbip lock file of a known format.
+        LockError: the file is missing, unreadable, larger than ``MAX_FILE_BYTES``, not JSON, not a
+            fedbip lock file of a known format, or a field is missing or of the wrong type: one line
+            naming the file and the field (``sources["adapters/"]["c0"].revision``).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise LockError(
             "no lock file here", where=str(path), hint="run once without --locked to create it, and commit it"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LockError(f"cannot read the lock file: {exc}", where=str(path)) from None
-    if (
-        not isinstance(data, dict)
-        or data.get("fedbip_lock") != LOCK_FORMAT
-        or not isinstance(data.get("sources"), dict)
-    ):
+    data = read_json(path, error=LockError, what="the lock file")
+    if not isinstance(data, dict) or not _format(data.get("fedbip_lock")):
         raise LockError(f"not a fedbip lock file (format {LOCK_FORMAT})", where=str(path))
+    _check_fields(data, _LOCK_FIELDS, "", path)
+    for spec, clients in data["sources"].items():
+        for client, entry in _mapping(clients, f"sources[{_key(spec)}]", path).items():
+            field = f"sources[{_key(spec)}][{_key(client)}]"
+            _check_fields(_mapping(entry, field, path), _ENTRY_FIELDS, field, path)
+            for name, digest in (entry.get("files") or {}).items():
+                if not _sha256(digest):
+                    raise _malformed(path, f"{field}.files[{_key(name)}]", "a sha256 (64 hex digits)", digest)
+    if data["base"] is not None:
+        _check_fields(_mapping(data["base"], "base", path), _BASE_FIELDS, "base", path)
     return data
+
+
+def _format(value: Any) -> bool:
+    return type(value) is int and value == LOCK_FORMAT  # not true, not 1.0
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+# Each field of a lock's objects: (required, check, the expected value in words).
+_Fields = dict[str, tuple[bool, Callable[[Any], bool], str]]
+_LOCK_FIELDS: _Fields = {
+    "fedbip_lock": (True, lambda v: _format(v), f"{LOCK_FORMAT}"),
+    "sources": (True, lambda v: isinstance(v, dict), "an object: SOURCE -> its clients"),
+    "base": (True, lambda v: v is None or isinstance(v, dict), 'null or {"spec": ..., "revision": ...}'),
+}
+_ENTRY_FIELDS: _Fields = {
+    "revision": (True, lambda v: v is None or _text(v), "a commit (string) or null"),
+    "files": (False, lambda v: isinstance(v, dict), "an object: file name -> sha256"),
+}
+_BASE_FIELDS: _Fields = {
+    "spec": (True, _text, "an hf:// reference (string)"),
+    "revision": (True, _text, "a commit (string)"),
+}
+
+
+def _check_fields(data: dict[str, Any], fields: _Fields, where: str, path: Path) -> None:
+    """Every required field of ``data`` present, none unknown, each of its type."""
+    prefix = f"{where}." if where else ""
+    for name in data:
+        if name not in fields:
+            raise LockError(f"unknown field {prefix}{name[:80]}", where=str(path), hint=_REWRITE)
+    for name, (required, accepts, expected) in fields.items():
+        if name not in data:
+            if required:
+                raise LockError(f"missing field {prefix}{name}", where=str(path), hint=_REWRITE)
+        elif not accepts(data[name]):
+            raise _malformed(path, prefix + name, expected, data[name])
+
+
+def _mapping(value: Any, where: str, path: Path) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _malformed(path, where, "an object", value)
+    return value
+
+
+def _malformed(path: Path, where: str, expected: str, value: Any) -> LockError:
+    shown = json.dumps(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return LockError(f"{where} = {shown}: expected {expected}", where=str(path), hint=_REWRITE)
+
+
+def _key(name: str) -> str:
+    """A JSON object key as it is written in a field path: ``["adapters/"]``."""
+    shown = json.dumps(name)
+    return shown if len(shown) <= 80 else shown[:77] + '..."'
+
+
+_REWRITE = "the lock file was edited or damaged: run once without --locked to rewrite it, and commit it"
 
 
 def write_lock(path: Path, record: dict[str, Any]) -> None:

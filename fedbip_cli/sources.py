@@ -16,7 +16,6 @@ notebooks) is honoured.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -43,6 +42,7 @@ from huggingface_hub.utils import (
     validate_repo_id,
 )
 
+from fedbip_cli.boundedio import parse_json, read_json, read_text
 from fedbip_cli.errors import SourceError
 
 # The .bin weights are fetched only so that adapters.py can refuse them with a clear message.
@@ -64,6 +64,7 @@ _TRAILING_COMMENT = re.compile(r"\s+#.*$")
 _WEIGHTS, _INDEX = CHECKPOINT_FILES[1:3]
 _SAFETENSORS_HINT = f"--base must be a model saved with safetensors: {_WEIGHTS}, or shards listed in {_INDEX}"
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the size of a header
+MAX_LIST_DEPTH = 8  # @lists inside @lists: each level holds a file open and a frame of the resolver
 _log = logging.getLogger(__name__)
 
 
@@ -310,13 +311,12 @@ def _weight_names(root: Path, where: str) -> list[str]:
     index = root / _INDEX
     if not index.is_file():
         return [_WEIGHTS]
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError("no weight_map object")
-        return sorted({str(name) for name in weight_map.values()})
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
-        raise SourceError(f"cannot read {_INDEX}: {exc}", where=where, hint=_SAFETENSORS_HINT) from None
+    data = read_json(index, error=SourceError, what=_INDEX)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        hint = _SAFETENSORS_HINT
+        raise SourceError(f'{_INDEX}: expected {{"weight_map": {{tensor: file, ...}}}}', where=where, hint=hint)
+    return sorted(set(weight_map.values()))
 
 
 def _file_entries(path: Path) -> dict[str, tuple[list[int], str]]:
@@ -387,11 +387,24 @@ def _header_entries(read: Callable[[int, int], bytes], where: str) -> dict[str, 
     raw = read(8, size)
     if len(raw) < size:
         raise corrupt(f"the file ends {len(raw)} bytes into a header of {size}")
-    try:
-        header = json.loads(raw)
-        return {k: ([int(d) for d in v["shape"]], str(v["dtype"])) for k, v in header.items() if k != "__metadata__"}
-    except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise corrupt(f"unreadable header ({exc})") from None
+    header = parse_json(raw, where=where, error=SourceError, what="the safetensors header")
+    if not isinstance(header, dict):
+        raise corrupt("the header is not a JSON object")
+    entries = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or not all(_dimension(d) for d in shape) or not isinstance(dtype, str):
+            raise corrupt(f"tensor {name!r}: expected a dtype (string) and a shape (list of sizes)")
+        entries[name] = (shape, dtype)
+    return entries
+
+
+def _dimension(value: object) -> bool:
+    """A tensor dimension in a header: a non-negative integer that fits a u64."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
 
 
 def _resolve(spec: str, base: Path, lists: tuple[Path, ...]) -> list[ResolvedSource]:
@@ -415,13 +428,13 @@ def _resolve_list(list_file: Path, lists: tuple[Path, ...]) -> list[ResolvedSour
     if list_file in lists:
         # Each enclosing list adds its file:line to the message, which spells out the cycle.
         raise SourceError("this @list includes itself", where=str(list_file), hint="remove the cycle")
-    try:
-        text = list_file.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise SourceError("list file is not UTF-8 text", where=str(list_file), hint=_FORMS) from None
-    except OSError as exc:
-        hint = "@FILE names a text file of sources, one a line"
-        raise SourceError(f"cannot read list file: {exc.strerror}", where=str(list_file), hint=hint) from None
+    if len(lists) >= MAX_LIST_DEPTH:
+        raise SourceError(
+            f"@lists nested more than {MAX_LIST_DEPTH} deep",
+            where=str(list_file),
+            hint="name the sources of the innermost lists in an outer one",
+        )
+    text = read_text(list_file, error=SourceError, what="the @list file")
     sources: list[ResolvedSource] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         spec = _TRAILING_COMMENT.sub("", line).strip()
@@ -430,7 +443,7 @@ def _resolve_list(list_file: Path, lists: tuple[Path, ...]) -> list[ResolvedSour
         try:
             sources += _resolve(spec, list_file.parent, (*lists, list_file))
         except SourceError as exc:
-            raise SourceError(str(exc), where=f"{list_file}:{lineno}", hint=exc.hint) from exc
+            raise SourceError(str(exc), where=f"{list_file}:{lineno}", hint=exc.hint) from None
     return sources
 
 
@@ -538,9 +551,11 @@ def _local_path(text: str, base: Path) -> Path:
 
 def _kind(directory: Path) -> str | None:
     """``lora`` for an adapter directory, ``full`` for a fine-tuned model directory, else None."""
-    if (directory / _CONFIG).is_file():
+    # exists(), not is_file(): a config that is a directory or a device makes a client whose reading
+    # then fails with the reason, instead of a client silently left out.
+    if (directory / _CONFIG).exists():
         return LORA
-    return FULL if (directory / _MODEL_CONFIG).is_file() else None
+    return FULL if (directory / _MODEL_CONFIG).exists() else None
 
 
 def _client_dirs(directory: Path, where: str) -> list[tuple[Path, str, str]]:
@@ -573,7 +588,7 @@ def _client_dirs(directory: Path, where: str) -> list[tuple[Path, str, str]]:
 
 def _named_adapters(directory: Path) -> list[Path]:
     """The adapter directories directly inside ``directory`` (peft's named-adapter layout)."""
-    return [c for c in sorted(directory.iterdir()) if not c.name.startswith(".") and (c / _CONFIG).is_file()]
+    return [c for c in sorted(directory.iterdir()) if not c.name.startswith(".") and (c / _CONFIG).exists()]
 
 
 def _check_unique(sources: list[ResolvedSource]) -> None:

@@ -2,8 +2,9 @@
 
 The test shapes are tiny, so one torch thread is fastest and stays fast when other processes share
 the two cores (two threads then slow small ops by orders of magnitude). The command line keeps an
-inner-product cache in the user's cache directory by default: every test gets its own, so that no
-test reads another's entries or writes to the real home directory.
+inner-product cache in the user's cache directory by default, authenticated by a key in the user's
+config directory: every test gets its own of both, so that no test reads another's entries or writes
+to the real home directory.
 """
 
 import pytest
@@ -15,3 +16,5 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def private_cache_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg-config")))
+    monkeypatch.delenv("FEDBIP_CACHE_KEY", raising=False)

@@ -145,7 +145,10 @@ BAD_CONFIGS = [
         "granularity = \"layer\": unknown granularity 'layer'; choose one of model, block, module",
     ),
     ('device = "tpu"', "device: tpu", "device = \"tpu\": unknown device 'tpu'; choose one of auto, cpu, cuda"),
-    ("temperature = 0", "temperature: 0", "temperature = 0.0: temperature 0.0 must be positive"),
+    ("temperature = 0", "temperature: 0", "temperature = 0: expected a number from 1e-06 to 1e+06"),
+    ("temperature = inf", "temperature: .inf", "temperature = Infinity: expected a number from 1e-06 to 1e+06"),
+    ("temperature = nan", "temperature: .nan", "temperature = NaN: expected a number from 1e-06 to 1e+06"),
+    ("temperature = 1e-320", "temperature: 1.0e-320", "temperature = 1e-320: expected a number from 1e-06"),
     ("top_k = 0", "top_k: 0", "top_k = 0: top-k 0 must be at least 1"),
     ("rank = -1", "rank: -1", "rank = -1: rank -1 must be a positive integer"),
     (
@@ -207,7 +210,7 @@ def test_yaml_and_toml_configs_decide_the_same_merge(tmp_path: Path) -> None:
 
 
 def test_missing_pieces_are_usage_errors(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="config file not found"):
+    with pytest.raises(UsageError, match="the config file does not exist"):
         read_config(tmp_path / "nope.toml")
     with pytest.raises(UsageError, match="no SOURCES"):
         merge_settings(write_config(tmp_path, 'out = "o"\n'), {})

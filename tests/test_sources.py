@@ -177,7 +177,7 @@ def test_list_error_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_missing_list_file(tmp_path: Path) -> None:
-    with pytest.raises(SourceError, match="cannot read list file") as info:
+    with pytest.raises(SourceError, match="the @list file does not exist") as info:
         resolve_sources(["@absent.txt"], base_dir=tmp_path)
     assert info.value.where == str(tmp_path / "absent.txt")
 
