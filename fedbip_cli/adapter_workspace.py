@@ -179,7 +179,7 @@ class AdapterWorkspace(Workspace):
                     energy[clients[i]][module] = result.energy
             advance(1)
         for part, output in dense.items():
-            self._write_dense(part, output, weights[group_of[part]], layouts, writers, energy)
+            self._write_dense(part, output, weights[group_of[part]], reader, layouts, writers, energy)
             advance(1)
         for client in clients:
             for module in filled[client]:
@@ -204,12 +204,13 @@ class AdapterWorkspace(Workspace):
         part: str,
         output: DenseOutput,
         rows: torch.Tensor,
+        reader: FactorReader,
         layouts: dict[str, ClientLayout],
         writers: dict[str, StreamingAdapterWriter],
         energy: dict[str, dict[str, float | None]],
     ) -> None:
         """Every client's Σ_j P_ij ΔW_j of one dense part, written back as ``output`` says."""
-        deltas = dense_deltas(self.adapters, part, self.base_tensors, FactorReader())
+        deltas = dense_deltas(self.adapters, part, self.base_tensors, reader)
         present = [j for j, d in enumerate(deltas) if d is not None]
         merged = weighted_sum(torch.stack([deltas[j] for j in present]), rows[:, present].to(torch.float64))
         base = self.base_tensors.read(output.tensor) if self.base_tensors is not None else None
