@@ -172,6 +172,18 @@ def _cache_dir(cache: Path | None, no_cache: bool) -> Path | None:
     return default_cache_dir() if choice is None else (choice or None)
 
 
+def _cache_warning(cache: InnerProductCache) -> None:
+    """Say on stderr how many cache entries failed verification: they were not used, but recomputed."""
+    if cache.stats.rejected:
+        _stderr().print(
+            f"[yellow]warning:[/] {cache.stats.rejected} inner-product cache entries in {escape(str(cache.path))} "
+            "failed verification (tampered with, damaged or written under another key); they were recomputed "
+            "and replaced, and did not change the result",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 def _print_json(data: Any) -> None:
     from fedbip_cli import report
 
@@ -366,6 +378,7 @@ def merge(
                 progress=progress,
                 cache=inner_cache,
             )
+    _cache_warning(inner_cache)
     if as_json:
         _print_json(
             {
@@ -446,6 +459,7 @@ def inspect_similarity(
             report.write_heatmap(result, heatmap)
         if matrix is not None:
             report.write_matrices(result, matrix)
+    _cache_warning(inner_cache)
     if output_format == "json":
         data = report.similarity_json_tensors(result, neighbours=neighbours, matrix=matrix)
         _print_json({**data, "cache": report.cache_json(inner_cache)})

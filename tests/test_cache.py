@@ -236,3 +236,153 @@ def test_covering_rows_touch_every_missing_pair_with_few_rows():
     assert similarity.covering_rows(scattered, limit=2) is None  # more rows than allowed
     every = torch.ones(n, n, dtype=torch.bool)
     assert similarity.covering_rows(every) == list(range(n))  # each diagonal pair (u, u) needs row u
+
+
+# --- integrity: a shared or restored cache cannot change a result --------------------------------
+
+
+def rows(cache_dir: Path) -> list[tuple]:
+    with sqlite3.connect(cache_dir / CACHE_FILE) as db:
+        return db.execute("SELECT x, y, value, mac FROM pairs").fetchall()
+
+
+def rewrite(cache_dir: Path, statement: str, *args: object) -> None:
+    """Edit the cache as anyone who can write its directory could."""
+    db = sqlite3.connect(cache_dir / CACHE_FILE)
+    db.execute(statement, args)
+    db.commit()
+    db.close()
+
+
+def test_tampered_entries_are_recomputed_and_the_result_does_not_change(tmp_path: Path) -> None:
+    """The attack of issue 12: every off-diagonal value set to make all clients look alike. Each
+    entry is refused, computed again and replaced; the merge writes the bytes of a cold run."""
+    clients = tmp_path / "clients"
+    make_clients(clients, 4)
+    cache = tmp_path / "cache"
+    merge(clients, tmp_path / "cold", "--cache", str(cache))
+    cold = tree_bytes(tmp_path / "cold")
+    diagonal = {x: value for x, y, value, _ in rows(cache) if x == y}
+    rewrite(cache, "UPDATE pairs SET value = (SELECT d.value FROM pairs d WHERE d.x = pairs.x AND d.y = pairs.x)")
+    forged = sum(1 for x, y, value, _ in rows(cache) if x != y)
+    assert forged == MODULES * (triangle(4) - 4) and all(diagonal[x] == value for x, _, value, _ in rows(cache))
+
+    result = runner.invoke(
+        app, ["merge", str(clients), "--out", str(tmp_path / "warm"), "--layerwise", "--json", "--cache", str(cache)]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"{forged} inner-product cache entries" in result.stderr and "did not change the result" in result.stderr
+    assert json.loads(result.stdout)["cache"]["computed"] == forged
+    assert tree_bytes(tmp_path / "warm") == cold
+    with InnerProductCache(cache) as again:  # the refused entries were replaced: all verify now
+        assert len(again.lookup(sorted({x for x, *_ in rows(cache)}))) == MODULES * triangle(4)
+        assert again.stats.rejected == 0
+
+
+@pytest.mark.parametrize(
+    ("statement", "why"),
+    [
+        ("UPDATE pairs SET value = x'000000000000f87f'", "NaN, MAC recomputed by a key holder"),
+        ("UPDATE pairs SET value = x'000000000000f07f'", "+Inf, MAC recomputed by a key holder"),
+        ("UPDATE pairs SET value = x'0000000000000000'", "zero, MAC of the old value"),
+        ("UPDATE pairs SET value = x'00000000000000'", "7 bytes"),
+        ("UPDATE pairs SET value = 0.5", "a REAL, not 8 bytes"),
+        ("UPDATE pairs SET value = '0.5'", "TEXT"),
+        ("UPDATE pairs SET mac = x'00'", "a short MAC"),
+        ("UPDATE pairs SET mac = 'mac'", "a TEXT MAC"),
+    ],
+)
+def test_every_malformed_entry_is_refused(tmp_path: Path, statement: str, why: str) -> None:
+    values = {(b"a", b"a"): 4.0, (b"a", b"b"): 0.5, (b"b", b"b"): 1.0}
+    with InnerProductCache(tmp_path) as cache:
+        cache.store(values)
+        secret_mac = cache._mac  # a leaked key: the MAC verifies, the value still may not be used
+    rewrite(tmp_path, statement)
+    if "key holder" in why:
+        for x, y, value, _ in rows(tmp_path):
+            rewrite(tmp_path, "UPDATE pairs SET mac = ? WHERE x = ? AND y = ?", secret_mac(x, y, value), x, y)
+    with InnerProductCache(tmp_path) as cache:
+        assert cache.lookup([b"a", b"b"]) == {}, why
+        assert (cache.stats.rejected, cache.stats.hits) == (3, 0)
+        cache.store(values)  # what the engine does next: the products computed again replace them
+    with InnerProductCache(tmp_path) as cache:
+        assert cache.lookup([b"a", b"b"]) == values and cache.stats.rejected == 0
+
+
+def test_entries_cannot_be_moved_to_another_pair_or_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with InnerProductCache(tmp_path / "c") as cache:
+        cache.store({(b"a", b"b"): 0.25, (b"a", b"c"): -0.75})
+    rewrite(tmp_path / "c", "UPDATE pairs SET y = x'7a' WHERE y = CAST('c' AS BLOB)")  # (a, c)'s entry as (a, z)
+    with InnerProductCache(tmp_path / "c") as cache:
+        assert cache.lookup([b"a", b"b", b"z"]) == {(b"a", b"b"): 0.25} and cache.stats.rejected == 1
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "another-user"))  # another key: nothing verifies
+    with InnerProductCache(tmp_path / "c") as cache:
+        assert cache.lookup([b"a", b"b", b"z"]) == {} and cache.stats.rejected == 2
+
+
+def test_the_key_lives_outside_the_cache_private_to_the_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key_file = tmp_path / "config" / "fedbip" / "cache-key"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    with InnerProductCache(tmp_path / "cache") as cache:
+        cache.store({(b"a", b"b"): 1.5})
+    assert key_file.stat().st_mode & 0o777 == 0o600 and len(bytes.fromhex(key_file.read_text())) == 32
+    assert not any(p.name == "cache-key" for p in (tmp_path / "cache").rglob("*"))
+
+    key_file.chmod(0o644)
+    with pytest.raises(CacheError, match=r"may be read by others \(mode 644\)") as caught:
+        InnerProductCache(tmp_path / "cache")
+    assert caught.value.where == str(key_file) and caught.value.hint == f"chmod 600 {key_file}"
+    key_file.chmod(0o600)
+    key_file.write_text("not hex\n")
+    with pytest.raises(CacheError, match="not 64 hex digits"):
+        InnerProductCache(tmp_path / "cache")
+
+    # A CI job keeps the key as a secret: the same key, the same verified entries.
+    monkeypatch.setenv("FEDBIP_CACHE_KEY", "ab" * 32)
+    with InnerProductCache(tmp_path / "ci") as cache:
+        cache.store({(b"a", b"b"): 1.5})
+    with InnerProductCache(tmp_path / "ci") as cache:
+        assert cache.lookup([b"a", b"b"]) == {(b"a", b"b"): 1.5}
+    monkeypatch.setenv("FEDBIP_CACHE_KEY", "cd" * 32)
+    with InnerProductCache(tmp_path / "ci") as cache:
+        assert cache.lookup([b"a", b"b"]) == {} and cache.stats.rejected == 1
+    monkeypatch.setenv("FEDBIP_CACHE_KEY", "abc")
+    with pytest.raises(CacheError, match="not 64 hex digits") as caught:
+        InnerProductCache(tmp_path / "ci")
+    assert caught.value.where == "$FEDBIP_CACHE_KEY"
+
+    monkeypatch.delenv("FEDBIP_CACHE_KEY")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cache" / "config"))  # a key the cache would carry
+    with pytest.raises(CacheError, match="lies inside the cache directory"):
+        InnerProductCache(tmp_path / "cache")
+
+
+def test_a_format_1_cache_is_emptied_not_trusted(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / CACHE_FILE)
+    db.executescript(
+        "CREATE TABLE pairs (x BLOB NOT NULL, y BLOB NOT NULL, value BLOB NOT NULL, PRIMARY KEY (x, y)) WITHOUT ROWID;"
+        "INSERT INTO pairs VALUES (x'61', x'62', x'000000000000e03f'); PRAGMA user_version = 1;"
+    )
+    db.close()
+    with InnerProductCache(tmp_path) as cache:
+        assert cache.lookup([b"a", b"b"]) == {}
+        cache.store({(b"a", b"b"): 0.5})
+    with InnerProductCache(tmp_path) as cache:
+        assert cache.lookup([b"a", b"b"]) == {(b"a", b"b"): 0.5}
+
+
+def test_a_full_disk_says_disk_full(tmp_path: Path) -> None:
+    """SQLite ends the transaction itself on SQLITE_FULL; the error must name that cause, not the
+    ROLLBACK that found no transaction. The disk is made full by capping the database's pages."""
+    with InnerProductCache(tmp_path) as cache:
+        pages = cache._db.execute("PRAGMA page_count").fetchone()[0]
+        cache._db.execute(f"PRAGMA max_page_count = {pages}")
+        values = {(i.to_bytes(32, "big"), (i + 1).to_bytes(32, "big")): float(i) for i in range(2000)}
+        with pytest.raises(CacheError) as caught:
+            cache.store(values)
+        assert caught.value.message == "cannot write the inner-product cache: disk full"
+        assert caught.value.where == str(tmp_path / CACHE_FILE)
+        assert not cache._db.in_transaction
+        cache._db.execute("PRAGMA max_page_count = 1073741823")
+        cache.store(values)  # the connection is still usable once space is back
+        assert len(cache.lookup(sorted({k for pair in values for k in pair}))) == 2000
