@@ -15,6 +15,8 @@ from hubcache import make_hub_cache, repository_files, use_offline_cache
 from typer.testing import CliRunner
 
 from fedbip_cli.cli import app
+from fedbip_cli.errors import LockError
+from fedbip_cli.lockfile import read_lock
 
 SHAPES = {"encoder.layer.0.attention.self.query": (8, 6), "encoder.layer.1.attention.self.value": (8, 6)}
 runner = CliRunner()
@@ -207,3 +209,57 @@ def test_lock_file_problems(project: Project) -> None:
     result = runner.invoke(app, ["merge", str(project.root / "local"), "--out", str(project.tmp / "o"), "--locked"])
     assert result.exit_code == 2 and "--locked needs a lock file" in result.stderr
     assert not (project.root / "merged").exists()
+
+
+SHA = "0" * 64
+GOOD = {"fedbip_lock": 1, "sources": {"a/": {"c0": {"revision": None, "files": {"x": SHA}}}}, "base": None}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(base="hf://org/base"), 'base = "hf://org/base": expected null or {"spec"'),
+        (lambda d: d.pop("base"), "missing field base"),
+        (lambda d: d.pop("sources"), "missing field sources"),
+        (lambda d: d.update(extra=1), "unknown field extra"),
+        (lambda d: d.update(fedbip_lock=True), "not a fedbip lock file"),
+        (lambda d: d.update(sources=[]), "sources = []: expected an object"),
+        (lambda d: d["sources"].update({"a/": ["c0"]}), 'sources["a/"] = ["c0"]: expected an object'),
+        (lambda d: d["sources"]["a/"].update(c0="abc"), 'sources["a/"]["c0"] = "abc": expected an object'),
+        (lambda d: d["sources"]["a/"]["c0"].pop("revision"), 'missing field sources["a/"]["c0"].revision'),
+        (lambda d: d["sources"]["a/"]["c0"].update(revision=3), 'sources["a/"]["c0"].revision = 3: expected a commit'),
+        (lambda d: d["sources"]["a/"]["c0"].update(files=[]), 'sources["a/"]["c0"].files = []: expected an object'),
+        (
+            lambda d: d["sources"]["a/"]["c0"]["files"].update(x=1),
+            'sources["a/"]["c0"].files["x"] = 1: expected a sha256',
+        ),
+        (lambda d: d.update(base={"spec": "hf://o/b"}), "missing field base.revision"),
+        (lambda d: d.update(base={"spec": "hf://o/b", "revision": 7}), "base.revision = 7: expected a commit"),
+    ],
+)
+def test_malformed_lock_files_name_the_file_and_the_field(tmp_path: Path, edit, message: str) -> None:
+    data = json.loads(json.dumps(GOOD))
+    assert read_lock(write(tmp_path / "good.lock", data)) == GOOD
+    edit(data)
+    path = write(tmp_path / "bad.lock", data)
+    with pytest.raises(LockError) as caught:
+        read_lock(path)
+    assert caught.value.where == str(path)
+    assert message in caught.value.message, caught.value.message
+
+
+def test_lock_files_are_read_bounded(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.lock"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(LockError, match="more than 64 deep"):
+        read_lock(deep)
+    (tmp_path / "dir.lock").mkdir()
+    with pytest.raises(LockError, match="is a directory"):
+        read_lock(tmp_path / "dir.lock")
+    with pytest.raises(LockError, match="character device"):
+        read_lock(Path("/dev/zero"))
+
+
+def write(path: Path, data: object) -> Path:
+    path.write_text(json.dumps(data))
+    return path
