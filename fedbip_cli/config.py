@@ -204,7 +204,9 @@ def _parse_yaml(text: str, where: str) -> dict[str, Any]:
     try:
         data = yaml.load(text, Loader=_YamlLoader)  # a SafeLoader: plain data, never Python objects
     except yaml.YAMLError as exc:
-        raise UsageError(f"not valid YAML: {exc}", where=where, hint="see https://yaml.org for the syntax") from None
+        raise UsageError(
+            f"not valid YAML: {_yaml_problem(exc)}", where=where, hint="see https://yaml.org for the syntax"
+        ) from None
     if data is None:  # an empty file
         return {}
     if not isinstance(data, dict):
@@ -212,6 +214,15 @@ def _parse_yaml(text: str, where: str) -> dict[str, Any]:
             f"expected keys and values (a mapping) at the top level, found {_shown(data)}", where=where, hint=_HINT
         )
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: its problem and where (PyYAML's own text quotes the source on more lines)."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return " ".join(str(exc).split())
+    mark = exc.problem_mark or exc.context_mark
+    place = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return " ".join(f"{exc.context or ''} {exc.problem or ''}".split()) + place
 
 
 def normalise(layer: Mapping[str, Any], where: str, hint: str | None = None) -> dict[str, Any]:

@@ -171,6 +171,8 @@ class InnerProductCache:
                 hint="keep the cache elsewhere (--cache DIR) or move XDG_CONFIG_HOME out of it",
             )
         self._secret = cache_secret(key_path)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise CacheError("cannot open the inner-product cache: not a directory", where=str(self.directory))
         with self._errors("open"):
             self.directory.mkdir(parents=True, exist_ok=True)
             # Autocommit: every bulk operation below opens its own transaction.

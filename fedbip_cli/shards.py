@@ -47,7 +47,7 @@ def parse_size(text: str) -> int:
     Raises:
         UsageError: not a positive size with a known unit.
     """
-    match = _SIZE_RE.match(text)
+    match = _SIZE_RE.match(text) if len(text) <= 40 else None  # a longer number is no size (and float() gives inf)
     size = int(float(match[1]) * _UNITS[(match[2] or "").upper()]) if match else 0
     if size < 1:
         raise UsageError(
