@@ -46,8 +46,8 @@ def config_from_json(text: str) -> SimulationConfig:
 
 
 # Run-config keys (Flower's --run-config, [tool.flwr.app.config]) are the options' names with
-# hyphens. TOML has no null: an empty string or 0 stands for None in the optional ones below.
-_NONE_WHEN = {"alpha": 0.0, "data_dir": "", "max_examples": 0, "model": "", "num_layers": 0}
+# hyphens. TOML has no null: in an option that may be None, "" (text) or 0 (a number) stands for it.
+_NONE_WHEN = {f.name: "" if "str" in str(f.type) else 0 for f in fields(SimulationConfig) if "None" in str(f.type)}
 _TUPLES = {"strategies", "target_modules"}
 
 

@@ -1,0 +1,414 @@
+"""``fedbip simulate`` on Flower: the strategy's aggregation by hand, then the same tiny run on
+Flower's Deployment Engine (a SuperLink and 3 SuperNodes as processes on 127.0.0.1) and Simulation
+Engine against the in-process loop, and a client stopped between rounds.
+
+Offline: no telemetry, no update check, no runtime dependency installation, a private FLWR_HOME.
+Every process started here runs in its own session and is stopped by its process group, whatever
+the test's outcome.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fedbip_cli.cli import app
+from fedbip_cli.errors import UsageError
+from fedbip_cli.simulate import loop
+from fedbip_cli.simulate.flower.records import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    config_from_json,
+    config_from_run_config,
+    config_to_json,
+    from_record,
+    run_config_from,
+    to_record,
+)
+from fedbip_cli.simulate.flower.strategy import Member, PersonalizedStrategy, Roster
+from fedbip_cli.simulate.loop import SimulationConfig
+from fedbip_cli.simulate.runner import ClientInfo, simulate
+
+APP = Path(__file__).resolve().parents[1] / "fedbip_cli" / "simulate" / "flower" / "app"
+BIN = Path(sys.executable).parent
+CLIENTS = ["client-00", "client-01", "client-02"]
+# The issue's tiny run: a 2-layer slice, 3 clients, 2 rounds of 2 local steps, batch 8, 32 tokens.
+TINY = SimulationConfig(
+    strategies=("fedbip", "fedbip-layerwise"),
+    num_layers=2,
+    batch_size=8,
+    max_length=32,
+    local_steps=2,
+    rounds=2,
+    clients=3,
+    groups=3,
+    eval_every=1,
+)
+OFFLINE = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # One thread per process, as in the in-process reference: the sums inside a matmul then run
+    # in the same order everywhere, and three ClientApps do not fight over two cores.
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quick() -> Iterator[None]:
+    """One intra-op thread (as every Flower process here) and the BBC corpus read once."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "load_bbc", functools.cache(loop.load_bbc))
+        for key, value in OFFLINE.items():
+            patch.setenv(key, value)
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run in-process: what every engine must reproduce."""
+    out = tmp_path_factory.mktemp("inprocess")
+    simulate(TINY, out, overwrite=True, device="cpu")
+    return out
+
+
+# -- the strategy, by hand, without a Flower runtime ---------------------------------------------
+@pytest.fixture
+def identity() -> Iterator[None]:
+    """Messages need a task identity, which Flower's runtimes set; set one for building them here."""
+    saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def tiny_roster(config: SimulationConfig) -> Roster:
+    roster = Roster(config)
+    for index, name in enumerate(CLIENTS):
+        roster.members[name] = Member(ClientInfo(name, index, 10, 5), index, ["a", "b"])
+        roster.nodes[100 + index] = name
+    return roster
+
+
+def reply(node: int, name: str, state: dict[str, torch.Tensor], loss: float) -> Message:
+    sent = Message(content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=node)
+    content = {
+        ARRAYS: to_record(state),
+        METRICS: MetricRecord({"train-loss": loss}),
+        CONFIG: ConfigRecord({"client": name}),
+    }
+    return Message(RecordDict(content), reply_to=sent)
+
+
+class FakeGrid:
+    """The two things configure_train asks of a grid: the connected nodes, and nothing to discover."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+def test_aggregation_by_hand(identity: None) -> None:
+    """client-02 fails in the round: FedBip over the other two, worked out by hand in float64;
+    client-02 keeps its state, and the round's metrics say who trained."""
+    config = replace(TINY, strategies=("fedbip",), rounds=1)
+    initial = {"w": torch.zeros(2)}
+    strategy = PersonalizedStrategy(config, "fedbip", tiny_roster(config), initial)
+    strategy.run.bar = {
+        "client-00": {"w": torch.tensor([0.5, 0.5])},
+        "client-01": {"w": torch.tensor([0.0, 0.0])},
+        "client-02": {"w": torch.tensor([3.0, 3.0])},
+    }
+    sent = list(strategy.configure_train(1, None, ConfigRecord(), FakeGrid([100, 101, 102])))
+    assert sorted(m.metadata.dst_node_id for m in sent) == [100, 101, 102]
+    for message in sent:  # each client is sent its own θ̄, not a global model
+        name = str(message.content[CONFIG]["client"])
+        assert torch.equal(from_record(message.content[ARRAYS])["w"], strategy.run.bar[name]["w"])
+        assert config_from_json(str(message.content[CONFIG]["config"])) == config
+
+    failed = Message(Error(code=5, reason="node unavailable"), reply_to=sent[2])
+    replies = [
+        reply(100, "client-00", {"w": torch.tensor([1.5, 0.5])}, 0.25),  # τ_0 = (1, 0)
+        reply(101, "client-01", {"w": torch.tensor([1.0, 1.0])}, 0.75),  # τ_1 = (1, 1)
+        failed,
+    ]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["participants"] == 2
+
+    # S_01 = cos(τ_0, τ_1) = 1/√2; row i of P is S_i / Σ_j S_ij (self term 1).
+    s = 1 / math.sqrt(2)
+    expected = {
+        "client-00": [0.5 + (1 + s) / (1 + s), 0.5 + s / (1 + s)],
+        "client-01": [(s + 1) / (1 + s), 1 / (1 + s)],
+        "client-02": [3.0, 3.0],
+    }
+    for name, values in expected.items():
+        got = strategy.run.bar[name]["w"].double()
+        assert torch.allclose(got, torch.tensor(values, dtype=torch.float64), atol=1e-6), (name, got)
+    assert strategy.run.similarity[-1]["clients"] == ["client-00", "client-01"]
+
+    strategy.aggregate_evaluate(1, [])
+    rows = {r["client"]: r for r in strategy.run.metrics}
+    assert [rows[c]["train_loss"] for c in CLIENTS] == [0.25, 0.75, None]
+    assert all(rows[c]["test_accuracy"] is None for c in CLIENTS)
+
+
+def test_reply_from_another_client_is_refused(identity: None) -> None:
+    config = replace(TINY, strategies=("fedbip",), rounds=1)
+    strategy = PersonalizedStrategy(config, "fedbip", tiny_roster(config), {"w": torch.zeros(2)})
+    list(strategy.configure_train(1, None, ConfigRecord(), FakeGrid([100, 101, 102])))
+    with pytest.raises(UsageError, match="does not match"):
+        strategy.aggregate_train(1, [reply(100, "client-01", {"w": torch.ones(2)}, 0.1)])
+
+
+def test_run_config_round_trip_and_app_defaults() -> None:
+    """The app's [tool.flwr.app.config] holds every option of simulate, with simulate's defaults."""
+    import tomllib
+
+    assert config_from_run_config(run_config_from(TINY)) == TINY
+    assert config_from_json(config_to_json(TINY)) == TINY
+    table = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(run_config_from(SimulationConfig())) <= set(table)
+    assert config_from_run_config(table) == SimulationConfig()
+
+
+# -- engines --------------------------------------------------------------------------------------
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def adapter(out: Path, strategy: str, client: str) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapters" / strategy / client / "adapter_model.safetensors")
+
+
+def assert_same_run(got: Path, want: Path, strategies: tuple[str, ...]) -> float:
+    """Same metrics (losses within 1e-6, accuracies equal) and adapters within 1e-6; returns the
+    largest adapter difference."""
+    rows, expected = read_jsonl(got / "metrics.jsonl"), read_jsonl(want / "metrics.jsonl")
+    assert [(r["strategy"], r["round"], r["client"]) for r in rows] == [
+        (r["strategy"], r["round"], r["client"]) for r in expected
+    ]
+    for row, ref in zip(rows, expected):
+        assert row["test_accuracy"] == ref["test_accuracy"] and row["examples"] == ref["examples"], (row, ref)
+        assert row["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-6), (row, ref)
+    worst = 0.0
+    for strategy in strategies:
+        for client in CLIENTS:
+            a, b = adapter(got, strategy, client), adapter(want, strategy, client)
+            assert a.keys() == b.keys()
+            worst = max(worst, *((a[k] - b[k]).abs().max().item() for k in a))
+    assert worst <= 1e-6
+    summary = json.loads((got / "summary.json").read_text())
+    assert [c["name"] for c in summary["clients"]] == CLIENTS
+    return worst
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Federation:
+    """A SuperLink and SuperNodes on 127.0.0.1 (insecure), each its own process group."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.home = root / "flwr-home"
+        self.home.mkdir(parents=True)
+        self.port = free_port()
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        self.env = {
+            **os.environ,
+            **OFFLINE,
+            "FLWR_HOME": str(self.home),
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        }
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, *args: str) -> None:
+        log = (self.root / f"{name}.log").open("wb")
+        self.processes[name] = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def start_superlink(self) -> None:
+        self.start(
+            "superlink",
+            "flower-superlink",
+            "--insecure",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            assert self.processes["superlink"].poll() is None, self.log("superlink")
+            time.sleep(0.2)
+        raise AssertionError(f"the SuperLink did not listen in 60 s\n{self.log('superlink')}")
+
+    def start_supernode(self, index: int, count: int) -> None:
+        self.start(
+            f"supernode-{index}",
+            "flower-supernode",
+            "--insecure",
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--port",
+            str(free_port()),
+            "--node-config",
+            f"partition-id={index} num-partitions={count}",
+        )
+
+    def run(self, out: Path, config: SimulationConfig, **extra: Any) -> subprocess.Popen:
+        """``flwr run`` of the fedbip app with ``config``, streaming until the run ends."""
+        values = {**run_config_from(config), "out": str(out), **extra}
+        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+        log = (self.root / "flwr-run.log").open("wb")
+        return subprocess.Popen(
+            [str(BIN / "flwr"), "run", str(APP), "test", "--stream", "--run-config", overrides],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def stop(self, name: str) -> None:
+        """SIGTERM the process group, SIGKILL what is left after 10 s."""
+        process = self.processes.pop(name)
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                process.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # children that outlived their group leader
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[Federation]:
+    fed = Federation(tmp_path)
+    try:
+        yield fed
+    finally:
+        for name in list(fed.processes):
+            fed.stop(name)
+
+
+def wait_run(fed: Federation, run: subprocess.Popen, timeout: float) -> None:
+    try:
+        code = run.wait(timeout=timeout)
+    finally:
+        fed.processes["flwr-run"] = run  # stopped by the fixture when it is still running
+    assert code == 0, fed.log("flwr-run")
+
+
+def test_deployment_engine_equals_inprocess(federation: Federation, reference: Path, tmp_path: Path) -> None:
+    """SuperLink + 3 SuperNodes: fedbip and fedbip-layerwise give in-process simulate's adapters and metrics."""
+    federation.start_superlink()
+    for index in range(3):
+        federation.start_supernode(index, 3)
+    out = tmp_path / "deployment"
+    start = time.perf_counter()
+    wait_run(federation, federation.run(out, TINY), timeout=300)
+    assert (out / "summary.json").is_file(), federation.log("superlink")
+    worst = assert_same_run(out, reference, TINY.strategies)
+    print(f"deployment engine: {time.perf_counter() - start:.1f} s, worst adapter difference {worst:.3g}")
+
+
+def test_simulation_engine_through_the_cli(reference: Path, tmp_path: Path) -> None:
+    """``fedbip simulate --engine flower`` (Flower's Simulation Engine) gives the same run."""
+    out = tmp_path / "simulation"
+    args = ["simulate", "--engine", "flower", "--compare", ",".join(TINY.strategies), "--out", out]
+    args += ["--num-layers", 2, "--batch-size", 8, "--local-steps", 2, "--rounds", 2, "--clients", 3]
+    args += ["--groups", 3, "--eval-every", 1, "--device", "cpu"]
+    start = time.perf_counter()
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    worst = assert_same_run(out, reference, TINY.strategies)
+    print(f"simulation engine: {time.perf_counter() - start:.1f} s, worst adapter difference {worst:.3g}")
+
+
+def test_engine_flower_refuses_resume(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["simulate", "--engine", "flower", "--resume", "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "--resume" in result.stderr, result.output
+    result = runner.invoke(app, ["simulate", "--engine", "ray", "--out", str(tmp_path / "y")])
+    assert result.exit_code != 0 and "inprocess" in result.stderr, result.output
+
+
+def test_supernode_stopped_between_rounds(federation: Federation, tmp_path: Path) -> None:
+    """client-02's SuperNode stops after round 1: round 2 goes on with the other two, client-02
+    keeps its round-1 state (the in-process run of one round), and the metrics say who trained."""
+    config = replace(TINY, strategies=("fedbip",), eval_every=1)
+    one_round = tmp_path / "one-round"
+    simulate(replace(config, rounds=1), one_round, device="cpu")
+    federation.start_superlink()
+    for index in range(3):
+        federation.start_supernode(index, 3)
+    out = tmp_path / "dropped"
+    run = federation.run(out, config, **{"round-timeout": 120.0})
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").is_file():  # written when round 1 ends
+        assert time.monotonic() < deadline and run.poll() is None, federation.log("flwr-run")
+        time.sleep(0.05)
+    federation.stop("supernode-2")
+    wait_run(federation, run, timeout=240)
+
+    rows = {(r["round"], r["client"]): r for r in read_jsonl(out / "metrics.jsonl")}
+    assert all(rows[1, c]["train_loss"] is not None for c in CLIENTS)
+    assert rows[2, "client-02"]["train_loss"] is None and rows[2, "client-02"]["test_accuracy"] is None
+    assert all(rows[2, c]["train_loss"] is not None for c in CLIENTS[:2])
+    similarity = read_jsonl(out / "similarity.jsonl")
+    assert [s["clients"] for s in similarity] == [CLIENTS, CLIENTS[:2]]
+    kept, after_one = (
+        load_file(out / "adapters" / "client-02" / "adapter_model.safetensors"),
+        load_file(one_round / "adapters" / "client-02" / "adapter_model.safetensors"),
+    )
+    assert max((kept[k] - after_one[k]).abs().max().item() for k in kept) <= 1e-6
+    moved = load_file(out / "adapters" / "client-00" / "adapter_model.safetensors")
+    before = load_file(one_round / "adapters" / "client-00" / "adapter_model.safetensors")
+    assert max((moved[k] - before[k]).abs().max().item() for k in moved) > 1e-4
