@@ -43,6 +43,7 @@ CONFIG = SimulationConfig(
     clients=4,
     groups=2,
     max_examples=300,
+    examples_per_client=None,
     eval_every=1,
 )
 CLIENTS = ["client-00", "client-01", "client-02", "client-03"]
@@ -135,6 +136,16 @@ def test_compare_run_writes_metrics_similarity_summary_and_plots(compared: tuple
         assert row["clients"] == CLIENTS and s.shape == (4, 4)
         torch.testing.assert_close(s, s.T)
         torch.testing.assert_close(s.diagonal(), torch.ones(4))
+        # the Figure 3 check: every kind of vector, gap of mean cosines in [-2, 2], ARI in [-1, 1]
+        assert set(row["separation"]) == {"update", "parameters", "cumulative", "ema"}
+        for kind in row["separation"].values():
+            assert -2 <= kind["gap"] <= 2 and -1 <= kind["ari"] <= 1
+    # the paper's update similarity is what the "update" kind scores
+    first = similarity[0]
+    matrix = torch.tensor(first["similarity"], dtype=torch.float64)
+    within = (matrix[0, 2] + matrix[1, 3]) / 2
+    between = (matrix[0, 1] + matrix[0, 3] + matrix[1, 2] + matrix[2, 3]) / 4
+    assert first["separation"]["update"]["gap"] == pytest.approx((within - between).item(), abs=1e-5)
 
     assert list(summary["strategies"]) == list(ALL)
     for strategy, entry in summary["strategies"].items():
@@ -149,12 +160,13 @@ def test_compare_run_writes_metrics_similarity_summary_and_plots(compared: tuple
 
     assert (out / "accuracy.png").read_bytes()[:8] == PNG
     assert (out / "similarity.png").read_bytes()[:8] == PNG
+    assert (out / "separation.png").read_bytes()[:8] == PNG
     for strategy in ALL:
         meta = checkpoint_meta(out / "checkpoints" / f"{strategy}.safetensors")
         assert meta["round"] == 2 and meta["config"]["strategies"] == list(ALL)
-        assert (
-            sorted({key.split("/")[0] for key in load_file(out / "checkpoints" / f"{strategy}.safetensors")}) == CLIENTS
-        )
+        tensors = load_file(out / "checkpoints" / f"{strategy}.safetensors")
+        assert sorted({key.split("/")[1] for key in tensors if key.startswith("bar/")}) == CLIENTS
+        assert sorted({key.split("/")[1] for key in tensors if key.startswith("memory/")}) == CLIENTS
         assert sorted(p.name for p in (out / "adapters" / strategy).iterdir()) == CLIENTS
     assert json.loads((out / "groups.json").read_text()) == dict(zip(CLIENTS, [0, 1, 0, 1], strict=True))
     assert {p.name for p in (out / "base").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
@@ -213,7 +225,7 @@ def test_adapters_load_in_peft_onto_the_saved_base_and_predict_as_in_the_run(
         with safe_open(directory / "adapter_model.safetensors", framework="pt") as f:
             for name in ("weight", "bias"):
                 saved = f.get_tensor(f"base_model.model.classifier.{name}")
-                assert torch.equal(saved, checkpoint[f"{client}/classifier.{name}"]), (client, name)
+                assert torch.equal(saved, checkpoint[f"bar/{client}/classifier.{name}"]), (client, name)
 
         # Onto the saved base, each adapter predicts its client's test split with the accuracy the run recorded.
         model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), directory)
@@ -260,7 +272,7 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path: Path) -> N
     path = b / "checkpoints" / "fedbip.safetensors"
     good = path.read_bytes()
     path.write_bytes(good[:-10])
-    with pytest.raises(AdapterError, match="unreadable checkpoint") as info:
+    with pytest.raises(AdapterError, match="checkpoint is unreadable") as info:
         simulate(config, b, device="cpu", resume=True)
     assert str(path) in str(info.value)
     path.write_bytes(good)
@@ -398,6 +410,8 @@ def test_partial_participation_samples_the_same_clients_for_every_strategy(tmp_p
         "1",
         "--max-examples",
         "300",
+        "--examples-per-client",
+        "0",
         "--eval-every",
         "1",
         *SMALL,

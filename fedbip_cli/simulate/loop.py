@@ -8,28 +8,40 @@ strategies compared in one run see identical partitions, initial adapters, batch
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from fedbip_cli.errors import AdapterError, OutputError, UsageError
+from fedbip_cli.errors import OutputError, UsageError
+from fedbip_cli.simulate import checkpoint
+from fedbip_cli.simulate.checkpoint import StrategyRun
 from fedbip_cli.simulate.data import ClientData, load_bbc, load_client_files
 from fedbip_cli.simulate.model import ClientModel, Tokens, embedded_model_dir
 from fedbip_cli.simulate.partition import PARTITIONS, partition_dirichlet, partition_tasks
-from fedbip_cli.simulate.strategies import RoundUpdates, ServerStep, State, check_strategies, server_step
+from fedbip_cli.simulate.separation import round_separation
+from fedbip_cli.simulate.strategies import (
+    RoundUpdates,
+    ServerStep,
+    State,
+    check_strategies,
+    cumulative_vectors,
+    server_step,
+    task_vectors,
+)
 from fedbip_cli.sources import resolve_model_dir
 
 CHECKPOINTS = "checkpoints"
-CHECKPOINT_KEY = "fedbip_checkpoint"
+# The default data regime: FedBip's premise is a small group of users with limited data, where a
+# client alone cannot learn its task. 64 training sentences (about 13 per label; one pass is the
+# 4 local steps of batch 16 of one round) is that regime for a 5-label task; chosen before any
+# comparison was run. --examples-per-client 480 is the ample regime of earlier versions.
+EXAMPLES_PER_CLIENT = 64
 # What an encoder needs from the Hub: config, weights and tokenizer files.
 MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")
 METRICS = "metrics.jsonl"
@@ -47,8 +59,9 @@ class SimulationConfig:
     groups: int = 3
     alpha: float | None = None  # Dirichlet concentration: 1.0 for tasks, 0.1 for dirichlet
     data_dir: str | None = None
-    max_examples: int | None = 6000
-    test_fraction: float = 0.2
+    max_examples: int | None = 6000  # only without examples_per_client
+    test_fraction: float = 0.2  # only without examples_per_client, and for --data
+    examples_per_client: int | None = EXAMPLES_PER_CLIENT  # None: the max_examples / test_fraction split
     model: str | None = None  # a local HF encoder directory; None = the embedded MiniLM
     num_layers: int | None = None  # keep only the first N encoder layers (tests)
     target_modules: tuple[str, ...] = ("query", "value")
@@ -75,6 +88,8 @@ class SimulationConfig:
             raise UsageError(f"--lr {self.lr} must be positive")
         if self.seed < 0:  # numpy's generators take only non-negative seeds
             raise UsageError(f"--seed {self.seed} must be a non-negative integer")
+        if self.examples_per_client is not None and self.examples_per_client < 1:
+            raise UsageError(f"--examples-per-client {self.examples_per_client} must be at least 1 (0 = off)")
 
 
 @dataclass
@@ -87,18 +102,6 @@ class ClientTokens:
     group: int | None
 
 
-@dataclass
-class StrategyRun:
-    """One strategy's state, checkpointed after every round."""
-
-    strategy: str
-    round: int = 0
-    bar: dict[str, State] = field(default_factory=dict)
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    similarity: list[dict[str, Any]] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=lambda: {"train": 0.0, "eval": 0.0, "server": 0.0})
-
-
 # round_done(strategy, round, mean accuracy or None when not evaluated)
 RoundCallback = Callable[[str, int, float | None], None]
 # on_round(the run after its checkpoint, mean accuracy or None)
@@ -109,13 +112,19 @@ Progress = Callable[[str, int], Callable[[int], None]]
 def load_clients(config: SimulationConfig) -> tuple[list[ClientData], list[str]]:
     """The clients' data: the user's files (--data) or the embedded BBC News, partitioned."""
     if config.data_dir is not None:
-        return load_client_files(Path(config.data_dir), test_fraction=config.test_fraction, seed=config.seed)
+        clients, labels = load_client_files(Path(config.data_dir), test_fraction=config.test_fraction, seed=config.seed)
+        if config.examples_per_client is not None:  # the first N of each client's (shuffled) train split
+            for client in clients:
+                client.train_texts = client.train_texts[: config.examples_per_client]
+                client.train_labels = client.train_labels[: config.examples_per_client]
+        return clients, labels
     data = load_bbc()
     common = {
         "num_clients": config.clients,
         "seed": config.seed,
         "test_fraction": config.test_fraction,
         "max_examples": config.max_examples,
+        "examples_per_client": config.examples_per_client,
     }
     if config.partition == "tasks":
         return partition_tasks(data, groups=config.groups, alpha=config.alpha or 1.0, **common)
@@ -207,10 +216,29 @@ def server_round(
     """The server's part of ``round_``: the strategy's step over the participants ``chosen`` and
     their ``trained`` states, applied to ``run`` (its personalized states and similarity record).
     Every engine calls this one function after collecting the round's replies."""
-    step = server_step(run.strategy, RoundUpdates(clients, chosen, run.bar, trained, examples, groups, initial))
-    run.bar = step.bar
-    run.similarity.append(similarity_record(run.strategy, round_, step))
+    updates = RoundUpdates(clients, chosen, run.bar, trained, examples, groups, initial, run.memory)
+    step = server_step(run.strategy, updates)
+    run.bar, run.memory = step.bar, step.memory
+    record = similarity_record(run.strategy, round_, step)
+    record["separation"] = separation_record(updates, step)
+    run.similarity.append(record)
     return step
+
+
+def separation_record(updates: RoundUpdates, step: ServerStep) -> dict[str, Any] | None:
+    """The paper's Figure 3 check for one round (``separation.round_separation``): how well the
+    cosine of the participants' updates, trained parameters, trajectories and EMAs separates the
+    true groups; None when the groups are unknown."""
+    chosen = updates.participants
+    vectors = {
+        "update": task_vectors(updates),
+        "parameters": {
+            name: torch.stack([updates.trained[c][name] for c in chosen]) for name in updates.trained[chosen[0]]
+        },
+        "cumulative": cumulative_vectors(updates),
+        "ema": {name: torch.stack([step.memory[c][name] for c in chosen]) for name in step.memory[chosen[0]]},
+    }
+    return round_separation(chosen, updates.groups, vectors)
 
 
 def similarity_record(strategy: str, round_: int, step: ServerStep) -> dict[str, Any]:
@@ -257,58 +285,27 @@ class Simulation:
         self.data = [tokenize_client(self.model, c) for c in self.clients]
         self.names = [c.name for c in self.clients]
         self.initial = self.model.initial_state()
+        # Round 1 trains every client from the shared initial state with the same batches whatever
+        # the strategy, so its results are computed once and reused by every strategy compared.
+        self._first_round: dict[str, tuple[State, float]] = {}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _checkpoint_path(self, strategy: str) -> Path:
         return self.out / CHECKPOINTS / f"{strategy}.safetensors"
 
     def save_checkpoint(self, run: StrategyRun) -> None:
-        """Write the run's state as one file, atomically: the tensors, with the round, options,
-        metrics and timings in the safetensors header, so no interruption can split them."""
-        path = self._checkpoint_path(run.strategy)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Clients that have not yet received an update share the initial tensors, and safetensors
-        # refuses tensors that share memory: save a copy of each.
-        flat = {
-            f"{client}/{name}": t.clone(memory_format=torch.contiguous_format)
-            for client, state in run.bar.items()
-            for name, t in state.items()
-        }
-        meta = {
-            "config": asdict(self.config),
-            "round": run.round,
-            "metrics": run.metrics,
-            "similarity": run.similarity,
-            "seconds": run.seconds,
-        }
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(flat, str(tmp), metadata={CHECKPOINT_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
+        """Write the run's state atomically as one checksummed file (``checkpoint.save``)."""
+        checkpoint.save(self._checkpoint_path(run.strategy), run, self._config_json())
 
     def load_checkpoint(self, strategy: str) -> StrategyRun | None:
-        """The last complete round of ``strategy``, or None when it has not started."""
+        """The last complete round of ``strategy``, checked in full, or None when it has not started."""
         path = self._checkpoint_path(strategy)
         if not path.is_file():
             return None
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = json.loads((handle.metadata() or {})[CHECKPOINT_KEY])
-                flat = {key: handle.get_tensor(key) for key in handle.keys()}
-        except Exception as exc:  # a damaged file: safetensors, JSON and key errors alike
-            raise AdapterError(
-                f"unreadable checkpoint ({exc})", where=str(path), hint="start afresh with --overwrite"
-            ) from None
-        if meta["config"] != json.loads(json.dumps(asdict(self.config))):
-            raise UsageError(
-                f"the checkpoint in {self.out} was written with other options",
-                where=str(path),
-                hint="resume with the same options, or start afresh with --overwrite",
-            )
-        bar: dict[str, State] = {c: {} for c in self.names}
-        for key, tensor in flat.items():
-            client, name = key.split("/", 1)
-            bar[client][name] = tensor
-        return StrategyRun(strategy, meta["round"], bar, meta["metrics"], meta["similarity"], meta["seconds"])
+        return checkpoint.load(path, strategy, self._config_json(), self.names, self.initial)
+
+    def _config_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self.config)))
 
     # -- one strategy ----------------------------------------------------------------------------
     def run_strategy(
@@ -328,10 +325,14 @@ class Simulation:
             losses: dict[str, float] = {}
             start = time.perf_counter()
             for index, data in enumerate(self.data):
-                if data.name in chosen:
+                if data.name in chosen and round_ == 1 and data.name in self._first_round:
+                    trained[data.name], losses[data.name] = self._first_round[data.name]
+                elif data.name in chosen:
                     trained[data.name], losses[data.name] = train_client(
                         self.model, self.config, data, run.bar[data.name], round_, index
                     )
+                    if round_ == 1:
+                        self._first_round[data.name] = (trained[data.name], losses[data.name])
                 advance(1)
             run.seconds["train"] += time.perf_counter() - start
 

@@ -6,7 +6,15 @@ client's true task group, when known), ``base/`` (the Hugging Face sequence clas
 started from: encoder and initial head), the final personalized adapters as PEFT directories with
 the head inside (``adapters/<client>``, or ``adapters/<strategy>/<client>`` when several strategies
 are compared; each names ``base/`` as its base model), ``accuracy.png`` and ``similarity.png``, and
-``checkpoints/``.
+``checkpoints/``, and ``separation.png`` (the paper's Figure 3 check per round, from
+``similarity.jsonl``'s ``separation`` records).
+
+With several seeds, each seed is such a run in ``seed-<s>/`` and ``out`` holds the aggregate:
+``summary.json`` (mean ± sd per strategy and every seed's summary), ``accuracy.png`` and
+``separation.png`` with ±sd bands over seeds.
+
+``--overwrite`` of an existing run writes the new one into a temporary sibling directory and swaps
+it in only once it has succeeded, so a run that fails leaves the previous one as it was.
 """
 
 from __future__ import annotations
@@ -14,7 +22,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +33,7 @@ from fedbip_cli import __version__, report
 from fedbip_cli.clustering import adjusted_rand_index, cluster_labels, suggest_clusters
 from fedbip_cli.pipeline import resolve_device
 from fedbip_cli.similarity import GroupSimilarity, SimilarityResult
+from fedbip_cli.simulate import figures, seeds
 from fedbip_cli.simulate.loop import (
     METRICS,
     SIMILARITY,
@@ -38,6 +48,7 @@ from fedbip_cli.simulate.loop import (
     prepare_out,
 )
 from fedbip_cli.simulate.model import ClientModel
+from fedbip_cli.simulate.separation import KINDS
 
 SUMMARY = "summary.json"
 GROUPS = "groups.json"
@@ -65,18 +76,68 @@ def simulate(
     config: SimulationConfig,
     out: Path,
     *,
+    seed_list: Sequence[int] | None = None,
     resume: bool = False,
     overwrite: bool = False,
     device: str = "auto",
     progress: Progress | None = None,
     round_done: RoundCallback | None = None,
 ) -> SimulationResult:
-    """Run every strategy of ``config`` on one partition and write the outputs into ``out``."""
+    """Run every strategy of ``config`` (for each seed of ``seed_list``, or for ``config.seed``)
+    and write the outputs into ``out``."""
     out = Path(out)
-    torch_device = resolve_device(device)
-    check_out(out, resume=resume, overwrite=overwrite)  # fail fast, before loading data and model
-    simulation = Simulation(config, out, device=str(torch_device))
-    prepare_out(out, resume=resume, overwrite=overwrite)
+    torch_device = str(resolve_device(device))
+    replace_old = check_out(out, resume=resume, overwrite=overwrite)  # fail fast, before loading
+    work = out.parent / f".{out.name}.fedbip-new-{os.getpid()}" if replace_old else out
+    if replace_old:
+        shutil.rmtree(work, ignore_errors=True)
+    try:
+        if seed_list is None:
+            summary = _run_seed(config, work, out, resume, torch_device, progress, round_done)
+        else:
+            per_seed = {}
+            for seed in seed_list:
+                tag = f"seed {seed} "
+                per_seed[seed] = _run_seed(
+                    replace(config, seed=seed),
+                    work / f"seed-{seed}",
+                    out / f"seed-{seed}",
+                    resume,
+                    torch_device,
+                    (lambda stage, total, tag=tag: progress(tag + stage, total)) if progress else None,
+                    (lambda name, r, acc, tag=tag: round_done(tag + name, r, acc)) if round_done else None,
+                )
+            summary = _write_aggregate(config, list(seed_list), per_seed, work)
+    except BaseException:
+        if replace_old:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if replace_old:
+        _swap_in(work, out)
+    return SimulationResult(out, summary)
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Replace ``out`` by the complete run in ``new``: two renames, then the old copy is removed."""
+    old = out.parent / f".{out.name}.fedbip-old-{os.getpid()}"
+    os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _run_seed(
+    config: SimulationConfig,
+    out: Path,
+    final: Path,
+    resume: bool,
+    device: str,
+    progress: Progress | None,
+    round_done: RoundCallback | None,
+) -> dict[str, Any]:
+    """One seed's run written into ``out``, whose files will live in ``final`` (the adapters name
+    ``final/base`` as their base model); returns its summary."""
+    simulation = Simulation(config, out, device=device)
+    prepare_out(out, resume=resume, overwrite=False)
     runs: list[StrategyRun] = []
 
     def on_round(run: StrategyRun, accuracy: float | None) -> None:
@@ -89,7 +150,55 @@ def simulate(
         runs.append(simulation.run_strategy(strategy, resume=resume, progress=progress, on_round=on_round))
 
     clients = [ClientInfo(d.name, d.group, len(d.train), len(d.test)) for d in simulation.data]
-    return write_outputs(config, out, simulation.model, clients, simulation.label_names, runs, str(torch_device))
+    result = write_outputs(config, out, simulation.model, clients, simulation.label_names, runs, device, final / BASE)
+    return result.summary
+
+
+def _separation_curves(records: list[list[dict[str, Any]]]) -> tuple[figures.Curves, figures.Curves]:
+    """Per kind of vector, one {round: gap} and one {round: ARI} per seed from similarity records."""
+    gap: figures.Curves = {kind: [] for kind in KINDS}
+    ari: figures.Curves = {kind: [] for kind in KINDS}
+    for rows in records:
+        rows = [r for r in rows if r.get("separation")]
+        for kind in KINDS:
+            gap[kind].append({r["round"]: r["separation"][kind]["gap"] for r in rows})
+            ari[kind].append({r["round"]: r["separation"][kind]["ari"] for r in rows})
+    return gap, ari
+
+
+def _write_aggregate(
+    config: SimulationConfig, seed_list: list[int], per_seed: dict[int, dict[str, Any]], out: Path
+) -> dict[str, Any]:
+    """The multi-seed ``summary.json``, ``accuracy.png`` and ``separation.png`` in ``out``."""
+    summary = {
+        "fedbip": __version__,
+        "seeds": seed_list,
+        "config": {**asdict(config), "seed": None},
+        "strategies": seeds.aggregate(per_seed),
+        "per_seed": {str(seed): s for seed, s in per_seed.items()},
+    }
+    _atomic_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    metrics = {seed: _read_jsonl(out / f"seed-{seed}" / METRICS) for seed in seed_list}
+    curves = {
+        name: [mean_accuracy_by_round([row for row in metrics[seed] if row["strategy"] == name]) for seed in seed_list]
+        for name in config.strategies
+    }
+    regime = f"{config.examples_per_client} train examples per client" if config.examples_per_client else "all data"
+    figures.write_accuracy_bands(curves, out / "accuracy.png", title=f"accuracy per round ({regime}), ±sd over seeds")
+    first = config.strategies[0]
+    records = [
+        [row for row in _read_jsonl(out / f"seed-{seed}" / SIMILARITY) if row["strategy"] == first]
+        for seed in seed_list
+    ]
+    if all(rows and rows[0].get("separation") for rows in records):
+        gap, ari = _separation_curves(records)
+        title = f"separation of the true groups, {first} runs, ±sd over seeds"
+        figures.write_separation(gap, ari, out / "separation.png", title=title, kinds=KINDS)
+    return summary
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def write_outputs(
@@ -100,16 +209,23 @@ def write_outputs(
     labels: list[str],
     runs: list[StrategyRun],
     device: str,
+    base_path: Path | None = None,
 ) -> SimulationResult:
-    """Write every output of finished ``runs`` into ``out``; every engine ends with this."""
+    """Write every output of finished ``runs`` into ``out``; every engine ends with this.
+    The adapters name ``base_path`` as their base model (default ``out/base``): where the base
+    will be once ``out`` is in its final place."""
     _write_jsonl(out / METRICS, [row for r in runs for row in r.metrics])
     _write_jsonl(out / SIMILARITY, [row for r in runs for row in r.similarity])
-    _write_adapters(model, runs, out)
+    _write_adapters(model, runs, out, base_path or out / BASE)
     _write_groups(clients, out)
     summary = _summary(config, clients, labels, runs, device)
     _atomic_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     report.write_accuracy_plot({r.strategy: mean_accuracy_by_round(r.metrics) for r in runs}, out / "accuracy.png")
     report.write_heatmap(_final_similarity(runs[0]), out / "similarity.png")
+    if runs[0].similarity and runs[0].similarity[-1].get("separation"):
+        gap, ari = _separation_curves([runs[0].similarity])
+        title = f"separation of the true groups, {runs[0].strategy} run (seed {config.seed})"
+        figures.write_separation(gap, ari, out / "separation.png", title=title, kinds=KINDS)
     return SimulationResult(out, summary)
 
 
@@ -123,9 +239,9 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_adapters(model: ClientModel, runs: list[StrategyRun], out: Path) -> None:
+def _write_adapters(model: ClientModel, runs: list[StrategyRun], out: Path, base_path: Path) -> None:
     """The base the run started from (encoder and initial head) and every final adapter, which
-    names that base by its absolute path."""
+    names that base by its absolute path in its final place, ``base_path``."""
     base = out / BASE
     shutil.rmtree(base, ignore_errors=True)
     model.save_base(base)
@@ -134,7 +250,7 @@ def _write_adapters(model: ClientModel, runs: list[StrategyRun], out: Path) -> N
     for run in runs:
         directory = root if len(runs) == 1 else root / run.strategy
         for client, state in run.bar.items():
-            model.save_adapter(state, directory / client, base=base)
+            model.save_adapter(state, directory / client, base=base_path)
 
 
 def _write_groups(clients: list[ClientInfo], out: Path) -> None:
@@ -166,6 +282,7 @@ def _summary(
             "accuracy": accuracy,
             "seconds": run.seconds,
             "rounds": run.round,
+            "separation": run.similarity[-1].get("separation") if run.similarity else None,
             "clusters": [
                 [similarity.clients[i] for i in c] for c in suggest_clusters(similarity.groups["model"].similarity)
             ],

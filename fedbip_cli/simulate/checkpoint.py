@@ -1,0 +1,183 @@
+"""One strategy's checkpoint: written atomically after every round, checked in full before a resume.
+
+A checkpoint is one safetensors file: the server's personalized states θ̄ (``bar/<client>/<tensor>``)
+and its memory of updates (``memory/<client>/<tensor>``), with the round, the options, the metrics,
+the similarity records and the timings as JSON in the header, and a SHA-256 over that JSON and
+every tensor's name, dtype, shape and bytes. A resume trusts nothing in it: the checksum catches a
+flipped bit, and every field is checked for its type and range, every client and tensor against the
+run's own, before any of it is used. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fedbip_cli.errors import AdapterError, UsageError
+
+State = dict[str, torch.Tensor]
+
+META_KEY = "fedbip_checkpoint"
+DIGEST_KEY = "sha256"
+_HINT = "resume needs the checkpoint as fedbip wrote it; start afresh with --overwrite"
+
+
+@dataclass
+class StrategyRun:
+    """One strategy's state, checkpointed after every round."""
+
+    strategy: str
+    round: int = 0
+    bar: dict[str, State] = field(default_factory=dict)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    similarity: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=lambda: {"train": 0.0, "eval": 0.0, "server": 0.0})
+    memory: dict[str, State] = field(default_factory=dict)  # the server's EMA of each client's updates
+
+
+def _digest(meta: str, flat: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the header JSON and every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256(meta.encode("utf-8"))
+    for key in sorted(flat):
+        tensor = flat[key].contiguous()
+        digest.update(f"\0{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def save(path: Path, run: StrategyRun, config: dict[str, Any]) -> None:
+    """Write ``run`` (and the options ``config``) to ``path`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Clients that have not yet received an update share the initial tensors, and safetensors
+    # refuses tensors that share memory: save a copy of each.
+    flat = {
+        f"{kind}/{client}/{name}": t.clone(memory_format=torch.contiguous_format)
+        for kind, states in (("bar", run.bar), ("memory", run.memory))
+        for client, state in states.items()
+        for name, t in state.items()
+    }
+    meta = json.dumps(
+        {
+            "config": config,
+            "strategy": run.strategy,
+            "round": run.round,
+            "metrics": run.metrics,
+            "similarity": run.similarity,
+            "seconds": run.seconds,
+        }
+    )
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(flat, str(tmp), metadata={META_KEY: meta, DIGEST_KEY: _digest(meta, flat)})
+    os.replace(tmp, path)
+
+
+def _fail(path: Path, message: str) -> AdapterError:
+    return AdapterError(f"checkpoint {message}", where=str(path), hint=_HINT)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _check_meta(path: Path, meta: object, strategy: str, config: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(meta, dict):
+        raise _fail(path, f"header is {type(meta).__name__}; expected a JSON object")
+    expected = {"config", "strategy", "round", "metrics", "similarity", "seconds"}
+    if meta.keys() != expected:
+        raise _fail(path, f"header keys {sorted(meta)}; expected {sorted(expected)}")
+    if meta["config"] != config:
+        raise UsageError(
+            "the checkpoint was written with other options",
+            where=str(path),
+            hint="resume with the same options, or start afresh with --overwrite",
+        )
+    if meta["strategy"] != strategy:
+        raise _fail(path, f"is of strategy {meta['strategy']!r}; expected {strategy!r}")
+    rounds = config["rounds"]
+    if not _is_int(meta["round"]) or not 0 <= meta["round"] <= rounds:
+        raise _fail(path, f"round {meta['round']!r}; expected an integer in 0..{rounds}")
+    for key in ("metrics", "similarity"):
+        if not isinstance(meta[key], list) or not all(isinstance(row, dict) for row in meta[key]):
+            raise _fail(path, f"'{key}' is not a list of objects")
+    seconds = meta["seconds"]
+    if not isinstance(seconds, dict) or not all(_is_number(v) and v >= 0 for v in seconds.values()):
+        raise _fail(path, "'seconds' is not an object of non-negative numbers")
+    return meta
+
+
+def _states(
+    path: Path, flat: dict[str, torch.Tensor], clients: list[str], reference: State
+) -> tuple[dict[str, State], dict[str, State]]:
+    """Split the file's tensors into θ̄ and memory per client, each checked against ``reference``."""
+    states: dict[str, dict[str, State]] = {"bar": {}, "memory": {}}
+    for key, tensor in flat.items():
+        kind, _, rest = key.partition("/")
+        client, _, name = rest.partition("/")
+        if kind not in states:
+            raise _fail(path, f"tensor {key!r} is neither bar/ nor memory/")
+        if client not in clients:
+            raise _fail(path, f"tensor {key!r} names an unknown client {client!r}")
+        if name not in reference:
+            raise _fail(path, f"tensor {key!r} is not a trainable tensor of this model")
+        if tensor.dtype != reference[name].dtype or tensor.shape != reference[name].shape:
+            raise _fail(
+                path,
+                f"tensor {key!r} is {tensor.dtype} {tuple(tensor.shape)}; "
+                f"expected {reference[name].dtype} {tuple(reference[name].shape)}",
+            )
+        if not torch.isfinite(tensor).all():
+            raise _fail(path, f"tensor {key!r} holds NaN or Inf")
+        states[kind].setdefault(client, {})[name] = tensor
+    for kind, by_client in states.items():
+        for client, state in by_client.items():
+            if state.keys() != reference.keys():
+                raise _fail(path, f"{kind} of {client} lacks {sorted(reference.keys() - state.keys())[:3]}")
+    if sorted(states["bar"]) != sorted(clients):
+        raise _fail(path, f"holds states of {len(states['bar'])} clients; expected {len(clients)}")
+    return states["bar"], states["memory"]
+
+
+def load(path: Path, strategy: str, config: dict[str, Any], clients: list[str], reference: State) -> StrategyRun:
+    """The run saved in ``path``, after checking it against the run it would continue.
+
+    Args:
+        path: the checkpoint file.
+        strategy: the strategy it must hold.
+        config: the run's options as JSON values (the file must hold the same).
+        clients: the run's clients; every one must have a state, no other may appear.
+        reference: the model's trainable tensors (names, dtypes, shapes).
+
+    Raises:
+        AdapterError: naming ``path``, for an unreadable, damaged (checksum) or inconsistent file.
+        UsageError: when it was written with other options.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            flat = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # safetensors reports a damaged file with several exception types
+        raise _fail(path, f"is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if not isinstance(header.get(META_KEY), str) or not isinstance(header.get(DIGEST_KEY), str):
+        raise _fail(path, f"header lacks {META_KEY} or {DIGEST_KEY}")
+    if _digest(header[META_KEY], flat) != header[DIGEST_KEY]:
+        raise _fail(path, "checksum does not match its contents: the file was changed or damaged")
+    try:
+        meta = json.loads(header[META_KEY])
+    except (json.JSONDecodeError, RecursionError):
+        raise _fail(path, "header is not valid JSON") from None
+    meta = _check_meta(path, meta, strategy, config)
+    bar, memory = _states(path, flat, clients, reference)
+    return StrategyRun(strategy, meta["round"], bar, meta["metrics"], meta["similarity"], meta["seconds"], memory)

@@ -1,0 +1,87 @@
+"""Several seeds in one run: parse ``--seeds``, summarise each strategy as mean ± sd over seeds.
+
+Every seed is a complete single-seed run in ``OUT/seed-<s>`` (its own partition, initial adapter,
+batches, checkpoints and outputs), so that resuming works per seed and strategy. The aggregate keeps
+the per-seed numbers beside the mean and the sample standard deviation (n − 1).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from rich.table import Table
+
+from fedbip_cli.errors import UsageError
+
+# The numbers summarised over seeds, as named in each seed's summary.json.
+MEASURES = ("mean_accuracy", "worst_accuracy", "ari")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> [0, 1, 2]: distinct non-negative integers, in the order given."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit():
+            raise UsageError(f"--seeds {text!r}: {part!r} is not a non-negative integer", hint="e.g. --seeds 0,1,2")
+        if int(part) in seeds:
+            raise UsageError(f"--seeds {text!r}: seed {part} is given twice")
+        seeds.append(int(part))
+    return seeds
+
+
+def mean_sd(values: list[float]) -> dict[str, Any]:
+    """``{"mean", "sd", "values"}``; sd is the sample standard deviation (None for one value)."""
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else None,
+        "values": values,
+    }
+
+
+def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per strategy, each of ``MEASURES`` as ``mean_sd`` over the seeds (a measure a seed lacks,
+    such as ARI without known groups, is left out)."""
+    strategies = next(iter(per_seed.values()))["strategies"]
+    result: dict[str, dict[str, Any]] = {}
+    for name in strategies:
+        entries = [summary["strategies"][name] for summary in per_seed.values()]
+        result[name] = {
+            measure: mean_sd([entry[measure] for entry in entries])
+            for measure in MEASURES
+            if all(entry.get(measure) is not None for entry in entries)
+        }
+        result[name]["seconds"] = {
+            stage: sum(entry["seconds"][stage] for entry in entries) for stage in entries[0]["seconds"]
+        }
+    return result
+
+
+def _cell(stat: dict[str, Any] | None, digits: int) -> str:
+    if stat is None:
+        return "n/a"
+    if stat["sd"] is None:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
+
+
+def seeds_table(summary: dict[str, Any], title: str) -> Table:
+    """One row per strategy: final mean accuracy, worst client and ARI as mean ± sd over seeds."""
+    seeds = summary["seeds"]
+    table = Table(
+        title=title,
+        caption=f"mean ± sd over seeds {', '.join(map(str, seeds))}; accuracy: each client's personalized model "
+        "on its own test split, at the last round",
+    )
+    for column in ("strategy", "mean acc", "worst client", "ARI", "train s"):
+        table.add_column(column, justify="left" if column == "strategy" else "right")
+    for name, entry in summary["strategies"].items():
+        table.add_row(
+            name,
+            _cell(entry.get("mean_accuracy"), 4),
+            _cell(entry.get("worst_accuracy"), 4),
+            _cell(entry.get("ari"), 2),
+            f"{entry['seconds']['train']:.0f}",
+        )
+    return table
