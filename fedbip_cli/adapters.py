@@ -277,6 +277,8 @@ def load_adapter(source: ResolvedSource) -> Adapter:
     config = _read_config(directory / CONFIG_NAME)
     _check_config(config, directory / CONFIG_NAME)
     weights = directory / WEIGHTS_NAME
+    if weights.exists() and not weights.is_file():  # a directory, a device, a pipe (which would block safe_open)
+        raise AdapterError(f"{WEIGHTS_NAME} is not a regular file", where=str(weights), hint=SUPPORTED)
     if not weights.is_file():
         if (directory / PICKLE_NAME).is_file():
             raise AdapterError(

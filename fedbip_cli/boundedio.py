@@ -4,8 +4,8 @@ Every input fedbip parses (adapter configs, safetensors headers, ``@`` lists, co
 files, shard indexes) may be hostile. Reading one through here bounds what it can cost:
 
 - **bytes**: at most ``limit`` bytes are read, whatever the file claims (``/dev/zero``, a 1 GB
-  ``adapter_config.json``); a directory, a device or a socket is refused before anything is read
-  (regular files and pipes, such as ``@<(find ...)``, are read);
+  ``adapter_config.json``); a directory, a device, a socket or a pipe is refused before anything
+  is read (a pipe only where the caller accepts one: ``@<(find ...)`` lists);
 - **nesting**: a JSON (or TOML) text nested deeper than ``MAX_DEPTH`` is refused before it is
   parsed, by a linear scan, so that no recursive parser ever sees it (``[[[[...`` 100 000 deep
   otherwise ends in ``RecursionError``);
@@ -40,27 +40,32 @@ def size_text(size: int) -> str:
     return f"{size // 2**20} MiB" if size % 2**20 == 0 else f"{size} bytes"
 
 
-def read_bytes(path: Path, *, error: type[FedbipError], limit: int = MAX_FILE_BYTES, what: str = "the file") -> bytes:
-    """At most ``limit`` bytes of the regular file (or pipe) ``path``, refused whole when longer.
+def read_bytes(
+    path: Path, *, error: type[FedbipError], limit: int = MAX_FILE_BYTES, what: str = "the file", pipes: bool = False
+) -> bytes:
+    """At most ``limit`` bytes of the regular file ``path``, refused whole when longer.
 
     Args:
         path: the file.
         error: the error to raise (its class decides the exit code and the default hint).
         limit: the largest size accepted.
         what: the file in words, for messages (``"the lock file"``).
+        pipes: accept a pipe too (an ``@<(find ...)`` list). Otherwise a pipe is refused, unopened
+            for reading: opening one that no process writes would wait for ever.
 
     Raises:
-        error: the file is missing, not a regular file or a pipe, unreadable, or larger than ``limit``.
+        error: the file is missing, not a regular file (or pipe), unreadable, or larger than ``limit``.
     """
     where = str(path)
     try:
-        with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        # Non-blocking, so that opening a pipe without a writer returns at once and can be refused.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or (pipes and stat.S_ISFIFO(mode))):
                 raise error(f"{what} is {_kind(mode)}, not a file", where=where)
+            os.set_blocking(fd, True)
             data = f.read(limit + 1)
-    except IsADirectoryError:
-        raise error(f"{what} is a directory, not a file", where=where) from None
     except FileNotFoundError:
         raise error(f"{what} does not exist", where=where) from None
     except OSError as exc:
@@ -70,13 +75,16 @@ def read_bytes(path: Path, *, error: type[FedbipError], limit: int = MAX_FILE_BY
     return data
 
 
-def read_text(path: Path, *, error: type[FedbipError], limit: int = MAX_FILE_BYTES, what: str = "the file") -> str:
+def read_text(
+    path: Path, *, error: type[FedbipError], limit: int = MAX_FILE_BYTES, what: str = "the file", pipes: bool = False
+) -> str:
     """``read_bytes`` decoded as UTF-8.
 
     Raises:
         error: as ``read_bytes``, or the bytes are not UTF-8.
     """
-    return decode(read_bytes(path, error=error, limit=limit, what=what), where=str(path), error=error, what=what)
+    data = read_bytes(path, error=error, limit=limit, what=what, pipes=pipes)
+    return decode(data, where=str(path), error=error, what=what)
 
 
 def decode(data: bytes, *, where: str, error: type[FedbipError], what: str = "the file") -> str:
@@ -133,6 +141,7 @@ def _kind(mode: int) -> str:
         (stat.S_ISBLK, "a block device"),
         (stat.S_ISSOCK, "a socket"),
         (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a pipe"),
     ):
         if test(mode):
             return words

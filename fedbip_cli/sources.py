@@ -410,7 +410,7 @@ def _dimension(value: object) -> bool:
 def _resolve(spec: str, base: Path, lists: tuple[Path, ...]) -> list[ResolvedSource]:
     """Resolve one SOURCE; ``lists`` are the @lists being read (to detect cycles)."""
     if spec.startswith("@"):
-        return _resolve_list(_local_path(spec[1:], base).resolve(), lists)
+        return _resolve_list(_local_path(spec[1:], base), base, lists)
     if spec.startswith(HUB_PREFIX):
         return _resolve_hub(HubRef.parse(spec))
     path = _local_path(spec, base)
@@ -423,9 +423,12 @@ def _resolve(spec: str, base: Path, lists: tuple[Path, ...]) -> list[ResolvedSou
     ]
 
 
-def _resolve_list(list_file: Path, lists: tuple[Path, ...]) -> list[ResolvedSource]:
-    """Resolve every source named in an @list file, relative to the file's directory."""
-    if list_file in lists:
+def _resolve_list(list_file: Path, base: Path, lists: tuple[Path, ...]) -> list[ResolvedSource]:
+    """Resolve every source named in an @list file, relative to the file's directory (or to ``base``
+    for a pipe, ``@<(find ...)``, whose /dev/fd/N link names no directory); ``lists`` are the lists
+    being read, resolved."""
+    resolved = list_file.resolve()
+    if resolved in lists:
         # Each enclosing list adds its file:line to the message, which spells out the cycle.
         raise SourceError("this @list includes itself", where=str(list_file), hint="remove the cycle")
     if len(lists) >= MAX_LIST_DEPTH:
@@ -434,14 +437,14 @@ def _resolve_list(list_file: Path, lists: tuple[Path, ...]) -> list[ResolvedSour
             where=str(list_file),
             hint="name the sources of the innermost lists in an outer one",
         )
-    text = read_text(list_file, error=SourceError, what="the @list file")
+    text = read_text(list_file, error=SourceError, what="the @list file", pipes=True)
     sources: list[ResolvedSource] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         spec = _TRAILING_COMMENT.sub("", line).strip()
         if not spec or spec.startswith("#"):
             continue
         try:
-            sources += _resolve(spec, list_file.parent, (*lists, list_file))
+            sources += _resolve(spec, resolved.parent if resolved.exists() else base, (*lists, resolved))
         except SourceError as exc:
             raise SourceError(str(exc), where=f"{list_file}:{lineno}", hint=exc.hint) from None
     return sources

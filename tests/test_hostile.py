@@ -11,6 +11,7 @@ for sizes and nesting, the readers' checks for values).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 from collections.abc import Callable
@@ -82,8 +83,8 @@ def raw_config(text: str | bytes) -> Callable[[Path], list[str]]:
     return build
 
 
-def replace_with(kind: str, name: str = CONFIG_NAME) -> Callable[[Path], Path]:
-    """Turn ``path`` into a directory, a link to /dev/zero, or a sparse 1 GiB file."""
+def replace_with(kind: str) -> Callable[[Path], Path]:
+    """Turn ``path`` into a directory, a link to /dev/zero, a named pipe, or a sparse 1 GiB file."""
 
     def make(path: Path) -> Path:
         path.unlink(missing_ok=True)
@@ -91,6 +92,8 @@ def replace_with(kind: str, name: str = CONFIG_NAME) -> Callable[[Path], Path]:
             path.mkdir()
         elif kind == "device":
             path.symlink_to("/dev/zero")
+        elif kind == "fifo":
+            os.mkfifo(path)  # no process writes it: a blocking open would wait for ever
         else:
             with open(path, "wb") as f:
                 f.truncate(GIB)  # a hole: no disk used, 1 GiB to anyone who reads it whole
@@ -99,10 +102,10 @@ def replace_with(kind: str, name: str = CONFIG_NAME) -> Callable[[Path], Path]:
     return make
 
 
-def config_file_is(kind: str) -> Callable[[Path], list[str]]:
+def config_file_is(kind: str, name: str = CONFIG_NAME) -> Callable[[Path], list[str]]:
     def build(root: Path) -> list[str]:
         clients(root)
-        replace_with(kind)(c0(root))
+        replace_with(kind)(c0(root, name))
         return merge(root / "clients")
 
     return build
@@ -277,6 +280,9 @@ CASES = [
     Case("config-1-gib", config_file_is("sparse"), where(CONFIG)),
     Case("config-directory", config_file_is("directory"), where(CONFIG)),
     Case("config-dev-zero", config_file_is("device"), where(CONFIG)),
+    Case("config-fifo", config_file_is("fifo"), where(CONFIG)),
+    Case("weights-fifo", config_file_is("fifo", WEIGHTS_NAME), where(WEIGHTS)),
+    Case("weights-directory", config_file_is("directory", WEIGHTS_NAME), where(WEIGHTS)),
     # safetensors
     Case("header-nested-deep", safetensors_header(('{"a":' + deep_json() + "}").encode()), where(WEIGHTS)),
     Case("header-length-huge", safetensors_header(b"{}", claimed=2**63), where(WEIGHTS)),
@@ -293,6 +299,7 @@ CASES = [
     Case("list-directory", list_file_is("directory"), where("sources.txt")),
     Case("list-1-gib", list_file_is("sparse"), where("sources.txt")),
     Case("list-not-utf8", list_file_is("bytes"), where("sources.txt")),
+    Case("list-of-a-fifo-config", lambda root: merge(f"@{replace_with('fifo')(root / 'fifo.txt')}"), where("fifo.txt")),
     # options
     Case("temperature-inf", options("--weighting", "softmax", "--temperature", "inf"), text("--temperature"), 2),
     Case(

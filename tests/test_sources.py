@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -493,3 +494,29 @@ def test_pinned_spec_pins_hub_revisions_and_makes_paths_absolute(tmp_path: Path)
     assert pinned_spec("hf://org/repo@v1", None) == "hf://org/repo@v1"
     assert pinned_spec("adapters/../clients", None, base_dir=tmp_path) == str(tmp_path / "clients")
     assert pinned_spec("@more.txt", None, base_dir=tmp_path) == "@" + str(tmp_path / "more.txt")
+
+
+def test_a_list_may_come_from_a_pipe_as_process_substitution_gives_it(tmp_path: Path) -> None:
+    """``fedbip merge @<(find ...)``: the shell passes /dev/fd/N, a pipe; the bounded reader accepts
+    pipes for @lists only (elsewhere one without a writer would block the open)."""
+    adapter(tmp_path / "a")
+    adapter(tmp_path / "b")
+    read_end, write_end = os.pipe()
+    os.write(write_end, f"{tmp_path / 'a'}\n{tmp_path / 'b'}\n".encode())
+    os.close(write_end)
+    try:
+        names = [s.name for s in resolve_sources([f"@/dev/fd/{read_end}"])]
+    finally:
+        os.close(read_end)
+    assert names == ["a", "b"]
+
+
+def test_lists_nest_at_most_eight_deep(tmp_path: Path) -> None:
+    adapter(tmp_path / "a")
+    (tmp_path / "list-0.txt").write_text("a\n")
+    for i in range(1, 10):
+        (tmp_path / f"list-{i}.txt").write_text(f"@list-{i - 1}.txt\n")
+    assert [s.name for s in resolve_sources(["@list-7.txt"], base_dir=tmp_path)] == ["a"]  # 8 lists: the limit
+    with pytest.raises(SourceError, match="nested more than 8 deep") as caught:
+        resolve_sources(["@list-8.txt"], base_dir=tmp_path)
+    assert caught.value.where.startswith(f"{tmp_path / 'list-8.txt'}:1")
