@@ -397,3 +397,22 @@ def test_a_sparse_gigabyte_costs_no_disk(tmp_path: Path) -> None:
     would take a gigabyte of memory (the bounded reader stops one byte past its limit)."""
     big = replace_with("sparse")(tmp_path / "big")
     assert big.stat().st_size == GIB and big.stat().st_blocks * 512 < 2**20
+
+
+def test_inputs_near_the_bounds_are_accepted(tmp_path: Path) -> None:
+    """The bounds refuse hostile inputs only: peft's regex pattern keys (brackets inside strings do
+    not count as nesting), escaped quotes, an alpha of 10⁶, a description full of brackets."""
+    pattern = r"layer\.[0-9]\.attention\.self\.query"
+    for seed in range(2):
+        random_adapter(
+            tmp_path / "clients" / f"c{seed}",
+            SHAPES,
+            torch.Generator().manual_seed(seed),
+            rank_pattern={pattern: 3},
+            alpha_pattern={pattern: 1e6},
+        )
+    config = json.loads(c0(tmp_path).read_text())
+    c0(tmp_path).write_text(json.dumps({**config, "note": '[{"' * 200 + '\\"'}))
+    result = runner.invoke(app, ["inspect-similarity", str(tmp_path / "clients"), "--no-cache", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["clients"] == ["c0", "c1"]
