@@ -87,6 +87,7 @@ KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
 # temperature outside them turns S/T into Inf or 0/0 (similarities lie in [-1, 1]).
 BOUNDS: dict[str, tuple[float, float]] = {"temperature": (MIN_TEMPERATURE, MAX_TEMPERATURE)}
 MAX_CONFIG_BYTES = 2**20  # a config file holds options and a list of sources
+MAX_NAME = 100  # characters of an option's named value (a weighting, a dtype, a size ...)
 _WEIGHT_KEYS = ("weighting", "negative", "temperature", "top_k")
 _HINT = "keys are the options of `fedbip merge --help` with '_' for '-'; its help lists the accepted values"
 _OPTION_KEYS = (
@@ -250,6 +251,8 @@ def normalise(layer: Mapping[str, Any], where: str, hint: str | None = None) -> 
     if "temperature" in values:
         values["temperature"] = float(values["temperature"])
     for key in (*_WEIGHT_KEYS, *_OPTION_KEYS):
+        if isinstance(values.get(key), str) and len(values[key]) > MAX_NAME:  # the option classes would quote it whole
+            raise UsageError(f"{key} = {_shown(values[key])}: a value longer than {MAX_NAME} characters", where=where)
         if key in values:
             try:
                 merge_options({key: values[key], **({"similarity": "sketch"} if key in _SKETCH_KEYS else {})})

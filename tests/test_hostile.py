@@ -306,7 +306,8 @@ CASES = [
         "temperature-subnormal", options("--weighting", "softmax", "--temperature", "1e-320"), text("--temperature"), 2
     ),
     Case("temperature-nan", options("--weighting", "softmax", "--temperature", "nan"), text("temperature"), 2),
-    Case("shard-size-400-digits", options("--max-shard-size", "9" * 400), text("--max-shard-size"), 2),
+    Case("shard-size-400-digits", options("--max-shard-size", "9" * 400), text("max_shard_size"), 2),
+    Case("dtype-100000-characters", options("--dtype", "x" * 100_000), text("dtype"), 2),
     Case("neighbours-negative", options("--neighbours", "-5", command="inspect-similarity"), text("--neighbours"), 2),
     # --config
     Case("config-alias-bomb", config('out: "x"\n' + ALIAS_BOMB), where("fedbip.yaml"), 2),
