@@ -25,10 +25,14 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 from typer.testing import CliRunner
+
+# First: it makes Flower offline (no telemetry, no update check) before flwr is imported.
+from fedbip_cli.simulate.flower import OFFLINE_ENV  # isort: skip
+
+from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict  # isort: skip
+from flwr.supercore.task_identity import TaskIdentity  # isort: skip
 
 from fedbip_cli.cli import app
 from fedbip_cli.errors import UsageError
@@ -61,13 +65,11 @@ TINY = SimulationConfig(
     rounds=2,
     clients=3,
     groups=3,
-    eval_every=1,
+    eval_every=2,  # evaluated after the last round only: each message costs a SuperNode a new ClientApp process
 )
 OFFLINE = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    **OFFLINE_ENV,
     "HF_HUB_OFFLINE": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
     # One thread per process, as in the in-process reference: the sums inside a matmul then run
     # in the same order everywhere, and three ClientApps do not fight over two cores.
     "OMP_NUM_THREADS": "1",
@@ -365,7 +367,7 @@ def test_simulation_engine_through_the_cli(reference: Path, tmp_path: Path) -> N
     out = tmp_path / "simulation"
     args = ["simulate", "--engine", "flower", "--compare", ",".join(TINY.strategies), "--out", out]
     args += ["--num-layers", 2, "--batch-size", 8, "--local-steps", 2, "--rounds", 2, "--clients", 3]
-    args += ["--groups", 3, "--eval-every", 1, "--device", "cpu"]
+    args += ["--groups", 3, "--eval-every", 2, "--device", "cpu"]
     start = time.perf_counter()
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
@@ -383,7 +385,7 @@ def test_engine_flower_refuses_resume(tmp_path: Path) -> None:
 def test_supernode_stopped_between_rounds(federation: Federation, tmp_path: Path) -> None:
     """client-02's SuperNode stops after round 1: round 2 goes on with the other two, client-02
     keeps its round-1 state (the in-process run of one round), and the metrics say who trained."""
-    config = replace(TINY, strategies=("fedbip",), eval_every=1)
+    config = replace(TINY, strategies=("fedbip",))
     one_round = tmp_path / "one-round"
     simulate(replace(config, rounds=1), one_round, device="cpu")
     federation.start_superlink()

@@ -5,3 +5,16 @@ The server step is ``loop.server_round`` (over ``strategies.server_step``) and a
 only carries states and metrics between them as Flower messages. Importing it needs ``flwr``
 (``pip install 'fedbip[flower]'``).
 """
+
+import os
+
+# Offline and quiet by default, set before any module of this package imports flwr (which reads
+# FLWR_TELEMETRY_ENABLED once, at import): no telemetry, no update check, no Ray usage statistics.
+# A variable the user has set wins.
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+for _key, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_key, _value)

@@ -6,19 +6,10 @@ Flower's Ray backend, the ServerApp in this process. The same apps serve a real 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from fedbip_cli.simulate.loop import SimulationConfig, check_out
 from fedbip_cli.simulate.runner import SimulationResult
-
-# Offline and quiet: no telemetry, no update check, no usage statistics from Ray.
-OFFLINE_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DEDUP_LOGS": "0",
-}
 
 
 def simulate_on_flower(
@@ -37,8 +28,6 @@ def simulate_on_flower(
         cpus_per_client: CPUs Ray reserves for each ClientApp (how many train at once).
         round_timeout: seconds to wait for a round's replies.
     """
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
     check_out(Path(out), resume=False, overwrite=overwrite)
     # flwr is imported here: `fedbip simulate` without --engine flower needs no flwr.
     from flwr.simulation import run_simulation
