@@ -15,6 +15,7 @@ from fedbip_cli.simulate.data import ClientData, TextDataset, load_bbc, load_cli
 from fedbip_cli.simulate.partition import (
     MIN_CLIENT_EXAMPLES,
     PARTITIONS,
+    TEST_EXAMPLES,
     partition_dirichlet,
     partition_tasks,
     task_label,
@@ -306,3 +307,55 @@ def test_load_client_files_directory_errors(tmp_path: Path, files: dict[str, str
 def test_load_client_files_bad_test_fraction(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="test fraction"):
         load_client_files(tmp_path, test_fraction=0.0)
+
+
+# ---- --examples-per-client -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", PARTITIONS)
+@pytest.mark.parametrize("examples", [16, 64])
+def test_examples_per_client_sizes_disjoint_and_deterministic(kind: str, examples: int) -> None:
+    data = synthetic(per_label=1000)
+    clients, _ = partition(kind, data, num_clients=4, alpha=1.0, seed=3, examples_per_client=examples)
+    assert [len(c.train_texts) for c in clients] == [examples] * 4
+    assert [len(c.test_texts) for c in clients] == [TEST_EXAMPLES] * 4
+    assert [len(c.train_labels) for c in clients] == [examples] * 4
+    everything = [t for c in clients for t in texts_of(c)]
+    assert len(everything) == len(set(everything))  # no sentence in two clients, or in train and test
+    again, _ = partition(kind, shuffled(data, 7), num_clients=4, alpha=1.0, seed=3, examples_per_client=examples)
+    assert [(c.train_texts, c.train_labels, c.test_texts) for c in again] == [
+        (c.train_texts, c.train_labels, c.test_texts) for c in clients
+    ]
+    other, _ = partition(kind, data, num_clients=4, alpha=1.0, seed=4, examples_per_client=examples)
+    assert [c.train_texts for c in other] != [c.train_texts for c in clients]
+
+
+def test_examples_per_client_labels_follow_the_group_relabelling() -> None:
+    data = synthetic(per_label=1000)
+    topic = {text: label for text, label in zip(data.texts, data.labels, strict=True)}
+    clients, _ = partition_tasks(data, num_clients=4, groups=2, seed=0, examples_per_client=32)
+    for client in clients:
+        for text, label in zip(client.train_texts + client.test_texts, client.train_labels + client.test_labels):
+            assert label == task_label(topic[text], client.group, 5)
+
+
+def test_examples_per_client_smaller_regime_is_a_draw_from_the_same_clients() -> None:
+    """The limited and the ample regime of one seed give each client data of the same client
+    (same group and label mix), only less of it: the test split is the same sentences."""
+    data = synthetic(per_label=1000)
+    small, _ = partition_tasks(data, num_clients=4, seed=1, examples_per_client=16)
+    large, _ = partition_tasks(data, num_clients=4, seed=1, examples_per_client=128)
+    assert [c.test_texts for c in small] == [c.test_texts for c in large]
+    assert [c.train_texts for c in small] == [c.train_texts[:16] for c in large]
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ({"examples_per_client": 0}, "--examples-per-client 0"),
+        ({"examples_per_client": 5000}, "fewer than --examples-per-client 5000"),
+    ],
+)
+def test_examples_per_client_errors(options: dict[str, int], needle: str) -> None:
+    with pytest.raises(UsageError, match=needle):
+        partition_tasks(synthetic(per_label=1000), num_clients=4, seed=0, **options)

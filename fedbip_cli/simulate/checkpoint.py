@@ -147,7 +147,13 @@ def _states(
                 raise _fail(path, f"{kind} of {client} lacks {sorted(reference.keys() - state.keys())[:3]}")
     if sorted(states["bar"]) != sorted(clients):
         raise _fail(path, f"holds states of {len(states['bar'])} clients; expected {len(clients)}")
-    return states["bar"], states["memory"]
+    # The file lists tensors by name; give them back in the model's order, in which a run that was
+    # not interrupted holds them, so that every sum over tensors adds in the same order.
+    ordered = {
+        kind: {c: {name: by_client[c][name] for name in reference} for c in clients if c in by_client}
+        for kind, by_client in states.items()
+    }
+    return ordered["bar"], ordered["memory"]
 
 
 def load(path: Path, strategy: str, config: dict[str, Any], clients: list[str], reference: State) -> StrategyRun:
