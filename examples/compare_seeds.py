@@ -1,11 +1,15 @@
-"""Aggregate `fedbip simulate --compare ...` runs over seeds: a markdown table and one plot.
+"""Markdown tables of a multi-seed `fedbip simulate --seeds ...` run, and paired comparisons.
 
-    python examples/compare_seeds.py runs/seed0 runs/seed1 runs/seed2 --plot accuracy.png
+    python examples/compare_seeds.py runs/limited [--pairs fedbip:local,fedbip:fedavg,...]
 
-The table gives, per strategy, the mean ± standard deviation over seeds of the final mean
-personalized accuracy, of the worst client's accuracy, and of the adjusted Rand index between the
-suggested clusters and the true task groups; the plot shows the mean accuracy per round averaged
-over seeds (shaded: min..max over seeds).
+Reads RUN/seed-*/summary.json (so it also reports a run whose last seed has not finished) and prints
+
+1. per strategy, the mean ± sample standard deviation over seeds of the final mean personalized
+   accuracy, of the worst client's accuracy, and of the ARI of the suggested clusters against the
+   true task groups;
+2. for each pair A:B, the per-seed difference of final mean accuracy A − B (the seeds share data,
+   initial adapters and batches, so differences are paired), its mean ± sd, and a verdict: A beats
+   B "beyond the seed spread" when A is ahead in every seed and the mean difference exceeds its sd.
 """
 
 from __future__ import annotations
@@ -15,56 +19,58 @@ import json
 import statistics
 from pathlib import Path
 
-from matplotlib.figure import Figure
+DEFAULT_PAIRS = ",".join(
+    f"{a}:{b}" for a in ("fedbip", "fedbip-layerwise") for b in ("local", "fedavg", "fedamp", "uniform")
+)
 
 
-def spread(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {std:.3f}"
-
-
-def curves(run: Path) -> dict[str, dict[int, float]]:
-    """Mean accuracy over clients per evaluated round, per strategy, from metrics.jsonl."""
-    sums: dict[str, dict[int, list[float]]] = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row["test_accuracy"] is not None:
-            sums.setdefault(row["strategy"], {}).setdefault(row["round"], []).append(row["test_accuracy"])
-    return {s: {r: statistics.fmean(v) for r, v in rounds.items()} for s, rounds in sums.items()}
+def spread(values: list[float], digits: int = 3) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}" if values else "n/a"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--plot", type=Path)
+    parser.add_argument("run", type=Path, help="the --out of a --seeds run")
+    parser.add_argument("--pairs", default=DEFAULT_PAIRS, help="comma-separated A:B strategy pairs")
     args = parser.parse_args()
-    summaries = [json.loads((run / "summary.json").read_text()) for run in args.runs]
-    strategies = list(summaries[0]["strategies"])
-    print("| strategy | mean accuracy | worst client | ARI | seeds |")
-    print("|---|---|---|---|---|")
+    paths = sorted(args.run.glob("seed-*/summary.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    seeds = {int(p.parent.name.split("-")[1]): json.loads(p.read_text()) for p in paths}
+    if not seeds:
+        raise SystemExit(f"{args.run}: no seed-*/summary.json yet")
+    first = next(iter(seeds.values()))
+    strategies = list(first["strategies"])
+    config = first["config"]
+    print(
+        f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), {config['clients']} clients, "
+        f"{config['examples_per_client']} train examples per client, {config['rounds']} rounds\n"
+    )
+    print("| strategy | mean accuracy | worst client | ARI |")
+    print("|---|---|---|---|")
     for name in strategies:
-        entries = [s["strategies"][name] for s in summaries if name in s["strategies"]]
+        entries = [s["strategies"][name] for s in seeds.values()]
         ari = [e["ari"] for e in entries if e.get("ari") is not None]
         print(
             f"| {name} | {spread([e['mean_accuracy'] for e in entries])} | "
-            f"{spread([e['worst_accuracy'] for e in entries])} | {spread(ari) if ari else 'n/a'} | {len(entries)} |"
+            f"{spread([e['worst_accuracy'] for e in entries])} | {spread(ari, 2)} |"
         )
-    if args.plot:
-        per_run = [curves(run) for run in args.runs]
-        figure = Figure(figsize=(7, 4.2), dpi=100, layout="constrained")
-        axis = figure.subplots()
-        for name in strategies:
-            rounds = sorted(per_run[0][name])
-            values = [[c[name][r] for c in per_run] for r in rounds]
-            axis.plot(rounds, [statistics.fmean(v) for v in values], marker="o", markersize=3, label=name)
-            axis.fill_between(rounds, [min(v) for v in values], [max(v) for v in values], alpha=0.15)
-        axis.set_xlabel("round")
-        axis.set_ylabel("mean personalized test accuracy")
-        axis.grid(alpha=0.3)
-        axis.legend()
-        figure.suptitle(f"fedbip simulate, tasks partition, {len(args.runs)} seeds")
-        figure.savefig(args.plot, dpi=120, metadata={"Software": None})
+    print("\n| A − B (final mean accuracy) | per seed | mean ± sd | A beats B beyond the seed spread? |")
+    print("|---|---|---|---|")
+    for pair in args.pairs.split(","):
+        a, b = pair.split(":")
+        if a not in strategies or b not in strategies:
+            continue
+        diffs = [s["strategies"][a]["mean_accuracy"] - s["strategies"][b]["mean_accuracy"] for s in seeds.values()]
+        sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
+        mean = statistics.fmean(diffs)
+        if all(d > 0 for d in diffs) and mean > sd:
+            verdict = "yes"
+        elif all(d < 0 for d in diffs) and -mean > sd:
+            verdict = "no: B beats A"
+        else:
+            verdict = "no: within the spread"
+        print(f"| {a} − {b} | {', '.join(f'{d:+.3f}' for d in diffs)} | {mean:+.3f} ± {sd:.3f} | {verdict} |")
 
 
 if __name__ == "__main__":
