@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from fedbip_cli.boundedio import parse_json, read_json
 from fedbip_cli.errors import AdapterError
+from fedbip_cli.outdir import finite
 from fedbip_cli.sources import ModelShapes, ResolvedSource
 
 CONFIG_NAME = "adapter_config.json"
@@ -637,8 +638,8 @@ def write_adapter(
     tensors: dict[str, torch.Tensor] = {}
     for name in sorted(factors):
         b, a = factors[name]
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a.to(dtype=dtype, device="cpu").contiguous()
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b.to(dtype=dtype, device="cpu").contiguous()
+        for key, factor in ((f"{KEY_PREFIX}{name}.lora_A.weight", a), (f"{KEY_PREFIX}{name}.lora_B.weight", b)):
+            tensors[key] = finite(factor.to(dtype=dtype, device="cpu").contiguous(), key, directory.name)
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
@@ -692,7 +693,7 @@ class StreamingAdapterWriter:
         expected, shape = self._expected[self._next] if self._next < len(self._expected) else (None, None)
         if name != expected or list(tensor.shape) != shape:
             raise RuntimeError(f"{self.path}: expected {expected} {shape}, got {name} {list(tensor.shape)}")
-        data = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
+        data = finite(tensor.detach().to(device="cpu", dtype=self.dtype).contiguous(), name, self.path.parent.name)
         self._append(data.reshape(-1).view(torch.uint8).numpy().tobytes())
         self._next += 1
 

@@ -128,11 +128,21 @@ def _user_errors() -> Iterator[None]:
     except FedbipError as exc:
         if os.environ.get("FEDBIP_DEBUG") == "1":
             raise
-        console = _stderr()
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        if exc.hint:
-            console.print(f"[dim]hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
+        _error_line(str(exc), exc.hint)
         raise typer.Exit(exc.exit_code) from None
+    except OSError as exc:  # the operating system refused (disk full, read-only, permissions): not a bug
+        if os.environ.get("FEDBIP_DEBUG") == "1":
+            raise
+        where = f"{os.fsdecode(exc.filename)}: " if exc.filename else ""
+        _error_line(f"{where}{exc.strerror or exc}", "check the path exists, is writable and has room")
+        raise typer.Exit(1) from None
+
+
+def _error_line(message: str, hint: str | None) -> None:
+    console = _stderr()
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    if hint:
+        console.print(f"[dim]hint:[/] {escape(hint)}", highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -436,6 +446,7 @@ def inspect_similarity(
 ) -> None:
     """Show how similar the clients' task vectors are, with nearest neighbours and clusters."""
     from fedbip_cli import pipeline, report
+    from fedbip_cli.outdir import Outputs
     from fedbip_cli.sketch import SimilarityMethod
 
     gran = _granularity(layerwise, granularity) or "model"
@@ -443,6 +454,10 @@ def inspect_similarity(
         raise typer.BadParameter(f"{output_format!r}; choose one of table, json, csv", param_hint="--format")
     with _user_errors(), InnerProductCache(_cache_dir(cache, no_cache)) as inner_cache:
         method = SimilarityMethod(similarity or "exact", sketch_dim, sketch_seed)  # checked before any source is read
+        if heatmap is not None:
+            report.check_image_path(heatmap)
+        if matrix is not None:
+            report.check_matrix_path(matrix)
         workspace = pipeline.load(sources, base=base)
         with _progress(output_format == "table") as progress:
             result = pipeline.inspect(
@@ -455,10 +470,11 @@ def inspect_similarity(
                 sketch_dim=method.dim,
                 sketch_seed=method.seed,
             )
-        if heatmap is not None:
-            report.write_heatmap(result, heatmap)
-        if matrix is not None:
-            report.write_matrices(result, matrix)
+        with Outputs() as outputs:  # the heatmap and the matrix file: both written, or neither
+            if heatmap is not None:
+                report.write_heatmap(result, outputs.file(heatmap, check=report.check_image_path))
+            if matrix is not None:
+                report.write_matrices(result, outputs.file(matrix, check=report.check_matrix_path))
     _cache_warning(inner_cache)
     if output_format == "json":
         data = report.similarity_json_tensors(result, neighbours=neighbours, matrix=matrix)
@@ -588,5 +604,10 @@ def simulate(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point. Ctrl-C at any point (start-up included) exits 130 without a traceback;
+    whatever a run had staged is removed on the way out (``outdir.Outputs``)."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)

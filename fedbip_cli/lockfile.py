@@ -18,7 +18,6 @@ The format (JSON, ``fedbip_lock: 1``)::
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -169,21 +168,9 @@ def _key(name: str) -> str:
 _REWRITE = "the lock file was edited or damaged: run once without --locked to rewrite it, and commit it"
 
 
-def write_lock(path: Path, record: dict[str, Any]) -> None:
-    """Write ``record`` to ``path`` atomically (temporary file + rename), deterministic bytes."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        os.replace(temporary, path)
-    except OSError as exc:
-        raise LockError(
-            f"cannot write the lock file: {exc.strerror}",
-            where=str(path),
-            hint="check the directory exists and is writable",
-        ) from None
-    finally:
-        temporary.unlink(missing_ok=True)
+def lock_text(record: dict[str, Any]) -> str:
+    """A lock record as written: deterministic JSON bytes."""
+    return json.dumps(record, indent=2) + "\n"
 
 
 def check_sources(expected: dict[str, Any], now: dict[str, Any], path: Path) -> None:

@@ -19,7 +19,7 @@ from fedbip_cli.adapter_workspace import AdapterWorkspace, load_adapters
 from fedbip_cli.adapters import file_sha256
 from fedbip_cli.card import CARD_NAME, model_card
 from fedbip_cli.checkpoint_workspace import CheckpointWorkspace, load_checkpoints
-from fedbip_cli.errors import SourceError, UsageError
+from fedbip_cli.errors import OutputError, SourceError, UsageError
 from fedbip_cli.innercache import InnerProductCache
 from fedbip_cli.options import (
     DEVICES,
@@ -32,7 +32,7 @@ from fedbip_cli.options import (
     resolve_device,
     start,
 )
-from fedbip_cli.outdir import atomic_output, check_out
+from fedbip_cli.outdir import Outputs, check_out
 from fedbip_cli.similarity import SimilarityResult, similarity_from_inner
 from fedbip_cli.sketch import SimilarityMethod
 from fedbip_cli.sources import FULL, fetch_weights, resolve_revision, resolve_specs
@@ -196,8 +196,8 @@ def merge(
     cache: InnerProductCache | None = None,
 ) -> MergeResult:
     """Write one personalized output (an adapter; for full checkpoints a checkpoint, or an adapter with
-    ``to_lora``) and model card per client, and the manifest, into ``out`` atomically; then the lock
-    file, if any and not ``locked``.
+    ``to_lora``) and model card per client, the manifest, and the lock file (if any and not ``locked``):
+    all committed together, or none (``outdir.Outputs``).
 
     ``similarity`` skips the similarity step (it must be of this workspace at ``options.granularity``);
     ``cache`` serves the similarity step of adapters (see ``inspect``); it changes no output byte.
@@ -219,7 +219,11 @@ def merge(
     )
     weights = {name: personalized_weights(g.similarity, options.weights) for name, g in similarity.groups.items()}
     group_of = {part: name for name, g in similarity.groups.items() for part in g.modules}
-    with atomic_output(out, inputs, overwrite=overwrite) as tmp:
+    lock = workspace.lock
+    if lock is not None and lock.path.absolute().resolve().is_relative_to(out.resolve()):
+        raise OutputError("the lock file lies inside --out, which the merge replaces", where=str(lock.path))
+    with Outputs() as outputs:
+        tmp = outputs.directory(out, inputs, overwrite=overwrite)
         written = workspace.write(tmp, options, weights, group_of, device, progress)
         record = manifest.merge_record(workspace, options, similarity, weights, written, device)
         advance = start(progress, "write", len(workspace.clients))
@@ -233,9 +237,9 @@ def merge(
             }
             advance(1)
         manifest.dump(record, tmp / manifest.MANIFEST_NAME)
+        # --locked holds the run to the lock file, never rewrites it; otherwise it is one more output.
+        if lock is not None and not lock.locked:
+            outputs.file(lock.path).write_text(lockfile.lock_text(lock.record), encoding="utf-8")
     result = MergeResult(similarity, weights, written.rank, written.energy, out, record)
-    lock = workspace.lock
-    if lock is not None and not lock.locked:  # --locked holds the run to the lock file, never rewrites it
-        lockfile.write_lock(lock.path, lock.record)
-        result.lock_written = True
+    result.lock_written = lock is not None and not lock.locked
     return result

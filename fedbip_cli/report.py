@@ -265,7 +265,7 @@ def write_matrices(result: Any, path: Path) -> None:
     from safetensors.torch import save_file
 
     path = Path(path)
-    _check_output_path(path, "name a .safetensors file")
+    check_matrix_path(path)
     tensors = {name: group.similarity.to(torch.float64).contiguous() for name, group in result.groups.items()}
     metadata = {
         "clients": json.dumps(list(result.clients)),
@@ -306,11 +306,8 @@ def write_accuracy_plot(curves: dict[str, dict[int, float]], path: Path) -> None
 def _save_figure(draw: Callable[[], Figure], path: Path) -> None:
     """Check ``path``, draw, and write the figure atomically with deterministic metadata."""
     path = Path(path)
+    check_image_path(path)
     image_format = path.suffix.lower().lstrip(".")
-    if image_format not in _DETERMINISTIC_METADATA:
-        valid = ", ".join(f".{name}" for name in _DETERMINISTIC_METADATA)
-        raise OutputError(f"unknown image format {path.suffix!r}", where=str(path), hint=f"name a {valid} file")
-    _check_output_path(path, "name an image file")
     figure = draw()
 
     def save(temporary: Path) -> None:
@@ -321,6 +318,19 @@ def _save_figure(draw: Callable[[], Figure], path: Path) -> None:
             figure.savefig(temporary, format=image_format, dpi=150, metadata=_DETERMINISTIC_METADATA[image_format])
 
     _replace_atomically(path, save)
+
+
+def check_image_path(path: Path) -> None:
+    """OutputError unless ``path`` names an image fedbip can write (.png, .pdf or .svg) where it can be written."""
+    if Path(path).suffix.lower().lstrip(".") not in _DETERMINISTIC_METADATA:
+        valid = ", ".join(f".{name}" for name in _DETERMINISTIC_METADATA)
+        raise OutputError(f"unknown image format {Path(path).suffix!r}", where=str(path), hint=f"name a {valid} file")
+    _check_output_path(Path(path), "name an image file")
+
+
+def check_matrix_path(path: Path) -> None:
+    """OutputError unless the matrix file ``path`` can be written."""
+    _check_output_path(Path(path), "name a .safetensors file")
 
 
 def _check_output_path(path: Path, hint: str) -> None:

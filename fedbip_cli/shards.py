@@ -23,6 +23,7 @@ import torch
 from fedbip_cli.checkpoints import INDEX_NAME, WEIGHTS_NAME, TensorSpec
 from fedbip_cli.defaults import DEFAULT_MAX_SHARD_SIZE as DEFAULT_MAX_SHARD_SIZE  # re-exported: its old home
 from fedbip_cli.errors import UsageError
+from fedbip_cli.outdir import finite
 
 # Decimal units as transformers reads "5GB"; binary units spelled out (GiB).
 _UNITS = {
@@ -134,7 +135,9 @@ class ShardedWriter:
             raise ValueError(f"expected {planned.name} ({planned.dtype}), got {name} ({chunk.dtype})")
         if shard != self._shard:
             self._open(shard)
-        data = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        data = (
+            finite(chunk.detach().cpu().contiguous(), name, self.directory.name).reshape(-1).view(torch.uint8).numpy()
+        )
         if self._written + data.nbytes > planned.nbytes:
             raise ValueError(f"{name}: more data than its shape {list(planned.shape)} holds")
         assert self._file is not None
