@@ -60,11 +60,12 @@ def read_bytes(
     try:
         # Non-blocking, so that opening a pipe without a writer returns at once and can be refused.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or (pipes and stat.S_ISFIFO(mode))):
+            os.close(fd)
+            raise error(f"{what} is {_kind(mode)}, not a file", where=where)
+        os.set_blocking(fd, True)
         with os.fdopen(fd, "rb") as f:
-            mode = os.fstat(fd).st_mode
-            if not (stat.S_ISREG(mode) or (pipes and stat.S_ISFIFO(mode))):
-                raise error(f"{what} is {_kind(mode)}, not a file", where=where)
-            os.set_blocking(fd, True)
             data = f.read(limit + 1)
     except FileNotFoundError:
         raise error(f"{what} does not exist", where=where) from None
