@@ -129,6 +129,15 @@ def deep_json(inner: str = "") -> str:
     return "[" * DEEP + inner + "]" * DEEP
 
 
+def rank_zero(root: Path) -> list[str]:
+    """rank_pattern {m: 0} with factors of rank 0 to match (scale = alpha / 0: ZeroDivisionError before)."""
+    for seed in range(2):
+        random_adapter(
+            root / "clients" / f"c{seed}", SHAPES, torch.Generator().manual_seed(seed), rank_pattern={QUERY: 0}
+        )
+    return merge(root / "clients")
+
+
 def width_zero(root: Path) -> list[str]:
     shapes = {**SHAPES, QUERY: (8, 0)}
     for seed in range(2):
@@ -254,7 +263,7 @@ CONFIG = f"clients/c0/{CONFIG_NAME}"
 WEIGHTS = f"clients/c0/{WEIGHTS_NAME}"
 CASES = [
     # adapter_config.json: values
-    Case("rank-pattern-zero", edit_config(rank_pattern={QUERY: 0}), where(CONFIG)),
+    Case("rank-pattern-zero", rank_zero, where(CONFIG), says="rank_pattern"),
     Case("rank-pattern-bad-regex", edit_config(rank_pattern={"query(": 2}), where(CONFIG)),
     Case("rank-pattern-float", edit_config(rank_pattern={QUERY: 2.5}), text("rank_pattern")),
     Case("rank-pattern-list", edit_config(rank_pattern=[2]), text("rank_pattern")),
