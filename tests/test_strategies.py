@@ -8,6 +8,7 @@ client before the step, θ = θ̄ + τ what the client trained, and the step set
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -364,3 +365,25 @@ def test_ema_memory_and_fedbip_ema_weights_against_a_dense_reference() -> None:
     tau = np.stack([flat(TAU_MODEL[c]) for c in ("a", "b", "d")])
     merged = (positive / positive.sum(axis=1, keepdims=True)) @ tau
     np.testing.assert_allclose(flat(step.bar["b"]), flat(BAR["b"]) + merged[1], rtol=1e-6, atol=1e-6)
+
+
+def test_uniform_is_fedavg_when_every_client_takes_part_with_equal_data_from_one_start() -> None:
+    """With full participation, equal example counts and one shared θ̄ (as every run starts),
+    the paper's uniform ablation and FedAvg give every client the same state, bit for bit: both add
+    the plain mean τ to the same θ̄. (So in the --examples-per-client regimes they coincide.)"""
+    shared = {c: INITIAL for c in CLIENTS}
+    round_ = RoundUpdates(
+        clients=list(CLIENTS),
+        participants=list(CLIENTS),
+        bar=shared,
+        trained={c: add(INITIAL, TAU_MODEL[c]) for c in CLIENTS},
+        examples={c: 64 for c in CLIENTS},
+        groups={c: None for c in CLIENTS},
+    )
+    uniform, fedavg = server_step("uniform", round_), server_step("fedavg", round_)
+    for c in CLIENTS:
+        for name in SHAPES:
+            assert torch.equal(uniform.bar[c][name], fedavg.bar[c][name])
+    # unequal data breaks the identity: FedAvg weights by examples, uniform does not
+    skewed = server_step("fedavg", replace(round_, examples={"a": 1, "b": 1, "c": 1, "d": 97}))
+    assert not torch.equal(skewed.bar["a"][A0], uniform.bar["a"][A0])
