@@ -492,7 +492,9 @@ SIMULATE_EPILOG = """[b]Examples[/b]
 
   fedbip simulate --rounds 50
 
-  fedbip simulate --compare fedbip,fedbip-layerwise,fedavg,local,oracle --seed 1 --out runs/seed1
+  fedbip simulate --compare fedbip,fedbip-layerwise,fedamp,uniform,fedavg,local,oracle --seeds 0,1,2 --out runs/limited
+
+  fedbip simulate --compare fedbip,fedavg,local --examples-per-client 480 --seeds 0,1,2 --out runs/ample
 
   fedbip simulate --partition dirichlet --alpha 0.1 --participation 0.5 --out runs/dir
 
@@ -509,7 +511,9 @@ def simulate(
     strategy: Annotated[
         str,
         typer.Option(
-            help="fedbip, fedbip-layerwise, fedavg, local, oracle, or the variants fedbip-cumulative, fedbip-layerwise-cumulative (similarity of whole trajectories)."
+            help="fedbip, fedbip-layerwise, fedamp, uniform, fedavg, local, oracle, or the variants "
+            "fedbip-cumulative, fedbip-layerwise-cumulative (similarity of whole trajectories), "
+            "fedbip-ema, fedbip-layerwise-ema (of an EMA of past updates)."
         ),
     ] = "fedbip",
     compare: Annotated[
@@ -532,7 +536,17 @@ def simulate(
         Path | None,
         typer.Option(help="Your own clients: DIR/<client>.jsonl or .csv with text and label.", show_default=False),
     ] = None,
-    max_examples: Annotated[int, typer.Option(help="Sentences of the embedded data used in all (0 = all).")] = 6000,
+    examples_per_client: Annotated[
+        int,
+        typer.Option(
+            help="Training sentences per client (the data regime; each client also gets 400 test sentences). "
+            "64 = limited data, the FedBip premise; 480 = ample. 0 = split --max-examples by --test-fraction.",
+            min=0,
+        ),
+    ] = 64,
+    max_examples: Annotated[
+        int, typer.Option(help="With --examples-per-client 0: sentences of the embedded data used in all (0 = all).")
+    ] = 6000,
     model: Annotated[
         str | None,
         typer.Option(
@@ -553,6 +567,13 @@ def simulate(
     eval_every: Annotated[int, typer.Option(help="Evaluate every N rounds (and at the last).")] = 5,
     participation: Annotated[float, typer.Option(help="Fraction of clients sampled per round.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the partition, initial adapter, batches and sampling.")] = 0,
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated seeds, each a full run in OUT/seed-<s>; ends with mean ± sd over seeds.",
+            show_default=False,
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("fedbip-simulation"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete round in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
@@ -565,8 +586,10 @@ def simulate(
     from fedbip_cli import report
     from fedbip_cli.simulate.loop import SimulationConfig
     from fedbip_cli.simulate.runner import simulate as run_simulation
+    from fedbip_cli.simulate.seeds import parse_seeds, seeds_table
 
     with _user_errors():
+        seed_list = parse_seeds(seeds) if seeds is not None else None
         config = SimulationConfig(
             strategies=tuple(s.strip() for s in (compare or strategy).split(",") if s.strip()),
             rounds=rounds,
@@ -576,6 +599,7 @@ def simulate(
             alpha=alpha,
             data_dir=str(data) if data is not None else None,
             max_examples=max_examples or None,
+            examples_per_client=examples_per_client or None,
             model=model,
             num_layers=num_layers,
             target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()),
@@ -591,14 +615,23 @@ def simulate(
 
         def round_line(name: str, round_: int, accuracy: float | None) -> None:
             if accuracy is not None and not as_json:
-                _stderr().print(f"{name:<17} round {round_:>3}/{rounds}  mean accuracy {accuracy:.4f}", highlight=False)
+                _stderr().print(f"{name:<24} round {round_:>3}/{rounds}  mean accuracy {accuracy:.4f}", highlight=False)
 
         with _progress(not as_json) as progress:
             result = run_simulation(
-                config, out, resume=resume, overwrite=overwrite, device=device, progress=progress, round_done=round_line
+                config,
+                out,
+                seed_list=seed_list,
+                resume=resume,
+                overwrite=overwrite,
+                device=device,
+                progress=progress,
+                round_done=round_line,
             )
     if as_json:
         _print_json(result.summary)
+    elif seed_list is not None:
+        _stdout().print(seeds_table(result.summary, f"fedbip simulate → {out}"))
     else:
         _stdout().print(report.simulation_table(result.summary, out))
 
