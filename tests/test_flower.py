@@ -13,10 +13,7 @@ import functools
 import json
 import math
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -37,6 +34,7 @@ from flwr.supercore.task_identity import TaskIdentity  # isort: skip
 from fedbip_cli.cli import app
 from fedbip_cli.errors import UsageError
 from fedbip_cli.simulate import loop
+from fedbip_cli.simulate.flower.local import APP, LocalFederation
 from fedbip_cli.simulate.flower.records import (
     ARRAYS,
     CONFIG,
@@ -52,8 +50,6 @@ from fedbip_cli.simulate.flower.strategy import Member, PersonalizedStrategy, Ro
 from fedbip_cli.simulate.loop import SimulationConfig
 from fedbip_cli.simulate.runner import ClientInfo, simulate
 
-APP = Path(__file__).resolve().parents[1] / "fedbip_cli" / "simulate" / "flower" / "app"
-BIN = Path(sys.executable).parent
 CLIENTS = ["client-00", "client-01", "client-02"]
 # The issue's tiny run: a 2-layer slice, 3 clients, 2 rounds of 2 local steps, batch 8, 32 tokens.
 TINY = SimulationConfig(
@@ -232,131 +228,26 @@ def assert_same_run(got: Path, want: Path, strategies: tuple[str, ...]) -> float
     return worst
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Federation:
-    """A SuperLink and SuperNodes on 127.0.0.1 (insecure), each its own process group."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.home = root / "flwr-home"
-        self.home.mkdir(parents=True)
-        self.port = free_port()
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
-        )
-        self.env = {
-            **os.environ,
-            **OFFLINE,
-            "FLWR_HOME": str(self.home),
-            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        }
-        self.processes: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, *args: str) -> None:
-        log = (self.root / f"{name}.log").open("wb")
-        self.processes[name] = subprocess.Popen(
-            [str(BIN / args[0]), *args[1:]], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def start_superlink(self) -> None:
-        self.start(
-            "superlink",
-            "flower-superlink",
-            "--insecure",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--disable-runtime-dependency-installation",
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            assert self.processes["superlink"].poll() is None, self.log("superlink")
-            time.sleep(0.2)
-        raise AssertionError(f"the SuperLink did not listen in 60 s\n{self.log('superlink')}")
-
-    def start_supernode(self, index: int, count: int) -> None:
-        self.start(
-            f"supernode-{index}",
-            "flower-supernode",
-            "--insecure",
-            "--superlink",
-            f"127.0.0.1:{self.port}",
-            "--port",
-            str(free_port()),
-            "--node-config",
-            f"partition-id={index} num-partitions={count}",
-        )
-
-    def run(self, out: Path, config: SimulationConfig, **extra: Any) -> subprocess.Popen:
-        """``flwr run`` of the fedbip app with ``config``, streaming until the run ends."""
-        values = {**run_config_from(config), "out": str(out), **extra}
-        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
-        log = (self.root / "flwr-run.log").open("wb")
-        return subprocess.Popen(
-            [str(BIN / "flwr"), "run", str(APP), "test", "--stream", "--run-config", overrides],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def stop(self, name: str) -> None:
-        """SIGTERM the process group, SIGKILL what is left after 10 s."""
-        process = self.processes.pop(name)
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        try:  # children that outlived their group leader
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text(errors="replace")[-4000:]
-
-
 @pytest.fixture
-def federation(tmp_path: Path) -> Iterator[Federation]:
-    fed = Federation(tmp_path)
-    try:
+def federation(tmp_path: Path) -> Iterator[LocalFederation]:
+    """A SuperLink and 3 SuperNodes on 127.0.0.1; every process stopped whatever the test's outcome."""
+    with LocalFederation(tmp_path / "federation", env=OFFLINE) as fed:
+        fed.start_superlink()
+        for index in range(3):
+            fed.start_supernode(index, 3)
         yield fed
-    finally:
-        for name in list(fed.processes):
-            fed.stop(name)
 
 
-def wait_run(fed: Federation, run: subprocess.Popen, timeout: float) -> None:
-    try:
-        code = run.wait(timeout=timeout)
-    finally:
-        fed.processes["flwr-run"] = run  # stopped by the fixture when it is still running
+def wait_run(fed: LocalFederation, run: subprocess.Popen, timeout: float) -> None:
+    code = run.wait(timeout=timeout)  # on a timeout, the fixture stops the run with the rest
     assert code == 0, fed.log("flwr-run")
 
 
-def test_deployment_engine_equals_inprocess(federation: Federation, reference: Path, tmp_path: Path) -> None:
+def test_deployment_engine_equals_inprocess(federation: LocalFederation, reference: Path, tmp_path: Path) -> None:
     """SuperLink + 3 SuperNodes: fedbip and fedbip-layerwise give in-process simulate's adapters and metrics."""
-    federation.start_superlink()
-    for index in range(3):
-        federation.start_supernode(index, 3)
     out = tmp_path / "deployment"
     start = time.perf_counter()
-    wait_run(federation, federation.run(out, TINY), timeout=300)
+    wait_run(federation, federation.start_run(TINY, out), timeout=300)
     assert (out / "summary.json").is_file(), federation.log("superlink")
     worst = assert_same_run(out, reference, TINY.strategies)
     print(f"deployment engine: {time.perf_counter() - start:.1f} s, worst adapter difference {worst:.3g}")
@@ -382,17 +273,14 @@ def test_engine_flower_refuses_resume(tmp_path: Path) -> None:
     assert result.exit_code != 0 and "inprocess" in result.stderr, result.output
 
 
-def test_supernode_stopped_between_rounds(federation: Federation, tmp_path: Path) -> None:
+def test_supernode_stopped_between_rounds(federation: LocalFederation, tmp_path: Path) -> None:
     """client-02's SuperNode stops after round 1: round 2 goes on with the other two, client-02
     keeps its round-1 state (the in-process run of one round), and the metrics say who trained."""
     config = replace(TINY, strategies=("fedbip",))
     one_round = tmp_path / "one-round"
     simulate(replace(config, rounds=1), one_round, device="cpu")
-    federation.start_superlink()
-    for index in range(3):
-        federation.start_supernode(index, 3)
     out = tmp_path / "dropped"
-    run = federation.run(out, config, **{"round-timeout": 120.0})
+    run = federation.start_run(config, out, **{"round-timeout": 120.0})
     deadline = time.monotonic() + 240
     while not (out / "metrics.jsonl").is_file():  # written when round 1 ends
         assert time.monotonic() < deadline and run.poll() is None, federation.log("flwr-run")
@@ -414,3 +302,17 @@ def test_supernode_stopped_between_rounds(federation: Federation, tmp_path: Path
     moved = load_file(out / "adapters" / "client-00" / "adapter_model.safetensors")
     before = load_file(one_round / "adapters" / "client-00" / "adapter_model.safetensors")
     assert max((moved[k] - before[k]).abs().max().item() for k in moved) > 1e-4
+
+
+def test_local_federation_leaves_no_process(tmp_path: Path) -> None:
+    """Whatever happens inside it, a LocalFederation stops every process group it started."""
+    groups = []
+    with pytest.raises(RuntimeError, match="inside"), LocalFederation(tmp_path, env=OFFLINE) as fed:
+        fed.start_superlink()
+        fed.start_supernode(0, 1)
+        groups = [p.pid for p in fed.processes.values()]
+        raise RuntimeError("a failure inside the federation")
+    assert len(groups) == 2
+    for group in groups:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)
