@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedbip_cli import __version__
 from fedbip_cli.defaults import DEFAULT_DIM, DEFAULT_MAX_SHARD_SIZE, MAX_DIM, MAX_TEMPERATURE, MIN_TEMPERATURE
-from fedbip_cli.errors import FedbipError
+from fedbip_cli.errors import FedbipError, UsageError
 from fedbip_cli.innercache import InnerProductCache, default_cache_dir
 
 # pipeline, report, config and sketch import torch (seconds to load): each command imports them
@@ -574,6 +574,13 @@ def simulate(
             show_default=False,
         ),
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="inprocess (every client in this process) or flower (Flower's Simulation Engine: one "
+            "SuperNode per client; needs `pip install 'fedbip[flower]'`)."
+        ),
+    ] = "inprocess",
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("fedbip-simulation"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete round in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
@@ -617,23 +624,42 @@ def simulate(
             if accuracy is not None and not as_json:
                 _stderr().print(f"{name:<24} round {round_:>3}/{rounds}  mean accuracy {accuracy:.4f}", highlight=False)
 
-        with _progress(not as_json) as progress:
-            result = run_simulation(
-                config,
-                out,
-                seed_list=seed_list,
-                resume=resume,
-                overwrite=overwrite,
-                device=device,
-                progress=progress,
-                round_done=round_line,
-            )
+        if engine == "flower":
+            result = _simulate_on_flower(config, out, overwrite=overwrite, resume=resume, seeds=seed_list)
+        elif engine != "inprocess":
+            raise typer.BadParameter(f"{engine!r}; choose inprocess or flower", param_hint="--engine")
+        else:
+            with _progress(not as_json) as progress:
+                result = run_simulation(
+                    config,
+                    out,
+                    seed_list=seed_list,
+                    resume=resume,
+                    overwrite=overwrite,
+                    device=device,
+                    progress=progress,
+                    round_done=round_line,
+                )
     if as_json:
         _print_json(result.summary)
     elif seed_list is not None:
         _stdout().print(seeds_table(result.summary, f"fedbip simulate → {out}"))
     else:
         _stdout().print(report.simulation_table(result.summary, out))
+
+
+def _simulate_on_flower(config: Any, out: Path, *, overwrite: bool, resume: bool, seeds: list[int] | None) -> Any:
+    """``simulate --engine flower``: the run on Flower's Simulation Engine (flwr imported only here)."""
+    if resume or seeds is not None:
+        raise UsageError(
+            f"--engine flower does not take {'--resume' if resume else '--seeds'}",
+            hint="run it again with --overwrite, or use --engine inprocess",
+        )
+    try:
+        from fedbip_cli.simulate.flower.engine import simulate_on_flower
+    except ImportError as exc:
+        raise UsageError(f"--engine flower needs Flower ({exc})", hint="pip install 'fedbip[flower]'") from None
+    return simulate_on_flower(config, out, overwrite=overwrite)
 
 
 def main() -> None:
