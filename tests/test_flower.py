@@ -186,6 +186,26 @@ def test_reply_from_another_client_is_refused(identity: None) -> None:
         strategy.aggregate_train(1, [reply(100, "client-01", {"w": torch.ones(2)}, 0.1)])
 
 
+@pytest.mark.parametrize(
+    "bad", [{"w": torch.tensor([float("nan"), 0.0])}, {"w": torch.ones(3)}, {"w": torch.ones(2), "x": torch.ones(1)}]
+)
+def test_a_state_that_does_not_fit_is_left_out(identity: None, bad: dict[str, torch.Tensor]) -> None:
+    """A reply whose state has NaNs, another shape or other names: that client is left out of the
+    round and keeps its state; the others are merged as if it had not replied."""
+    config = replace(TINY, strategies=("fedbip",), rounds=1)
+    strategy = PersonalizedStrategy(config, "fedbip", tiny_roster(config), {"w": torch.zeros(2)})
+    list(strategy.configure_train(1, None, ConfigRecord(), FakeGrid([100, 101, 102])))
+    replies = [
+        reply(100, "client-00", {"w": torch.tensor([1.0, 0.0])}, 0.1),
+        reply(101, "client-01", {"w": torch.tensor([1.0, 0.0])}, 0.2),
+        reply(102, "client-02", bad, 0.3),
+    ]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["participants"] == 2
+    assert torch.equal(strategy.run.bar["client-02"]["w"], torch.zeros(2))
+    assert torch.allclose(strategy.run.bar["client-00"]["w"], torch.tensor([1.0, 0.0]))
+
+
 def test_run_config_round_trip_and_app_defaults() -> None:
     """The app's [tool.flwr.app.config] holds every option of simulate, with simulate's defaults."""
     import tomllib

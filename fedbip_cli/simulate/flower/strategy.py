@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -68,9 +69,15 @@ class Roster:
         return next((node for node, n in self.nodes.items() if n == name and node in connected), None)
 
     def discover(self, grid: Grid, *, wait_for: int = 0, timeout: float = 3600) -> list[str]:
-        """Ask every connected node not yet known who it is (after waiting until ``wait_for`` nodes
-        are connected); return the names of clients not known before."""
-        while len(list(grid.get_node_ids())) < wait_for:
+        """Ask every connected node not yet known who it is (after waiting up to ``timeout`` seconds
+        until ``wait_for`` nodes are connected); return the names of clients not known before."""
+        deadline = time.monotonic() + timeout
+        while (connected := len(list(grid.get_node_ids()))) < wait_for:
+            if time.monotonic() > deadline:
+                raise UsageError(
+                    f"only {connected} of {wait_for} SuperNodes connected within {timeout:g} s",
+                    hint="start one SuperNode per client, or lower clients in the run config",
+                )
             time.sleep(0.2)
         unknown = [node for node in grid.get_node_ids() if node not in self.nodes]
         if not unknown:
@@ -101,6 +108,20 @@ class Roster:
         if len(found) != 1:
             raise UsageError(f"clients report different label sets: {sorted(found)}")
         return json.loads(found.pop())
+
+
+def _trained(reply: Message, sent: State) -> tuple[State | None, float]:
+    """The state and loss of a train reply, or None when the state is not one of finite tensors of
+    the names and shapes the client was sent (a broken or hostile client is left out of the round)."""
+    try:
+        state = from_record(reply.content[ARRAYS])
+        loss = float(reply.content[METRICS]["train-loss"])
+    except (KeyError, TypeError, ValueError):
+        return None, 0.0
+    fits = state.keys() == sent.keys() and all(
+        state[k].shape == sent[k].shape and bool(torch.isfinite(state[k]).all()) for k in sent
+    )
+    return (state if fits else None), loss
 
 
 def _member(record: ConfigRecord) -> Member:
@@ -167,9 +188,15 @@ class PersonalizedStrategy(FedAvg):
         self._losses = {}
         for reply in valid:
             name = self._sender(reply)
-            if name in self._chosen:
-                trained[name] = from_record(reply.content[ARRAYS])
-                self._losses[name] = float(reply.content[METRICS]["train-loss"])
+            if name not in self._chosen:
+                continue
+            state, loss = _trained(reply, self.run.bar[name])
+            if state is None:
+                log.warning(
+                    "round %d: %s replied with a state that does not fit its model; left out", server_round, name
+                )
+                continue
+            trained[name], self._losses[name] = state, loss
         self.run.seconds["train"] += time.perf_counter() - self._started
         took_part = [n for n in self.roster.names if n in trained]
         if len(took_part) < max(1, self.min_train_nodes):
