@@ -92,13 +92,19 @@ def _is_number(value: object) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
+def _without_strategies(config: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in config.items() if key != "strategies"}
+
+
 def _check_meta(path: Path, meta: object, strategy: str, config: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise _fail(path, f"header is {type(meta).__name__}; expected a JSON object")
     expected = {"config", "strategy", "round", "metrics", "similarity", "seconds"}
     if meta.keys() != expected:
         raise _fail(path, f"header keys {sorted(meta)}; expected {sorted(expected)}")
-    if meta["config"] != config:
+    # A strategy's rounds do not depend on which other strategies are compared beside it, so its
+    # checkpoint resumes under any --compare list that names it.
+    if not isinstance(meta["config"], dict) or _without_strategies(meta["config"]) != _without_strategies(config):
         raise UsageError(
             "the checkpoint was written with other options",
             where=str(path),
