@@ -9,7 +9,9 @@ Reads RUN/seed-*/summary.json (so it also reports a run whose last seed has not 
    true task groups;
 2. for each pair A:B, the per-seed difference of final mean accuracy A − B (the seeds share data,
    initial adapters and batches, so differences are paired), its mean ± sd, and a verdict: A beats
-   B "beyond the seed spread" when A is ahead in every seed and the mean difference exceeds its sd.
+   B "beyond the seed spread" when A is ahead in every seed and the mean difference exceeds its sd;
+3. the paper's Figure 3 check for the first strategy's run: per kind of vector and round, the
+   within- minus between-group mean cosine and the ARI of the suggested clusters, mean over seeds.
 """
 
 from __future__ import annotations
@@ -71,6 +73,34 @@ def main() -> None:
         else:
             verdict = "no: within the spread"
         print(f"| {a} − {b} | {', '.join(f'{d:+.3f}' for d in diffs)} | {mean:+.3f} ± {sd:.3f} | {verdict} |")
+    separation_table(args.run, list(seeds), strategies[0])
+
+
+def separation_table(run: Path, seeds: list[int], strategy: str) -> None:
+    """Gap and ARI per kind of vector and round, mean over seeds, for ``strategy``'s run."""
+    by_key: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for seed in seeds:
+        for line in (run / f"seed-{seed}" / "similarity.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if row["strategy"] == strategy and row.get("separation"):
+                for kind, value in row["separation"].items():
+                    by_key.setdefault((kind, row["round"]), []).append((value["gap"], value["ari"]))
+    if not by_key:
+        return
+    rounds = sorted({r for _, r in by_key})
+    kinds = list(dict.fromkeys(kind for kind, _ in by_key))
+    print(f"\nseparation of the true groups in the {strategy} runs (gap / ARI, mean over seeds)\n")
+    print("| vectors compared | " + " | ".join(f"round {r}" for r in rounds) + " |")
+    print("|---|" + "---|" * len(rounds))
+    for kind in kinds:
+        cells = []
+        for r in rounds:
+            values = by_key.get((kind, r), [])
+            gaps = [g for g, _ in values if g is not None]
+            cells.append(
+                f"{statistics.fmean(gaps):+.3f} / {statistics.fmean(a for _, a in values):.2f}" if gaps else "n/a"
+            )
+        print(f"| {kind} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
