@@ -27,6 +27,9 @@ def _save(figure: Figure, path: Path) -> None:
 
 def _band(axis, label: str, per_seed: list[dict[int, float]]) -> None:  # noqa: ANN001 (matplotlib Axes)
     """Mean over seeds at the rounds every seed has, ± one standard deviation as a band."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     rounds = sorted(set.intersection(*(set(curve) for curve in per_seed)))
     values = np.array([[curve[r] for r in rounds] for curve in per_seed], dtype=np.float64)
     mean = values.mean(axis=0)
