@@ -282,6 +282,16 @@ def merge(
             show_default=False,
         ),
     ] = None,
+    clip_norm: Annotated[
+        str | None,
+        typer.Option(
+            "--clip-norm",
+            help="Scale each client's task vector (each group's part, with --layerwise) down to at most a norm "
+            "bound before merging: auto (the median norm, as FLAME), a multiple such as 2x, or a number. Bounds "
+            "the influence of a scaled or hostile adapter; the manifest records every norm and clip.",
+            show_default=False,
+        ),
+    ] = None,
     to_lora: Annotated[
         int | None,
         typer.Option(
@@ -352,6 +362,7 @@ def merge(
         "combine": combine,
         "rank": rank,
         "dtype": dtype,
+        "clip_norm": clip_norm,
         "to_lora": to_lora,
         "max_shard_size": max_shard_size,
         "device": device,

@@ -396,13 +396,15 @@ class Combiner:
     ``combine`` merges one client's row; ``stack_rank(contributing, present, rank, shape)`` is its
     output rank from the ranks of the clients with non-zero weight (and of every client with the
     module); ``dense_rank(rank, shape)`` the rank it writes a dense delta with (None: it cannot);
-    ``uses_rank``: whether ``--rank`` applies.
+    ``uses_rank``: whether ``--rank`` applies; ``linear_in_weights``: whether its merge is
+    Σ_j P_ij ΔW_j, so that scaling a weight scales that client's contribution (``--clip-norm``).
     """
 
     combine: Callable[[Sequence[Factors | None], torch.Tensor, int], Combined | None]
     stack_rank: Callable[[list[int], list[int], int, tuple[int, int]], int]
     dense_rank: Callable[[int, tuple[int, int]], int] | None
     uses_rank: bool
+    linear_in_weights: bool = True
 
 
 COMBINERS: dict[str, Combiner] = {
@@ -423,6 +425,7 @@ COMBINERS: dict[str, Combiner] = {
         stack_rank=lambda contributing, present, rank, shape: present[0],  # zero weights give zero factors
         dense_rank=None,
         uses_rank=False,
+        linear_in_weights=False,  # (Σ P B)(Σ P A): a weight enters twice
     ),
 }
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fedbip_cli.defence import ClipNorm
 from fedbip_cli.errors import UsageError
 from fedbip_cli.merge import DEFAULT_COMBINE, registered
 from fedbip_cli.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
@@ -70,6 +71,7 @@ class MergeOptions:
     sketch_dim: int | None = None
     sketch_seed: int | None = None
     dtype: str = "auto"  # adapters: the output dtype (auto: the inputs' when they agree, else float32)
+    clip_norm: str | None = None  # bound each task vector's norm before merging (``defence.ClipNorm``)
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -84,9 +86,17 @@ class MergeOptions:
         parse_size(self.max_shard_size)
         if self.device not in DEVICES:
             raise UsageError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
-        SimilarityMethod(
-            self.similarity, self.sketch_dim, self.sketch_seed
-        )  # raises on a bad method, dimension or seed
+        self.method  # noqa: B018 -- raises on a bad method, dimension or seed
+        if self.clip is not None and not registered(self.combine).linear_in_weights:
+            raise UsageError(
+                f"--clip-norm needs a merge linear in the weights; --combine {self.combine} is not",
+                hint="use --combine svd or cat",
+            )
+
+    @property
+    def clip(self) -> ClipNorm | None:
+        """The norm bound of ``clip_norm`` (None: no clipping); raises on a malformed one."""
+        return ClipNorm.parse(self.clip_norm)
 
     @property
     def method(self) -> SimilarityMethod:
@@ -116,6 +126,7 @@ class MergeOptions:
             "rank": self.rank,
             "dtype": self.dtype,
             "similarity": self.method.as_dict(),
+            "clip_norm": None if self.clip is None else str(self.clip),
         }
 
 

@@ -14,11 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedbip_cli import lockfile, manifest
 from fedbip_cli.adapter_workspace import AdapterWorkspace, load_adapters
 from fedbip_cli.adapters import file_sha256
 from fedbip_cli.card import CARD_NAME, model_card
 from fedbip_cli.checkpoint_workspace import CheckpointWorkspace, load_checkpoints
+from fedbip_cli.defence import clipped_weights, outliers
 from fedbip_cli.errors import OutputError, SourceError, UsageError
 from fedbip_cli.innercache import InnerProductCache
 from fedbip_cli.options import (
@@ -217,7 +220,7 @@ def merge(
         sketch_dim=options.sketch_dim,
         sketch_seed=options.sketch_seed,
     )
-    weights = {name: personalized_weights(g.similarity, options.weights) for name, g in similarity.groups.items()}
+    weights, defence = _weights(similarity, options)
     group_of = {part: name for name, g in similarity.groups.items() for part in g.modules}
     lock = workspace.lock
     if lock is not None and lock.path.absolute().resolve().is_relative_to(out.resolve()):
@@ -226,6 +229,7 @@ def merge(
         tmp = outputs.directory(out, inputs, overwrite=overwrite)
         written = workspace.write(tmp, options, weights, group_of, device, progress)
         record = manifest.merge_record(workspace, options, similarity, weights, written, device)
+        record["defence"] = defence
         advance = start(progress, "write", len(workspace.clients))
         for client in workspace.clients:
             directory = tmp / client
@@ -243,3 +247,22 @@ def merge(
     result = MergeResult(similarity, weights, written.rank, written.energy, out, record)
     result.lock_written = lock is not None and not lock.locked
     return result
+
+
+def _weights(similarity: SimilarityResult, options: MergeOptions) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Each group's weight rows (clipped by ``--clip-norm``), and the manifest's ``defence`` record: every
+    group's task-vector norms, the clip's bound and the clients it scaled, and the outlier report."""
+    weights: dict[str, torch.Tensor] = {}
+    record: dict[str, Any] = {"clip_norm": options.as_dict()["clip_norm"], "groups": {}}
+    clients = similarity.clients
+    for name, group in similarity.groups.items():
+        rows, clip = clipped_weights(personalized_weights(group.similarity, options.weights), group.norms, options.clip)
+        weights[name] = rows
+        record["groups"][name] = {
+            "norms": [float(n) for n in group.norms.tolist()],
+            "clip": None
+            if clip is None
+            else {"bound": clip["bound"], "clipped": {clients[j]: scale for j, scale in clip["clipped"].items()}},
+            "outliers": outliers(clients, group.similarity, group.norms),
+        }
+    return weights, record

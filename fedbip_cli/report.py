@@ -25,6 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fedbip_cli.clustering import mean_similarity, nearest_neighbours, suggest_clusters
+from fedbip_cli.defence import outliers
 from fedbip_cli.errors import OutputError
 from fedbip_cli.merge import energy_range
 
@@ -83,7 +84,23 @@ def similarity_tables(result: Any, *, neighbours: int = 3) -> list[RenderableTyp
     ]
     if result.granularity != "model":
         renderables.append(_groups_table(result))
+    flagged = outlier_lines(clients, result)
+    if flagged:
+        renderables.append(Text("\n".join(flagged), style="yellow"))
     return renderables
+
+
+def outlier_lines(clients: list[str], result: Any) -> list[str]:
+    """One line per group with a flagged client or near copy (``defence.outliers``); none when nothing stands out."""
+    lines = []
+    for name, group in result.groups.items():
+        found = outliers(clients, group.similarity, group.norms)
+        parts = [f"{o['client']} has an outlying norm {o['value']:.3g}" for o in found["norm"]]
+        parts += [f"{o['client']} has an outlying mean similarity {o['value']:.3f}" for o in found["similarity"]]
+        parts += [f"{' and '.join(c['clients'])} are near copies ({c['similarity']:.4f})" for c in found["near_copies"]]
+        if parts:
+            lines.append(f"outliers ({name}): " + "; ".join(parts))
+    return lines
 
 
 def similarity_json(result: Any, *, neighbours: int = 3) -> dict[str, Any]:
@@ -125,6 +142,7 @@ def similarity_json_tensors(result: Any, *, neighbours: int = 3, matrix: Path | 
                 "similarity": group.similarity.to(torch.float64),
                 "modules": list(group.modules),
                 "norms": group.norms.to(torch.float64),
+                "outliers": outliers(clients, group.similarity, group.norms),
             }
             for name, group in result.groups.items()
         },
@@ -192,13 +210,15 @@ def cache_json(cache: Any) -> dict[str, Any]:
         cache: an ``innercache.InnerProductCache``.
 
     Returns:
-        ``{"dir": str | None, "hits": int, "computed": int}``: products read from the cache and
-        computed (per module, pairs of distinct contents).
+        ``{"dir": str | None, "hits": int, "computed": int, "rejected": int}``: products read from
+        the cache and computed (per module, pairs of distinct contents), and entries found but
+        refused (a MAC that does not verify, a malformed or non-finite value) and computed again.
     """
     return {
         "dir": None if cache.directory is None else str(cache.directory),
         "hits": cache.stats.hits,
         "computed": cache.stats.computed,
+        "rejected": cache.stats.rejected,
     }
 
 
@@ -563,6 +583,7 @@ def merge_summary(result: Any) -> dict[str, Any]:
         "weights": {name: [[float(x) for x in row] for row in w.tolist()] for name, w in result.weights.items()},
         "energy_kept": summary_energy,
         "outputs": result.manifest["outputs"],
+        "defence": result.manifest["defence"],
         "manifest": str(result.out / "fedbip-manifest.json"),
     }
 

@@ -774,6 +774,7 @@ def test_merge_is_byte_identical_and_manifest_is_faithful(tmp_path: Path) -> Non
         "rank": 2,
         "dtype": "auto",
         "similarity": {"method": "exact"},
+        "clip_norm": None,
     }
     assert [i["name"] for i in record["inputs"]] == ["c0", "c1", "c2"]
     for entry, d in zip(record["inputs"], dirs):

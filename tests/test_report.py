@@ -178,7 +178,8 @@ def test_similarity_json_shape_and_values_at_full_precision():
     assert data["granularity"] == "model"
     assert data["similarity"] == {"method": "exact"}
     group = data["groups"]["model"]
-    assert set(group) == {"similarity", "modules", "norms"}
+    assert set(group) == {"similarity", "modules", "norms", "outliers"}
+    assert group["outliers"] == {"norm": [], "similarity": [], "near_copies": []}
     assert group["similarity"] == matrix.tolist()
     assert group["similarity"][0][1] == 0.123456789012345678
     assert type(group["similarity"][0][1]) is float

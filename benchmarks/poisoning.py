@@ -1,0 +1,48 @@
+"""How much of a victim's merged delta a hostile adapter supplies, with and without the defences.
+
+The scenarios of tests/test_defence.py (six honest clients in two task groups, the victim h0, an
+attacker zz): ``scaled`` is a ×1000 copy of the victim's neighbour h1, ``hidden`` the victim's own
+update plus a hidden component of equal norm. For each merge option set, the share of the victim's
+merged delta (‖P'_vj ΔW_j‖ / ‖M_v‖, float64, from the written adapters) that the attacker and an
+honest neighbour supply, and whether the outlier report flags the attacker. Run:
+
+    python benchmarks/poisoning.py
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.test_defence import attacker_share, merge, scenario  # noqa: E402
+
+OPTIONS = {
+    "no defence": [],
+    "--clip-norm auto (median)": ["--clip-norm", "auto"],
+    "--clip-norm 2x": ["--clip-norm", "2x"],
+    "--top-k 3": ["--top-k", "3"],
+    "--top-k 3 --clip-norm auto": ["--top-k", "3", "--clip-norm", "auto"],
+}
+
+
+def main() -> None:
+    print("| attack | merge options | attacker's share | honest neighbour h1 | h2 | flagged as outlier |")
+    print("|---|---|---|---|---|---|")
+    for attack in ("scaled", "hidden"):
+        with tempfile.TemporaryDirectory() as work:
+            root = Path(work)
+            sources = scenario(root / "in", attack)
+            for i, (label, options) in enumerate(OPTIONS.items()):
+                summary = merge(sources, root / f"out{i}", *options)
+                flagged = summary["defence"]["groups"]["model"]["outliers"]
+                names = [o["client"] for kind in ("norm", "similarity") for o in flagged[kind]]
+                shares = [attacker_share(sources, root / f"out{i}", attacker=c) for c in ("zz", "h1", "h2")]
+                cells = " | ".join(f"{s:.3f}" for s in shares)
+                print(f"| {attack} | {label} | {cells} | {'zz' if 'zz' in names else 'no'} |")
+
+
+if __name__ == "__main__":
+    main()
