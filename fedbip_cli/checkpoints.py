@@ -9,7 +9,6 @@ never in memory.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from fedbip_cli.adapters import FLOAT_DTYPES, file_sha256, read_header
+from fedbip_cli.boundedio import read_json
 from fedbip_cli.errors import AdapterError
 from fedbip_cli.sources import ModelShapes, ResolvedSource
 
@@ -179,10 +179,7 @@ def _weight_files(directory: Path, weight_map: dict[str, str] | None) -> list[st
 
 def _read_index(path: Path) -> dict[str, str]:
     """The ``weight_map`` of a safetensors index: tensor name -> shard file name."""
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"cannot read {INDEX_NAME}: {exc}", where=str(path), hint=SUPPORTED) from None
+    index = read_json(path, error=AdapterError, what=INDEX_NAME)  # bounded: size, nesting, NaN
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise AdapterError('expected {"weight_map": {tensor: file, ...}}', where=str(path), hint=SUPPORTED)

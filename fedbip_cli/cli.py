@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -120,9 +121,16 @@ def main_callback(
     """Compare many LoRA adapters of one base model and merge one personalized adapter per client."""
 
 
+INTERRUPTED = 130  # the shell's exit status for a process ended by SIGINT
+
+
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Turn a FedbipError into one line plus a hint and its exit code (traceback with FEDBIP_DEBUG=1)."""
+    """Turn a FedbipError into one line plus a hint and its exit code (traceback with FEDBIP_DEBUG=1).
+
+    From here on Ctrl-C raises KeyboardInterrupt, so that what a run staged is removed on the way out.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     except FedbipError as exc:
@@ -136,6 +144,9 @@ def _user_errors() -> Iterator[None]:
         where = f"{os.fsdecode(exc.filename)}: " if exc.filename else ""
         _error_line(f"{where}{exc.strerror or exc}", "check the path exists, is writable and has room")
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        _error_line("interrupted", None)
+        raise typer.Exit(INTERRUPTED) from None
 
 
 def _error_line(message: str, hint: str | None) -> None:
@@ -673,11 +684,15 @@ def _simulate_on_flower(config: Any, out: Path, *, overwrite: bool, resume: bool
     return simulate_on_flower(config, out, overwrite=overwrite)
 
 
+def _interrupted_at_start(signum: int, frame: object) -> None:
+    """Ctrl-C before a command starts its work: nothing is written yet, so stop at once. (Raising in the
+    middle of importing torch or numpy leaves them half imported, and they report another error.)"""
+    os.write(2, b"interrupted\n")
+    os._exit(INTERRUPTED)
+
+
 def main() -> None:
-    """Console-script entry point. Ctrl-C at any point (start-up included) exits 130 without a traceback;
-    whatever a run had staged is removed on the way out (``outdir.Outputs``)."""
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+    """Console-script entry point. Ctrl-C exits 130 without a traceback: at once during start-up, and
+    once a command runs (``_user_errors``) after removing whatever it had staged (``outdir.Outputs``)."""
+    signal.signal(signal.SIGINT, _interrupted_at_start)
+    app()

@@ -185,11 +185,11 @@ def test_warm_merge_writes_the_bytes_of_a_cold_one(tmp_path: Path) -> None:
     make_clients(clients, 4)
     cache = tmp_path / "cache"
     summary = merge(clients, tmp_path / "out", "--cache", str(cache))
-    assert summary["cache"] == {"dir": str(cache), "hits": 0, "computed": MODULES * triangle(4)}
+    assert summary["cache"] == {"dir": str(cache), "hits": 0, "computed": MODULES * triangle(4), "rejected": 0}
 
     make_clients(clients, 1, first_seed=4)  # a fifth client joins
     warm = merge(clients, tmp_path / "out", "--cache", str(cache))
-    assert warm["cache"] == {"dir": str(cache), "hits": MODULES * triangle(4), "computed": MODULES * 5}
+    assert warm["cache"] == {"dir": str(cache), "hits": MODULES * triangle(4), "computed": MODULES * 5, "rejected": 0}
     warm_bytes = tree_bytes(tmp_path / "out")
 
     cold = merge(clients, tmp_path / "out", "--cache", str(tmp_path / "fresh"))
@@ -198,7 +198,7 @@ def test_warm_merge_writes_the_bytes_of_a_cold_one(tmp_path: Path) -> None:
     assert "fedbip-manifest.json" in warm_bytes and str(cache) not in warm_bytes["fedbip-manifest.json"].decode()
 
     uncached = merge(clients, tmp_path / "out", "--no-cache")
-    assert uncached["cache"] == {"dir": None, "hits": 0, "computed": MODULES * triangle(5)}
+    assert uncached["cache"] == {"dir": None, "hits": 0, "computed": MODULES * triangle(5), "rejected": 0}
     assert tree_bytes(tmp_path / "out") == warm_bytes
 
 

@@ -601,6 +601,7 @@ def test_to_lora_card_summary_and_plan_match_the_schemas(bert: Reference, tmp_pa
         "dir": summary["cache"]["dir"],
         "hits": 0,
         "computed": 0,
+        "rejected": 0,
     }  # the dense path keeps no cache
     card = (tmp_path / "lora" / bert.full.clients[0] / "README.md").read_text(encoding="utf-8")
     assert "library_name: peft\n" in card and "rank-2 LoRA adapter of the personalized delta" in card
