@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
+import io
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fedbip_cli.boundedio import decode, parse_json, read_bytes
 from fedbip_cli.errors import SourceError, UsageError
 
 DATA_SUFFIXES = (".jsonl", ".csv")
+MAX_DATA_BYTES = 1 << 30  # one client's --data file: 1 GiB of text is millions of rows
 
 # A sentence ends at . ! or ? (optionally followed by a closing quote or bracket) before whitespace.
 # Two fixed-width look-behinds because Python's look-behind cannot have variable width.
@@ -174,41 +176,40 @@ def _row(path: Path, line: int, text: object, label: object) -> tuple[str, str]:
     return text.strip(), str(label)
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, str, str]]:
+def _read_jsonl(path: Path, text: str) -> list[tuple[int, str, str]]:
     rows = []
-    with path.open(encoding="utf-8-sig") as handle:
-        for line, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise _data_error(f"invalid JSON: {exc.msg} (column {exc.colno})", f"{path}:{line}") from None
-            if not isinstance(obj, dict):
-                raise _data_error(f"expected a JSON object, got {type(obj).__name__}", f"{path}:{line}")
-            rows.append((line, *_row(path, line, obj.get("text"), obj.get("label"))))
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{line}"
+        obj = parse_json(raw, where=where, error=SourceError, what="a --data row")  # nesting and NaN bounded
+        if not isinstance(obj, dict):
+            raise _data_error(f"expected a JSON object, got {type(obj).__name__}", where)
+        rows.append((line, *_row(path, line, obj.get("text"), obj.get("label"))))
     return rows
 
 
-def _read_csv(path: Path) -> list[tuple[int, str, str]]:
+def _read_csv(path: Path, text: str) -> list[tuple[int, str, str]]:
     rows = []
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
+    reader = csv.DictReader(io.StringIO(text.removeprefix("\ufeff"), newline=""))
+    try:
         header = reader.fieldnames or []
         for column in ("text", "label"):
             if column not in header:
                 raise _data_error(f"header {header} has no '{column}' column", f"{path}:1")
         for record in reader:
             rows.append((reader.line_num, *_row(path, reader.line_num, record["text"], record["label"])))
+    except csv.Error as exc:  # a cell over csv's field limit (128 KiB), a NUL byte, ...
+        # csv counts the lines it has finished; the bad row is the next one.
+        raise _data_error(f"not a CSV row: {exc}", f"{path}:{reader.line_num + 1}") from None
     return rows
 
 
 def _read_client_file(path: Path) -> list[tuple[int, str, str]]:
-    reader = _read_jsonl if path.suffix == ".jsonl" else _read_csv
-    try:
-        rows = reader(path)
-    except UnicodeDecodeError as exc:
-        raise _data_error(f"not valid UTF-8 (byte offset {exc.start})", str(path)) from None
+    """One client's rows, read whole through the bounded reader (a size cap, no devices or pipes)."""
+    data = read_bytes(path, error=SourceError, limit=MAX_DATA_BYTES, what="a --data file")
+    text = decode(data, where=str(path), error=SourceError, what="a --data file")
+    rows = (_read_jsonl if path.suffix == ".jsonl" else _read_csv)(path, text)
     if len(rows) < 2:
         last_line = rows[-1][0] if rows else 1
         raise _data_error(f"{len(rows)} row(s); every client needs at least 2 (train and test)", f"{path}:{last_line}")
@@ -236,7 +237,9 @@ def load_client_files(
     directory = Path(directory)
     if not directory.is_dir():
         raise _data_error("not a directory", str(directory))
-    paths = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+    # Not only regular files: a pipe or a directory named like a client file is refused by the reader,
+    # not silently dropped.
+    paths = sorted(p for p in directory.iterdir() if p.suffix in DATA_SUFFIXES)
     if not paths:
         raise _data_error("no .jsonl or .csv client files in this directory", str(directory))
     names = [p.stem for p in paths]
