@@ -523,6 +523,8 @@ SIMULATE_EPILOG = """[b]Examples[/b]
   fedbip simulate --data my-clients/ --strategy fedbip-layerwise --out runs/mine
 
   fedbip simulate --out runs/seed1 --resume
+
+  fedbip simulate --compare fedbip,fedavg --clients 6 --attack backdoor --attackers 1 --clip-norm auto --out runs/bd
 """
 
 
@@ -603,6 +605,35 @@ def simulate(
             "SuperNode per client; needs `pip install 'fedbip[flower]'`)."
         ),
     ] = "inprocess",
+    attack: Annotated[
+        str,
+        typer.Option(
+            help="none, scaled (attackers send their update × --attack-scale) or backdoor (attackers train "
+            "half their sentences with --trigger and --target-label). ASR per client goes into the metrics."
+        ),
+    ] = "none",
+    attackers: Annotated[
+        int | None, typer.Option(help="Attacking clients (default 1 with --attack).", show_default=False)
+    ] = None,
+    attack_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="Update multiplier of the attackers (default 10 for scaled, 1 for backdoor).", show_default=False
+        ),
+    ] = None,
+    trigger: Annotated[str, typer.Option(help="The backdoor's trigger word.")] = "cf",
+    target_label: Annotated[
+        str | None, typer.Option(help="The backdoor's target label (default: the first label).", show_default=False)
+    ] = None,
+    clip_norm: Annotated[
+        str | None,
+        typer.Option(
+            "--clip-norm",
+            help="Server-step defence: bound each update's norm at auto (the round's median norm), Kx (K × median) "
+            "or VALUE, before the strategy's weights apply.",
+            show_default=False,
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("fedbip-simulation"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete round in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
@@ -613,12 +644,15 @@ def simulate(
 ) -> None:
     """Run federated LoRA fine-tuning rounds on non-IID data with FedBip or a baseline."""
     from fedbip_cli import report
+    from fedbip_cli.simulate.attacks import SCALED_DEFAULT
     from fedbip_cli.simulate.loop import SimulationConfig
     from fedbip_cli.simulate.runner import simulate as run_simulation
     from fedbip_cli.simulate.seeds import parse_seeds, seeds_table
 
     with _user_errors():
         seed_list = parse_seeds(seeds) if seeds is not None else None
+        if engine == "flower" and (attack != "none" or clip_norm is not None):
+            raise UsageError("--attack and --clip-norm are not wired to --engine flower", hint="use --engine inprocess")
         config = SimulationConfig(
             strategies=tuple(s.strip() for s in (compare or strategy).split(",") if s.strip()),
             rounds=rounds,
@@ -640,6 +674,12 @@ def simulate(
             eval_every=eval_every,
             participation=participation,
             seed=seed,
+            attack=attack,
+            attackers=(1 if attack != "none" else 0) if attackers is None else attackers,
+            attack_scale=(SCALED_DEFAULT if attack == "scaled" else 1.0) if attack_scale is None else attack_scale,
+            trigger=trigger,
+            target_label=target_label,
+            clip_norm=clip_norm,
         )
 
         def round_line(name: str, round_: int, accuracy: float | None) -> None:

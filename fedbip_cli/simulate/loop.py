@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedbip_cli.defence import ClipNorm
 from fedbip_cli.errors import OutputError, UsageError
-from fedbip_cli.simulate import checkpoint
+from fedbip_cli.simulate import attacks, checkpoint
+from fedbip_cli.simulate.attacks import Attack
 from fedbip_cli.simulate.checkpoint import StrategyRun
 from fedbip_cli.simulate.data import ClientData, load_bbc, load_client_files
 from fedbip_cli.simulate.model import ClientModel, Tokens, embedded_model_dir
@@ -74,6 +76,13 @@ class SimulationConfig:
     eval_every: int = 5
     participation: float = 1.0
     seed: int = 0
+    # Poisoning (``attacks``) and the server-step defence (``clipping``); see ``attacks.check_config``.
+    attack: str = "none"
+    attackers: int = 0
+    attack_scale: float = 1.0
+    trigger: str = attacks.TRIGGER
+    target_label: str | None = None  # a label name; None = the first label
+    clip_norm: str | None = None  # auto | <K>x | <value> (``defence.ClipNorm``)
 
     def __post_init__(self) -> None:
         check_strategies(list(self.strategies))
@@ -90,6 +99,7 @@ class SimulationConfig:
             raise UsageError(f"--seed {self.seed} must be a non-negative integer")
         if self.examples_per_client is not None and self.examples_per_client < 1:
             raise UsageError(f"--examples-per-client {self.examples_per_client} must be at least 1 (0 = off)")
+        attacks.check_config(self)
 
 
 @dataclass
@@ -212,15 +222,19 @@ def server_round(
     examples: dict[str, int],
     groups: dict[str, int | None],
     initial: State,
+    clip: ClipNorm | None = None,
 ) -> ServerStep:
     """The server's part of ``round_``: the strategy's step over the participants ``chosen`` and
-    their ``trained`` states, applied to ``run`` (its personalized states and similarity record).
-    Every engine calls this one function after collecting the round's replies."""
-    updates = RoundUpdates(clients, chosen, run.bar, trained, examples, groups, initial, run.memory)
+    their ``trained`` states, applied to ``run`` (its personalized states and similarity record),
+    with each update's norm bounded by ``clip`` when given. Every engine calls this one function
+    after collecting the round's replies."""
+    updates = RoundUpdates(clients, chosen, run.bar, trained, examples, groups, initial, run.memory, clip)
     step = server_step(run.strategy, updates)
     run.bar, run.memory = step.bar, step.memory
     record = similarity_record(run.strategy, round_, step)
     record["separation"] = separation_record(updates, step)
+    if step.clip is not None:
+        record["clip"] = step.clip
     run.similarity.append(record)
     return step
 
@@ -258,9 +272,12 @@ def metric_rows(
     examples: dict[str, int],
     losses: dict[str, float],
     accuracy: dict[str, float],
+    attack: Attack | None = None,
+    attack_success: dict[str, float | None] | None = None,
 ) -> list[dict[str, Any]]:
     """The lines of ``metrics.jsonl`` for one round, one per client: a client that did not train
-    has no ``train_loss``, one that was not evaluated no ``test_accuracy``."""
+    has no ``train_loss``, one that was not evaluated no ``test_accuracy``; under an ``attack``,
+    whether the client attacks and its ``attack_success_rate`` (``attacks.attack_fields``)."""
     return [
         {
             "strategy": strategy,
@@ -269,6 +286,7 @@ def metric_rows(
             "train_loss": losses.get(client),
             "test_accuracy": accuracy.get(client),
             "examples": examples[client],
+            **(attacks.attack_fields(attack, client, (attack_success or {}).get(client)) if attack else {}),
         }
         for client in clients
     ]
@@ -281,8 +299,11 @@ class Simulation:
         self.config = config
         self.out = Path(out)
         self.clients, self.label_names = load_clients(config)
+        self.attack = Attack.of(config, self.clients, self.label_names)
+        self.clients = self.attack.poison(self.clients)  # backdoor attackers' training data
         self.model = build_model(config, self.label_names, device=device)
         self.data = [tokenize_client(self.model, c) for c in self.clients]
+        self.attack.prepare(self.model, self.clients)  # the triggered test sentences
         self.names = [c.name for c in self.clients]
         self.initial = self.model.initial_state()
         # Round 1 trains every client from the shared initial state with the same batches whatever
@@ -333,22 +354,36 @@ class Simulation:
                     )
                     if round_ == 1:
                         self._first_round[data.name] = (trained[data.name], losses[data.name])
+                if data.name in chosen:  # what an attacker sends (``attacks.Attack.update``)
+                    trained[data.name] = self.attack.update(data.name, run.bar[data.name], trained[data.name])
                 advance(1)
             run.seconds["train"] += time.perf_counter() - start
 
             start = time.perf_counter()
             server_round(
-                run, round_, chosen, trained, clients=self.names, examples=examples, groups=groups, initial=self.initial
+                run,
+                round_,
+                chosen,
+                trained,
+                clients=self.names,
+                examples=examples,
+                groups=groups,
+                initial=self.initial,
+                clip=ClipNorm.parse(self.config.clip_norm),
             )
             run.seconds["server"] += time.perf_counter() - start
 
             accuracy: dict[str, float] = {}
+            success: dict[str, float | None] = {}
             if evaluates(self.config, round_):
                 start = time.perf_counter()
                 for data in self.data:
                     accuracy[data.name] = evaluate_client(self.model, data, run.bar[data.name])
+                    success[data.name] = self.attack.success_rate(self.model, data.name, run.bar[data.name])
                 run.seconds["eval"] += time.perf_counter() - start
-            run.metrics.extend(metric_rows(strategy, round_, self.names, examples, losses, accuracy))
+            run.metrics.extend(
+                metric_rows(strategy, round_, self.names, examples, losses, accuracy, self.attack, success)
+            )
             run.round = round_
             self.save_checkpoint(run)
             if on_round is not None:

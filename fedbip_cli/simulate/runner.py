@@ -34,6 +34,7 @@ from fedbip_cli.clustering import adjusted_rand_index, cluster_labels, suggest_c
 from fedbip_cli.pipeline import resolve_device
 from fedbip_cli.similarity import GroupSimilarity, SimilarityResult
 from fedbip_cli.simulate import figures, seeds
+from fedbip_cli.simulate.attacks import honest_summary
 from fedbip_cli.simulate.loop import (
     METRICS,
     SIMILARITY,
@@ -290,6 +291,7 @@ def _summary(
         if all(groups[c] is not None for c in similarity.clients):
             found = cluster_labels(suggest_clusters(similarity.groups["model"].similarity), len(similarity.clients))
             entry["ari"] = adjusted_rand_index(found, [groups[c] for c in similarity.clients])
+        entry.update(honest_summary(run.metrics))  # under --attack: ASR and accuracy of the honest clients
         strategies[run.strategy] = entry
     return {
         "fedbip": __version__,

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
+from fedbip_cli.defence import ClipNorm
 from fedbip_cli.errors import UsageError
 from fedbip_cli.merge import weighted_sum
 from fedbip_cli.similarity import SimilarityResult, dense_inner_products, similarity_from_inner
+from fedbip_cli.simulate.clipping import clip_plan
 from fedbip_cli.taskvec import block_of, natural_key
 from fedbip_cli.weights import WeightOptions, personalized_weights
 
@@ -41,6 +44,7 @@ class RoundUpdates:
     groups: dict[str, int | None]  # true task groups; only the oracle may look
     initial: State | None = None  # the shared initial adapter θ⁰ (for similarity of whole trajectories)
     memory: dict[str, State] | None = None  # the server's EMA of each client's past updates (see EMA_DECAY)
+    clip: ClipNorm | None = None  # --clip-norm: bound each update's norm (``clipping.clip_plan``)
 
 
 @dataclass
@@ -61,6 +65,7 @@ class ServerStep:
     similarity: SimilarityResult  # of the participants' task vectors (whole model)
     plan: Plan
     memory: dict[str, State]  # the EMA of each client's updates, this round's included
+    clip: dict[str, Any] | None = None  # per group: the bound, the norms and each clipped client's scale
 
 
 def parameter_groups(names: list[str], granularity: str) -> dict[str, list[str]]:
@@ -258,6 +263,9 @@ def server_step(strategy: str, updates: RoundUpdates) -> ServerStep:
         group_of = {name: "model" for name in tau}
     else:
         group_of = {name: g for g, members in parameter_groups(list(tau), "block").items() for name in members}
+    clipped = None
+    if updates.clip is not None:
+        plan, clipped = clip_plan(plan, tau, group_of, updates.participants, updates.clip)
     bar = dict(updates.bar)
     for receiver in plan.receivers:
         bar[receiver] = dict(bar[receiver])
@@ -272,4 +280,4 @@ def server_step(strategy: str, updates: RoundUpdates) -> ServerStep:
         for r, receiver in enumerate(plan.receivers):
             bar[receiver][name] = updates.bar[receiver][name] + merged[r]
     similarity = plan.similarity or update_similarity(updates.participants, tau, "model")
-    return ServerStep(bar, similarity, plan, updates.memory or {})
+    return ServerStep(bar, similarity, plan, updates.memory or {}, clipped)
