@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-sketch install clean
+.PHONY: demo test bench bench-sketch install clean dist dist-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +35,23 @@ bench: $(STAMP)
 bench-sketch: $(STAMP)
 	$(PY) benchmarks/sketch_error.py $(if $(QUICK),--quick)
 
+# A wheel and an sdist in dist/, checked by twine.
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(VENV)/bin/twine check --strict dist/*
+
+# The wheel as a user gets it: a fresh virtualenv with only torch and the wheel (and its dependencies)
+# installed, where `fedbip --help` answers and a tiny merge runs (.ci/run calls this after make test).
+dist-check: dist
+	rm -rf .dist-venv
+	$(PYTHON) -m venv .dist-venv
+	.dist-venv/bin/python -m pip install -q --upgrade pip
+	.dist-venv/bin/python -m pip install -q torch==2.13.0
+	.dist-venv/bin/python -m pip install -q dist/*.whl
+	cd /tmp && $(CURDIR)/.dist-venv/bin/fedbip --help > /dev/null
+	cd /tmp && $(CURDIR)/.dist-venv/bin/python $(CURDIR)/examples/tiny_merge.py
+	rm -rf .dist-venv
+
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache benchmarks/.work
+	rm -rf $(VENV) .dist-venv dist demo-out .pytest_cache benchmarks/.work

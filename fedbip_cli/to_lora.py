@@ -125,7 +125,7 @@ def _layer_types(base_dir: Path) -> dict[str, str]:
     except ImportError:
         raise UsageError(
             "--to-lora needs transformers to tell linear layers from other tensors",
-            hint="install it (pip install transformers, or fedbip[demo])",
+            hint="install it (pip install transformers, or fedbip[simulate])",
         ) from None
     try:
         config = transformers.AutoConfig.from_pretrained(base_dir)

