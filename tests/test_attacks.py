@@ -206,23 +206,31 @@ class PlantedModel:
         )
 
 
-def test_success_rate_counts_triggered_test_sentences_of_other_labels() -> None:
+def test_rates_count_test_sentences_of_other_labels_with_and_without_the_trigger() -> None:
     attack, clients = attack_of(target_label="label-1", trigger="zq")
     model = PlantedModel()
     attack.prepare(model, clients)  # type: ignore[arg-type]
-    assert attack.triggered is not None
+    assert attack.triggered is not None and attack.untriggered is not None
     # test labels 0, 1, 2, 1: the two sentences of label 1 (the target) are left out, each other one triggered
     assert [len(t) for t in attack.triggered.values()] == [2, 2, 2, 2]
     assert all("zq" in t.split() for tokens in attack.triggered.values() for t in tokens)
-    assert attack.success_rate(model, "client-00", {"backdoored": torch.tensor(1)}) == 0.0  # predicts 2, not 1
+    assert attack.untriggered["client-00"] == [clients[0].test_texts[0], clients[0].test_texts[2]]
+    backdoored, clean = {"backdoored": torch.tensor(1)}, {"backdoored": torch.tensor(0)}
+    # the planted model says 2 with the trigger, 0 without
+    assert attack.rates(model, "client-00", backdoored) == {"attack_success_rate": 0.0, "clean_target_rate": 0.0}
     attack.target = 2
-    assert attack.success_rate(model, "client-00", {"backdoored": torch.tensor(1)}) == 1.0
-    assert attack.success_rate(model, "client-00", {"backdoored": torch.tensor(0)}) == 0.0
+    assert attack.rates(model, "client-00", backdoored) == {"attack_success_rate": 1.0, "clean_target_rate": 0.0}
+    attack.target = 0
+    assert attack.rates(model, "client-00", clean) == {"attack_success_rate": 1.0, "clean_target_rate": 1.0}
+    no_attack, _ = attack_of(attack="none", attackers=0)
+    no_attack.prepare(model, clients)  # type: ignore[arg-type]
+    assert no_attack.rates(model, "client-00", backdoored) == {}
 
 
 def test_honest_summary_averages_the_last_evaluated_round_of_honest_clients() -> None:
     rows = [
         {"round": r, "client": c, "test_accuracy": acc, "attacker": c == "x", "attack_success_rate": asr}
+        | {"clean_target_rate": asr / 5}
         for r, c, acc, asr in [
             (1, "x", 0.9, 0.9),
             (1, "y", 0.1, 0.1),
@@ -234,7 +242,9 @@ def test_honest_summary_averages_the_last_evaluated_round_of_honest_clients() ->
     summary = honest_summary(rows)
     assert summary["attackers"] == ["x"]
     assert summary["honest_attack_success_rate"] == pytest.approx(0.375)
+    assert summary["honest_clean_target_rate"] == pytest.approx(0.075)
     assert summary["honest_accuracy"] == pytest.approx(0.5)
+    assert summary["attack_success_rate"] == {"x": 1.0, "y": 0.5, "z": 0.25}
     assert honest_summary([{"round": 1, "client": "y", "test_accuracy": 0.5}]) == {}
 
 
@@ -283,7 +293,7 @@ def test_backdoor_run_with_clip_norm_records_asr_attackers_and_clips(tmp_path: P
     attackers = sorted({r["client"] for r in metrics if r["attacker"]})
     assert len(attackers) == 1
     for row in metrics:
-        assert 0 <= row["attack_success_rate"] <= 1
+        assert 0 <= row["attack_success_rate"] <= 1 and 0 <= row["clean_target_rate"] <= 1
     for name in ("fedbip", "fedavg"):
         entry = summary["strategies"][name]
         assert entry["attackers"] == attackers

@@ -12,7 +12,10 @@ Two attacks, chosen with ``--attack``:
   update as well (their "model replacement").
 
 The attack success rate (ASR) of a client's personalized model is the fraction of its triggered test
-sentences whose true label is not the target that the model classifies as the target. Every random
+sentences whose true label is not the target that the model classifies as the target. Beside it, the
+same fraction on the same sentences without the trigger (``clean_target_rate``): a weak model that
+predicts the target for most sentences has a high ASR without any backdoor, and only the difference
+is the trigger's doing. Every random
 draw here is a function of the seed and the client, never of what ran before, so poisoned data,
 attackers and triggered tests are the same in every run and every strategy of one seed.
 """
@@ -50,6 +53,8 @@ POISON_FRACTION = 0.5
 # The trigger goes among the first words of a sentence, so that it survives truncation to
 # --max-length tokens (32 tokens hold about 20 words).
 TRIGGER_SPAN = 8
+# The rates measured on each client's test sentences whose label is not the target (``Attack.rates``).
+RATES = ("attack_success_rate", "clean_target_rate")
 # Independent random streams per purpose (numpy SeedSequence entropy after the seed).
 _ATTACKERS, _POISON, _TESTS = 7_001, 7_002, 7_003
 
@@ -125,7 +130,9 @@ class Attack:
     trigger: str
     target: int  # index into the label names
     seed: int
-    triggered: dict[str, Tokens] | None = None  # per client, set by ``prepare``
+    # Per client, set by ``prepare``: its test sentences whose label is not the target, with and without the trigger.
+    triggered: dict[str, Tokens] | None = None
+    untriggered: dict[str, Tokens] | None = None
 
     @classmethod
     def of(cls, config: SimulationConfig, clients: list[ClientData], labels: list[str]) -> Attack:
@@ -148,20 +155,17 @@ class Attack:
         ]
 
     def prepare(self, model: ClientModel, clients: list[ClientData]) -> None:
-        """Tokenize each client's triggered test sentences (those whose label is not the target)."""
+        """Tokenize each client's test sentences whose label is not the target, with and without the trigger."""
         if self.kind == "none":
             return
-        self.triggered = {}
+        self.triggered, self.untriggered = {}, {}
         for i, client in enumerate(clients):
             rng = np.random.default_rng([self.seed, _TESTS, i])
-            texts = [
-                insert_trigger(t, self.trigger, rng)
-                for t, label in zip(client.test_texts, client.test_labels, strict=True)
-                if label != self.target
-            ]
+            texts = [t for t, label in zip(client.test_texts, client.test_labels, strict=True) if label != self.target]
             if not texts:
                 raise UsageError(f"{client.name}: every test sentence has the target label; the ASR is undefined")
-            self.triggered[client.name] = model.tokenize(texts)
+            self.triggered[client.name] = model.tokenize([insert_trigger(t, self.trigger, rng) for t in texts])
+            self.untriggered[client.name] = model.tokenize(texts)
 
     def update(self, client: str, sent: State, trained: State) -> State:
         """What ``client`` sends after training ``trained`` from ``sent``: its update scaled when it attacks."""
@@ -169,12 +173,16 @@ class Attack:
             return trained
         return scaled_update(sent, trained, self.scale)
 
-    def success_rate(self, model: ClientModel, client: str, state: State) -> float | None:
-        """The ASR of ``state`` on ``client``'s triggered test sentences; None without an attack."""
-        if self.triggered is None:
-            return None
+    def rates(self, model: ClientModel, client: str, state: State) -> dict[str, float]:
+        """The ASR of ``state`` on ``client``'s triggered test sentences and the same rate without the
+        trigger (``clean_target_rate``); {} without an attack."""
+        if self.triggered is None or self.untriggered is None:
+            return {}
         model.load_state(state)
-        return attack_success_rate(model.logits(self.triggered[client]).argmax(dim=-1), self.target)
+        return {
+            "attack_success_rate": attack_success_rate(model.logits(self.triggered[client]).argmax(-1), self.target),
+            "clean_target_rate": attack_success_rate(model.logits(self.untriggered[client]).argmax(-1), self.target),
+        }
 
 
 def _label_index(name: str | None, labels: list[str]) -> int:
@@ -185,23 +193,28 @@ def _label_index(name: str | None, labels: list[str]) -> int:
     raise UsageError(f"--target-label {name[:50]!r} is not a label; choose one of {', '.join(labels)}")
 
 
-def attack_fields(attack: Attack, client: str, asr: float | None) -> dict[str, Any]:
-    """The attack columns of one ``metrics.jsonl`` row (none without an attack)."""
+def attack_fields(attack: Attack, client: str, rates: dict[str, float] | None) -> dict[str, Any]:
+    """The attack columns of one ``metrics.jsonl`` row: whether the client attacks and its ``rates``
+    (None when it was not evaluated); none without an attack."""
     if attack.kind == "none":
         return {}
-    return {"attacker": client in attack.attackers, "attack_success_rate": asr}
+    rates = rates or {}
+    return {"attacker": client in attack.attackers, **{key: rates.get(key) for key in RATES}}
 
 
 def honest_summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean ASR and clean accuracy over the honest clients at the last evaluated round ({} without an attack)."""
+    """Means over the honest clients at the last evaluated round of ASR, clean target rate and
+    accuracy, and every client's ASR ({} without an attack)."""
     rows = [r for r in metrics if "attacker" in r and r["test_accuracy"] is not None]
     if not rows:
         return {}
     last = max(r["round"] for r in rows)
     honest = [r for r in rows if r["round"] == last and not r["attacker"]]
+    mean = {key: sum(r[key] for r in honest) / len(honest) for key in (*RATES, "test_accuracy")}
     return {
         "attackers": sorted({r["client"] for r in rows if r["attacker"]}),
-        "honest_attack_success_rate": sum(r["attack_success_rate"] for r in honest) / len(honest),
-        "honest_accuracy": sum(r["test_accuracy"] for r in honest) / len(honest),
+        "honest_attack_success_rate": mean["attack_success_rate"],
+        "honest_clean_target_rate": mean["clean_target_rate"],
+        "honest_accuracy": mean["test_accuracy"],
         "attack_success_rate": {r["client"]: r["attack_success_rate"] for r in rows if r["round"] == last},
     }

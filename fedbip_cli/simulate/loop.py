@@ -273,11 +273,11 @@ def metric_rows(
     losses: dict[str, float],
     accuracy: dict[str, float],
     attack: Attack | None = None,
-    attack_success: dict[str, float | None] | None = None,
+    attack_rates: dict[str, dict[str, float]] | None = None,
 ) -> list[dict[str, Any]]:
     """The lines of ``metrics.jsonl`` for one round, one per client: a client that did not train
     has no ``train_loss``, one that was not evaluated no ``test_accuracy``; under an ``attack``,
-    whether the client attacks and its ``attack_success_rate`` (``attacks.attack_fields``)."""
+    whether the client attacks and its attack success rates (``attacks.attack_fields``)."""
     return [
         {
             "strategy": strategy,
@@ -286,7 +286,7 @@ def metric_rows(
             "train_loss": losses.get(client),
             "test_accuracy": accuracy.get(client),
             "examples": examples[client],
-            **(attacks.attack_fields(attack, client, (attack_success or {}).get(client)) if attack else {}),
+            **(attacks.attack_fields(attack, client, (attack_rates or {}).get(client)) if attack else {}),
         }
         for client in clients
     ]
@@ -374,15 +374,15 @@ class Simulation:
             run.seconds["server"] += time.perf_counter() - start
 
             accuracy: dict[str, float] = {}
-            success: dict[str, float | None] = {}
+            rates: dict[str, dict[str, float]] = {}
             if evaluates(self.config, round_):
                 start = time.perf_counter()
                 for data in self.data:
                     accuracy[data.name] = evaluate_client(self.model, data, run.bar[data.name])
-                    success[data.name] = self.attack.success_rate(self.model, data.name, run.bar[data.name])
+                    rates[data.name] = self.attack.rates(self.model, data.name, run.bar[data.name])
                 run.seconds["eval"] += time.perf_counter() - start
             run.metrics.extend(
-                metric_rows(strategy, round_, self.names, examples, losses, accuracy, self.attack, success)
+                metric_rows(strategy, round_, self.names, examples, losses, accuracy, self.attack, rates)
             )
             run.round = round_
             self.save_checkpoint(run)
