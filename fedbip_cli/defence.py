@@ -30,6 +30,8 @@ from fedbip_cli.errors import UsageError
 AUTO_MULTIPLE = 1.0
 # |z| above this (z robust: 0.6745 (x − median) / MAD) marks an outlier (Iglewicz and Hoaglin's 3.5).
 OUTLIER_Z = 3.5
+# Fewer clients than this have no "rest" robust enough to stand out from: z-scores are not reported.
+MIN_CLIENTS = 5
 # Cosine at or above this between two distinct clients: a near copy.
 NEAR_COPY = 0.999
 
@@ -125,13 +127,14 @@ def outliers(clients: list[str], similarity: torch.Tensor, norms: torch.Tensor) 
 
     Norms are compared on a log scale (a ×1000 copy is 3 decades away, whatever the typical norm);
     a client's similarity is its mean cosine to the others. Each flagged client is listed with its
-    value and z-score; near copies are pairs (i < j) of distinct clients with cosine ≥ ``NEAR_COPY``.
+    value and z-score (from ``MIN_CLIENTS`` clients on); near copies are pairs (i < j) of distinct
+    clients with cosine ≥ ``NEAR_COPY``.
     """
     count = len(clients)
     logs = torch.log10(norms.to(torch.float64).clamp(min=1e-300))
     mean_similarity = (similarity.sum(dim=1) - similarity.diagonal()) / max(count - 1, 1)
     report: dict[str, Any] = {"norm": [], "similarity": [], "near_copies": []}
-    if count >= 3:  # with two clients there is no "rest" to stand out from
+    if count >= MIN_CLIENTS:
         for kind, values, shown in (("norm", logs, norms), ("similarity", mean_similarity, mean_similarity)):
             z = robust_z(values)
             for i in (z.abs() > OUTLIER_Z).nonzero().flatten().tolist():
