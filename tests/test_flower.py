@@ -34,6 +34,7 @@ from flwr.supercore.task_identity import TaskIdentity  # isort: skip
 from fedbip_cli.cli import app
 from fedbip_cli.errors import UsageError
 from fedbip_cli.simulate import loop
+from fedbip_cli.simulate.flower.apps import expected_clients
 from fedbip_cli.simulate.flower.local import APP, LocalFederation
 from fedbip_cli.simulate.flower.records import (
     ARRAYS,
@@ -217,6 +218,17 @@ def test_run_config_round_trip_and_app_defaults() -> None:
     assert config_from_run_config(table) == SimulationConfig()
 
 
+def test_a_data_directory_has_one_supernode_per_file(tmp_path: Path) -> None:
+    """With --data, the run has one client per file whatever --clients says: that many SuperNodes."""
+    data = tmp_path / "clients"
+    data.mkdir()
+    for name in ("alpha", "beta", "gamma", "delta"):
+        rows = [{"text": f"{name} sentence number {i} of the test", "label": i % 2} for i in range(10)]
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert expected_clients(replace(TINY, data_dir=str(data))) == 4
+    assert expected_clients(TINY) == 3
+
+
 # -- engines --------------------------------------------------------------------------------------
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -327,11 +339,11 @@ def test_supernode_stopped_between_rounds(federation: LocalFederation, tmp_path:
 def test_local_federation_leaves_no_process(tmp_path: Path) -> None:
     """Whatever happens inside it, a LocalFederation stops every process group it started."""
     groups = []
-    with pytest.raises(RuntimeError, match="inside"), LocalFederation(tmp_path, env=OFFLINE) as fed:
+    with pytest.raises(KeyboardInterrupt), LocalFederation(tmp_path, env=OFFLINE) as fed:
         fed.start_superlink()
         fed.start_supernode(0, 1)
         groups = [p.pid for p in fed.processes.values()]
-        raise RuntimeError("a failure inside the federation")
+        raise KeyboardInterrupt  # as a user's Ctrl-C, or pytest stopping a test
     assert len(groups) == 2
     for group in groups:
         with pytest.raises(ProcessLookupError):

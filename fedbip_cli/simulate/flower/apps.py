@@ -34,6 +34,7 @@ from fedbip_cli.simulate.flower.records import (
     to_record,
 )
 from fedbip_cli.simulate.flower.strategy import PersonalizedStrategy, Roster
+from fedbip_cli.simulate.loop import METRICS as METRICS_FILE
 from fedbip_cli.simulate.loop import (
     ClientTokens,
     SimulationConfig,
@@ -46,7 +47,6 @@ from fedbip_cli.simulate.loop import (
     train_client,
 )
 from fedbip_cli.simulate.model import ClientModel
-from fedbip_cli.simulate.runner import METRICS as METRICS_FILE
 from fedbip_cli.simulate.runner import SimulationResult, _write_jsonl, write_outputs
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,11 @@ def _name(client: LocalClient) -> ConfigRecord:
 
 
 # -- server --------------------------------------------------------------------------------------
+def expected_clients(config: SimulationConfig) -> int:
+    """How many clients (SuperNodes) the run has: ``clients``, or one per file of ``--data``."""
+    return config.clients if config.data_dir is None else len(load_clients(config)[0])
+
+
 def run_federation(
     grid: Grid,
     config: SimulationConfig,
@@ -148,12 +153,13 @@ def run_federation(
 ) -> SimulationResult:
     """Every strategy of ``config`` over the clients on ``grid``, with ``simulate``'s outputs in ``out``.
 
-    Waits until ``config.clients`` clients are connected, so that the first round has everyone.
+    Waits (up to ``round_timeout``) until every client of the run is connected, so that the first
+    round has everyone.
     """
     out = Path(out)
     prepare_out(out, resume=False, overwrite=overwrite)
     roster = Roster(config)
-    roster.discover(grid, wait_for=config.clients, timeout=round_timeout)
+    roster.discover(grid, wait_for=expected_clients(config), timeout=round_timeout)
     labels = roster.labels()
     model = build_model(config, labels)
     initial = model.initial_state()

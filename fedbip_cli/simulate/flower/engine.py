@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedbip_cli.errors import FedbipError
 from fedbip_cli.simulate.loop import SimulationConfig, check_out
 from fedbip_cli.simulate.runner import SimulationResult
 
@@ -23,7 +24,7 @@ def simulate_on_flower(
     """Run every strategy of ``config`` on Flower's Simulation Engine and write ``simulate``'s outputs.
 
     Args:
-        config: the run's options; ``config.clients`` virtual SuperNodes are started.
+        config: the run's options; one virtual SuperNode is started per client.
         out: the output directory (refused when not empty, unless ``overwrite``).
         cpus_per_client: CPUs Ray reserves for each ClientApp (how many train at once).
         round_timeout: seconds to wait for a round's replies.
@@ -32,7 +33,7 @@ def simulate_on_flower(
     # flwr is imported here: `fedbip simulate` without --engine flower needs no flwr.
     from flwr.simulation import run_simulation
 
-    from fedbip_cli.simulate.flower.apps import client_app, make_server_app
+    from fedbip_cli.simulate.flower.apps import client_app, expected_clients, make_server_app
 
     results: list[SimulationResult] = []
     server_app = make_server_app(
@@ -41,9 +42,9 @@ def simulate_on_flower(
     run_simulation(
         server_app=server_app,
         client_app=client_app,
-        num_supernodes=config.clients,
+        num_supernodes=expected_clients(config),
         backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}},
     )
     if not results:
-        raise RuntimeError("the Flower simulation ended without a result; see Flower's log above")
+        raise FedbipError("the Flower simulation ended without a result", hint="see Flower's log above for why")
     return results[0]

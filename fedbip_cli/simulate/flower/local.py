@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from fedbip_cli.errors import FedbipError
 from fedbip_cli.simulate.flower import OFFLINE_ENV
 from fedbip_cli.simulate.flower.records import run_config_from
 from fedbip_cli.simulate.loop import SimulationConfig
@@ -100,7 +101,7 @@ class LocalFederation:
             if process.poll() is not None:
                 break
             time.sleep(0.2)
-        raise RuntimeError(f"the SuperLink did not start; see {self.root / 'superlink.log'}")
+        raise FedbipError("the SuperLink did not start", where=str(self.root / "superlink.log"))
 
     def start_supernode(self, index: int, count: int) -> None:
         """Start SuperNode ``index`` of ``count``: client ``index`` of the run."""
