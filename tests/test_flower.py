@@ -38,6 +38,7 @@ from fedbip_cli.simulate.flower.apps import expected_clients
 from fedbip_cli.simulate.flower.local import APP, LocalFederation
 from fedbip_cli.simulate.flower.records import (
     ARRAYS,
+    CLIENT,
     CONFIG,
     METRICS,
     config_from_json,
@@ -125,13 +126,19 @@ def reply(node: int, name: str, state: dict[str, torch.Tensor], loss: float) -> 
 
 
 class FakeGrid:
-    """The two things configure_train asks of a grid: the connected nodes, and nothing to discover."""
+    """What the strategy asks of a grid: the connected nodes, and who a new node is (``newcomers``:
+    node id -> the client record it answers with)."""
 
-    def __init__(self, nodes: list[int]) -> None:
+    def __init__(self, nodes: list[int], newcomers: dict[int, ConfigRecord] | None = None) -> None:
         self.nodes = nodes
+        self.newcomers = newcomers or {}
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
+
+    def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+        assert all(m.metadata.message_type == MessageType.QUERY for m in messages)
+        return [Message(RecordDict({CLIENT: self.newcomers[m.metadata.dst_node_id]}), reply_to=m) for m in messages]
 
 
 def test_aggregation_by_hand(identity: None) -> None:
@@ -177,6 +184,42 @@ def test_aggregation_by_hand(identity: None) -> None:
     rows = {r["client"]: r for r in strategy.run.metrics}
     assert [rows[c]["train_loss"] for c in CLIENTS] == [0.25, 0.75, None]
     assert all(rows[c]["test_accuracy"] is None for c in CLIENTS)
+
+
+def test_a_late_client_starts_from_the_initial_state(identity: None) -> None:
+    """A node that connects after round 1 says who it is, joins the roster with θ⁰, is sent θ⁰ to
+    train, and has a metrics row from then on."""
+    config = replace(TINY, strategies=("fedbip",), rounds=2)
+    roster = tiny_roster(config)
+    del roster.members["client-02"], roster.nodes[102]
+    initial = {"w": torch.zeros(2)}
+    strategy = PersonalizedStrategy(config, "fedbip", roster, initial)
+    list(strategy.configure_train(1, None, ConfigRecord(), FakeGrid([100, 101])))
+    strategy.aggregate_train(
+        1,
+        [
+            reply(100, "client-00", {"w": torch.tensor([1.0, 0.0])}, 0.1),
+            reply(101, "client-01", {"w": torch.ones(2)}, 0.2),
+        ],
+    )
+    strategy.aggregate_evaluate(1, [])
+    assert [r["client"] for r in strategy.run.metrics] == CLIENTS[:2]
+
+    late = ConfigRecord(
+        {"name": "client-02", "index": 2, "group": 2, "train-examples": 10, "test-examples": 5, "labels": '["a", "b"]'}
+    )
+    sent = list(strategy.configure_train(2, None, ConfigRecord(), FakeGrid([100, 101, 107], {107: late})))
+    to_late = [m for m in sent if m.metadata.dst_node_id == 107]
+    assert len(sent) == 3 and len(to_late) == 1
+    assert torch.equal(from_record(to_late[0].content[ARRAYS])["w"], initial["w"])
+    assert not torch.equal(strategy.run.bar["client-00"]["w"], initial["w"])
+    strategy.aggregate_train(2, [reply(107, "client-02", {"w": torch.ones(2)}, 0.3)])
+    strategy.aggregate_evaluate(2, [])
+    assert [(r["round"], r["client"], r["train_loss"]) for r in strategy.run.metrics[2:]] == [
+        (2, "client-00", None),
+        (2, "client-01", None),
+        (2, "client-02", 0.3),
+    ]
 
 
 def test_reply_from_another_client_is_refused(identity: None) -> None:
