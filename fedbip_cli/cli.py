@@ -29,7 +29,7 @@ app = typer.Typer(
     name="fedbip",
     help="Personalized task-vector merging of LoRA adapters (after FedBip, arXiv 2509.12697).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     rich_markup_mode="rich",
 )
 
@@ -211,6 +211,10 @@ def _print_json(data: Any) -> None:
     report.write_json(data, sys.stdout)
 
 
+EXIT_CODES = """
+[b]Exit codes[/b]  0 done · 1 bad input, or the system refused (disk full, read-only) · 2 bad options · 130 interrupted
+"""
+
 MERGE_EPILOG = """[b]Examples[/b]
 
   fedbip merge adapters/ --out merged/
@@ -229,7 +233,7 @@ MERGE_EPILOG = """[b]Examples[/b]
 """
 
 
-@app.command(epilog=MERGE_EPILOG)
+@app.command(epilog=MERGE_EPILOG + EXIT_CODES)
 def merge(
     sources: Annotated[
         list[str] | None, typer.Argument(help=SOURCES_HELP + " May come from --config instead.", show_default=False)
@@ -439,7 +443,7 @@ INSPECT_EPILOG = """[b]Examples[/b]
 """
 
 
-@app.command("inspect-similarity", epilog=INSPECT_EPILOG)
+@app.command("inspect-similarity", epilog=INSPECT_EPILOG + EXIT_CODES)
 def inspect_similarity(
     sources: Sources,
     base: Base = None,
@@ -528,7 +532,7 @@ SIMULATE_EPILOG = """[b]Examples[/b]
 """
 
 
-@app.command(epilog=SIMULATE_EPILOG)
+@app.command(epilog=SIMULATE_EPILOG + EXIT_CODES)
 def simulate(
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 50,
     clients: Annotated[int, typer.Option(help="Number of clients (ignored with --data).")] = 10,
