@@ -32,7 +32,6 @@ from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity  # isort: skip
 
 from fedbip_cli.cli import app
-from fedbip_cli.errors import UsageError
 from fedbip_cli.simulate import loop
 from fedbip_cli.simulate.flower.apps import expected_clients
 from fedbip_cli.simulate.flower.local import APP, LocalFederation
@@ -222,12 +221,17 @@ def test_a_late_client_starts_from_the_initial_state(identity: None) -> None:
     ]
 
 
-def test_reply_from_another_client_is_refused(identity: None) -> None:
+def test_reply_naming_another_client_is_left_out(identity: None) -> None:
+    """client-00's node replies as client-01: that reply is not taken for either client."""
     config = replace(TINY, strategies=("fedbip",), rounds=1)
     strategy = PersonalizedStrategy(config, "fedbip", tiny_roster(config), {"w": torch.zeros(2)})
     list(strategy.configure_train(1, None, ConfigRecord(), FakeGrid([100, 101, 102])))
-    with pytest.raises(UsageError, match="does not match"):
-        strategy.aggregate_train(1, [reply(100, "client-01", {"w": torch.ones(2)}, 0.1)])
+    replies = [reply(100, "client-01", {"w": torch.ones(2)}, 0.1), reply(102, "client-02", {"w": torch.ones(2)}, 0.2)]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["participants"] == 1
+    assert torch.equal(strategy.run.bar["client-00"]["w"], torch.zeros(2))
+    assert torch.equal(strategy.run.bar["client-01"]["w"], torch.zeros(2))
+    assert torch.equal(strategy.run.bar["client-02"]["w"], torch.ones(2))
 
 
 @pytest.mark.parametrize(

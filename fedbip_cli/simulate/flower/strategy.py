@@ -188,7 +188,7 @@ class PersonalizedStrategy(FedAvg):
         self._losses = {}
         for reply in valid:
             name = self._sender(reply)
-            if name not in self._chosen:
+            if name is None or name not in self._chosen:
                 continue
             state, loss = _trained(reply, self.run.bar[name])
             if state is None:
@@ -238,7 +238,15 @@ class PersonalizedStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Close the round: one metrics row per client, as the in-process loop writes them."""
         valid, _ = self._check_and_log_replies(list(replies), is_train=False, validate=False)
-        accuracy = {self._sender(r): float(r.content[METRICS]["test-accuracy"]) for r in valid}
+        accuracy: dict[str, float] = {}
+        for reply in valid:
+            name = self._sender(reply)
+            try:
+                value = float(reply.content[METRICS]["test-accuracy"])
+            except (KeyError, TypeError, ValueError):
+                value = float("nan")
+            if name is not None and 0 <= value <= 1:
+                accuracy[name] = value
         if evaluates(self.config, server_round):
             self.run.seconds["eval"] += time.perf_counter() - self._started
         names = self.roster.names
@@ -257,9 +265,17 @@ class PersonalizedStrategy(FedAvg):
         content = RecordDict({ARRAYS: to_record(self.run.bar[name]), CONFIG: record})
         return Message(content=content, message_type=kind, dst_node_id=self.roster.node_of(name, connected))
 
-    def _sender(self, reply: Message) -> str:
-        """The client a reply comes from: the node's reported name, which the reply repeats."""
+    def _sender(self, reply: Message) -> str | None:
+        """The client a reply comes from: the node's reported name, which the reply must repeat.
+        None (the reply is left out, with a warning) when the node is unknown or names another client."""
         name = self.roster.nodes.get(reply.metadata.src_node_id)
-        if name is None or str(reply.content[CONFIG]["client"]) != name:
-            raise UsageError(f"a reply from node {reply.metadata.src_node_id} does not match the client it reported")
+        try:
+            repeated = str(reply.content[CONFIG]["client"])
+        except KeyError:
+            repeated = None
+        if name is None or repeated != name:
+            log.warning(
+                "a reply from node %d does not match the client it reported; left out", reply.metadata.src_node_id
+            )
+            return None
         return name
