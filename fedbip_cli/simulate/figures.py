@@ -70,7 +70,7 @@ def write_separation(gap: Curves, ari: Curves, path: Path, *, title: str, kinds:
     left.axhline(0, color="grey", linewidth=0.8)
     left.set_ylabel("within-group − between-group mean cosine")
     right.set_ylabel("ARI of suggested clusters vs true groups")
-    right.set_ylim(-0.2, 1.05)
+    right.set_ylim(-0.35, 1.05)
     for axis in (left, right):
         axis.set_xlabel("round")
         axis.grid(alpha=0.3)
