@@ -32,8 +32,9 @@ from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity  # isort: skip
 
 from fedbip_cli.cli import app
+from fedbip_cli.errors import UsageError
 from fedbip_cli.simulate import loop
-from fedbip_cli.simulate.flower.apps import expected_clients
+from fedbip_cli.simulate.flower.apps import expected_clients, run_federation
 from fedbip_cli.simulate.flower.local import APP, LocalFederation
 from fedbip_cli.simulate.flower.records import (
     ARRAYS,
@@ -395,3 +396,10 @@ def test_local_federation_leaves_no_process(tmp_path: Path) -> None:
     for group in groups:
         with pytest.raises(ProcessLookupError):
             os.killpg(group, 0)
+
+
+def test_poisoning_options_are_refused_on_flower(tmp_path: Path) -> None:
+    """--attack and --clip-norm are not wired to Flower: the ServerApp refuses them before it waits for anyone."""
+    with pytest.raises(UsageError, match="not wired to Flower"):
+        run_federation(None, replace(TINY, clip_norm="auto"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -156,6 +156,10 @@ def run_federation(
     Waits (up to ``round_timeout``) until every client of the run is connected, so that the first
     round has everyone.
     """
+    if config.attack != "none" or config.clip_norm is not None:
+        raise UsageError(
+            "attack and clip-norm are not wired to Flower", hint="run them with fedbip simulate in-process"
+        )
     out = Path(out)
     prepare_out(out, resume=False, overwrite=overwrite)
     roster = Roster(config)
