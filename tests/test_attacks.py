@@ -309,3 +309,25 @@ def test_backdoor_run_with_clip_norm_records_asr_attackers_and_clips(tmp_path: P
     # the attack options are part of the checkpointed config: a resume under another defence is refused
     result = runner.invoke(app, ["simulate", *args[:-4], "--clip-norm", "2x", "--out", str(out), "--resume"])
     assert result.exit_code != 0 and "other options" in " ".join(result.output.split())
+
+
+def test_the_loop_sends_the_attackers_scaled_update_and_the_honest_clients_theirs(tmp_path: Path) -> None:
+    """One round of ``local`` (each client keeps what it sent): the attacker's state is θ⁰ + 4 τ of the
+    same client in an honest run, everyone else's is bit-identical."""
+    base = SimulationConfig(
+        strategies=("local",), num_layers=2, batch_size=8, local_steps=2, rounds=1, clients=4, groups=2,
+        max_examples=300, examples_per_client=None,
+    )  # fmt: skip
+    honest = loop.Simulation(base, tmp_path / "honest").run_strategy("local", resume=False)
+    attacked_sim = loop.Simulation(replace(base, attack="scaled", attackers=1, attack_scale=4.0), tmp_path / "scaled")
+    attacked = attacked_sim.run_strategy("local", resume=False)
+    (bad,) = attacked_sim.attack.attackers
+    initial = attacked_sim.initial
+    for client in NAMES:
+        for name, value in attacked.bar[client].items():
+            if client == bad:
+                expected = initial[name] + 4.0 * (honest.bar[client][name] - initial[name])
+                torch.testing.assert_close(value, expected, rtol=0, atol=0)
+            else:
+                assert torch.equal(value, honest.bar[client][name])
+    assert any(not torch.equal(attacked.bar[bad][n], honest.bar[bad][n]) for n in initial)
