@@ -33,6 +33,7 @@ from fedbip_cli.simulate.attacks import (
 )
 from fedbip_cli.simulate.data import ClientData
 from fedbip_cli.simulate.loop import SimulationConfig
+from fedbip_cli.simulate.runner import simulate
 from fedbip_cli.simulate.strategies import RoundUpdates, server_step
 
 runner = CliRunner()
@@ -331,3 +332,31 @@ def test_the_loop_sends_the_attackers_scaled_update_and_the_honest_clients_their
             else:
                 assert torch.equal(value, honest.bar[client][name])
     assert any(not torch.equal(attacked.bar[bad][n], honest.bar[bad][n]) for n in initial)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_attacked_and_clipped_run_resumes_to_exactly_the_uninterrupted_result(tmp_path: Path) -> None:
+    config = SimulationConfig(
+        strategies=("fedbip",), num_layers=2, batch_size=8, local_steps=1, rounds=2, clients=3, groups=3,
+        max_examples=300, examples_per_client=None, eval_every=1, attack="backdoor", attackers=1,
+        attack_scale=2.0, clip_norm="auto",
+    )  # fmt: skip
+    whole = simulate(config, tmp_path / "a", device="cpu")
+
+    def stop(strategy: str, round_: int, accuracy: float | None) -> None:
+        if round_ == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        simulate(config, tmp_path / "b", device="cpu", round_done=stop)
+    resumed = simulate(config, tmp_path / "b", device="cpu", resume=True)
+    for name in ("metrics.jsonl", "similarity.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    entry = resumed.summary["strategies"]["fedbip"]
+    assert {k: v for k, v in entry.items() if k != "seconds"} == {
+        k: v for k, v in whole.summary["strategies"]["fedbip"].items() if k != "seconds"
+    }
+    assert "honest_attack_success_rate" in entry and len(entry["attackers"]) == 1
