@@ -256,6 +256,7 @@ def test_honest_summary_averages_the_last_evaluated_round_of_honest_clients() ->
     ("options", "needle"),
     [
         ({"attackers": 1}, "--attackers 1 needs --attack"),
+        ({"attack_scale": 10.0}, "--attack-scale 10.0 needs --attack"),
         ({"attack": "backdoor", "attackers": 4, "clients": 4}, "1..3"),
         ({"attack": "backdoor", "attackers": 0}, "1..9"),
         ({"attack": "flood", "attackers": 1}, "unknown attack 'flood'"),

@@ -65,6 +65,8 @@ def check_config(config: SimulationConfig) -> None:
         raise UsageError(f"unknown attack {config.attack!r}; choose one of {', '.join(ATTACKS)}")
     if config.attack == "none" and config.attackers:
         raise UsageError(f"--attackers {config.attackers} needs --attack scaled or backdoor")
+    if config.attack == "none" and config.attack_scale != 1:
+        raise UsageError(f"--attack-scale {config.attack_scale} needs --attack scaled or backdoor")
     if config.attack != "none" and not 1 <= config.attackers < config.clients:
         raise UsageError(
             f"--attackers {config.attackers} must be in 1..{config.clients - 1} (at least one client stays honest)"
@@ -114,7 +116,7 @@ def scaled_update(sent: State, trained: State, scale: float) -> State:
 
 
 def attack_success_rate(predictions: torch.Tensor, target: int) -> float:
-    """The fraction of ``predictions`` (on triggered sentences whose true label is not ``target``) equal to ``target``."""
+    """The fraction of ``predictions`` (on sentences whose true label is not ``target``) equal to ``target``."""
     if predictions.numel() == 0:
         raise ValueError("attack success rate needs at least one triggered sentence")
     return (predictions == target).sum().item() / predictions.numel()
