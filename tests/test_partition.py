@@ -266,7 +266,7 @@ GOOD = '{"text": "fine", "label": "x"}\n{"text": "also fine", "label": "y"}\n'
     "name, content, line, fragment",
     [
         ("a.jsonl", '{"text": "ok", "label": 1}\n{"text": "no label"}\n', 2, "has no 'label' field"),
-        ("a.jsonl", '{"text": "ok", "label": 1}\n\n{"text": "x", "label": 1\n', 3, "invalid JSON"),
+        ("a.jsonl", '{"text": "ok", "label": 1}\n\n{"text": "x", "label": 1\n', 3, "not valid JSON"),
         ("a.jsonl", '{"text": "  ", "label": 1}\n{"text": "ok", "label": 1}\n', 1, "'text' is empty"),
         ("a.jsonl", '{"label": 1}\n', 1, "has no 'text' field"),
         ("a.jsonl", '["text", "label"]\n', 1, "expected a JSON object"),
