@@ -156,6 +156,12 @@ def make_client(
     )
 
 
+class _DataFileError(SourceError):
+    """A bad --data file: the hint says what the files must hold."""
+
+    default_hint = _DATA_HINT
+
+
 def _data_error(message: str, where: str) -> SourceError:
     return SourceError(message, where=where, hint=_DATA_HINT)
 
@@ -182,7 +188,7 @@ def _read_jsonl(path: Path, text: str) -> list[tuple[int, str, str]]:
         if not raw.strip():
             continue
         where = f"{path}:{line}"
-        obj = parse_json(raw, where=where, error=SourceError, what="a --data row")  # nesting and NaN bounded
+        obj = parse_json(raw, where=where, error=_DataFileError, what="a --data row")  # nesting and NaN bounded
         if not isinstance(obj, dict):
             raise _data_error(f"expected a JSON object, got {type(obj).__name__}", where)
         rows.append((line, *_row(path, line, obj.get("text"), obj.get("label"))))
