@@ -541,7 +541,8 @@ def simulate(
         typer.Option(
             help="fedbip, fedbip-layerwise, fedamp, uniform, fedavg, local, oracle, or the variants "
             "fedbip-cumulative, fedbip-layerwise-cumulative (similarity of whole trajectories), "
-            "fedbip-ema, fedbip-layerwise-ema (of an EMA of past updates)."
+            "fedbip-ema, fedbip-layerwise-ema (of an EMA of past updates); fedoa (a FedAvg global adapter and "
+            "a personal adapter per client; in-process only)."
         ),
     ] = "fedbip",
     compare: Annotated[
@@ -638,6 +639,12 @@ def simulate(
             show_default=False,
         ),
     ] = None,
+    fedoa_lambda: Annotated[
+        float,
+        typer.Option(
+            "--fedoa-lambda", help="fedoa: weight λ of the personal adapter's feature distance to the global one."
+        ),
+    ] = 0.5,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("fedbip-simulation"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete round in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
@@ -684,6 +691,7 @@ def simulate(
             trigger=trigger,
             target_label=target_label,
             clip_norm=clip_norm,
+            fedoa_lambda=fedoa_lambda,
         )
 
         def round_line(name: str, round_: int, accuracy: float | None) -> None:
@@ -721,6 +729,9 @@ def _simulate_on_flower(config: Any, out: Path, *, overwrite: bool, resume: bool
             f"--engine flower does not take {'--resume' if resume else '--seeds'}",
             hint="run it again with --overwrite, or use --engine inprocess",
         )
+    from fedbip_cli.simulate.methods import check_flower_strategies
+
+    check_flower_strategies(config)
     try:
         from fedbip_cli.simulate.flower.engine import simulate_on_flower
     except ImportError as exc:

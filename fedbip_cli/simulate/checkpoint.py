@@ -1,7 +1,8 @@
 """One strategy's checkpoint: written atomically after every round, checked in full before a resume.
 
 A checkpoint is one safetensors file: the server's personalized states θ̄ (``bar/<client>/<tensor>``)
-and its memory of updates (``memory/<client>/<tensor>``), with the round, the options, the metrics,
+its memory of updates (``memory/<client>/<tensor>``) and a method's server state
+(``server/<name>/<tensor>``, ``methods``), with the round, the options, the metrics,
 the similarity records and the timings as JSON in the header, and a SHA-256 over that JSON and
 every tensor's name, dtype, shape and bytes. A resume trusts nothing in it: the checksum catches a
 flipped bit, and every field is checked for its type and range, every client and tensor against the
@@ -42,6 +43,8 @@ class StrategyRun:
     similarity: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=lambda: {"train": 0.0, "eval": 0.0, "server": 0.0})
     memory: dict[str, State] = field(default_factory=dict)  # the server's EMA of each client's updates
+    # A method's server state beyond the personalized θ̄, by name (``methods``; FedOA's global adapter).
+    server: dict[str, State] = field(default_factory=dict)
 
 
 def _digest(meta: str, flat: dict[str, torch.Tensor]) -> str:
@@ -61,7 +64,7 @@ def save(path: Path, run: StrategyRun, config: dict[str, Any]) -> None:
     # refuses tensors that share memory: save a copy of each.
     flat = {
         f"{kind}/{client}/{name}": t.clone(memory_format=torch.contiguous_format)
-        for kind, states in (("bar", run.bar), ("memory", run.memory))
+        for kind, states in (("bar", run.bar), ("memory", run.memory), ("server", run.server))
         for client, state in states.items()
         for name, t in state.items()
     }
@@ -126,15 +129,16 @@ def _check_meta(path: Path, meta: object, strategy: str, config: dict[str, Any])
 
 def _states(
     path: Path, flat: dict[str, torch.Tensor], clients: list[str], reference: State
-) -> tuple[dict[str, State], dict[str, State]]:
-    """Split the file's tensors into θ̄ and memory per client, each checked against ``reference``."""
-    states: dict[str, dict[str, State]] = {"bar": {}, "memory": {}}
+) -> tuple[dict[str, State], dict[str, State], dict[str, State]]:
+    """Split the file's tensors into θ̄ and memory per client and a method's server states by name,
+    each checked against ``reference``."""
+    states: dict[str, dict[str, State]] = {"bar": {}, "memory": {}, "server": {}}
     for key, tensor in flat.items():
         kind, _, rest = key.partition("/")
         client, _, name = rest.partition("/")
         if kind not in states:
-            raise _fail(path, f"tensor {key!r} is neither bar/ nor memory/")
-        if client not in clients:
+            raise _fail(path, f"tensor {key!r} is neither bar/ nor memory/ nor server/")
+        if kind != "server" and client not in clients:
             raise _fail(path, f"tensor {key!r} names an unknown client {client!r}")
         if name not in reference:
             raise _fail(path, f"tensor {key!r} is not a trainable tensor of this model")
@@ -159,7 +163,8 @@ def _states(
         kind: {c: {name: by_client[c][name] for name in reference} for c in clients if c in by_client}
         for kind, by_client in states.items()
     }
-    return ordered["bar"], ordered["memory"]
+    server = {key: {name: state[name] for name in reference} for key, state in sorted(states["server"].items())}
+    return ordered["bar"], ordered["memory"], server
 
 
 def load(path: Path, strategy: str, config: dict[str, Any], clients: list[str], reference: State) -> StrategyRun:
@@ -191,5 +196,7 @@ def load(path: Path, strategy: str, config: dict[str, Any], clients: list[str], 
     except (json.JSONDecodeError, RecursionError):
         raise _fail(path, "header is not valid JSON") from None
     meta = _check_meta(path, meta, strategy, config)
-    bar, memory = _states(path, flat, clients, reference)
-    return StrategyRun(strategy, meta["round"], bar, meta["metrics"], meta["similarity"], meta["seconds"], memory)
+    bar, memory, server = _states(path, flat, clients, reference)
+    return StrategyRun(
+        strategy, meta["round"], bar, meta["metrics"], meta["similarity"], meta["seconds"], memory, server
+    )

@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from fedbip_cli.defence import ClipNorm
-from fedbip_cli.errors import OutputError, UsageError
+from fedbip_cli.errors import AdapterError, OutputError, UsageError
 from fedbip_cli.simulate import attacks, checkpoint
 from fedbip_cli.simulate.attacks import Attack
 from fedbip_cli.simulate.checkpoint import StrategyRun
 from fedbip_cli.simulate.data import ClientData, load_bbc, load_client_files
-from fedbip_cli.simulate.model import ClientModel, Tokens, embedded_model_dir
+from fedbip_cli.simulate.methods import FEDOA_LAMBDA, METHODS, Fit, Method
+from fedbip_cli.simulate.model import ClientModel, Regularizer, Tokens, embedded_model_dir
 from fedbip_cli.simulate.partition import PARTITIONS, partition_dirichlet, partition_tasks
 from fedbip_cli.simulate.separation import round_separation
 from fedbip_cli.simulate.strategies import (
@@ -83,9 +84,18 @@ class SimulationConfig:
     trigger: str = attacks.TRIGGER
     target_label: str | None = None  # a label name; None = the first label
     clip_norm: str | None = None  # auto | <K>x | <value> (``defence.ClipNorm``)
+    fedoa_lambda: float = FEDOA_LAMBDA  # FedOA's feature-distance weight λ (``methods.FedOA``)
 
     def __post_init__(self) -> None:
-        check_strategies(list(self.strategies))
+        check_strategies(list(self.strategies), extra=list(METHODS))
+        if not self.fedoa_lambda >= 0:
+            raise UsageError(f"--fedoa-lambda {self.fedoa_lambda} must be a non-negative number")
+        methods = [s for s in self.strategies if s in METHODS]
+        if methods and (self.attack != "none" or self.clip_norm is not None):
+            raise UsageError(
+                f"--attack and --clip-norm are not wired to {', '.join(methods)}",
+                hint="compare these strategies without poisoning, or drop them from --compare",
+            )
         if self.partition not in PARTITIONS:
             raise UsageError(f"unknown partition {self.partition!r}; choose one of {', '.join(PARTITIONS)}")
         for name in ("rounds", "clients", "local_steps", "batch_size", "max_length", "eval_every", "rank"):
@@ -184,11 +194,18 @@ def tokenize_client(model: ClientModel, client: ClientData) -> ClientTokens:
 
 
 def train_client(
-    model: ClientModel, config: SimulationConfig, data: ClientTokens, state: State, round_: int, index: int
+    model: ClientModel,
+    config: SimulationConfig,
+    data: ClientTokens,
+    state: State,
+    round_: int,
+    index: int,
+    regularizer: Regularizer | None = None,
 ) -> tuple[State, float]:
     """One client's local training in ``round_``, from the personalized ``state`` the server sent it:
     the trained state and the mean training loss. ``index`` is the client's place in client order,
-    which seeds its batches; every engine calls this one function."""
+    which seeds its batches; ``regularizer`` is a method's extra loss term (``methods``). Every
+    engine calls this one function."""
     model.load_state(state)
     loss = model.train(
         data.train,
@@ -197,8 +214,15 @@ def train_client(
         batch_size=config.batch_size,
         lr=config.lr,
         generator=batch_generator(config, round_, index),
+        regularizer=regularizer,
     )
     return model.state(), loss
+
+
+def local_fit(model: ClientModel, config: SimulationConfig, data: ClientTokens, round_: int, index: int) -> Fit:
+    """``train_client`` for one client and round, from any state and with any extra loss term: what
+    a method's ``client_round`` trains with (``methods.Fit``)."""
+    return lambda state, term: train_client(model, config, data, state, round_, index, term)
 
 
 def evaluate_client(model: ClientModel, data: ClientTokens, state: State) -> float:
@@ -223,13 +247,18 @@ def server_round(
     groups: dict[str, int | None],
     initial: State,
     clip: ClipNorm | None = None,
+    method: Method | None = None,
 ) -> ServerStep:
     """The server's part of ``round_``: the strategy's step over the participants ``chosen`` and
     their ``trained`` states, applied to ``run`` (its personalized states and similarity record),
-    with each update's norm bounded by ``clip`` when given. Every engine calls this one function
-    after collecting the round's replies."""
+    with each update's norm bounded by ``clip`` when given; a ``method``'s own aggregation
+    (``methods``) for the strategies that are one. Every engine calls this one function after
+    collecting the round's replies."""
     updates = RoundUpdates(clients, chosen, run.bar, trained, examples, groups, initial, run.memory, clip)
-    step = server_step(run.strategy, updates)
+    if method is None:
+        step = server_step(run.strategy, updates)
+    else:
+        updates, step = method.server_round(run, updates)
     run.bar, run.memory = step.bar, step.memory
     record = similarity_record(run.strategy, round_, step)
     record["separation"] = separation_record(updates, step)
@@ -334,8 +363,17 @@ class Simulation:
     ) -> StrategyRun:
         """All rounds of one strategy (from its checkpoint when resuming)."""
         run = self.load_checkpoint(strategy) if resume else None
+        method = METHODS[strategy](self.config) if strategy in METHODS else None
         if run is None:
             run = StrategyRun(strategy, 0, {c: dict(self.initial) for c in self.names})
+            run.server = method.initial_server(self.initial) if method is not None else {}
+        elif method is not None and run.server.keys() != method.initial_server(self.initial).keys():
+            raise AdapterError(
+                f"checkpoint holds server state {sorted(run.server)}; {strategy} keeps "
+                f"{sorted(method.initial_server(self.initial))}",
+                where=str(self._checkpoint_path(strategy)),
+                hint="start afresh with --overwrite",
+            )
         advance = (progress or (lambda stage, total: lambda n: None))(strategy, self.config.rounds * len(self.names))
         advance(run.round * len(self.names))
         examples = {d.name: len(d.train) for d in self.data}
@@ -346,7 +384,10 @@ class Simulation:
             losses: dict[str, float] = {}
             start = time.perf_counter()
             for index, data in enumerate(self.data):
-                if data.name in chosen and round_ == 1 and data.name in self._first_round:
+                if data.name in chosen and method is not None:  # the client's own round (``methods``)
+                    fit = local_fit(self.model, self.config, data, round_, index)
+                    trained[data.name], losses[data.name] = method.client_round(self.model, run, data.name, data, fit)
+                elif data.name in chosen and round_ == 1 and data.name in self._first_round:
                     trained[data.name], losses[data.name] = self._first_round[data.name]
                 elif data.name in chosen:
                     trained[data.name], losses[data.name] = train_client(
@@ -370,6 +411,7 @@ class Simulation:
                 groups=groups,
                 initial=self.initial,
                 clip=ClipNorm.parse(self.config.clip_norm),
+                method=method,
             )
             run.seconds["server"] += time.perf_counter() - start
 

