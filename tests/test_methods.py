@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from fedbip_cli.cli import app
 from fedbip_cli.errors import UsageError
 from fedbip_cli.simulate import loop
 from fedbip_cli.simulate.checkpoint import StrategyRun
+from fedbip_cli.simulate.fedmerge import fedmerge_step, merged
 from fedbip_cli.simulate.loop import SimulationConfig
 from fedbip_cli.simulate.methods import GLOBAL, FedOA, feature_regularizer, fedavg_round
 from fedbip_cli.simulate.model import ClientModel, embedded_model_dir
@@ -183,3 +185,27 @@ def test_cli_refuses_fedoa_on_flower_and_a_negative_lambda(tmp_path: Path) -> No
     result = runner.invoke(app, ["simulate", "--strategy", "fedoa", "--fedoa-lambda", "-1", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "fedoa-lambda" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_fedmerge_step_by_hand() -> None:
+    """Θ_1 = [1, 0], Θ_2 = [0, 1], W = 0: both clients receive [0.5, 0.5]; client 1 trains toward
+    Θ_1 (g_1 = [-1, 0]), client 2 (three times the examples) toward Θ_1 too, less (g_2 = [0, 0.5])."""
+    theta = {"x": torch.tensor([[1.0, 0.0], [0.0, 1.0]])}
+    trained = {"x": torch.tensor([[1.5, 0.5], [0.5, 0.0]])}
+    w, new = fedmerge_step(torch.zeros(2, 2, dtype=torch.float64), theta, trained, torch.tensor([1.0, 3.0]), 0.3)
+    # ∂/∂W_ij = n_i S_ij <Θ_j − θ_i, g_i>: client 1: 0.25 * 0.5 * [-0.5, 0.5]; client 2: 0.75 * 0.5 * [-0.25, 0.25];
+    # the largest entry, 0.09375, moves by 0.3
+    assert torch.allclose(w, torch.tensor([[0.2, -0.2], [0.3, -0.3]], dtype=torch.float64))
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731  softmax([a, -a])_1 = sigmoid(2a)
+    s = [[sigmoid(0.4), 1 - sigmoid(0.4)], [sigmoid(0.6), 1 - sigmoid(0.6)]]
+    n = [0.25, 0.75]
+    column = [n[0] * s[0][j] + n[1] * s[1][j] for j in range(2)]
+    share = [[n[i] * s[i][j] / column[j] for j in range(2)] for i in range(2)]
+    # Θ_j − (share_1j g_1 + share_2j g_2)
+    expected = [[1 + share[0][0], -0.5 * share[1][0]], [share[0][1], 1 - 0.5 * share[1][1]]]
+    assert torch.allclose(new["x"], torch.tensor(expected), atol=1e-6)
+    # clients that send back what they received (g = 0) leave W where it is; θ_i = Σ_j S_ij Θ_j
+    still, _ = fedmerge_step(torch.zeros(2, 2), theta, {"x": torch.full((2, 2), 0.5)}, torch.ones(2), 0.3)
+    assert torch.equal(still, torch.zeros(2, 2))
+    received = merged(theta, torch.tensor([[0.25, 0.75]]))
+    assert torch.allclose(received["x"], torch.tensor([[0.25, 0.75]]))
