@@ -10,6 +10,9 @@ the simulation's batch size and sentence length. They differ only in how the loo
 - fedbip (``ClientModel.train``): sentences tokenized once per client and run, batches cut to their
   longest sentence, the model in eval mode (no dropout, deterministic), one new optimizer per round.
 
+A third line runs fedbip's loop under ``torch.autocast("cpu", torch.bfloat16)``: not what
+``simulate`` does (it changes the arithmetic), measured to show what bf16 matmuls would buy here.
+
 The same run also splits fedbip's round into its parts (state load, forward, backward, optimizer
 step, state copy out; tokenizing per sentence, paid once per run), so the profile and the ratio
 come from the same machine state. Each loop runs ``--repeats`` times, alternated, and the median is
@@ -61,6 +64,16 @@ def plain_peft_loop(texts: list[str], labels: torch.Tensor, steps: int, label_na
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    return steps * BATCH / (time.perf_counter() - start)
+
+
+def bf16_loop(model: ClientModel, texts: list[str], labels: torch.Tensor, steps: int) -> float:
+    """Examples per second of ``ClientModel.train`` under CPU bf16 autocast."""
+    tokens = model.tokenize(texts)
+    model.load_state(model.initial_state())
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.train(tokens, labels, steps=steps, batch_size=BATCH, lr=1e-3, generator=torch.Generator().manual_seed(0))
     return steps * BATCH / (time.perf_counter() - start)
 
 
@@ -125,12 +138,14 @@ def main() -> None:
     model = ClientModel(embedded_model_dir(), labels=data.label_names, max_length=MAX_LENGTH)
     plain_peft_loop(texts, labels, 3, data.label_names)  # warm-up: first calls allocate
     fedbip_loop(model, texts, labels, 3)
-    plain, ours, profiles = [], [], []
+    bf16_loop(model, texts, labels, 2)
+    plain, ours, bf16, profiles = [], [], [], []
     for _ in range(args.repeats):
         plain.append(plain_peft_loop(texts, labels, args.steps, data.label_names))
         rate, parts = fedbip_loop(model, texts, labels, args.steps)
         ours.append(rate)
         profiles.append(parts)
+        bf16.append(bf16_loop(model, texts, labels, args.steps))
     print(
         f"machine: {platform.processor() or platform.machine()}, {args.threads} torch threads, torch {torch.__version__}"
     )
@@ -142,6 +157,10 @@ def main() -> None:
         f"fedbip ClientModel {statistics.median(ours):6.1f} examples/s  (runs: {', '.join(f'{r:.1f}' for r in ours)})"
     )
     print(f"ratio fedbip / plain: {statistics.median(ours) / statistics.median(plain):.2f}x")
+    print(
+        f"fedbip under bf16 autocast {statistics.median(bf16):6.1f} examples/s "
+        f"({statistics.median(bf16) / statistics.median(ours):.2f}x fedbip; not used by simulate)"
+    )
     total = {part: statistics.median(p[part] for p in profiles) for part in profiles[0]}
     whole = sum(total.values())
     print(f"where one client's round of {args.steps} steps goes (median of {args.repeats}):")
