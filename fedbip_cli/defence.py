@@ -75,7 +75,9 @@ class ClipNorm:
         if self.value is not None:
             return self.value
         assert self.multiple is not None
-        return self.multiple * float(norms.median())
+        # The median proper (the mean of the two middle norms for an even count; torch's median()
+        # takes the lower one, which would clip half the clients of an even group every time).
+        return self.multiple * float(torch.quantile(norms.to(torch.float64), 0.5))
 
 
 def clip_scales(norms: torch.Tensor, bound: float) -> torch.Tensor:

@@ -66,6 +66,9 @@ def test_clip_scales_weight_columns_by_hand() -> None:
     assert record == {"bound": 4.0, "clipped": {3: 4.0 / 300.0}}
     assert clipped_weights(weights, norms, None) == (weights, None)
     assert ClipNorm.parse("1.5").bound(norms) == 1.5
+    even = torch.tensor([1.0, 2.0, 4.0, 100.0], dtype=torch.float64)
+    assert ClipNorm.parse("auto").bound(even) == 3.0  # the mean of the middle two (torch.median gives 2)
+    assert clip_scales(even, 3.0).tolist() == [1.0, 1.0, 0.75, 0.03]
 
 
 def test_robust_z_and_outliers_on_planted_values() -> None:
