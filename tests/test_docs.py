@@ -1,0 +1,242 @@
+"""The README's and docs/'s examples are tested, so that they cannot drift from the code.
+
+Every fenced ``bash`` or ``python`` block in README.md and docs/*.md is either run here, in a
+directory holding tiny fixtures (``adapters/``: three rank-2 LoRA adapters; ``base-model/``: their
+base; ``full-ckpts/``: three full fine-tuned checkpoints of it), or marked illustrative with a reason
+on the line before it::
+
+    <!-- docs-test: illustrative (minutes of training on a CPU) -->
+
+And every ``fedbip ...`` command line in any block, run or not, must name an existing command and
+only options that command has: a documented option that no longer exists fails this test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import pytest
+import torch
+import typer.main
+from safetensors.torch import save_file
+
+from fedbip_cli.cli import app
+from tests.factories import random_factors, write_lora_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+MARKER = re.compile(r"<!--\s*docs-test:\s*(run|illustrative|output)\s*(?:\((?P<reason>[^)]*)\))?\s*-->")
+# FEDBIP_UPDATE_DOCS=1 pytest tests/test_docs.py writes each run block's output into the page.
+UPDATE = os.environ.get("FEDBIP_UPDATE_DOCS") == "1"
+TESTED = ("bash", "python")
+SHAPES = {"encoder.layer.0.attention.query": (8, 8), "encoder.layer.1.attention.query": (8, 8)}
+
+
+@dataclass(frozen=True)
+class Block:
+    page: Path
+    line: int  # of the opening fence
+    language: str
+    text: str
+    marker: str | None  # "run", "illustrative", "output" or None
+    reason: str | None
+    end: int = 0  # line of the closing fence
+
+    @property
+    def id(self) -> str:
+        return f"{self.page.name}:{self.line}"
+
+
+def blocks(page: Path) -> list[Block]:
+    """Every fenced block of ``page`` with its language and the docs-test marker before it."""
+    found = []
+    lines = page.read_text(encoding="utf-8").splitlines()
+    i = 0
+    while i < len(lines):
+        fence = re.match(r"^(```+)(\S*)", lines[i])
+        if not fence:
+            i += 1
+            continue
+        end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith(fence.group(1)))
+        previous = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+        marker = MARKER.search(previous)
+        found.append(
+            Block(
+                page,
+                i + 1,
+                fence.group(2),
+                "\n".join(lines[i + 1 : end]),
+                marker.group(1) if marker else None,
+                marker.group("reason") if marker else None,
+                end + 1,
+            )
+        )
+        i = end + 1
+    return found
+
+
+ALL = [b for page in PAGES for b in blocks(page)]
+EXAMPLES = [b for b in ALL if b.language in TESTED]
+
+
+def output_of(block: Block, among: list[Block] | None = None) -> Block | None:
+    """The block marked ``output`` right after ``block``: what running it prints."""
+    following = [b for b in (ALL if among is None else among) if b.page == block.page and b.line > block.line]
+    after = min(following, key=lambda b: b.line, default=None)
+    return after if after is not None and after.marker == "output" else None
+
+
+def normalized(text: str, work: Path) -> str:
+    """The text without the working directory's path, all runs of white space one space (rich centres
+    and wraps titles by the path's length, which differs from one machine to the next)."""
+    return " ".join(text.replace(f"{work}/", "").replace(str(work), ".").split())
+
+
+def commands(text: str) -> list[list[str]]:
+    """The ``fedbip`` command lines of a shell block (continuations joined, comments dropped)."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    found = []
+    for line in joined.splitlines():
+        line = re.sub(r"^\s*(\$\s+)?", "", line)
+        if not line.startswith("fedbip "):
+            continue
+        words = shlex.split(line, comments=True)
+        words = words[: next((k for k, w in enumerate(words) if w in ("|", ">", "&&", ";", "2>")), len(words))]
+        found.append(words)
+    return found
+
+
+def options_of(command: click.Command) -> set[str]:
+    return {name for param in command.params for name in (*param.opts, *param.secondary_opts)}
+
+
+def test_every_example_is_run_or_marked_illustrative_with_a_reason() -> None:
+    unmarked = [b.id for b in EXAMPLES if b.marker not in ("run", "illustrative")]
+    assert not unmarked, f"mark these blocks <!-- docs-test: run --> or illustrative (reason): {unmarked}"
+    reasonless = [b.id for b in EXAMPLES if b.marker == "illustrative" and not (b.reason or "").strip()]
+    assert not reasonless, f"an illustrative block needs its reason: {reasonless}"
+
+
+@pytest.mark.parametrize("block", [b for b in ALL if b.language in ("bash", "sh", "console", "")], ids=lambda b: b.id)
+def test_documented_commands_and_options_exist(block: Block) -> None:
+    group = typer.main.get_command(app)
+    assert isinstance(group, click.Group)
+    for words in commands(block.text):
+        name = words[1] if len(words) > 1 and not words[1].startswith("-") else None
+        if name is None:
+            assert set(w.split("=")[0] for w in words[1:] if w.startswith("-")) <= options_of(group) | {"--help"}
+            continue
+        assert name in group.commands, f"{block.id}: no command fedbip {name}"
+        known = options_of(group.commands[name]) | {"--help"}
+        used = {w.split("=")[0] for w in words[2:] if w.startswith("--") or re.fullmatch(r"-[a-zA-Z]", w)}
+        assert used <= known, f"{block.id}: fedbip {name} has no option(s) {sorted(used - known)}"
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working directory with adapters/, base-model/ and full-ckpts/ (tiny, random, seeded)."""
+    root = tmp_path_factory.mktemp("docs")
+    generator = torch.Generator().manual_seed(0)
+    # Two tasks: alice and bob share one (a common direction plus their own), carol has another.
+    tasks = [random_factors(SHAPES, generator, r=2) for _ in range(2)]
+    for name, task in (("alice", 0), ("bob", 0), ("carol", 1)):
+        own = random_factors(SHAPES, generator, r=2)
+        factors = {
+            m: (torch.cat([a, a2]), torch.cat([b, 0.5 * b2], dim=1))
+            for m, ((a, b), (a2, b2)) in ((m, (tasks[task][m], own[m])) for m in SHAPES)
+        }
+        write_lora_adapter(root / "adapters" / name, factors, r=4, lora_alpha=8)
+    base = root / "base-model"
+    base.mkdir()
+    weights = {f"{m}.weight": torch.randn(*shape, generator=generator) for m, shape in SHAPES.items()}
+    save_file(weights, str(base / "model.safetensors"))
+    (base / "config.json").write_text('{"model_type": "bert"}')
+    shared = {k: torch.randn(v.shape, generator=generator) for k, v in weights.items()}
+    for name, near in (("site-a", 1.0), ("site-b", 1.0), ("site-c", 0.0)):
+        directory = root / "full-ckpts" / name
+        directory.mkdir(parents=True)
+        tuned = {
+            k: v + 0.1 * (near * shared[k] + torch.randn(v.shape, generator=generator)) for k, v in weights.items()
+        }
+        save_file(tuned, str(directory / "model.safetensors"))
+        (directory / "config.json").write_text('{"model_type": "bert"}')
+    return root
+
+
+@pytest.mark.parametrize("block", [b for b in EXAMPLES if b.marker == "run"], ids=lambda b: b.id)
+def test_runnable_examples_run(block: Block, fixtures: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    subprocess.run(["cp", "-r", str(fixtures), str(work)], check=True)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+    }
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    command = (
+        ["bash", "-euo", "pipefail", "-c", block.text]
+        if block.language == "bash"
+        else [sys.executable, "-c", block.text]
+    )
+    env["COLUMNS"] = "100"
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{block.id} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    shown = output_of(block)
+    if shown is None:
+        return
+    printed = normalized(result.stdout + result.stderr, work)
+    if UPDATE:  # the page as it is now (an earlier update may have moved its lines)
+        current = next(b for b in blocks(block.page) if b.text == block.text and b.marker == "run")
+        target = output_of(current, blocks(block.page))
+        assert target is not None
+        raw = (result.stdout + result.stderr).replace(f"{work}/", "").replace(str(work), ".").rstrip()
+        lines = block.page.read_text(encoding="utf-8").splitlines()
+        lines[target.line : target.end - 1] = [line.rstrip() for line in raw.splitlines()]
+        block.page.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return
+    assert printed == normalized(shown.text, work), (
+        f"{shown.id}: the page shows another output (FEDBIP_UPDATE_DOCS=1 rewrites it)"
+    )
+
+
+def test_help_examples_use_existing_options() -> None:
+    """The examples in each command's --help (its epilog) are documentation too."""
+    group = typer.main.get_command(app)
+    assert isinstance(group, click.Group)
+    for name, command in group.commands.items():
+        examples = commands(command.epilog or "")
+        assert examples, f"fedbip {name} --help shows no example"
+        assert "Exit codes" in (command.epilog or ""), f"fedbip {name} --help does not list its exit codes"
+        for words in examples:
+            assert words[1] == name
+            used = {w.split("=")[0] for w in words[2:] if w.startswith("--")}
+            assert used <= options_of(command), f"fedbip {name} --help uses {sorted(used - options_of(command))}"
+
+
+def slug(header: str) -> str:
+    """GitHub's anchor of a markdown header."""
+    return re.sub(r"[^\w\- ]", "", header.strip("# ").strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_links_and_anchors_resolve(page: Path) -> None:
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = page.parent / path if path else page
+        if not linked.exists():
+            broken.append(target)
+        elif anchor and linked.suffix == ".md":
+            headers = re.findall(r"^#{1,6} .*$", linked.read_text(encoding="utf-8"), re.MULTILINE)
+            if anchor not in {slug(h) for h in headers}:
+                broken.append(target)
+    assert not broken, f"{page.name}: broken links {broken}"
