@@ -32,6 +32,12 @@ AUTO_MULTIPLE = 1.0
 OUTLIER_Z = 3.5
 # Fewer clients than this have no "rest" robust enough to stand out from: z-scores are not reported.
 MIN_CLIENTS = 5
+# Besides its z-score, a flagged value must be far from the median in absolute terms: a norm at
+# least NORM_RATIO times (or at most 1/NORM_RATIO of) the median, a mean similarity at least
+# SIMILARITY_GAP from it. Honest clients' norms differ by tens of percent, and with a handful of
+# clients the MAD is small enough that z alone flagged them (6 simulated clients: 1-3 per block).
+NORM_RATIO = 3.0
+SIMILARITY_GAP = 0.2
 # Cosine at or above this between two distinct clients: a near copy.
 NEAR_COPY = 0.999
 
@@ -128,7 +134,9 @@ def outliers(clients: list[str], similarity: torch.Tensor, norms: torch.Tensor) 
     """Norm outliers, similarity outliers and near copies among the clients of one group.
 
     Norms are compared on a log scale (a ×1000 copy is 3 decades away, whatever the typical norm);
-    a client's similarity is its mean cosine to the others. Each flagged client is listed with its
+    a client's similarity is its mean cosine to the others. A flag needs both a robust |z| above
+    ``OUTLIER_Z`` and a distance from the median of at least ``NORM_RATIO`` (norms) or
+    ``SIMILARITY_GAP`` (similarities). Each flagged client is listed with its
     value and z-score (from ``MIN_CLIENTS`` clients on); near copies are pairs (i < j) of distinct
     clients with cosine ≥ ``NEAR_COPY``.
     """
@@ -137,9 +145,11 @@ def outliers(clients: list[str], similarity: torch.Tensor, norms: torch.Tensor) 
     mean_similarity = (similarity.sum(dim=1) - similarity.diagonal()) / max(count - 1, 1)
     report: dict[str, Any] = {"norm": [], "similarity": [], "near_copies": []}
     if count >= MIN_CLIENTS:
+        floors = {"norm": math.log10(NORM_RATIO), "similarity": SIMILARITY_GAP}
         for kind, values, shown in (("norm", logs, norms), ("similarity", mean_similarity, mean_similarity)):
             z = robust_z(values)
-            for i in (z.abs() > OUTLIER_Z).nonzero().flatten().tolist():
+            far = (values - values.median()).abs() >= floors[kind]
+            for i in ((z.abs() > OUTLIER_Z) & far).nonzero().flatten().tolist():
                 report[kind].append({"client": clients[i], "value": float(shown[i]), "z": float(z[i])})
     upper = torch.triu(similarity >= NEAR_COPY, diagonal=1)
     for i, j in upper.nonzero().tolist():

@@ -88,6 +88,9 @@ def test_robust_z_and_outliers_on_planted_values() -> None:
     assert [o["client"] for o in found["norm"]] == ["e"] and found["norm"][0]["value"] == 1000.0
     assert found["near_copies"] == [{"clients": ["b", "d"], "similarity": 0.9995}]
     json.dumps(found, allow_nan=False)  # the manifest's JSON holds it
+    # z alone would flag 2.0 among norms near 1 (MAD tiny), but it is not 3x the median: not flagged.
+    honest = outliers(clients, torch.eye(5, dtype=torch.float64), torch.tensor([1.0, 1.01, 0.99, 1.0, 2.0]))
+    assert honest["norm"] == [] and honest["similarity"] == []
     few = outliers(clients[:4], similarity[:4, :4], torch.tensor([1.0, 1.0, 1.0, 1000.0], dtype=torch.float64))
     assert few["norm"] == [] and few["near_copies"] == [{"clients": ["b", "d"], "similarity": 0.9995}]
 
