@@ -18,3 +18,16 @@ def private_cache_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: py
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg-config")))
     monkeypatch.delenv("FEDBIP_CACHE_KEY", raising=False)
+
+
+@pytest.fixture(scope="module")
+def bbc_once():
+    """The embedded BBC corpus read once per module of simulation runs (and one intra-op thread, as
+    above: on a busy machine two threads spin against each other and a step is tens of times slower)."""
+    import functools
+
+    from fedbip_cli.simulate import loop
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "load_bbc", functools.cache(loop.load_bbc))
+        yield

@@ -7,9 +7,7 @@ layers, 4 clients, 2 rounds of 2 steps) records the ASR, the attackers and every
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,15 +38,7 @@ runner = CliRunner()
 NAMES = ["client-00", "client-01", "client-02", "client-03"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick() -> Iterator[None]:
-    """One intra-op thread and the BBC corpus read once (as in test_simulate)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop, "load_bbc", functools.cache(loop.load_bbc))
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("bbc_once")  # tests/conftest.py
 
 
 def client(name: str, offset: int) -> ClientData:

@@ -9,7 +9,6 @@ the test's outcome.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -33,7 +32,6 @@ from flwr.supercore.task_identity import TaskIdentity  # isort: skip
 
 from fedbip_cli.cli import app
 from fedbip_cli.errors import UsageError
-from fedbip_cli.simulate import loop
 from fedbip_cli.simulate.flower.apps import expected_clients, run_federation
 from fedbip_cli.simulate.flower.local import APP, LocalFederation
 from fedbip_cli.simulate.flower.records import (
@@ -77,16 +75,12 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def quick() -> Iterator[None]:
-    """One intra-op thread (as every Flower process here) and the BBC corpus read once."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def quick(bbc_once: None) -> Iterator[None]:
+    """Flower offline for every process of this module, and the BBC corpus read once (``bbc_once``)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop, "load_bbc", functools.cache(loop.load_bbc))
         for key, value in OFFLINE.items():
             patch.setenv(key, value)
         yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,8 @@ FedOA's global adapter follows FedAvg bit for bit, and an interrupted run resume
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +18,6 @@ from typer.testing import CliRunner
 
 from fedbip_cli.cli import app
 from fedbip_cli.errors import UsageError
-from fedbip_cli.simulate import loop
 from fedbip_cli.simulate.checkpoint import StrategyRun
 from fedbip_cli.simulate.fedmerge import fedmerge_step, merged
 from fedbip_cli.simulate.loop import SimulationConfig
@@ -51,15 +48,7 @@ SENTENCES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick() -> Iterator[None]:
-    """One intra-op thread and the BBC corpus read once for the runs of this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop, "load_bbc", functools.cache(loop.load_bbc))
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("bbc_once")  # tests/conftest.py
 
 
 def test_feature_regularizer_is_lambda_times_the_mean_squared_distance_to_the_picked_targets() -> None:

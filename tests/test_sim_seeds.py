@@ -6,21 +6,17 @@ Tiny runs: the embedded MiniLM cut to 2 layers, 4 clients, 300 sentences, 2 roun
 
 from __future__ import annotations
 
-import functools
 import json
 import statistics
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from fedbip_cli.cli import app
 from fedbip_cli.errors import UsageError
-from fedbip_cli.simulate import loop
 from fedbip_cli.simulate.loop import SimulationConfig
 from fedbip_cli.simulate.runner import simulate
 from fedbip_cli.simulate.seeds import aggregate, mean_sd, parse_seeds
@@ -43,15 +39,7 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick() -> Iterator[None]:
-    """One intra-op thread and the BBC corpus read once (see tests/test_simulate.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop, "load_bbc", functools.cache(loop.load_bbc))
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("bbc_once")  # tests/conftest.py
 
 
 def without_seconds(summary: dict[str, Any]) -> dict[str, Any]:

@@ -7,9 +7,7 @@ rounds and local steps of batch 8. Each test reads the results it needs from a h
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,6 @@ from typer.testing import CliRunner
 
 from fedbip_cli.cli import app
 from fedbip_cli.errors import AdapterError, OutputError, UsageError
-from fedbip_cli.simulate import loop
 from fedbip_cli.simulate.loop import SimulationConfig, load_clients
 from fedbip_cli.simulate.runner import simulate
 from fedbip_cli.simulate.strategies import STRATEGIES
@@ -52,16 +49,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick() -> Iterator[None]:
-    """One intra-op thread (on a busy machine, two threads spin against each other and a step is
-    tens of times slower) and the BBC corpus read once for all the runs of this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop, "load_bbc", functools.cache(loop.load_bbc))
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("bbc_once")  # tests/conftest.py
 
 
 def invoke(*args: object):
