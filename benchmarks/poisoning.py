@@ -6,19 +6,24 @@ update plus a hidden component of equal norm. For each merge option set, the sha
 merged delta (‖P'_vj ΔW_j‖ / ‖M_v‖, float64, from the written adapters) that the attacker and an
 honest neighbour supply, and whether the outlier report flags the attacker. Run:
 
-    python benchmarks/poisoning.py
+    python benchmarks/poisoning.py               # print the table
+    python benchmarks/poisoning.py --write-docs  # and write it into docs/threat-model.md
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
+from benchmarks.docgen import write_generated  # noqa: E402
 from tests.test_defence import attacker_share, merge, scenario  # noqa: E402
 
+ATTACKS = {"scaled": "×1000 copy of h1", "hidden": "victim + hidden component of equal norm"}
 OPTIONS = {
     "no defence": [],
     "--clip-norm auto (median)": ["--clip-norm", "auto"],
@@ -28,9 +33,12 @@ OPTIONS = {
 }
 
 
-def main() -> None:
-    print("| attack | merge options | attacker's share | honest neighbour h1 | h2 | flagged as outlier |")
-    print("|---|---|---|---|---|---|")
+def table() -> str:
+    """The markdown table of every attack and option set (each merge in a temporary directory)."""
+    rows = [
+        "| attack | merge options | attacker's share | honest neighbour h1 | h2 | flagged as outlier |",
+        "|---|---|---|---|---|---|",
+    ]
     for attack in ("scaled", "hidden"):
         with tempfile.TemporaryDirectory() as work:
             root = Path(work)
@@ -41,7 +49,18 @@ def main() -> None:
                 names = [o["client"] for kind in ("norm", "similarity") for o in flagged[kind]]
                 shares = [attacker_share(sources, root / f"out{i}", attacker=c) for c in ("zz", "h1", "h2")]
                 cells = " | ".join(f"{s:.3f}" for s in shares)
-                print(f"| {attack} | {label} | {cells} | {'zz' if 'zz' in names else 'no'} |")
+                rows.append(f"| {ATTACKS[attack]} | {label} | {cells} | {'zz' if 'zz' in names else 'no'} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write-docs", action="store_true", help="also write the table into docs/threat-model.md")
+    args = parser.parse_args()
+    text = table()
+    print(text)
+    if args.write_docs:
+        write_generated(ROOT / "docs" / "threat-model.md", "poisoning", text, "benchmarks/poisoning.py --write-docs")
 
 
 if __name__ == "__main__":
