@@ -16,6 +16,7 @@ from fedbip_cli.simulate.partition import (
     MIN_CLIENT_EXAMPLES,
     PARTITIONS,
     TEST_EXAMPLES,
+    _skewed_draw,
     partition_dirichlet,
     partition_tasks,
     task_label,
@@ -359,3 +360,41 @@ def test_examples_per_client_smaller_regime_is_a_draw_from_the_same_clients() ->
 def test_examples_per_client_errors(options: dict[str, int], needle: str) -> None:
     with pytest.raises(UsageError, match=needle):
         partition_tasks(synthetic(per_label=1000), num_clients=4, seed=0, **options)
+
+
+def test_skewed_draw_takes_each_example_once_and_empties_pools_in_turn() -> None:
+    """Drawing every example of tiny pools: each exactly once, and a topic's examples in pool order,
+    however the proportions fall (an empty topic's weight moves to the others)."""
+    pools = {0: np.array([10, 11, 12]), 1: np.array([20]), 2: np.array([30, 31])}
+    for seed in range(20):
+        drawn = _skewed_draw(pools, 6, 0.3, np.random.default_rng(seed))
+        assert sorted(drawn.tolist()) == [10, 11, 12, 20, 30, 31]
+        assert [x for x in drawn.tolist() if x < 20] == [10, 11, 12]
+        assert [x for x in drawn.tolist() if x >= 30] == [30, 31]
+
+
+def test_skewed_draw_follows_the_clients_own_proportions() -> None:
+    """With large pools, the draw's topic frequencies are the Dirichlet proportions drawn first
+    from the same generator (4,000 draws: within 0.03 of each)."""
+    pools = {t: np.arange(t * 10_000, t * 10_000 + 5_000) for t in range(5)}
+    drawn = _skewed_draw(pools, 4_000, 1.0, np.random.default_rng(11))
+    expected = np.random.default_rng(11).dirichlet(np.ones(5))
+    frequencies = np.bincount(drawn // 10_000, minlength=5) / 4_000
+    assert np.abs(frequencies - expected).max() < 0.03
+
+
+def test_examples_per_client_label_mixes_are_independent_of_the_group() -> None:
+    """Group-mates' label mixes are no more unlike each other than other clients' are: averaged over
+    seeds, the within-group and between-group cosines of the clients' train label counts agree
+    (Dirichlet shares of each topic among a group's clients would make group-mates complementary,
+    within below between by 0.12 here; see the module docstring)."""
+    data = synthetic(per_label=2000)
+    within, between = [], []
+    for seed in range(40):
+        clients, _ = partition_tasks(data, num_clients=6, groups=2, seed=seed, alpha=1.0, examples_per_client=64)
+        mixes = [np.bincount([(label - c.group) % 5 for label in c.train_labels], minlength=5) for c in clients]
+        for i in range(6):
+            for j in range(i + 1, 6):
+                cosine = mixes[i] @ mixes[j] / (np.linalg.norm(mixes[i]) * np.linalg.norm(mixes[j]))
+                (within if clients[i].group == clients[j].group else between).append(cosine)
+    assert abs(np.mean(within) - np.mean(between)) < 0.04
