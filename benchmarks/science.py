@@ -1,0 +1,174 @@
+"""The scientific check of ``fedbip simulate``: tables of a multi-seed ``--compare`` run, paired
+comparisons, the Figure 3 separation check, and the docs' generated sections that show them.
+
+    .venv/bin/python benchmarks/science.py RUN [--pairs fedbip:local,...] [--write-docs REGIME]
+
+Reads RUN/seed-*/summary.json (so it also reports a run whose last seed has not finished) and prints
+
+1. per strategy, the mean ± sample standard deviation over seeds of the final mean personalized
+   accuracy, of the worst client's accuracy, and of the ARI of the suggested clusters against the
+   true task groups, with the training time;
+2. for each pair A:B, the per-seed difference of final mean accuracy A − B (the seeds share data,
+   initial adapters and batches, so differences are paired), its mean ± sd, and a verdict: A beats
+   B "beyond the seed spread" when A is ahead in every seed and the mean difference exceeds its sd;
+3. the paper's Figure 3 check for the first strategy's run: per kind of vector and round, the
+   within- minus between-group mean cosine and the ARI of the suggested clusters, mean over seeds.
+
+With ``--write-docs REGIME`` (``limited`` or ``ample``) the tables go into the generated sections
+``simulate-REGIME`` of README.md (1 and 2) and of docs/simulate.md (1, 2 and 3), and RUN's
+``accuracy.png`` and ``separation.png`` (the ±sd bands over seeds) are copied to
+``docs/accuracy-REGIME.png`` and ``docs/separation-REGIME.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docgen import ROOT, write_generated  # noqa: E402
+
+DEFAULT_PAIRS = ",".join(
+    f"{a}:{b}"
+    for a in ("fedbip", "fedbip-layerwise", "fedbip-ema")
+    for b in ("local", "fedavg", "fedamp", "uniform", "oracle")
+)
+SCRIPT = "benchmarks/science.py"
+
+
+def spread(values: list[float], digits: int = 3) -> str:
+    """``mean ± sd`` (sample sd), or the one value, or n/a."""
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}" if values else "n/a"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def load(run: Path) -> dict[int, dict[str, Any]]:
+    """Each finished seed's summary.json, by seed, in seed order."""
+    paths = sorted(run.glob("seed-*/summary.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    seeds = {int(p.parent.name.split("-")[1]): json.loads(p.read_text()) for p in paths}
+    if not seeds:
+        raise SystemExit(f"{run}: no seed-*/summary.json yet")
+    return seeds
+
+
+def describe(seeds: dict[int, dict[str, Any]]) -> str:
+    config = next(iter(seeds.values()))["config"]
+    return (
+        f"{config['clients']} clients in {config['groups']} conflicting task groups, "
+        f"{config['examples_per_client']} train sentences per client, {config['rounds']} rounds of "
+        f"{config['local_steps']} local steps (batch {config['batch_size']}); seeds {', '.join(map(str, seeds))}"
+    )
+
+
+def strategy_table(seeds: dict[int, dict[str, Any]]) -> str:
+    """Markdown: per strategy, final mean and worst-client accuracy and ARI (mean ± sd), train time."""
+    strategies = list(next(iter(seeds.values()))["strategies"])
+    lines = [
+        "| strategy | mean accuracy | worst client | ARI | train s per seed |",
+        "|---|---|---|---|---|",
+    ]
+    for name in strategies:
+        entries = [s["strategies"][name] for s in seeds.values()]
+        ari = [e["ari"] for e in entries if e.get("ari") is not None]
+        train = statistics.fmean(e["seconds"]["train"] for e in entries)
+        lines.append(
+            f"| {name} | {spread([e['mean_accuracy'] for e in entries])} | "
+            f"{spread([e['worst_accuracy'] for e in entries])} | {spread(ari, 2)} | {train:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def verdict(diffs: list[float]) -> str:
+    """Whether A beats B beyond the seed spread (see the module's docstring)."""
+    mean = statistics.fmean(diffs)
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else float("inf")
+    if all(d > 0 for d in diffs) and mean > sd:
+        return "**yes**"
+    if all(d < 0 for d in diffs) and -mean > sd:
+        return "no: B beats A"
+    return "no: within the spread"
+
+
+def pairs_table(seeds: dict[int, dict[str, Any]], pairs: str) -> str:
+    """Markdown: per pair A:B present in the run, the paired differences of final mean accuracy."""
+    strategies = list(next(iter(seeds.values()))["strategies"])
+    lines = [
+        "| A − B (final mean accuracy) | per seed | mean ± sd | A beats B beyond the seed spread? |",
+        "|---|---|---|---|",
+    ]
+    for pair in pairs.split(","):
+        a, b = pair.split(":")
+        if a not in strategies or b not in strategies:
+            continue
+        diffs = [s["strategies"][a]["mean_accuracy"] - s["strategies"][b]["mean_accuracy"] for s in seeds.values()]
+        sd = f"{statistics.stdev(diffs):.3f}" if len(diffs) > 1 else "n/a"
+        lines.append(
+            f"| {a} − {b} | {', '.join(f'{d:+.3f}' for d in diffs)} | {statistics.fmean(diffs):+.3f} ± {sd} "
+            f"| {verdict(diffs)} |"
+        )
+    return "\n".join(lines)
+
+
+def separation_table(run: Path, seeds: list[int], strategy: str) -> str:
+    """Markdown: gap and ARI per kind of vector and round, mean over seeds, for ``strategy``'s run."""
+    by_key: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for seed in seeds:
+        for line in (run / f"seed-{seed}" / "similarity.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if row["strategy"] == strategy and row.get("separation"):
+                for kind, value in row["separation"].items():
+                    by_key.setdefault((kind, row["round"]), []).append((value["gap"], value["ari"]))
+    if not by_key:
+        return ""
+    every = sorted({r for _, r in by_key})
+    rounds = sorted({every[0], *every[:: max(1, len(every) // 5)], every[-1]})
+    kinds = list(dict.fromkeys(kind for kind, _ in by_key))
+    lines = [
+        f"Separation of the true groups in the {strategy} runs: within- minus between-group mean cosine / "
+        "ARI of the suggested clusters, mean over seeds",
+        "",
+        "| vectors compared | " + " | ".join(f"round {r}" for r in rounds) + " |",
+        "|---|" + "---|" * len(rounds),
+    ]
+    for kind in kinds:
+        cells = []
+        for r in rounds:
+            values = by_key.get((kind, r), [])
+            gaps = [g for g, _ in values if g is not None]
+            cells.append(
+                f"{statistics.fmean(gaps):+.3f} / {statistics.fmean(a for _, a in values):.2f}" if gaps else "n/a"
+            )
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="the --out of a --seeds run")
+    parser.add_argument("--pairs", default=DEFAULT_PAIRS, help="comma-separated A:B strategy pairs")
+    parser.add_argument("--write-docs", choices=("limited", "ample"), help="write the docs' sections of this regime")
+    args = parser.parse_args()
+    seeds = load(args.run)
+    strategies = list(next(iter(seeds.values()))["strategies"])
+    head = describe(seeds)
+    table, pairs = strategy_table(seeds), pairs_table(seeds, args.pairs)
+    separation = separation_table(args.run, list(seeds), strategies[0])
+    print(f"{head}\n\n{table}\n\n{pairs}\n\n{separation}")
+    if args.write_docs:
+        regime = args.write_docs
+        for name in ("accuracy", "separation"):
+            if (args.run / f"{name}.png").exists():
+                shutil.copyfile(args.run / f"{name}.png", ROOT / "docs" / f"{name}-{regime}.png")
+        short = f"{head}.\n\n{table}\n\n{pairs}"
+        write_generated(ROOT / "README.md", f"simulate-{regime}", short, SCRIPT)
+        write_generated(ROOT / "docs" / "simulate.md", f"simulate-{regime}", f"{short}\n\n{separation}", SCRIPT)
+
+
+if __name__ == "__main__":
+    main()
