@@ -44,11 +44,13 @@ def _stderr() -> Console:
     return Console(stderr=True)
 
 
+# typer 0.20 under click 8.5 drops an argument's own help (click's Parameter now sets .help after typer
+# does), so what SOURCES may be is said in each command's help, which every version shows.
 SOURCES_HELP = (
-    "Adapters or full fine-tuned models (with --base): a directory of them, single directories, "
+    "SOURCES: adapters or full fine-tuned models (with --base): a directory of them, single directories, "
     "@FILE (one source a line), or hf://owner/repo\\[@revision]\\[/subfolder]."
 )
-Sources = Annotated[list[str], typer.Argument(help=SOURCES_HELP, show_default=False)]
+Sources = Annotated[list[str], typer.Argument(show_default=False)]
 Layerwise = Annotated[
     bool,
     typer.Option("--layerwise", help="One similarity per transformer block (FedBip-L); same as --granularity block."),
@@ -233,11 +235,14 @@ MERGE_EPILOG = """[b]Examples[/b]
 """
 
 
-@app.command(epilog=MERGE_EPILOG + EXIT_CODES)
+@app.command(
+    help="Write one personalized merged adapter (or full checkpoint) per client.\n\n"
+    + SOURCES_HELP
+    + " They may come from --config instead.",
+    epilog=MERGE_EPILOG + EXIT_CODES,
+)
 def merge(
-    sources: Annotated[
-        list[str] | None, typer.Argument(help=SOURCES_HELP + " May come from --config instead.", show_default=False)
-    ] = None,
+    sources: Annotated[list[str] | None, typer.Argument(show_default=False)] = None,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -443,7 +448,11 @@ INSPECT_EPILOG = """[b]Examples[/b]
 """
 
 
-@app.command("inspect-similarity", epilog=INSPECT_EPILOG + EXIT_CODES)
+@app.command(
+    "inspect-similarity",
+    help="Show how similar the clients' task vectors are, with nearest neighbours and clusters.\n\n" + SOURCES_HELP,
+    epilog=INSPECT_EPILOG + EXIT_CODES,
+)
 def inspect_similarity(
     sources: Sources,
     base: Base = None,
@@ -607,7 +616,7 @@ def simulate(
         str,
         typer.Option(
             help="inprocess (every client in this process) or flower (Flower's Simulation Engine: one "
-            "SuperNode per client; needs `pip install 'fedbip[flower]'`)."
+            "SuperNode per client; needs `pip install 'fedbip\\[flower]'`)."
         ),
     ] = "inprocess",
     attack: Annotated[
