@@ -17,11 +17,16 @@ Printed per case:
   output is LoRA of error / optimal − 1, the optimal being the rank-2 Eckart–Young error.
 
 Usage:
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/kinds_error.py
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/kinds_error.py               # print the table
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/kinds_error.py --write-docs  # and write it into the docs
+
+``--write-docs`` writes the table into docs/adapter-kinds.md and its worst values into docs/performance.md
+and README.md (their ``kinds-error`` sections).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -53,6 +58,8 @@ from test_kinds import (  # noqa: E402
     paper_weights,
     relative_errors,
 )
+
+from benchmarks.docgen import write_generated  # noqa: E402
 
 SVD_CASES = ("lora", "dora")
 
@@ -128,7 +135,55 @@ def measure(case: Case, base: Path, work: Path) -> tuple[float, float, float | N
     return similarity_error, cat_error, excess
 
 
+Row = tuple[Case, float, float, float | None]
+
+
+def table(rows: list[Row]) -> str:
+    """The markdown table of every case."""
+    lines = [
+        "| case | kinds (what each client's config adds to LoRA) | similarity error | `cat` merge, relative "
+        "| `svd --rank 2`, over optimal |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for case, sim, cat, svd in rows:
+        lines.append(f"| {case.id} | {kinds(case)} | {sim:.1e} | {cat:.1e} | {'–' if svd is None else f'{svd:.1e}'} |")
+    return "\n".join(lines)
+
+
+def worst(rows: list[Row]) -> tuple[float, float, float]:
+    """The worst similarity error, cat merge error and svd excess over every case."""
+    return (
+        max(sim for _, sim, _, _ in rows),
+        max(cat for _, _, cat, _ in rows),
+        max(svd for _, _, _, svd in rows if svd is not None),
+    )
+
+
+def write_docs(rows: list[Row]) -> None:
+    """The table into docs/adapter-kinds.md; its worst values into docs/performance.md and README.md."""
+    script = "benchmarks/kinds_error.py --write-docs"
+    write_generated(ROOT / "docs" / "adapter-kinds.md", "kinds-error", table(rows), script)
+    sim, cat, svd = worst(rows)
+    names = ", ".join(case.id for case, *_ in rows)
+    summary = (
+        f"On adapters of every kind made by peft ({len(rows)} cases: {names}), against the dense float64 "
+        f"`merge_and_unload() − base`: similarity within **{sim:.1e}**; `cat --dtype float32` merges loaded "
+        f"back in peft within **{cat:.1e}** relative Frobenius (float32 rounding); `svd --rank 2` within "
+        f"**{svd:.1e}** of the optimal rank-2 error. [Every case](adapter-kinds.md#measured-exactness)."
+    )
+    write_generated(ROOT / "docs" / "performance.md", "kinds-error", summary, script)
+    bullet = (
+        f"- **Exact**: similarity of peft-made adapters of every kind within {sim:.1e} of the dense float64 "
+        f"cosine of `merge_and_unload() − base`; `cat` merges within float32 rounding (≤ {cat:.1e} relative); "
+        f"`svd` within {svd:.1e} of the optimal rank-R error ([exactness](docs/performance.md))."
+    )
+    write_generated(ROOT / "README.md", "kinds-error", bullet, script)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write-docs", action="store_true", help="also write the results into the docs")
+    args = parser.parse_args()
     torch.set_num_threads(1)  # tiny matrices, as in the tests
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -140,6 +195,7 @@ def main() -> None:
     header = f"{'case':<24} {'kinds':<58} {'sim err':>9} {'cat rel err':>11} {'svd excess':>10}"
     print(header)
     print("-" * len(header))
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="fedbip-kinds-") as tmp:
         work = Path(tmp)
         os.environ["XDG_CACHE_HOME"] = str(work / "xdg-cache")  # no entries read from or left in the user's cache
@@ -148,8 +204,11 @@ def main() -> None:
             if case.refused:
                 continue
             sim, cat, svd = measure(case, bases[case.family], work)
+            rows.append((case, sim, cat, svd))
             svd_text = "-" if svd is None else f"{svd:.1e}"
             print(f"{case.id:<24} {kinds(case):<58} {sim:>9.1e} {cat:>11.1e} {svd_text:>10}", flush=True)
+    if args.write_docs:
+        write_docs(rows)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ the number of pairs i < j with S_ij != S_ji (the JSON matrix should be exactly s
 diagonal is exactly 1.
 
 Usage:
-    .venv/bin/python benchmarks/similarity_error.py [--clients 8] [--rank 8] [--workdir DIR]
+    .venv/bin/python benchmarks/similarity_error.py [--clients 8] [--rank 8] [--workdir DIR] [--write-docs]
+
+``--write-docs`` also writes the results into docs/performance.md (its ``similarity-error`` section).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from factories import PREFIX  # noqa: E402
 from peftkinds import FAMILIES, Family, make_clients  # noqa: E402
 
+from benchmarks.docgen import write_generated  # noqa: E402
 from benchmarks.lora_files import raw_factors, scale, weights_file  # noqa: E402
 
 MODELS = {
@@ -118,21 +121,41 @@ def measure(name: str, family: Family, workdir: Path, clients: int, rank: int) -
     }
 
 
+def summary(results: list[dict[str, object]], rank: int) -> str:
+    """The results as a markdown table with what was measured."""
+    lines = [
+        f"`inspect-similarity --format json` on float32 adapters made by peft (query and value, r = {rank}), "
+        "against an 80-bit (`np.longdouble`) reference, beside a plain float64 dense cosine of the same inputs:",
+        "",
+        "| model | clients | max \\|S − S_ref\\| | dense float64 cosine | pairs with S_ij ≠ S_ji | diagonal exactly 1 |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['model']} | {r['clients']} | {r['max_abs_error']:.1e} | {r['dense_float64_error']:.1e} "
+            f"| {r['asymmetric_pairs']} of {r['pairs']} | {'yes' if r['diagonal_exactly_1'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
+    parser.add_argument("--write-docs", action="store_true", help="also write the results into docs/performance.md")
     args = parser.parse_args()
     where = subprocess.run(
         [sys.executable, "-c", "import fedbip_cli; print(fedbip_cli.__file__)"], capture_output=True, text=True
     ).stdout.strip()
     print(f"fedbip measured: {where}")
     print(f"np.longdouble: {np.finfo(np.longdouble).nmant + 1}-bit mantissa, eps {np.finfo(np.longdouble).eps:.3g}")
+    results = []
     with tempfile.TemporaryDirectory() as scratch:
         workdir = args.workdir or Path(scratch)
         for name, family in MODELS.items():
             result = measure(name, family, workdir, args.clients, args.rank)
+            results.append(result)
             print(
                 f"{result['model']:10s} K={result['clients']}  max |S - S_ref| = {result['max_abs_error']:.3e} "
                 f"(dense float64: {result['dense_float64_error']:.3e})  "
@@ -140,6 +163,9 @@ def main() -> None:
                 f"asymmetric pairs: {result['asymmetric_pairs']} of {result['pairs']}  "
                 f"diagonal exactly 1: {result['diagonal_exactly_1']}"
             )
+    if args.write_docs:
+        script = "benchmarks/similarity_error.py --write-docs"
+        write_generated(ROOT / "docs" / "performance.md", "similarity-error", summary(results, args.rank), script)
 
 
 if __name__ == "__main__":
