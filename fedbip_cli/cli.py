@@ -550,8 +550,10 @@ def simulate(
         typer.Option(
             help="fedbip, fedbip-layerwise, fedamp, uniform, fedavg, local, oracle, or the variants "
             "fedbip-cumulative, fedbip-layerwise-cumulative (similarity of whole trajectories), "
-            "fedbip-ema, fedbip-layerwise-ema (of an EMA of past updates); fedoa (a FedAvg global adapter and "
-            "a personal adapter per client; in-process only)."
+            "fedbip-ema, fedbip-layerwise-ema (of an EMA of past updates); the methods fedoa (a FedAvg global "
+            "adapter and a personal adapter per client), fedmerge (d global models merged per client), tap "
+            "(personal models that take components of the FedAvg one, distilled at the end), universal-expert "
+            "(cluster models and a universal expert distilled on public sentences); the methods run in-process only."
         ),
     ] = "fedbip",
     compare: Annotated[
@@ -654,6 +656,20 @@ def simulate(
             "--fedoa-lambda", help="fedoa: weight λ of the personal adapter's feature distance to the global one."
         ),
     ] = 0.5,
+    global_models: Annotated[int, typer.Option(help="fedmerge: the number d of global models.")] = 5,
+    fedmerge_lr_w: Annotated[
+        float, typer.Option("--fedmerge-lr-w", help="fedmerge: how far W's largest entry moves per round.")
+    ] = 0.01,
+    tap_margin: Annotated[
+        float, typer.Option(help="tap: a component is replaced when the federated one's loss is lower by this.")
+    ] = 0.005,
+    tap_kd_steps: Annotated[int, typer.Option(help="tap: distillation steps after the last round.")] = 13,
+    tap_kd_weight: Annotated[float, typer.Option(help="tap: weight of the distillation term.")] = 0.05,
+    tap_temperature: Annotated[float, typer.Option(help="tap: distillation temperature.")] = 1.0,
+    public_examples: Annotated[
+        int, typer.Option(help="universal-expert: public unlabeled sentences held out of every client.")
+    ] = 256,
+    distill_steps: Annotated[int, typer.Option(help="universal-expert: distillation steps per round.")] = 16,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("fedbip-simulation"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete round in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
@@ -701,6 +717,14 @@ def simulate(
             target_label=target_label,
             clip_norm=clip_norm,
             fedoa_lambda=fedoa_lambda,
+            global_models=global_models,
+            fedmerge_lr_w=fedmerge_lr_w,
+            tap_margin=tap_margin,
+            tap_kd_steps=tap_kd_steps,
+            tap_kd_weight=tap_kd_weight,
+            tap_temperature=tap_temperature,
+            public_examples=public_examples,
+            distill_steps=distill_steps,
         )
 
         def round_line(name: str, round_: int, accuracy: float | None) -> None:

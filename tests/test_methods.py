@@ -2,13 +2,16 @@
 hand-computed values, its feature hook against the encoder's own pooled output, and tiny end-to-end
 runs (2 encoder layers, 3 clients, 2 rounds, 2 local steps of batch 8, sequences of 32 tokens):
 FedOA's global adapter follows FedAvg bit for bit, and an interrupted run resumes to the same end.
+FedMerge's step, distinct starts and W in the checkpoint; TAP's replacement rule, distillation loss and
+post-training phase; the universal expert's cluster models, teacher targets and public sentences; the
+bytes each client sends and receives; every method end to end, interrupted and resumed.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -17,14 +20,19 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fedbip_cli.cli import app
-from fedbip_cli.errors import UsageError
+from fedbip_cli.errors import AdapterError, UsageError
+from fedbip_cli.simulate import checkpoint, tap
 from fedbip_cli.simulate.checkpoint import StrategyRun
-from fedbip_cli.simulate.fedmerge import fedmerge_step, merged
-from fedbip_cli.simulate.loop import SimulationConfig
+from fedbip_cli.simulate.data import ClientData, TextDataset
+from fedbip_cli.simulate.fedmerge import FedMerge, W, distinct_starts, fedmerge_step, merged, theta_key
+from fedbip_cli.simulate.loop import SimulationConfig, state_bytes
 from fedbip_cli.simulate.methods import GLOBAL, FedOA, feature_regularizer, fedavg_round
 from fedbip_cli.simulate.model import ClientModel, embedded_model_dir
+from fedbip_cli.simulate.partition import public_sentences
 from fedbip_cli.simulate.runner import simulate
 from fedbip_cli.simulate.strategies import RoundUpdates
+from fedbip_cli.simulate.tap import TAP, components, kd_loss, kd_regularizer, replacements
+from fedbip_cli.simulate.universal import cluster_models, cluster_rows, ensemble_targets
 
 CONFIG = SimulationConfig(
     strategies=("fedoa",),
@@ -38,6 +46,10 @@ CONFIG = SimulationConfig(
     max_examples=300,
     examples_per_client=None,
     eval_every=1,
+    public_examples=32,
+    distill_steps=2,
+    tap_kd_steps=2,
+    global_models=3,
 )
 CLIENTS = ["client-00", "client-01", "client-02"]
 SENTENCES = [
@@ -198,3 +210,222 @@ def test_fedmerge_step_by_hand() -> None:
     assert torch.equal(still, torch.zeros(2, 2))
     received = merged(theta, torch.tensor([[0.25, 0.75]]))
     assert torch.allclose(received["x"], torch.tensor([[0.25, 0.75]]))
+
+
+def test_fedmerge_starts_are_the_initial_adapter_and_seeded_permutations_of_it() -> None:
+    initial = {"m.lora_A": torch.arange(6.0).reshape(2, 3), "m.lora_B": torch.zeros(3, 2)}
+    first, second, third = distinct_starts(initial, 3, seed=0)
+    assert all(torch.equal(first[k], initial[k]) for k in initial)
+    for start in (second, third):  # the same entries in another order; zeros stay zero
+        assert torch.equal(start["m.lora_A"].flatten().sort().values, torch.arange(6.0))
+        assert not torch.equal(start["m.lora_A"], initial["m.lora_A"])
+        assert torch.equal(start["m.lora_B"], torch.zeros(3, 2))
+    assert not torch.equal(second["m.lora_A"], third["m.lora_A"])
+    again = distinct_starts(initial, 3, seed=0)[1]
+    assert torch.equal(again["m.lora_A"], second["m.lora_A"])
+    assert not torch.equal(distinct_starts(initial, 3, seed=1)[1]["m.lora_A"], second["m.lora_A"])
+
+
+def test_fedmerge_server_round_steps_the_participants_rows_and_sends_every_client_its_merge() -> None:
+    """Three clients, two taking part: their rows of W and Θ move by ``fedmerge_step``; the absent
+    client's row of W stays; every client's θ̄ is its merge under the new W and Θ."""
+    initial = {"m.lora_A": torch.tensor([[1.0, -2.0, 0.5]]), "head.bias": torch.tensor([0.25, -1.0])}
+    method = FedMerge(global_models=2, lr_w=0.3, seed=0)
+    run = StrategyRun("fedmerge", 0, {c: dict(initial) for c in CLIENTS})
+    run.server = method.initial_server(initial, CLIENTS)
+    assert run.server[W]["weights"].shape == (3, 2) and run.server[W]["weights"].dtype == torch.float64
+    run.server[W]["weights"][1] = torch.tensor([0.5, -0.5], dtype=torch.float64)  # the absent client's row
+    received = method.received(run, [0, 2])
+    trained = {
+        "client-00": {k: v + 0.1 for k, v in received[0].items()},
+        "client-02": {k: v * 2 for k, v in received[1].items()},
+    }
+    examples = {"client-00": 1, "client-01": 5, "client-02": 3}
+    theta = {k: torch.stack([run.server[theta_key(j)][k] for j in range(2)]) for k in initial}
+    stacked = {k: torch.stack([trained[c][k] for c in ("client-00", "client-02")]) for k in initial}
+    want_w, want_theta = fedmerge_step(
+        run.server[W]["weights"][[0, 2]], theta, stacked, torch.tensor([1.0, 3.0], dtype=torch.float64), 0.3
+    )
+    updates = RoundUpdates(CLIENTS, ["client-00", "client-02"], run.bar, trained, examples, {})
+    view, step = method.server_round(run, updates, None)  # FedMerge's server needs no context
+    weights = run.server[W]["weights"]
+    assert torch.equal(weights[[0, 2]], want_w)
+    assert torch.equal(weights[1], torch.tensor([0.5, -0.5], dtype=torch.float64))
+    for j in range(2):
+        assert all(torch.equal(run.server[theta_key(j)][k], want_theta[k][j]) for k in initial)
+    for i, client in enumerate(CLIENTS):
+        merge = merged(want_theta, torch.softmax(weights[[i]], dim=1))
+        assert all(torch.equal(step.bar[client][k], merge[k][0]) for k in initial)
+    # the round's updates are measured from what each participant received
+    assert all(torch.equal(view.bar["client-00"][k], received[0][k]) for k in initial)
+
+
+def test_tap_components_and_replacement_rule_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = {
+        "enc.query.lora_A": torch.ones(1),
+        "enc.query.lora_B": torch.ones(1),
+        "enc.value.lora_A": torch.ones(1),
+        "enc.value.lora_B": torch.ones(1),
+        "classifier.weight": torch.ones(1),
+        "classifier.bias": torch.ones(1),
+    }
+    assert components(state) == {
+        "enc.query": ["enc.query.lora_A", "enc.query.lora_B"],
+        "enc.value": ["enc.value.lora_A", "enc.value.lora_B"],
+        "classifier": ["classifier.weight", "classifier.bias"],
+    }
+    # replaced when the swapped loss + margin is below the own loss: 0.99 + 0.005 < 1; 0.996 + 0.005 is not
+    assert replacements(1.0, {"a": 0.99, "b": 0.996, "c": 1.2}, 0.005) == ["a"]
+    assert replacements(1.0, {"a": 1.0}, 0.0) == []  # an equal loss never replaces
+    # a local loss that is the sum of every entry: the federated query pair lowers it by 2 (replaced),
+    # its head by 0.002 (< margin, kept), its value pair raises it (kept)
+    monkeypatch.setattr(tap, "local_loss", lambda model, data, s: float(sum(t.sum() for t in s.values())))
+    received = dict(state)
+    received.update({"enc.query.lora_A": torch.zeros(1), "enc.query.lora_B": torch.zeros(1)})
+    received.update({"enc.value.lora_A": torch.full((1,), 3.0), "classifier.weight": torch.full((1,), 0.998)})
+    personal = TAP(margin=0.005).replace(None, None, state, received)
+    assert {k: v.item() for k, v in personal.items()} == {
+        **{k: 1.0 for k in state},
+        "enc.query.lora_A": 0.0,
+        "enc.query.lora_B": 0.0,
+    }
+
+
+def test_kd_loss_by_hand() -> None:
+    teacher = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
+    student = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    # row 1: KL([3/4, 1/4] || [1/2, 1/2]); row 2: KL([1/2, 1/2] || [3/4, 1/4]); mean over the batch
+    one = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    two = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert kd_loss(student, teacher, 1.0).item() == pytest.approx((one + two) / 2)
+    # T = 2: the teacher's first row softens to p = [√3, 1] / (√3 + 1); T² = 4
+    p = math.sqrt(3) / (math.sqrt(3) + 1)
+    soft_one = p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5)
+    soft_two = 0.5 * math.log(0.5 / p) + 0.5 * math.log(0.5 / (1 - p))
+    assert kd_loss(student, teacher, 2.0).item() == pytest.approx(4 * (soft_one + soft_two) / 2)
+    assert kd_loss(teacher, teacher, 1.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_tap_finish_distils_the_personal_model_from_the_final_global_one(model: ClientModel) -> None:
+    tokens = model.tokenize(SENTENCES)
+    data = type("Data", (), {"train": tokens, "train_labels": torch.tensor([0, 1, 0, 1])})()
+    noise = torch.Generator().manual_seed(3)
+    personal = {k: v + 0.05 * torch.randn(v.shape, generator=noise) for k, v in model.initial_state().items()}
+    final = {k: v + 0.05 * torch.randn(v.shape, generator=noise) for k, v in model.initial_state().items()}
+    run = StrategyRun("tap", 2, {"client-00": personal}, server={GLOBAL: final})
+    calls = []
+
+    def fit(state, term, steps=None):
+        calls.append((state, term, steps))
+        return {k: v + 1 for k, v in state.items()}, 0.0
+
+    TAP(kd_steps=3, kd_weight=0.5, temperature=2.0).finish(model, run, "client-00", data, fit)
+    ((state, term, steps),) = calls
+    assert steps == 3 and state is personal
+    assert torch.equal(run.bar["client-00"]["classifier.bias"], personal["classifier.bias"] + 1)
+    model.load_state(final)
+    teacher = model.logits(tokens)
+    model.load_state(personal)  # as fit does before training: the head is the student's
+    features = model.features(tokens)
+    index = torch.tensor([2, 0])
+    features = features.clone()  # out of inference mode, for the head's forward
+    student = features[index] @ personal["classifier.weight"].T + personal["classifier.bias"]
+    assert term(index, features[index]).item() == pytest.approx(
+        0.5 * kd_loss(student, teacher[index], 2.0).item(), rel=1e-5
+    )
+    head = tap.head_of(model)
+    assert torch.allclose(head(features), model.logits(tokens), atol=1e-5)
+    assert kd_regularizer(head, teacher, 0.0, 1.0)(index, features[index]).item() == 0.0
+
+
+def test_universal_expert_cluster_models_and_teacher_by_hand() -> None:
+    rows = cluster_rows([[0, 2], [1]], torch.tensor([1.0, 3.0, 2.0]))
+    assert torch.allclose(rows, torch.tensor([[1 / 3, 0, 2 / 3], [0, 1, 0]], dtype=torch.float64))
+    trained = {"x": torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, 3.0]])}
+    first, second = cluster_models(trained, rows)
+    assert torch.allclose(first["x"], torch.tensor([1.0, 2.0])) and torch.equal(second["x"], torch.tensor([1.0, 1.0]))
+    # softmax([0, 0]) = [1/2, 1/2] and softmax([ln 3, 0]) = [3/4, 1/4]: each cluster counts once
+    targets = ensemble_targets([torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])])
+    assert torch.allclose(targets, torch.tensor([[0.625, 0.375]]))
+
+
+def test_public_sentences_are_held_by_no_client_and_seeded() -> None:
+    texts = [f"sentence number {i:02d}" for i in range(20)]
+    data = TextDataset(texts=texts, labels=[i % 2 for i in range(20)], label_names=["a", "b"])
+    clients = [
+        ClientData("client-00", texts[:5], [0] * 5, texts[5:8], [0] * 3, 2),
+        ClientData("client-01", texts[8:12], [0] * 4, texts[12:14], [0] * 2, 2),
+    ]
+    public = public_sentences(data, clients, 4, seed=0)
+    assert len(public) == len(set(public)) == 4 and set(public) <= set(texts[14:])
+    assert public == public_sentences(data, clients, 4, seed=0)
+    assert sorted(public_sentences(data, clients, 6, seed=0)) == texts[14:]
+    with pytest.raises(UsageError, match="6 sentences are held by no client"):
+        public_sentences(data, clients, 7, seed=0)
+
+
+def test_methods_end_to_end_with_exact_traffic_and_resume_identically(tmp_path: Path) -> None:
+    """FedMerge, TAP and the universal expert, with FedAvg and local beside them: each runs, records
+    the bytes each client sent and received, and resumes to the same end after an interruption in
+    its own first round."""
+    strategies = ("fedmerge", "tap", "universal-expert", "fedavg", "local")
+    config = replace(CONFIG, strategies=strategies)
+    whole = simulate(config, tmp_path / "a", device="cpu")
+    a = tmp_path / "a"
+    fedavg = load_file(a / "checkpoints" / "fedavg.safetensors")
+    model_bytes = sum(4 * t.numel() for k, t in fedavg.items() if k.startswith("bar/client-00/"))
+    rows = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    sizes = {
+        s: {
+            (r["uplink_bytes"], r["downlink_bytes"]) for r in rows if r["strategy"] == s and r["train_loss"] is not None
+        }
+        for s in strategies
+    }
+    assert sizes == {
+        "fedmerge": {(model_bytes, model_bytes)},
+        "tap": {(model_bytes, model_bytes)},
+        "universal-expert": {(model_bytes, 2 * model_bytes)},  # the expert and the client's cluster model
+        "fedavg": {(model_bytes, model_bytes)},
+        "local": {(0, 0)},
+    }
+    assert model_bytes == state_bytes(load_file(a / "adapters" / "fedavg" / "client-00" / "adapter_model.safetensors"))
+    for name in strategies:
+        cost = whole.summary["strategies"][name]["cost"]
+        assert cost["client_rounds"] == 6
+        assert cost["uplink_bytes_per_client_round"] == min(sizes[name])[0]
+    timings = [json.loads(line) for line in (a / "timings.jsonl").read_text().splitlines()]
+    assert [(t["strategy"], t["round"]) for t in timings] == [(s, r) for s in strategies for r in (1, 2)]
+    assert all(set(t["client_seconds"]) == set(CLIENTS) and t["server_seconds"] >= 0 for t in timings)
+
+    merge = load_file(a / "checkpoints" / "fedmerge.safetensors")
+    assert merge["server/w/weights"].shape == (3, 3) and merge["server/w/weights"].dtype == torch.float64
+    assert not torch.equal(merge["server/w/weights"], torch.zeros(3, 3, dtype=torch.float64))
+    assert {k.split("/")[1] for k in merge if k.startswith("server/")} == {"w", "theta-0", "theta-1", "theta-2"}
+    initial = {k.split("/", 2)[2]: v for k, v in merge.items() if k.startswith("bar/client-00/")}
+    wrong = {"w": {"weights": torch.zeros(4, 3, dtype=torch.float64)}, **{f"theta-{j}": initial for j in range(3)}}
+    with pytest.raises(AdapterError, match="server/w/weights"):  # a W of another shape is refused
+        options = json.loads(json.dumps(asdict(config)))
+        checkpoint.load(a / "checkpoints" / "fedmerge.safetensors", "fedmerge", options, CLIENTS, initial, wrong)
+
+    class Interrupted(KeyboardInterrupt):
+        pass
+
+    b = tmp_path / "b"
+    for method in ("fedmerge", "tap", "universal-expert"):
+
+        def stop(strategy: str, round_: int, accuracy: float | None, method: str = method) -> None:
+            if (strategy, round_) == (method, 1):
+                raise Interrupted
+
+        with pytest.raises(Interrupted):
+            simulate(config, b, device="cpu", resume=b.exists(), round_done=stop)
+    simulate(config, b, device="cpu", resume=True)
+    for name in ("metrics.jsonl", "similarity.jsonl"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    for strategy in strategies:
+        want = load_file(a / "checkpoints" / f"{strategy}.safetensors")
+        got = load_file(b / "checkpoints" / f"{strategy}.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), strategy
+        for client in CLIENTS:
+            path = Path("adapters") / strategy / client / "adapter_model.safetensors"
+            assert (a / path).read_bytes() == (b / path).read_bytes()

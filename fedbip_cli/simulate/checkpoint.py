@@ -2,8 +2,9 @@
 
 A checkpoint is one safetensors file: the server's personalized states θ̄ (``bar/<client>/<tensor>``)
 its memory of updates (``memory/<client>/<tensor>``) and a method's server state
-(``server/<name>/<tensor>``, ``methods``), with the round, the options, the metrics,
-the similarity records and the timings as JSON in the header, and a SHA-256 over that JSON and
+(``server/<name>/<tensor>``, ``methods``: checked against the method's initial server state, so
+that a server state need not be model-sized, as FedMerge's W is not), with the round, the options,
+the metrics, the similarity records, the timings and the per-round timings as JSON in the header, and a SHA-256 over that JSON and
 every tensor's name, dtype, shape and bytes. A resume trusts nothing in it: the checksum catches a
 flipped bit, and every field is checked for its type and range, every client and tensor against the
 run's own, before any of it is used. Nothing is unpickled.
@@ -45,6 +46,8 @@ class StrategyRun:
     memory: dict[str, State] = field(default_factory=dict)  # the server's EMA of each client's updates
     # A method's server state beyond the personalized θ̄, by name (``methods``; FedOA's global adapter).
     server: dict[str, State] = field(default_factory=dict)
+    # Per round: {"round", "server_seconds", "client_seconds": {client: seconds}} (the cost of each round).
+    timings: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _digest(meta: str, flat: dict[str, torch.Tensor]) -> str:
@@ -76,6 +79,7 @@ def save(path: Path, run: StrategyRun, config: dict[str, Any]) -> None:
             "metrics": run.metrics,
             "similarity": run.similarity,
             "seconds": run.seconds,
+            "timings": run.timings,
         }
     )
     tmp = path.with_name(f".{path.name}.tmp")
@@ -102,7 +106,8 @@ def _without_strategies(config: dict[str, Any]) -> dict[str, Any]:
 def _check_meta(path: Path, meta: object, strategy: str, config: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise _fail(path, f"header is {type(meta).__name__}; expected a JSON object")
-    expected = {"config", "strategy", "round", "metrics", "similarity", "seconds"}
+    expected = {"config", "strategy", "round", "metrics", "similarity", "seconds", "timings"}
+    meta.setdefault("timings", [])  # checkpoints written before per-round timings were kept
     if meta.keys() != expected:
         raise _fail(path, f"header keys {sorted(meta)}; expected {sorted(expected)}")
     # A strategy's rounds do not depend on which other strategies are compared beside it, so its
@@ -118,7 +123,7 @@ def _check_meta(path: Path, meta: object, strategy: str, config: dict[str, Any])
     rounds = config["rounds"]
     if not _is_int(meta["round"]) or not 0 <= meta["round"] <= rounds:
         raise _fail(path, f"round {meta['round']!r}; expected an integer in 0..{rounds}")
-    for key in ("metrics", "similarity"):
+    for key in ("metrics", "similarity", "timings"):
         if not isinstance(meta[key], list) or not all(isinstance(row, dict) for row in meta[key]):
             raise _fail(path, f"'{key}' is not a list of objects")
     seconds = meta["seconds"]
@@ -128,10 +133,10 @@ def _check_meta(path: Path, meta: object, strategy: str, config: dict[str, Any])
 
 
 def _states(
-    path: Path, flat: dict[str, torch.Tensor], clients: list[str], reference: State
+    path: Path, flat: dict[str, torch.Tensor], clients: list[str], reference: State, server: dict[str, State]
 ) -> tuple[dict[str, State], dict[str, State], dict[str, State]]:
-    """Split the file's tensors into θ̄ and memory per client and a method's server states by name,
-    each checked against ``reference``."""
+    """Split the file's tensors into θ̄ and memory per client, each checked against ``reference``,
+    and a method's server states by name, each checked against ``server`` (its initial state)."""
     states: dict[str, dict[str, State]] = {"bar": {}, "memory": {}, "server": {}}
     for key, tensor in flat.items():
         kind, _, rest = key.partition("/")
@@ -140,34 +145,46 @@ def _states(
             raise _fail(path, f"tensor {key!r} is neither bar/ nor memory/ nor server/")
         if kind != "server" and client not in clients:
             raise _fail(path, f"tensor {key!r} names an unknown client {client!r}")
-        if name not in reference:
-            raise _fail(path, f"tensor {key!r} is not a trainable tensor of this model")
-        if tensor.dtype != reference[name].dtype or tensor.shape != reference[name].shape:
+        expected = server.get(client, {}) if kind == "server" else reference
+        if name not in expected:
+            what = "a server tensor of this strategy" if kind == "server" else "a trainable tensor of this model"
+            raise _fail(path, f"tensor {key!r} is not {what}")
+        if tensor.dtype != expected[name].dtype or tensor.shape != expected[name].shape:
             raise _fail(
                 path,
                 f"tensor {key!r} is {tensor.dtype} {tuple(tensor.shape)}; "
-                f"expected {reference[name].dtype} {tuple(reference[name].shape)}",
+                f"expected {expected[name].dtype} {tuple(expected[name].shape)}",
             )
         if not torch.isfinite(tensor).all():
             raise _fail(path, f"tensor {key!r} holds NaN or Inf")
         states[kind].setdefault(client, {})[name] = tensor
     for kind, by_client in states.items():
         for client, state in by_client.items():
-            if state.keys() != reference.keys():
-                raise _fail(path, f"{kind} of {client} lacks {sorted(reference.keys() - state.keys())[:3]}")
+            expected = server[client] if kind == "server" else reference
+            if state.keys() != expected.keys():
+                raise _fail(path, f"{kind} of {client} lacks {sorted(expected.keys() - state.keys())[:3]}")
     if sorted(states["bar"]) != sorted(clients):
         raise _fail(path, f"holds states of {len(states['bar'])} clients; expected {len(clients)}")
+    if states["server"].keys() != server.keys():
+        raise _fail(path, f"holds server state {sorted(states['server'])}; expected {sorted(server)}")
     # The file lists tensors by name; give them back in the model's order, in which a run that was
     # not interrupted holds them, so that every sum over tensors adds in the same order.
     ordered = {
         kind: {c: {name: by_client[c][name] for name in reference} for c in clients if c in by_client}
         for kind, by_client in states.items()
     }
-    server = {key: {name: state[name] for name in reference} for key, state in sorted(states["server"].items())}
-    return ordered["bar"], ordered["memory"], server
+    kept = {key: {name: states["server"][key][name] for name in state} for key, state in server.items()}
+    return ordered["bar"], ordered["memory"], kept
 
 
-def load(path: Path, strategy: str, config: dict[str, Any], clients: list[str], reference: State) -> StrategyRun:
+def load(
+    path: Path,
+    strategy: str,
+    config: dict[str, Any],
+    clients: list[str],
+    reference: State,
+    server: dict[str, State] | None = None,
+) -> StrategyRun:
     """The run saved in ``path``, after checking it against the run it would continue.
 
     Args:
@@ -176,6 +193,7 @@ def load(path: Path, strategy: str, config: dict[str, Any], clients: list[str], 
         config: the run's options as JSON values (the file must hold the same).
         clients: the run's clients; every one must have a state, no other may appear.
         reference: the model's trainable tensors (names, dtypes, shapes).
+        server: the strategy's initial server state (``methods``; names, dtypes, shapes), none by default.
 
     Raises:
         AdapterError: naming ``path``, for an unreadable, damaged (checksum) or inconsistent file.
@@ -196,7 +214,7 @@ def load(path: Path, strategy: str, config: dict[str, Any], clients: list[str], 
     except (json.JSONDecodeError, RecursionError):
         raise _fail(path, "header is not valid JSON") from None
     meta = _check_meta(path, meta, strategy, config)
-    bar, memory, server = _states(path, flat, clients, reference)
-    return StrategyRun(
-        strategy, meta["round"], bar, meta["metrics"], meta["similarity"], meta["seconds"], memory, server
-    )
+    bar, memory, kept = _states(path, flat, clients, reference, server or {})
+    run = StrategyRun(strategy, meta["round"], bar, meta["metrics"], meta["similarity"], meta["seconds"], memory)
+    run.server, run.timings = kept, meta["timings"]
+    return run

@@ -1,5 +1,6 @@
-"""FedMerge's server step (arXiv 2504.06768; code shutong043/FedMerge, ``server_merging.py``), as
-pure functions over tensors; not yet a registered strategy (issue 14).
+"""FedMerge (arXiv 2504.06768, "FedMerge: Federated Personalization via Model Merging"; code
+shutong043/FedMerge, ``server_merging.py`` and ``main_merging_cifar100_personal.py``): the server
+step as pure functions over tensors, and the strategy ``fedmerge`` built on them (issue 14).
 
 The server keeps d global models Θ_1..Θ_d and a weight matrix W (clients × d); client i receives
 θ_i = Σ_j S_ij Θ_j with S = softmax(W) by rows, trains it to θ'_i and sends it back; g_i = θ_i − θ'_i
@@ -14,13 +15,46 @@ is its pseudo-gradient. Followed from the code, in its order:
 
 Choices made here: the inner products run over the whole trainable state (LoRA factors and head;
 the code takes only the top linear layer), and only the round's participants count.
+
+The strategy (``FedMerge``): the server keeps Θ_1..Θ_d (``theta-<j>``) and W (``w``, clients × d,
+float64, zero at the start as in the code), all checkpointed. Defaults from the code's argument
+parser: d = 5 (``--num-shared``) and W's step 0.01 (``--learning_rate_W``). The code draws each Θ_j
+as a new model (``load_model`` once per j: independent random initialisations); here Θ_1 is the
+run's shared initial adapter θ⁰ and Θ_j (j ≥ 2) is θ⁰ with the entries of each tensor permuted at
+random (seeded by the run's seed and j): for the tensors initialised i.i.d. (LoRA A, the head's
+weight) that is another draw from the same initialisation, and the zero ones (LoRA B, the bias)
+stay zero. (With one shared start and W = 0 every client would receive the same model and the Θ_j
+would never separate.) Client i receives θ_i = Σ_j softmax(W_i)_j Θ_j, trains it with the round's
+batches and sends it; the server steps W, then Θ (``fedmerge_step``); every client is then
+evaluated and saved with its merged model under the new W and Θ.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
 import torch
 
-State = dict[str, torch.Tensor]
+from fedbip_cli.simulate.methods import ClientReply, Fit, ServerContext
+from fedbip_cli.simulate.model import ClientModel
+from fedbip_cli.simulate.strategies import (
+    Plan,
+    RoundUpdates,
+    ServerStep,
+    State,
+    ema_memory,
+    task_vectors,
+    update_similarity,
+)
+
+if TYPE_CHECKING:
+    from fedbip_cli.simulate.checkpoint import StrategyRun
+    from fedbip_cli.simulate.loop import ClientTokens
+
+GLOBAL_MODELS = 5  # d: the code's --num-shared default
+LR_W = 0.01  # the code's --learning_rate_W default: how far W's largest entry moves per round
+W = "w"  # the server state holding W
 
 
 def merged(theta: dict[str, torch.Tensor], weights: torch.Tensor) -> State:
@@ -105,3 +139,82 @@ def fedmerge_step(
     pseudo = {name: sent[name] - trained[name] for name in theta}
     new_w = update_w(w, theta, sent, pseudo, share, lr_w)
     return new_w, update_theta(new_w, theta, pseudo, share)
+
+
+def theta_key(j: int) -> str:
+    """The server state holding Θ_{j+1}."""
+    return f"theta-{j}"
+
+
+def distinct_starts(initial: State, count: int, seed: int) -> list[State]:
+    """Θ_1 = ``initial``; Θ_j (j ≥ 2) = ``initial`` with each tensor's entries permuted at random by a
+    generator seeded with (``seed``, j): another draw of an i.i.d. initialisation (see the module's
+    docstring)."""
+    starts = [dict(initial)]
+    for j in range(1, count):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + j)
+        starts.append(
+            {
+                name: t.reshape(-1)[torch.randperm(t.numel(), generator=generator)].reshape(t.shape)
+                for name, t in initial.items()
+            }
+        )
+    return starts
+
+
+def _stacked(states: list[State]) -> dict[str, torch.Tensor]:
+    return {name: torch.stack([s[name] for s in states]) for name in states[0]}
+
+
+@dataclass(frozen=True)
+class FedMerge:
+    """FedMerge: d global models merged per client by softmax(W) (see the module's docstring)."""
+
+    global_models: int = GLOBAL_MODELS
+    lr_w: float = LR_W
+    seed: int = 0
+    name: str = "fedmerge"
+    needs_public: bool = False
+    finish: None = None
+
+    def initial_server(self, initial: State, clients: list[str]) -> dict[str, State]:
+        starts = distinct_starts(initial, self.global_models, self.seed)
+        server = {theta_key(j): start for j, start in enumerate(starts)}
+        server[W] = {"weights": torch.zeros(len(clients), self.global_models, dtype=torch.float64)}
+        return server
+
+    def _theta(self, run: StrategyRun) -> dict[str, torch.Tensor]:
+        return _stacked([run.server[theta_key(j)] for j in range(self.global_models)])
+
+    def received(self, run: StrategyRun, rows: list[int]) -> list[State]:
+        """θ_i = Σ_j softmax(W_i)_j Θ_j for the clients at ``rows`` of W."""
+        stacked = merged(self._theta(run), torch.softmax(run.server[W]["weights"][rows], dim=1))
+        return [{name: t[r] for name, t in stacked.items()} for r in range(len(rows))]
+
+    def client_round(
+        self, model: ClientModel, run: StrategyRun, client: str, data: ClientTokens, fit: Fit
+    ) -> ClientReply:
+        (received,) = self.received(run, [list(run.bar).index(client)])
+        sent, loss = fit(received, None)
+        return ClientReply(sent, loss, (received,))
+
+    def server_round(
+        self, run: StrategyRun, updates: RoundUpdates, server: ServerContext
+    ) -> tuple[RoundUpdates, ServerStep]:
+        rows = [updates.clients.index(c) for c in updates.participants]
+        weights = run.server[W]["weights"]
+        before = dict(zip(updates.clients, self.received(run, list(range(len(updates.clients))))))
+        view = replace(updates, bar=before)
+        share = torch.tensor([float(updates.examples[c]) for c in updates.participants], dtype=torch.float64)
+        trained = _stacked([updates.trained[c] for c in updates.participants])
+        new_rows, theta = fedmerge_step(weights[rows], self._theta(run), trained, share, self.lr_w)
+        weights = weights.clone()
+        weights[rows] = new_rows
+        run.server[W] = {"weights": weights}
+        for j in range(self.global_models):
+            run.server[theta_key(j)] = {name: t[j] for name, t in theta.items()}
+        bar = dict(zip(updates.clients, self.received(run, list(range(len(updates.clients))))))
+        tau = task_vectors(view)
+        similarity = update_similarity(updates.participants, tau, "model")
+        plan = Plan(list(updates.clients), {"model": torch.softmax(weights, dim=1)})
+        return view, ServerStep(bar, similarity, plan, ema_memory(view, tau))

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 
 from fedbip_cli.defence import ClipNorm
-from fedbip_cli.errors import AdapterError, OutputError, UsageError
-from fedbip_cli.simulate import attacks, checkpoint
+from fedbip_cli.errors import OutputError, UsageError
+from fedbip_cli.simulate import attacks, checkpoint, fedmerge, tap, universal
 from fedbip_cli.simulate.attacks import Attack
 from fedbip_cli.simulate.checkpoint import StrategyRun
 from fedbip_cli.simulate.data import ClientData, load_bbc, load_client_files
-from fedbip_cli.simulate.methods import FEDOA_LAMBDA, METHODS, Fit, Method
+from fedbip_cli.simulate.methods import FEDOA_LAMBDA, METHODS, ClientReply, Fit, Method, ServerContext
 from fedbip_cli.simulate.model import ClientModel, Regularizer, Tokens, embedded_model_dir
-from fedbip_cli.simulate.partition import PARTITIONS, partition_dirichlet, partition_tasks
+from fedbip_cli.simulate.partition import PARTITIONS, partition_dirichlet, partition_tasks, public_sentences
 from fedbip_cli.simulate.separation import round_separation
 from fedbip_cli.simulate.strategies import (
     RoundUpdates,
@@ -85,11 +85,28 @@ class SimulationConfig:
     target_label: str | None = None  # a label name; None = the first label
     clip_norm: str | None = None  # auto | <K>x | <value> (``defence.ClipNorm``)
     fedoa_lambda: float = FEDOA_LAMBDA  # FedOA's feature-distance weight λ (``methods.FedOA``)
+    global_models: int = fedmerge.GLOBAL_MODELS  # FedMerge's d (``fedmerge.FedMerge``)
+    fedmerge_lr_w: float = fedmerge.LR_W  # FedMerge's step on W
+    tap_margin: float = tap.MARGIN  # TAP's replacement margin (``tap.TAP``)
+    tap_kd_steps: int = tap.KD_STEPS  # TAP's post-training steps
+    tap_kd_weight: float = tap.KD_WEIGHT  # TAP's distillation weight
+    tap_temperature: float = tap.TEMPERATURE  # TAP's distillation temperature
+    public_examples: int = universal.PUBLIC_EXAMPLES  # the universal expert's unlabeled public sentences
+    distill_steps: int = universal.DISTILL_STEPS  # the universal expert's distillation steps per round
 
     def __post_init__(self) -> None:
         check_strategies(list(self.strategies), extra=list(METHODS))
         if not self.fedoa_lambda >= 0:
             raise UsageError(f"--fedoa-lambda {self.fedoa_lambda} must be a non-negative number")
+        for name in ("global_models", "public_examples"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("tap_margin", "tap_kd_steps", "tap_kd_weight", "distill_steps"):
+            if not getattr(self, name) >= 0:
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a non-negative number")
+        for name in ("fedmerge_lr_w", "tap_temperature"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} must be positive")
         methods = [s for s in self.strategies if s in METHODS]
         if methods and (self.attack != "none" or self.clip_norm is not None):
             raise UsageError(
@@ -201,16 +218,17 @@ def train_client(
     round_: int,
     index: int,
     regularizer: Regularizer | None = None,
+    steps: int | None = None,
 ) -> tuple[State, float]:
     """One client's local training in ``round_``, from the personalized ``state`` the server sent it:
     the trained state and the mean training loss. ``index`` is the client's place in client order,
-    which seeds its batches; ``regularizer`` is a method's extra loss term (``methods``). Every
-    engine calls this one function."""
+    which seeds its batches; ``regularizer`` is a method's extra loss term (``methods``); ``steps``
+    replaces ``--local-steps`` (a method's post-training phase). Every engine calls this one function."""
     model.load_state(state)
     loss = model.train(
         data.train,
         data.train_labels,
-        steps=config.local_steps,
+        steps=config.local_steps if steps is None else steps,
         batch_size=config.batch_size,
         lr=config.lr,
         generator=batch_generator(config, round_, index),
@@ -222,7 +240,7 @@ def train_client(
 def local_fit(model: ClientModel, config: SimulationConfig, data: ClientTokens, round_: int, index: int) -> Fit:
     """``train_client`` for one client and round, from any state and with any extra loss term: what
     a method's ``client_round`` trains with (``methods.Fit``)."""
-    return lambda state, term: train_client(model, config, data, state, round_, index, term)
+    return lambda state, term, steps=None: train_client(model, config, data, state, round_, index, term, steps)
 
 
 def evaluate_client(model: ClientModel, data: ClientTokens, state: State) -> float:
@@ -248,17 +266,20 @@ def server_round(
     initial: State,
     clip: ClipNorm | None = None,
     method: Method | None = None,
+    context: ServerContext | None = None,
 ) -> ServerStep:
     """The server's part of ``round_``: the strategy's step over the participants ``chosen`` and
     their ``trained`` states, applied to ``run`` (its personalized states and similarity record),
     with each update's norm bounded by ``clip`` when given; a ``method``'s own aggregation
-    (``methods``) for the strategies that are one. Every engine calls this one function after
-    collecting the round's replies."""
+    (``methods``) for the strategies that are one, which may use ``context``. Every engine calls this
+    one function after collecting the round's replies."""
     updates = RoundUpdates(clients, chosen, run.bar, trained, examples, groups, initial, run.memory, clip)
     if method is None:
         step = server_step(run.strategy, updates)
     else:
-        updates, step = method.server_round(run, updates)
+        if context is None:
+            raise UsageError(f"strategy {run.strategy}'s server step needs the server's context")
+        updates, step = method.server_round(run, updates, context)
     run.bar, run.memory = step.bar, step.memory
     record = similarity_record(run.strategy, round_, step)
     record["separation"] = separation_record(updates, step)
@@ -303,10 +324,13 @@ def metric_rows(
     accuracy: dict[str, float],
     attack: Attack | None = None,
     attack_rates: dict[str, dict[str, float]] | None = None,
+    traffic: dict[str, tuple[int, int]] | None = None,
 ) -> list[dict[str, Any]]:
     """The lines of ``metrics.jsonl`` for one round, one per client: a client that did not train
     has no ``train_loss``, one that was not evaluated no ``test_accuracy``; under an ``attack``,
-    whether the client attacks and its attack success rates (``attacks.attack_fields``)."""
+    whether the client attacks and its attack success rates (``attacks.attack_fields``); with
+    ``traffic`` (client -> (uplink, downlink) bytes of the round), ``uplink_bytes`` and
+    ``downlink_bytes`` (0 for a client that did not take part)."""
     return [
         {
             "strategy": strategy,
@@ -316,9 +340,23 @@ def metric_rows(
             "test_accuracy": accuracy.get(client),
             "examples": examples[client],
             **(attacks.attack_fields(attack, client, (attack_rates or {}).get(client)) if attack else {}),
+            **(_traffic_fields(traffic.get(client, (0, 0))) if traffic is not None else {}),
         }
         for client in clients
     ]
+
+
+def _traffic_fields(traffic: tuple[int, int]) -> dict[str, int]:
+    return {"uplink_bytes": traffic[0], "downlink_bytes": traffic[1]}
+
+
+def state_bytes(*states: State) -> int:
+    """The bytes of the tensors of ``states`` as sent (every element at its dtype's size)."""
+    return sum(t.numel() * t.element_size() for state in states for t in state.values())
+
+
+# Strategies whose clients exchange nothing with the server (their traffic is 0 bytes).
+SILENT = ("local",)
 
 
 class Simulation:
@@ -337,7 +375,8 @@ class Simulation:
         self.initial = self.model.initial_state()
         # Round 1 trains every client from the shared initial state with the same batches whatever
         # the strategy, so its results are computed once and reused by every strategy compared.
-        self._first_round: dict[str, tuple[State, float]] = {}
+        self._first_round: dict[str, tuple[ClientReply, float]] = {}
+        self._public_tokens: Tokens | None = None  # the public unlabeled sentences (``_public``)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _checkpoint_path(self, strategy: str) -> Path:
@@ -347,58 +386,84 @@ class Simulation:
         """Write the run's state atomically as one checksummed file (``checkpoint.save``)."""
         checkpoint.save(self._checkpoint_path(run.strategy), run, self._config_json())
 
-    def load_checkpoint(self, strategy: str) -> StrategyRun | None:
-        """The last complete round of ``strategy``, checked in full, or None when it has not started."""
+    def load_checkpoint(self, strategy: str, server: dict[str, State] | None = None) -> StrategyRun | None:
+        """The last complete round of ``strategy``, checked in full (its method's server state against
+        ``server``, the initial one), or None when it has not started."""
         path = self._checkpoint_path(strategy)
         if not path.is_file():
             return None
-        return checkpoint.load(path, strategy, self._config_json(), self.names, self.initial)
+        return checkpoint.load(path, strategy, self._config_json(), self.names, self.initial, server or {})
 
     def _config_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self.config)))
 
     # -- one strategy ----------------------------------------------------------------------------
+    def _public(self, method: Method | None) -> Tokens | None:
+        """The public unlabeled sentences, tokenized, for a method whose server needs them."""
+        if method is None or not method.needs_public:
+            return None
+        if self._public_tokens is None:
+            if self.config.data_dir is not None:
+                raise UsageError(
+                    f"strategy {method.name} needs public unlabeled sentences, held out of the embedded corpus",
+                    hint="run it without --data",
+                )
+            texts = public_sentences(load_bbc(), self.clients, self.config.public_examples, self.config.seed)
+            self._public_tokens = self.model.tokenize(texts)
+        return self._public_tokens
+
+    def _client_round(
+        self, run: StrategyRun, method: Method | None, round_: int, index: int, data: ClientTokens
+    ) -> tuple[ClientReply, float]:
+        """One participant's round and the seconds it took (round 1's shared result is charged the
+        seconds it took when it was computed)."""
+        start = time.perf_counter()
+        if method is not None:  # the client's own round (``methods``)
+            fit = local_fit(self.model, self.config, data, round_, index)
+            reply = method.client_round(self.model, run, data.name, data, fit)
+            return reply, time.perf_counter() - start
+        if round_ == 1 and data.name in self._first_round:
+            return self._first_round[data.name]
+        state, loss = train_client(self.model, self.config, data, run.bar[data.name], round_, index)
+        done = ClientReply(state, loss, (run.bar[data.name],)), time.perf_counter() - start
+        if round_ == 1:
+            self._first_round[data.name] = done
+        return done
+
     def run_strategy(
         self, strategy: str, *, resume: bool, progress: Progress | None = None, on_round: RunCallback | None = None
     ) -> StrategyRun:
         """All rounds of one strategy (from its checkpoint when resuming)."""
-        run = self.load_checkpoint(strategy) if resume else None
         method = METHODS[strategy](self.config) if strategy in METHODS else None
+        server_state = method.initial_server(self.initial, self.names) if method is not None else {}
+        run = self.load_checkpoint(strategy, server_state) if resume else None
         if run is None:
             run = StrategyRun(strategy, 0, {c: dict(self.initial) for c in self.names})
-            run.server = method.initial_server(self.initial) if method is not None else {}
-        elif method is not None and run.server.keys() != method.initial_server(self.initial).keys():
-            raise AdapterError(
-                f"checkpoint holds server state {sorted(run.server)}; {strategy} keeps "
-                f"{sorted(method.initial_server(self.initial))}",
-                where=str(self._checkpoint_path(strategy)),
-                hint="start afresh with --overwrite",
-            )
+            run.server = server_state
         advance = (progress or (lambda stage, total: lambda n: None))(strategy, self.config.rounds * len(self.names))
         advance(run.round * len(self.names))
         examples = {d.name: len(d.train) for d in self.data}
         groups = {d.name: d.group for d in self.data}
+        public = self._public(method)
         for round_ in range(run.round + 1, self.config.rounds + 1):
             chosen = participants(self.config, self.names, round_)
             trained: dict[str, State] = {}
             losses: dict[str, float] = {}
-            start = time.perf_counter()
+            traffic: dict[str, tuple[int, int]] = {}
+            client_seconds: dict[str, float] = {}
             for index, data in enumerate(self.data):
-                if data.name in chosen and method is not None:  # the client's own round (``methods``)
-                    fit = local_fit(self.model, self.config, data, round_, index)
-                    trained[data.name], losses[data.name] = method.client_round(self.model, run, data.name, data, fit)
-                elif data.name in chosen and round_ == 1 and data.name in self._first_round:
-                    trained[data.name], losses[data.name] = self._first_round[data.name]
-                elif data.name in chosen:
-                    trained[data.name], losses[data.name] = train_client(
-                        self.model, self.config, data, run.bar[data.name], round_, index
+                if data.name in chosen:
+                    reply, client_seconds[data.name] = self._client_round(run, method, round_, index, data)
+                    losses[data.name] = reply.loss
+                    # what an attacker sends (``attacks.Attack.update``)
+                    trained[data.name] = self.attack.update(data.name, run.bar[data.name], reply.sent)
+                    silent = strategy in SILENT
+                    traffic[data.name] = (
+                        0 if silent else state_bytes(trained[data.name]),
+                        0 if silent else state_bytes(*reply.received),
                     )
-                    if round_ == 1:
-                        self._first_round[data.name] = (trained[data.name], losses[data.name])
-                if data.name in chosen:  # what an attacker sends (``attacks.Attack.update``)
-                    trained[data.name] = self.attack.update(data.name, run.bar[data.name], trained[data.name])
                 advance(1)
-            run.seconds["train"] += time.perf_counter() - start
+            run.seconds["train"] += sum(client_seconds.values())
 
             start = time.perf_counter()
             server_round(
@@ -412,8 +477,18 @@ class Simulation:
                 initial=self.initial,
                 clip=ClipNorm.parse(self.config.clip_norm),
                 method=method,
+                context=ServerContext(self.model, public, round_, self.config.seed),
             )
-            run.seconds["server"] += time.perf_counter() - start
+            server_seconds = time.perf_counter() - start
+            run.seconds["server"] += server_seconds
+            if round_ == self.config.rounds and method is not None and method.finish is not None:
+                for index, data in enumerate(self.data):  # the method's post-training phase
+                    start = time.perf_counter()
+                    fit = local_fit(self.model, self.config, data, self.config.rounds + 1, index)
+                    method.finish(self.model, run, data.name, data, fit)
+                    elapsed = time.perf_counter() - start
+                    client_seconds[data.name] = client_seconds.get(data.name, 0.0) + elapsed
+                    run.seconds["train"] += elapsed
 
             accuracy: dict[str, float] = {}
             rates: dict[str, dict[str, float]] = {}
@@ -424,8 +499,9 @@ class Simulation:
                     rates[data.name] = self.attack.rates(self.model, data.name, run.bar[data.name])
                 run.seconds["eval"] += time.perf_counter() - start
             run.metrics.extend(
-                metric_rows(strategy, round_, self.names, examples, losses, accuracy, self.attack, rates)
+                metric_rows(strategy, round_, self.names, examples, losses, accuracy, self.attack, rates, traffic)
             )
+            run.timings.append({"round": round_, "server_seconds": server_seconds, "client_seconds": client_seconds})
             run.round = round_
             self.save_checkpoint(run)
             if on_round is not None:

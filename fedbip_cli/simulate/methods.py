@@ -1,22 +1,37 @@
 """Strategies beyond "the server chooses weight rows P": methods whose server keeps state of its own,
 whose clients keep state between rounds or train with an extra loss (issue 14).
 
-A ``Method`` is a registered strategy with four verbs, in the spirit of Flower's strategy verbs:
+A ``Method`` is a registered strategy with a few verbs, in the spirit of Flower's strategy verbs:
 
-- server state: ``initial_server(θ⁰)``, the state the server keeps beyond the personalized states
-  θ̄ (``StrategyRun.server``, checkpointed with them);
-- client round: ``client_round(model, run, client, data, fit)``, a participant's local work: it
-  updates what the client keeps between rounds (its personalized state θ̄_client, the adapter it is
-  evaluated and saved with) and returns what the client sends, with its training loss. ``fit``
-  trains from a state with the round's batches, optionally with an extra loss term;
-- aggregation: ``server_round(run, updates)``, what the server makes of the participants' replies:
-  it moves ``run.server`` on and returns the step (θ̄ for every client) and the ``RoundUpdates``
-  the round's similarity and separation records are computed from;
-- post-training phase: ``finish`` (None when the method has none; no method here has one yet).
+- server state: ``initial_server(θ⁰, clients)``, the state the server keeps beyond the personalized
+  states θ̄: named dicts of tensors (``StrategyRun.server``, checkpointed with them as
+  ``server/<name>/<tensor>``; a model-sized state such as FedOA's global adapter, or any other
+  tensors such as FedMerge's weight matrix W, which the checkpoint checks against this initial state);
+- client round: ``client_round(model, run, client, data, fit) -> ClientReply``, a participant's local
+  work: it updates what the client keeps between rounds (its personalized state θ̄_client, the
+  adapter it is evaluated and saved with) and returns what the client sends, its training loss and
+  what the server sent it this round (whose sizes are the round's downlink bytes). ``fit`` trains
+  from a state with the round's batches, optionally with an extra loss term and another number of
+  steps;
+- aggregation: ``server_round(run, updates, server) -> (RoundUpdates, ServerStep)``, what the server
+  makes of the participants' replies: it moves ``run.server`` on and returns the step (θ̄ for every
+  client) and the ``RoundUpdates`` the round's similarity and separation records are computed from.
+  ``server`` (``ServerContext``) is what a server step may use beyond the replies: the model (for
+  a server that runs it, as the universal expert's distillation does), the public unlabeled
+  sentences, the round and the seed;
+- post-training phase: ``finish(model, run, client, data, fit)``, called for every client after the
+  last round's server step and before that round's evaluation and checkpoint (so a run interrupted
+  before the end redoes the last round with its phase, and resumes identically); ``finish`` is None
+  for a method without one. Its ``fit`` draws batches of round ``rounds + 1``.
+
+What travels between the engines' two sides: the client's state between rounds is
+``run.bar[client]`` (and whatever the method reads of ``run.server``); the server state is
+``run.server``; a reply is ``ClientReply.sent`` and its loss.
 
 The strategies of ``strategies.STRATEGIES`` need none of this (a client trains the θ̄ it is sent
 and sends the result; the server's step is ``server_step``), so the round loop calls these verbs
-only for the names in ``METHODS`` and runs every other strategy exactly as before.
+only for the names in ``METHODS`` and runs every other strategy exactly as before. The methods:
+FedOA (below), FedMerge (``fedmerge``), TAP (``tap``) and the universal expert (``universal``).
 
 FedOA — adapters for out-of-distribution generalization in federated foundation models (arXiv
 2505.01075; code Lydia-yang/FedOA). Each client keeps a personal adapter beside the global one.
@@ -38,38 +53,67 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from fedbip_cli.errors import UsageError
-from fedbip_cli.simulate.model import ClientModel, Regularizer
+from fedbip_cli.simulate.model import ClientModel, Regularizer, Tokens
 from fedbip_cli.simulate.strategies import RoundUpdates, ServerStep, State, server_step
 
 if TYPE_CHECKING:
     from fedbip_cli.simulate.checkpoint import StrategyRun
     from fedbip_cli.simulate.loop import ClientTokens
 
-# fit(state, regularizer) -> (trained state, mean task loss): one local training with the round's batches.
-Fit = Callable[[State, Regularizer | None], tuple[State, float]]
-
 FEDOA_LAMBDA = 0.5  # FedOA's code default (``regular_weight``)
-GLOBAL = "global"  # FedOA's server state: the global adapter
+GLOBAL = "global"  # FedOA's and TAP's server state: the global adapter
+
+
+class Fit(Protocol):
+    """One local training of a client with the round's batches: from ``state``, with an optional
+    extra loss term, for ``steps`` optimizer steps (None: the run's ``--local-steps``); returns the
+    trained state and the mean task loss."""
+
+    def __call__(
+        self, state: State, regularizer: Regularizer | None, steps: int | None = None
+    ) -> tuple[State, float]: ...
+
+
+@dataclass(frozen=True)
+class ClientReply:
+    """What a participant's round produced."""
+
+    sent: State  # what it sends the server
+    loss: float  # the mean task loss of its training
+    received: tuple[State, ...]  # what the server sent it this round (its sizes: the downlink bytes)
+
+
+@dataclass(frozen=True)
+class ServerContext:
+    """What a method's server step may use beyond the participants' replies."""
+
+    model: ClientModel  # the run's model, for a server that runs it (the universal expert's distillation)
+    public: Tokens | None  # the public unlabeled sentences, when the run holds them (``needs_public``)
+    round: int
+    seed: int
 
 
 class Method(Protocol):
     """A strategy with server state, client state or a client loss (see the module's docstring)."""
 
     name: str
-    finish: Callable[..., None] | None
+    needs_public: bool  # whether the server needs the public unlabeled sentences (``ServerContext.public``)
+    finish: Callable[[ClientModel, StrategyRun, str, ClientTokens, Fit], None] | None
 
-    def initial_server(self, initial: State) -> dict[str, State]: ...
+    def initial_server(self, initial: State, clients: list[str]) -> dict[str, State]: ...
 
     def client_round(
         self, model: ClientModel, run: StrategyRun, client: str, data: ClientTokens, fit: Fit
-    ) -> tuple[State, float]: ...
+    ) -> ClientReply: ...
 
-    def server_round(self, run: StrategyRun, updates: RoundUpdates) -> tuple[RoundUpdates, ServerStep]: ...
+    def server_round(
+        self, run: StrategyRun, updates: RoundUpdates, server: ServerContext
+    ) -> tuple[RoundUpdates, ServerStep]: ...
 
 
 def feature_regularizer(target: torch.Tensor, weight: float) -> Regularizer:
@@ -111,28 +155,52 @@ class FedOA:
 
     weight: float = FEDOA_LAMBDA
     name: str = "fedoa"
-    finish: Callable[..., None] | None = None
+    needs_public: bool = False
+    finish: None = None
 
-    def initial_server(self, initial: State) -> dict[str, State]:
+    def initial_server(self, initial: State, clients: list[str]) -> dict[str, State]:
         return {GLOBAL: dict(initial)}
 
     def client_round(
         self, model: ClientModel, run: StrategyRun, client: str, data: ClientTokens, fit: Fit
-    ) -> tuple[State, float]:
+    ) -> ClientReply:
         received = run.server[GLOBAL]
         model.load_state(received)
         target = model.features(data.train)
         run.bar[client], loss = fit(run.bar[client], feature_regularizer(target, self.weight))
         sent, _ = fit(received, None)
-        return sent, loss
+        return ClientReply(sent, loss, (received,))
 
-    def server_round(self, run: StrategyRun, updates: RoundUpdates) -> tuple[RoundUpdates, ServerStep]:
+    def server_round(
+        self, run: StrategyRun, updates: RoundUpdates, server: ServerContext
+    ) -> tuple[RoundUpdates, ServerStep]:
         return fedavg_round(run, updates, GLOBAL)
 
 
-# name -> the method built from the run's options (``loop.SimulationConfig``'s fields).
-METHODS: dict[str, Callable[..., Method]] = {
+def _fedmerge(config: Any) -> Method:
+    from fedbip_cli.simulate.fedmerge import FedMerge  # its module imports this one
+
+    return FedMerge(global_models=config.global_models, lr_w=config.fedmerge_lr_w, seed=config.seed)
+
+
+def _tap(config: Any) -> Method:
+    from fedbip_cli.simulate.tap import TAP
+
+    return TAP(config.tap_margin, config.tap_kd_steps, config.tap_kd_weight, config.tap_temperature)
+
+
+def _universal(config: Any) -> Method:
+    from fedbip_cli.simulate.universal import UniversalExpert
+
+    return UniversalExpert(config.distill_steps, config.batch_size, config.lr)
+
+
+# name -> the method built from the run's options (a ``loop.SimulationConfig``).
+METHODS: dict[str, Callable[[Any], Method]] = {
     "fedoa": lambda config: FedOA(weight=config.fedoa_lambda),
+    "fedmerge": _fedmerge,
+    "tap": _tap,
+    "universal-expert": _universal,
 }
 
 

@@ -341,3 +341,23 @@ def partition_dirichlet(
         examples_per_client=examples_per_client,
     )
     return clients, list(data.label_names)
+
+
+def public_sentences(data: TextDataset, clients: list[ClientData], count: int, seed: int) -> list[str]:
+    """``count`` sentences of ``data`` that no client holds (in its train or test split): a public,
+    unlabeled set for a server that distils on one (the universal expert). Drawn with a generator
+    seeded by ``seed`` alone from the remaining sentences in canonical order, so the clients'
+    partition is unchanged; in the --examples-per-client regimes most sentences are held by no client.
+
+    Raises:
+        UsageError: when fewer than ``count`` sentences are left (the all-data regime uses them all).
+    """
+    held = {text for client in clients for text in (*client.train_texts, *client.test_texts)}
+    free = [i for i in _canonical_order(data) if data.texts[i] not in held]
+    if len(free) < count:
+        raise UsageError(
+            f"{len(free)} sentences are held by no client; the public set needs {count}",
+            hint="use --examples-per-client, or lower --public-examples",
+        )
+    chosen = np.sort(np.random.default_rng([seed, 2]).choice(len(free), size=count, replace=False))
+    return [data.texts[free[i]] for i in chosen]

@@ -1,6 +1,9 @@
 """``fedbip simulate`` as one library call: run every strategy, then write the results.
 
-Outputs in ``out``: ``metrics.jsonl`` (per strategy, round and client), ``similarity.jsonl``
+Outputs in ``out``: ``metrics.jsonl`` (per strategy, round and client, with the bytes each client
+sent and received), ``timings.jsonl`` (per strategy and round: each participant's local training
+seconds and the server step's; kept apart so that metrics.jsonl is the same on every re-run),
+``similarity.jsonl``
 (the participants' update similarity of every round), ``summary.json``, ``groups.json`` (each
 client's true task group, when known), ``base/`` (the Hugging Face sequence classifier the run
 started from: encoder and initial head), the final personalized adapters as PEFT directories with
@@ -52,6 +55,7 @@ from fedbip_cli.simulate.model import ClientModel
 from fedbip_cli.simulate.separation import KINDS
 
 SUMMARY = "summary.json"
+TIMINGS = "timings.jsonl"
 GROUPS = "groups.json"
 BASE = "base"
 ADAPTERS = "adapters"
@@ -217,6 +221,7 @@ def write_outputs(
     will be once ``out`` is in its final place."""
     _write_jsonl(out / METRICS, [row for r in runs for row in r.metrics])
     _write_jsonl(out / SIMILARITY, [row for r in runs for row in r.similarity])
+    _write_jsonl(out / TIMINGS, [{"strategy": r.strategy, **row} for r in runs for row in r.timings])
     _write_adapters(model, runs, out, base_path or out / BASE)
     _write_groups(clients, out)
     summary = _summary(config, clients, labels, runs, device)
@@ -269,6 +274,21 @@ def _final_similarity(run: StrategyRun) -> SimilarityResult:
     return SimilarityResult(list(last["clients"]), "model", {"model": group})
 
 
+def cost_summary(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Traffic per client and round from metrics rows that record it: the client-rounds (a client
+    training in a round) and the mean bytes each sent (uplink) and received (downlink) in one; None
+    when the rows do not record traffic. Seconds per client-round and per round follow from the
+    summary's ``seconds`` (``train`` / ``client_rounds``, ``server`` / ``rounds``)."""
+    rows = [row for row in metrics if row.get("train_loss") is not None]
+    if not rows or any("uplink_bytes" not in row for row in rows):
+        return None
+    return {
+        "client_rounds": len(rows),
+        "uplink_bytes_per_client_round": sum(row["uplink_bytes"] for row in rows) / len(rows),
+        "downlink_bytes_per_client_round": sum(row["downlink_bytes"] for row in rows) / len(rows),
+    }
+
+
 def _summary(
     config: SimulationConfig, clients: list[ClientInfo], labels: list[str], runs: list[StrategyRun], device: str
 ) -> dict[str, Any]:
@@ -292,6 +312,9 @@ def _summary(
             found = cluster_labels(suggest_clusters(similarity.groups["model"].similarity), len(similarity.clients))
             entry["ari"] = adjusted_rand_index(found, [groups[c] for c in similarity.clients])
         entry.update(honest_summary(run.metrics))  # under --attack: ASR and accuracy of the honest clients
+        cost = cost_summary(run.metrics)
+        if cost is not None:
+            entry["cost"] = cost
         strategies[run.strategy] = entry
     return {
         "fedbip": __version__,
