@@ -20,6 +20,7 @@ global merge; the layer-wise merge's for its check), so every contender computes
 Usage:
     python benchmarks/bench.py [--workload NAME]... [--quick] [--device cpu|cuda] [--timeout S]
                                [--seed N] [--skip CONTENDER]... [--work-dir DIR] [--results FILE]
+                               [--json FILE] [--write-docs]
     make bench            # every issue workload, full size
     make bench QUICK=1    # the smaller QUICK sizes (a few minutes)
 """
@@ -38,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import measure, report, workloads  # noqa: E402
+from benchmarks import docgen, measure, report, workloads  # noqa: E402
 from benchmarks.contenders import FEDBIP, Run, fedbip_rows, python_rows  # noqa: E402
 
 CONTENDERS = ("floor", "startup", "merge", "merge-layerwise", "inspect", "sketch", "peft", "dense")
@@ -176,10 +177,16 @@ def main(argv: list[str] | None = None) -> int:
         "--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="where to write the markdown report"
     )
     parser.add_argument("--json", type=Path, help="also write every row as JSON here")
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="also write the summary into docs/performance.md and README.md (their 'bench' sections)",
+    )
     args = parser.parse_args(argv)
     limits = workloads.TIMEOUTS["quick" if args.quick else "full"]
     args.timeout, args.baseline_timeout = limits if args.timeout is None else (args.timeout, args.timeout)
     start = time.perf_counter()
+    load = docgen.load_note()
     env = child_env()
     info = report.machine(ROOT)
     rows = [startup_row(args, env)] if "startup" not in args.skip else []
@@ -211,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "rows": rows, "elapsed_s": elapsed}, indent=1) + "\n")
+    if args.write_docs:
+        script = command.strip().replace("python ", "", 1)
+        note = f"{info['CPU']}; {load}"
+        body = f"`{command.strip()}`, {elapsed:.0f} s in all (generation included):\n\n{report.docs_tables(rows)}"
+        docgen.write_generated(ROOT / "docs" / "performance.md", "bench", body, script, note)
+        docgen.write_generated(ROOT / "README.md", "bench", report.readme_bullet(rows), script, note)
     return 0
 
 

@@ -53,6 +53,7 @@ class Run:
             "key": key,
             "contender": contender,
             "quick": self.wl.quick,
+            "clients": self.wl.clients,
             "input_mb": self.gen.input_bytes / 1e6,
             "status": "ok",
             "error": "",

@@ -7,7 +7,7 @@ merged delta (‖P'_vj ΔW_j‖ / ‖M_v‖, float64, from the written adapters)
 honest neighbour supply, and whether the outlier report flags the attacker. Run:
 
     python benchmarks/poisoning.py               # print the table
-    python benchmarks/poisoning.py --write-docs  # and write it into docs/threat-model.md
+    python benchmarks/poisoning.py --write-docs  # and write it into docs/threat-model.md (and README.md's summary)
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # tests/test_hostile.py imports its helpers as top-level modules
 
 from benchmarks.docgen import write_generated  # noqa: E402
 from tests.test_defence import attacker_share, merge, scenario  # noqa: E402
+from tests.test_hostile import CASES as HOSTILE  # noqa: E402
 
 ATTACKS = {"scaled": "×1000 copy of h1", "hidden": "victim + hidden component of equal norm"}
 OPTIONS = {
@@ -33,8 +35,9 @@ OPTIONS = {
 }
 
 
-def table() -> str:
-    """The markdown table of every attack and option set (each merge in a temporary directory)."""
+def table(found: dict[tuple[str, str], float] | None = None) -> str:
+    """The markdown table of every attack and option set (each merge in a temporary directory); each
+    (attack, options) attacker's share also goes into ``found`` when given."""
     rows = [
         "| attack | merge options | attacker's share | honest neighbour h1 | h2 | flagged as outlier |",
         "|---|---|---|---|---|---|",
@@ -48,6 +51,8 @@ def table() -> str:
                 flagged = summary["defence"]["groups"]["model"]["outliers"]
                 names = [o["client"] for kind in ("norm", "similarity") for o in flagged[kind]]
                 shares = [attacker_share(sources, root / f"out{i}", attacker=c) for c in ("zz", "h1", "h2")]
+                if found is not None:
+                    found[attack, label] = shares[0]
                 cells = " | ".join(f"{s:.3f}" for s in shares)
                 rows.append(f"| {ATTACKS[attack]} | {label} | {cells} | {'zz' if 'zz' in names else 'no'} |")
     return "\n".join(rows)
@@ -57,10 +62,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write-docs", action="store_true", help="also write the table into docs/threat-model.md")
     args = parser.parse_args()
-    text = table()
+    found: dict[tuple[str, str], float] = {}
+    text = table(found)
     print(text)
     if args.write_docs:
-        write_generated(ROOT / "docs" / "threat-model.md", "poisoning", text, "benchmarks/poisoning.py --write-docs")
+        script = "benchmarks/poisoning.py --write-docs"
+        write_generated(ROOT / "docs" / "threat-model.md", "poisoning", text, script)
+        before, after = found["scaled", "no defence"], found["scaled", "--clip-norm auto (median)"]
+        bullet = (
+            f"- **Safe**: the {len(HOSTILE)} hostile inputs of `tests/test_hostile.py` refused in one line each, "
+            "outputs committed together or not at all (a kill at any step recovered), an authenticated cache; "
+            f"`--clip-norm auto` cuts a ×1000 copy's share of its victim's merge from {before:.1%} to {after:.1%} "
+            "([threat model](docs/threat-model.md))."
+        )
+        write_generated(ROOT / "README.md", "poisoning", bullet, script)
 
 
 if __name__ == "__main__":

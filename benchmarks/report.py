@@ -188,6 +188,79 @@ def _size(row: Row) -> str:
     return " (QUICK size)" if row.get("quick") else ""
 
 
+def _wall(row: Row) -> str:
+    """A contender's wall time for prose: '61.1 s', or '> 30 s (timeout)'."""
+    text = f"{seconds(row['wall_s'])} s"
+    return text if row["status"] == "ok" else f"> {text} ({row['status']})"
+
+
+def speedups(rows: list[Row]) -> dict[str, float]:
+    """Per workload, peft's time per client over fedbip's global merge's (both measured in this run)."""
+    out = {}
+    for merge in (r for r in rows if r["key"] == "merge" and r["status"] == "ok"):
+        peft = find(rows, merge["name"], "peft")
+        if peft is not None and peft["status"] == "ok" and peft.get("per_client_s"):
+            out[merge["name"]] = peft["per_client_s"] / merge["per_client_s"]
+    return out
+
+
+def docs_tables(rows: list[Row]) -> str:
+    """docs/performance.md's summary of a run: merges against peft and the floor, similarity, the targets."""
+    faster = speedups(rows)
+    lines = [
+        "| workload | clients | fedbip merge | × I/O floor | per client | peft `add_weighted_adapter` svd, per client "
+        "| peft ÷ fedbip | peak RSS MB | error vs dense float64 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for merge in (r for r in rows if r["key"] == "merge"):
+        peft = find(rows, merge["name"], "peft")
+        cells = [
+            merge["workload"],
+            f"{merge['clients']:,}",
+            cell(merge, "wall s"),
+            cell(merge, "× I/O floor"),
+            cell(merge, "per client s"),
+            "–" if peft is None else cell(peft, "per client s"),
+            f"**{faster[merge['name']]:,.0f}×**" if merge["name"] in faster else "–",
+            cell(merge, "peak RSS MB"),
+            cell(merge, "error vs dense reference"),
+        ]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines += [
+        "",
+        "| similarity | clients | wall s | peak RSS MB | error vs dense float64 cosine |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for row in (r for r in rows if r["key"] in ("inspect", "sketch")):
+        cells = [
+            f"{row['workload']}: {row['contender']}",
+            f"{row['clients']:,}",
+            cell(row, "wall s"),
+            cell(row, "peak RSS MB"),
+            cell(row, "error vs dense reference"),
+        ]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines += ["", "| the issue's target | measured | verdict |", "|---|---|---|"]
+    lines += [f"| {t} | {m} | {v} |" for t, m, v in targets(rows)]
+    return "\n".join(lines)
+
+
+def readme_bullet(rows: list[Row]) -> str:
+    """The README's one-line summary of a run: the 7B merge against peft, exact and sketched similarity."""
+    said = []
+    merge, faster = find(rows, "7b-attn", "merge"), speedups(rows)
+    if merge is not None:
+        size = f"{merge['input_mb']:,.0f} MB{', QUICK size' if merge.get('quick') else ''}"
+        said.append(f"{merge['clients']} clients of a 7B model's attention LoRA ({size}) merged in {_wall(merge)}")
+        if "7b-attn" in faster:
+            said[-1] += f", **{faster['7b-attn']:,.0f}×** faster per client than peft's `add_weighted_adapter(svd)`"
+    for key, name, what in (("inspect", "many-clients", "exact"), ("sketch", "huge-k", "sketched")):
+        row = find(rows, name, key)
+        if row is not None:
+            said.append(f"{what} similarity of {row['clients']:,} clients{_size(row)} in {_wall(row)}")
+    return f"- **Fast**: {'; '.join(said)} ([performance](docs/performance.md))."
+
+
 def write_results(
     path: Path,
     *,
