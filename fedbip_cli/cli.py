@@ -25,8 +25,23 @@ from fedbip_cli.innercache import InnerProductCache, default_cache_dir
 if TYPE_CHECKING:
     from fedbip_cli import pipeline
 
+EXIT_CODES = """
+[b]Exit codes[/b]  0 done · 1 bad input, or the system refused (disk full, read-only) · 2 bad options · 130 interrupted
+"""
+ROOT_EPILOG = """[b]Examples[/b]
+
+  fedbip inspect-similarity adapters/
+
+  fedbip merge adapters/ --layerwise --out merged/
+
+  fedbip simulate --rounds 5 --out runs/first
+
+Each command's --help shows its options, more examples and what it exits with.
+"""
+
 app = typer.Typer(
     name="fedbip",
+    epilog=ROOT_EPILOG + EXIT_CODES,
     help="Personalized task-vector merging of LoRA adapters (after FedBip, arXiv 2509.12697).",
     no_args_is_help=True,
     add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
@@ -212,10 +227,6 @@ def _print_json(data: Any) -> None:
 
     report.write_json(data, sys.stdout)
 
-
-EXIT_CODES = """
-[b]Exit codes[/b]  0 done · 1 bad input, or the system refused (disk full, read-only) · 2 bad options · 130 interrupted
-"""
 
 MERGE_EPILOG = """[b]Examples[/b]
 
@@ -687,8 +698,8 @@ def simulate(
 
     with _user_errors():
         seed_list = parse_seeds(seeds) if seeds is not None else None
-        if engine == "flower" and (attack != "none" or clip_norm is not None):
-            raise UsageError("--attack and --clip-norm are not wired to --engine flower", hint="use --engine inprocess")
+        if engine == "flower" and attack != "none":
+            raise UsageError("--attack is not wired to --engine flower", hint="use --engine inprocess")
         config = SimulationConfig(
             strategies=tuple(s.strip() for s in (compare or strategy).split(",") if s.strip()),
             rounds=rounds,
@@ -757,11 +768,6 @@ def simulate(
 
 def _simulate_on_flower(config: Any, out: Path, *, overwrite: bool, resume: bool, seeds: list[int] | None) -> Any:
     """``simulate --engine flower``: the run on Flower's Simulation Engine (flwr imported only here)."""
-    if resume or seeds is not None:
-        raise UsageError(
-            f"--engine flower does not take {'--resume' if resume else '--seeds'}",
-            hint="run it again with --overwrite, or use --engine inprocess",
-        )
     from fedbip_cli.simulate.methods import check_flower_strategies
 
     check_flower_strategies(config)
@@ -769,7 +775,7 @@ def _simulate_on_flower(config: Any, out: Path, *, overwrite: bool, resume: bool
         from fedbip_cli.simulate.flower.engine import simulate_on_flower
     except ImportError as exc:
         raise UsageError(f"--engine flower needs Flower ({exc})", hint="pip install 'fedbip[flower]'") from None
-    return simulate_on_flower(config, out, overwrite=overwrite)
+    return simulate_on_flower(config, out, seed_list=seeds, resume=resume, overwrite=overwrite)
 
 
 def _interrupted_at_start(signum: int, frame: object) -> None:

@@ -207,7 +207,8 @@ def test_runnable_examples_run(block: Block, fixtures: Path, tmp_path: Path) -> 
 
 
 def test_help_examples_use_existing_options() -> None:
-    """The examples in each command's --help (its epilog) are documentation too."""
+    """The examples in each command's --help (its epilog), and in fedbip --help, are documentation too; each
+    also lists the exit codes."""
     group = typer.main.get_command(app)
     assert isinstance(group, click.Group)
     for name, command in group.commands.items():
@@ -218,6 +219,12 @@ def test_help_examples_use_existing_options() -> None:
             assert words[1] == name
             used = {w.split("=")[0] for w in words[2:] if w.startswith("--")}
             assert used <= options_of(command), f"fedbip {name} --help uses {sorted(used - options_of(command))}"
+    examples = commands(group.epilog or "")
+    assert examples and "Exit codes" in (group.epilog or ""), "fedbip --help shows no example or no exit codes"
+    for words in examples:
+        assert words[1] in group.commands, f"fedbip --help shows an example of no command: {words}"
+        used = {w.split("=")[0] for w in words[2:] if w.startswith("--")}
+        assert used <= options_of(group.commands[words[1]]), f"fedbip --help uses {words}"
 
 
 def slug(header: str) -> str:
@@ -286,7 +293,9 @@ def help_sources() -> dict[str, list[str]]:
     from typer.utils import get_params_from_function
 
     callback = app.registered_callback.callback if app.registered_callback else None
-    found: dict[str, list[str]] = {"": [app.info.help or getattr(callback, "__doc__", None) or ""]}
+    found: dict[str, list[str]] = {
+        "": [app.info.help or getattr(callback, "__doc__", None) or "", app.info.epilog or ""]
+    }
     for info in app.registered_commands:
         assert info.callback is not None
         name = info.name or info.callback.__name__.replace("_", "-")
