@@ -112,10 +112,16 @@ def test_compare_run_writes_metrics_similarity_summary_and_plots(compared: tuple
     metrics = read_jsonl(out / "metrics.jsonl")
     keys = [(r["strategy"], r["round"], r["client"]) for r in metrics]
     assert keys == [(s, r, c) for s in ALL for r in (1, 2) for c in CLIENTS]
+    # every participant sends and receives one trainable state (float32: 4 bytes an entry), local none
+    adapter = load_file(out / "adapters" / "fedavg" / CLIENTS[0] / "adapter_model.safetensors")
+    state_bytes = 4 * sum(t.numel() for t in adapter.values())
     for row in metrics:
-        assert set(row) == {"strategy", "round", "client", "train_loss", "test_accuracy", "examples"}
+        fields = {"strategy", "round", "client", "train_loss", "test_accuracy", "examples"}
+        assert set(row) == fields | {"uplink_bytes", "downlink_bytes"}
         assert row["train_loss"] > 0 and 0 <= row["test_accuracy"] <= 1
         assert row["examples"] == examples[row["client"]]
+        sent = 0 if row["strategy"] == "local" else state_bytes
+        assert row["uplink_bytes"] == row["downlink_bytes"] == sent
 
     similarity = read_jsonl(out / "similarity.jsonl")
     assert [(r["strategy"], r["round"]) for r in similarity] == [(s, r) for s in ALL for r in (1, 2)]
