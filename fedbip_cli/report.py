@@ -28,6 +28,7 @@ from fedbip_cli.clustering import mean_similarity, nearest_neighbours, suggest_c
 from fedbip_cli.defence import outliers
 from fedbip_cli.errors import OutputError
 from fedbip_cli.merge import energy_range
+from fedbip_cli.simulate.seeds import COST_COLUMNS, cost_cells
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -618,7 +619,7 @@ def simulation_table(summary: dict[str, Any], out: Path) -> Table:
     table = Table(
         title=f"fedbip simulate → {out}", caption="accuracy: each client's personalized model on its own test split"
     )
-    for column in ("strategy", "mean acc", "worst acc", "ARI", "train s", "eval s", "server s"):
+    for column in ("strategy", "mean acc", "worst acc", "ARI", "train s", "eval s", "server s", *COST_COLUMNS):
         table.add_column(column, justify="left" if column == "strategy" else "right")
     for name, entry in summary["strategies"].items():
         ari = entry.get("ari")
@@ -631,5 +632,6 @@ def simulation_table(summary: dict[str, Any], out: Path) -> Table:
             f"{seconds['train']:.1f}",
             f"{seconds['eval']:.1f}",
             f"{seconds['server']:.2f}",
+            *cost_cells(entry),
         )
     return table

@@ -30,6 +30,7 @@ from fedbip_cli.simulate.methods import GLOBAL, FedOA, feature_regularizer, feda
 from fedbip_cli.simulate.model import ClientModel, embedded_model_dir
 from fedbip_cli.simulate.partition import public_sentences
 from fedbip_cli.simulate.runner import simulate
+from fedbip_cli.simulate.seeds import cost_cells, pooled_cost
 from fedbip_cli.simulate.strategies import RoundUpdates
 from fedbip_cli.simulate.tap import TAP, components, kd_loss, kd_regularizer, replacements
 from fedbip_cli.simulate.universal import cluster_models, cluster_rows, ensemble_targets
@@ -429,3 +430,17 @@ def test_methods_end_to_end_with_exact_traffic_and_resume_identically(tmp_path: 
         for client in CLIENTS:
             path = Path("adapters") / strategy / client / "adapter_model.safetensors"
             assert (a / path).read_bytes() == (b / path).read_bytes()
+
+
+def test_cost_per_round_cells_and_pooling_over_seeds_by_hand() -> None:
+    one = {"client_rounds": 6, "uplink_bytes_per_client_round": 1000.0, "downlink_bytes_per_client_round": 2000.0}
+    two = {"client_rounds": 2, "uplink_bytes_per_client_round": 3000.0, "downlink_bytes_per_client_round": 2000.0}
+    # (6 * 1000 + 2 * 3000) / 8 = 1500 up; 2000 down
+    assert pooled_cost([one, two]) == {
+        "client_rounds": 8,
+        "uplink_bytes_per_client_round": 1500.0,
+        "downlink_bytes_per_client_round": 2000.0,
+    }
+    entry = {"cost": one, "rounds": 2, "seconds": {"train": 3.0, "server": 0.5, "eval": 1.0}}
+    assert cost_cells(entry) == ("0.50", "0.250", "1/2")  # 3 s over 6 client-rounds; 0.5 s over 2 rounds
+    assert cost_cells({"seconds": {"train": 1.0}}) == ("n/a", "n/a", "n/a")

@@ -55,7 +55,38 @@ def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         result[name]["seconds"] = {
             stage: sum(entry["seconds"][stage] for entry in entries) for stage in entries[0]["seconds"]
         }
+        if all("cost" in entry for entry in entries):  # over all seeds' rounds, as the seconds are summed
+            result[name]["rounds"] = sum(entry["rounds"] for entry in entries)
+            result[name]["cost"] = pooled_cost([entry["cost"] for entry in entries])
     return result
+
+
+def pooled_cost(costs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' ``cost`` (``runner.cost_summary``) as one: client-rounds added, bytes per
+    client-round averaged over all of them."""
+    rounds = sum(cost["client_rounds"] for cost in costs)
+    pooled: dict[str, Any] = {"client_rounds": rounds}
+    for key in ("uplink_bytes_per_client_round", "downlink_bytes_per_client_round"):
+        pooled[key] = sum(cost[key] * cost["client_rounds"] for cost in costs) / rounds if rounds else 0.0
+    return pooled
+
+
+# The columns ``cost_cells`` fills: a client's local training and the server step per round, and the
+# kB a client sends and receives in a round.
+COST_COLUMNS = ("client s/round", "server s/round", "kB up/down")
+
+
+def cost_cells(entry: dict[str, Any]) -> tuple[str, str, str]:
+    """A summary entry's cost per round (its ``seconds`` over its client-rounds and rounds, its traffic)."""
+    cost, seconds = entry.get("cost"), entry["seconds"]
+    if cost is None or not cost["client_rounds"] or not entry.get("rounds"):
+        return ("n/a", "n/a", "n/a")
+    up, down = cost["uplink_bytes_per_client_round"] / 1e3, cost["downlink_bytes_per_client_round"] / 1e3
+    return (
+        f"{seconds['train'] / cost['client_rounds']:.2f}",
+        f"{seconds['server'] / entry['rounds']:.3f}",
+        f"{up:.0f}/{down:.0f}",
+    )
 
 
 def _cell(stat: dict[str, Any] | None, digits: int) -> str:
@@ -74,7 +105,7 @@ def seeds_table(summary: dict[str, Any], title: str) -> Table:
         caption=f"mean ± sd over seeds {', '.join(map(str, seeds))}; accuracy: each client's personalized model "
         "on its own test split, at the last round",
     )
-    for column in ("strategy", "mean acc", "worst client", "ARI", "train s"):
+    for column in ("strategy", "mean acc", "worst client", "ARI", "train s", *COST_COLUMNS):
         table.add_column(column, justify="left" if column == "strategy" else "right")
     for name, entry in summary["strategies"].items():
         table.add_row(
@@ -83,5 +114,6 @@ def seeds_table(summary: dict[str, Any], title: str) -> Table:
             _cell(entry.get("worst_accuracy"), 4),
             _cell(entry.get("ari"), 2),
             f"{entry['seconds']['train']:.0f}",
+            *cost_cells(entry),
         )
     return table
