@@ -30,8 +30,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docgen import ROOT, write_generated  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.docgen import ROOT, write_generated  # noqa: E402
 
 DEFAULT_PAIRS = ",".join(
     f"{a}:{b}"

@@ -18,15 +18,18 @@ step, state copy out; tokenizing per sentence, paid once per run), so the profil
 come from the same machine state. Each loop runs ``--repeats`` times, alternated, and the median is
 reported, so that a busy moment on a shared machine falls on both alike.
 
-    .venv/bin/python benchmarks/sim_throughput.py [--steps 40] [--repeats 3] [--threads 2]
+    .venv/bin/python benchmarks/sim_throughput.py [--steps 40] [--repeats 3] [--threads 2] [--write-docs]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fedbip_cli.simulate.data import load_bbc
 from fedbip_cli.simulate.model import ClientModel, embedded_model_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.docgen import ROOT, write_generated  # noqa: E402
 
 BATCH = 16
 MAX_LENGTH = 32
@@ -130,6 +136,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--write-docs", action="store_true", help="write the report into docs/simulate.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = load_bbc()
@@ -146,26 +153,27 @@ def main() -> None:
         ours.append(rate)
         profiles.append(parts)
         bf16.append(bf16_loop(model, texts, labels, args.steps))
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {args.threads} torch threads, torch {torch.__version__}"
-    )
-    print(f"model: all-MiniLM-L6-v2 SEQ_CLS + LoRA r=8 (query, value), batch {BATCH}, max length {MAX_LENGTH}")
-    print(
-        f"plain peft loop   {statistics.median(plain):7.1f} examples/s  (runs: {', '.join(f'{r:.1f}' for r in plain)})"
-    )
-    print(
-        f"fedbip ClientModel {statistics.median(ours):6.1f} examples/s  (runs: {', '.join(f'{r:.1f}' for r in ours)})"
-    )
-    print(f"ratio fedbip / plain: {statistics.median(ours) / statistics.median(plain):.2f}x")
-    print(
+    lines = [
+        f"machine: {platform.processor() or platform.machine()}, {args.threads} torch threads, torch {torch.__version__}, "
+        f"load average {os.getloadavg()[0]:.1f} at the end",
+        f"model: all-MiniLM-L6-v2 SEQ_CLS + LoRA r=8 (query, value), batch {BATCH}, max length {MAX_LENGTH}",
+        f"plain peft loop    {statistics.median(plain):7.1f} examples/s  (runs: {', '.join(f'{r:.1f}' for r in plain)})",
+        f"fedbip ClientModel {statistics.median(ours):7.1f} examples/s  (runs: {', '.join(f'{r:.1f}' for r in ours)})",
+        f"ratio fedbip / plain: {statistics.median(ours) / statistics.median(plain):.2f}x",
         f"fedbip under bf16 autocast {statistics.median(bf16):6.1f} examples/s "
-        f"({statistics.median(bf16) / statistics.median(ours):.2f}x fedbip; not used by simulate)"
-    )
+        f"({statistics.median(bf16) / statistics.median(ours):.2f}x fedbip; not used by simulate)",
+    ]
     total = {part: statistics.median(p[part] for p in profiles) for part in profiles[0]}
     whole = sum(total.values())
-    print(f"where one client's round of {args.steps} steps goes (median of {args.repeats}):")
-    for part, seconds in total.items():
-        print(f"  {part:<24} {seconds * 1000:8.1f} ms  {100 * seconds / whole:5.1f} %")
+    lines.append(f"where one client's round of {args.steps} steps goes (median of {args.repeats}):")
+    lines += [
+        f"  {part:<24} {seconds * 1000:8.1f} ms  {100 * seconds / whole:5.1f} %" for part, seconds in total.items()
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if args.write_docs:
+        command = f"benchmarks/sim_throughput.py --steps {args.steps} --repeats {args.repeats} --threads {args.threads}"
+        write_generated(ROOT / "docs" / "simulate.md", "sim-throughput", f"```\n{report}\n```", command)
 
 
 if __name__ == "__main__":
