@@ -444,3 +444,37 @@ def test_cost_per_round_cells_and_pooling_over_seeds_by_hand() -> None:
     entry = {"cost": one, "rounds": 2, "seconds": {"train": 3.0, "server": 0.5, "eval": 1.0}}
     assert cost_cells(entry) == ("0.50", "0.250", "1/2")  # 3 s over 6 client-rounds; 0.5 s over 2 rounds
     assert cost_cells({"seconds": {"train": 1.0}}) == ("n/a", "n/a", "n/a")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--global-models", "0", "--global-models must be at least 1"),
+        ("--public-examples", "0", "--public-examples must be at least 1"),
+        ("--fedmerge-lr-w", "0", "--fedmerge-lr-w 0.0 must be positive"),
+        ("--tap-temperature", "0", "--tap-temperature 0.0 must be positive"),
+        ("--tap-margin", "-1", "--tap-margin -1.0 must be a non-negative number"),
+        ("--tap-kd-steps", "-1", "--tap-kd-steps -1 must be a non-negative number"),
+        ("--tap-kd-weight", "-0.5", "--tap-kd-weight -0.5 must be a non-negative number"),
+        ("--distill-steps", "-2", "--distill-steps -2 must be a non-negative number"),
+    ],
+)
+def test_cli_checks_the_methods_options_before_any_work(tmp_path: Path, option: str, value: str, message: str) -> None:
+    result = CliRunner().invoke(
+        app, ["simulate", "--strategy", "fedmerge", option, value, "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2, result.output  # a usage error
+    assert message in " ".join(result.stderr.split())
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_methods_defaults_are_the_papers_and_codes() -> None:
+    config = SimulationConfig()
+    assert (config.global_models, config.fedmerge_lr_w) == (5, 0.01)  # FedMerge's num_shared, learning_rate_W
+    assert (config.tap_margin, config.tap_kd_steps, config.tap_kd_weight, config.tap_temperature) == (
+        0.005,
+        13,
+        0.05,
+        1.0,
+    )
+    assert (config.public_examples, config.distill_steps) == (256, 16)

@@ -18,7 +18,8 @@ A ``Method`` is a registered strategy with a few verbs, in the spirit of Flower'
   client) and the ``RoundUpdates`` the round's similarity and separation records are computed from.
   ``server`` (``ServerContext``) is what a server step may use beyond the replies: the model (for
   a server that runs it, as the universal expert's distillation does), the public unlabeled
-  sentences, the round and the seed;
+  sentences (for a method with ``needs_public``: ``partition.public_sentences``, tokenized, as
+  ``loop.Simulation`` holds them), the round and the seed;
 - post-training phase: ``finish(model, run, client, data, fit)``, called for every client after the
   last round's server step and before that round's evaluation and checkpoint (so a run interrupted
   before the end redoes the last round with its phase, and resumes identically); ``finish`` is None
@@ -204,10 +205,15 @@ METHODS: dict[str, Callable[[Any], Method]] = {
 }
 
 
+# Methods whose states Flower's messages do not carry (none: ``flower/carriage.py`` carries any
+# method's verbs, its server state in the strategy and its client state in ``context.state``).
+NOT_ON_FLOWER: tuple[str, ...] = ()
+
+
 def check_flower_strategies(config: object) -> None:
-    """Refuse the methods on Flower: their client state and server state are not yet carried by
-    Flower's messages and ``context.state`` (``config`` is a ``loop.SimulationConfig``)."""
-    methods = [s for s in getattr(config, "strategies", ()) if s in METHODS]
+    """Refuse the methods that do not run on Flower (``NOT_ON_FLOWER``; ``config`` is a
+    ``loop.SimulationConfig``)."""
+    methods = [s for s in getattr(config, "strategies", ()) if s in NOT_ON_FLOWER]
     if methods:
         raise UsageError(
             f"strategy {', '.join(methods)} does not run on --engine flower yet",
