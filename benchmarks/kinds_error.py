@@ -62,6 +62,7 @@ from test_kinds import (  # noqa: E402
 from benchmarks.docgen import write_generated  # noqa: E402
 
 SVD_CASES = ("lora", "dora")
+DTYPES = ("float32", "float16", "bfloat16")  # the output dtypes whose rounding docs/merge.md states
 
 
 def kinds(case: Case) -> str:
@@ -135,6 +136,31 @@ def measure(case: Case, base: Path, work: Path) -> tuple[float, float, float | N
     return similarity_error, cat_error, excess
 
 
+def dtype_errors(case: Case, base: Path, work: Path) -> dict[str, float]:
+    """Per output dtype, the worst relative Frobenius error of a ``cat`` merge (exact but for its storage)
+    loaded back in peft, against Σ_j P_ij ΔW_j in float64."""
+    family = FAMILIES[case.family]
+    adapters = work / f"{case.id}-dtypes" / "adapters"
+    clients = make_clients(family, base, case.configs(), adapters, clients=case.clients, anti=case.anti)
+    inputs = Built(base, adapters, clients)
+    deltas = [c.delta for c in clients]
+    weights = paper_weights(cosine(deltas))
+    state = base_state(family, base)
+    errors = {}
+    for dtype in DTYPES:
+        out = work / f"{case.id}-dtypes" / dtype
+        merge(inputs, out, "--combine", "cat", "--dtype", dtype)
+        errors[dtype] = max(
+            max(
+                frobenius_errors(
+                    merged_delta(loaded_adapter(case, inputs, out / c.name), state), combined(w, deltas)
+                ).values()
+            )
+            for c, w in zip(clients, weights, strict=True)
+        )
+    return errors
+
+
 Row = tuple[Case, float, float, float | None]
 
 
@@ -159,9 +185,18 @@ def worst(rows: list[Row]) -> tuple[float, float, float]:
     )
 
 
-def write_docs(rows: list[Row]) -> None:
-    """The table into docs/adapter-kinds.md; its worst values into docs/performance.md and README.md."""
+def write_docs(rows: list[Row], dtypes: dict[str, float]) -> None:
+    """The table into docs/adapter-kinds.md; its worst values into docs/performance.md and README.md; the
+    rounding of each output dtype into docs/merge.md."""
     script = "benchmarks/kinds_error.py --write-docs"
+    rounding = ", ".join(f"`--dtype {d}` {e:.1e}" for d, e in dtypes.items())
+    write_generated(
+        ROOT / "docs" / "merge.md",
+        "dtype-error",
+        f"Measured on peft-made LoRA adapters (`cat` merges loaded back in peft, worst relative Frobenius "
+        f"error against Σ_j P_ij ΔW_j in float64): {rounding}.",
+        script,
+    )
     write_generated(ROOT / "docs" / "adapter-kinds.md", "kinds-error", table(rows), script)
     sim, cat, svd = worst(rows)
     names = ", ".join(case.id for case, *_ in rows)
@@ -207,8 +242,11 @@ def main() -> None:
             rows.append((case, sim, cat, svd))
             svd_text = "-" if svd is None else f"{svd:.1e}"
             print(f"{case.id:<24} {kinds(case):<58} {sim:>9.1e} {cat:>11.1e} {svd_text:>10}", flush=True)
+        dtypes = dtype_errors(next(c for c in CASES if c.id == "lora"), bases["bert"], work)
+    print()
+    print("cat merge of the lora case, by output dtype: " + ", ".join(f"{d} {e:.1e}" for d, e in dtypes.items()))
     if args.write_docs:
-        write_docs(rows)
+        write_docs(rows, dtypes)
 
 
 if __name__ == "__main__":
