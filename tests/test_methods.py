@@ -478,3 +478,17 @@ def test_the_methods_defaults_are_the_papers_and_codes() -> None:
         1.0,
     )
     assert (config.public_examples, config.distill_steps) == (256, 16)
+
+
+def test_a_checkpoint_written_before_an_option_existed_resumes_only_at_its_default(tmp_path: Path) -> None:
+    reference = {"w": torch.zeros(2)}
+    run = StrategyRun("fedavg", 1, {c: {"w": torch.ones(2)} for c in CLIENTS})
+    options = json.loads(json.dumps(asdict(replace(CONFIG, global_models=5))))
+    path = tmp_path / "fedavg.safetensors"
+    checkpoint.save(path, run, {k: v for k, v in options.items() if k != "global_models"})
+    defaults = json.loads(json.dumps(asdict(SimulationConfig())))
+    assert checkpoint.load(path, "fedavg", options, CLIENTS, reference, defaults=defaults).round == 1
+    with pytest.raises(UsageError, match="other options"):  # the option now differs from its default
+        checkpoint.load(path, "fedavg", {**options, "global_models": 3}, CLIENTS, reference, defaults=defaults)
+    with pytest.raises(UsageError, match="other options"):  # without the defaults nothing is assumed
+        checkpoint.load(path, "fedavg", options, CLIENTS, reference)

@@ -103,7 +103,9 @@ def _without_strategies(config: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in config.items() if key != "strategies"}
 
 
-def _check_meta(path: Path, meta: object, strategy: str, config: dict[str, Any]) -> dict[str, Any]:
+def _check_meta(
+    path: Path, meta: object, strategy: str, config: dict[str, Any], defaults: dict[str, Any]
+) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise _fail(path, f"header is {type(meta).__name__}; expected a JSON object")
     expected = {"config", "strategy", "round", "metrics", "similarity", "seconds", "timings"}
@@ -111,8 +113,10 @@ def _check_meta(path: Path, meta: object, strategy: str, config: dict[str, Any])
     if meta.keys() != expected:
         raise _fail(path, f"header keys {sorted(meta)}; expected {sorted(expected)}")
     # A strategy's rounds do not depend on which other strategies are compared beside it, so its
-    # checkpoint resumes under any --compare list that names it.
-    if not isinstance(meta["config"], dict) or _without_strategies(meta["config"]) != _without_strategies(config):
+    # checkpoint resumes under any --compare list that names it; an option added since the checkpoint
+    # was written took its default then.
+    saved = {**defaults, **meta["config"]} if isinstance(meta["config"], dict) else None
+    if saved is None or _without_strategies(saved) != _without_strategies(config):
         raise UsageError(
             "the checkpoint was written with other options",
             where=str(path),
@@ -184,6 +188,7 @@ def load(
     clients: list[str],
     reference: State,
     server: dict[str, State] | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> StrategyRun:
     """The run saved in ``path``, after checking it against the run it would continue.
 
@@ -194,6 +199,8 @@ def load(
         clients: the run's clients; every one must have a state, no other may appear.
         reference: the model's trainable tensors (names, dtypes, shapes).
         server: the strategy's initial server state (``methods``; names, dtypes, shapes), none by default.
+        defaults: every option's default, which an option the file lacks (one added since it was
+            written) is taken to have had.
 
     Raises:
         AdapterError: naming ``path``, for an unreadable, damaged (checksum) or inconsistent file.
@@ -213,7 +220,7 @@ def load(
         meta = json.loads(header[META_KEY])
     except (json.JSONDecodeError, RecursionError):
         raise _fail(path, "header is not valid JSON") from None
-    meta = _check_meta(path, meta, strategy, config)
+    meta = _check_meta(path, meta, strategy, config, defaults or {})
     bar, memory, kept = _states(path, flat, clients, reference, server or {})
     run = StrategyRun(strategy, meta["round"], bar, meta["metrics"], meta["similarity"], meta["seconds"], memory)
     run.server, run.timings = kept, meta["timings"]

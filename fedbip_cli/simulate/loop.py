@@ -392,7 +392,8 @@ class Simulation:
         path = self._checkpoint_path(strategy)
         if not path.is_file():
             return None
-        return checkpoint.load(path, strategy, self._config_json(), self.names, self.initial, server or {})
+        defaults = json.loads(json.dumps(asdict(SimulationConfig())))
+        return checkpoint.load(path, strategy, self._config_json(), self.names, self.initial, server or {}, defaults)
 
     def _config_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self.config)))
