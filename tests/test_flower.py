@@ -27,12 +27,14 @@ from typer.testing import CliRunner
 # First: it makes Flower offline (no telemetry, no update check) before flwr is imported.
 from fedbip_cli.simulate.flower import OFFLINE_ENV  # isort: skip
 
-from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict  # isort: skip
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict  # isort: skip
 from flwr.supercore.task_identity import TaskIdentity  # isort: skip
 
 from fedbip_cli.cli import app
-from fedbip_cli.errors import UsageError
-from fedbip_cli.simulate.flower.apps import expected_clients, run_federation
+from fedbip_cli.errors import FedbipError, SourceError, UsageError
+from fedbip_cli.simulate.flower.apps import expected_clients, introduce, run_federation
+from fedbip_cli.simulate.flower.carriage import KEPT, client_view, kept_state, store_kept
+from fedbip_cli.simulate.flower.clientdata import own_files, relabel
 from fedbip_cli.simulate.flower.local import APP, LocalFederation
 from fedbip_cli.simulate.flower.records import (
     ARRAYS,
@@ -47,7 +49,7 @@ from fedbip_cli.simulate.flower.records import (
     to_record,
 )
 from fedbip_cli.simulate.flower.strategy import Member, PersonalizedStrategy, Roster
-from fedbip_cli.simulate.loop import SimulationConfig
+from fedbip_cli.simulate.loop import SimulationConfig, load_clients
 from fedbip_cli.simulate.runner import ClientInfo, simulate
 
 CLIENTS = ["client-00", "client-01", "client-02"]
@@ -91,6 +93,20 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+# The run over clients with their own files: one strategy, 3 clients, 2 rounds.
+OWN_RUN = replace(TINY, strategies=("fedbip",), examples_per_client=10)
+
+
+@pytest.fixture(scope="module")
+def reference_own(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``fedbip simulate --data`` in-process over the clients' files put in one directory."""
+    root = tmp_path_factory.mktemp("own-inprocess")
+    data, _ = own_dirs(root)
+    out = root / "out"
+    simulate(replace(OWN_RUN, data_dir=str(data)), out, device="cpu")
+    return out
+
+
 # -- the strategy, by hand, without a Flower runtime ---------------------------------------------
 @pytest.fixture
 def identity() -> Iterator[None]:
@@ -106,6 +122,7 @@ def tiny_roster(config: SimulationConfig) -> Roster:
     for index, name in enumerate(CLIENTS):
         roster.members[name] = Member(ClientInfo(name, index, 10, 5), index, ["a", "b"])
         roster.nodes[100 + index] = name
+    roster.labels = ["a", "b"]
     return roster
 
 
@@ -260,6 +277,128 @@ def test_run_config_round_trip_and_app_defaults() -> None:
     assert config_from_run_config(table) == SimulationConfig()
 
 
+# -- clients that hold their own files (--node-config "data-dir=...") -------------------------------
+# Three clients' own examples; the run's labels are the union (3), which no single client holds.
+OWN = {
+    "alice": [("sport", "the match ended in a draw after extra time"), ("tech", "the new chip doubles battery life")],
+    "bob": [("tech", "a software update fixes the phone's camera"), ("politics", "the vote was delayed by a week")],
+    "carol": [("sport", "the runner broke the national record"), ("politics", "ministers met to discuss the budget")],
+}
+
+
+def write_rows(path: Path, rows: list[tuple[str, str]], copies: int = 8) -> None:
+    """``copies`` numbered variants of each (label, text) row as a --data file."""
+    lines = [{"text": f"{text} ({i})", "label": label} for i in range(copies) for label, text in rows]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def own_dirs(root: Path) -> tuple[Path, dict[str, Path]]:
+    """The same clients as a --data directory and as one directory per client (train.jsonl each)."""
+    (root / "data").mkdir(parents=True)
+    dirs = {}
+    for name, rows in OWN.items():
+        write_rows(root / "data" / f"{name}.jsonl", rows)
+        dirs[name] = root / "clients" / name
+        dirs[name].mkdir(parents=True)
+        write_rows(dirs[name] / "train.jsonl", rows)
+    return root / "data", dirs
+
+
+def test_own_files_are_the_clients_of_data(tmp_path: Path) -> None:
+    """A client's own train.jsonl, at its place in name order, is --data's client from the same file:
+    the same train/test split and (renumbered into the union of labels) the same labels."""
+    data, dirs = own_dirs(tmp_path)
+    config = replace(TINY, examples_per_client=10)
+    reference, union = load_clients(replace(config, data_dir=str(data)))
+    assert union == ["politics", "sport", "tech"]
+    for index, (name, directory) in enumerate(dirs.items()):
+        own, labels = own_files(directory, name, config, index)
+        assert labels == sorted({label for label, _ in OWN[name]})
+        got, want = relabel(own, labels, union), reference[index]
+        assert (got.name, got.train_texts, got.test_texts) == (want.name, want.train_texts, want.test_texts)
+        assert (got.train_labels, got.test_labels, got.num_labels) == (want.train_labels, want.test_labels, 3)
+    with pytest.raises(UsageError, match=r"client alice has label\(s\) \['tech'\] that the run's labels"):
+        relabel(*own_files(dirs["alice"], "alice", config, 0), ["politics", "sport"])
+
+
+def test_own_test_file_and_bad_files(tmp_path: Path) -> None:
+    """With test.jsonl every train row trains and every test row tests; a bad row, two train files or
+    a name that is not a plain name fail with one clear error naming the file."""
+    directory = tmp_path / "alice"
+    directory.mkdir()
+    write_rows(directory / "train.jsonl", OWN["alice"], copies=3)
+    write_rows(directory / "test.jsonl", [("chess", "a quiet opening")], copies=2)
+    client, labels = own_files(directory, "alice", replace(TINY, examples_per_client=None), 0)
+    assert labels == ["chess", "sport", "tech"] and len(client.train_texts) == 6
+    assert client.test_texts == ["a quiet opening (0)", "a quiet opening (1)"] and client.test_labels == [0, 0]
+    assert sorted(client.train_texts) == sorted(f"{t} ({i})" for i in range(3) for _, t in OWN["alice"])
+
+    (directory / "train.jsonl").write_text('{"text": "fine", "label": "a"}\n{"text": "no label"}\n')
+    with pytest.raises(SourceError, match=r"train.jsonl:2: row has no 'label' field"):
+        own_files(directory, "alice", TINY, 0)
+    (directory / "train.csv").write_text("text,label\nx,a\n")
+    with pytest.raises(SourceError, match="both train.jsonl and train.csv"):
+        own_files(directory, "alice", TINY, 0)
+    with pytest.raises(UsageError, match="not a plain name"):
+        own_files(directory, "../alice", TINY, 0)
+    with pytest.raises(SourceError, match="no train.jsonl or train.csv"):
+        own_files(tmp_path, "x", TINY, 0)
+
+
+def test_a_client_that_cannot_join_replies_one_clear_error(identity: None, tmp_path: Path) -> None:
+    """introduce on a SuperNode whose data-dir has a bad row replies fedbip's one-line error (not
+    Flower's exception text), and the server's first discovery fails the run with it."""
+    directory = tmp_path / "alice"
+    directory.mkdir()
+    (directory / "train.jsonl").write_text('{"text": "fine", "label": "a"}\n{"text": 3, "label": "a"}\n')
+    request = Message(
+        RecordDict({CONFIG: ConfigRecord({"config": config_to_json(TINY)})}),
+        message_type=MessageType.QUERY,
+        dst_node_id=1,
+    )
+    context = Context(1, 7, {"data-dir": str(directory)}, RecordDict(), {})
+    answer = introduce(request, context)
+    assert answer.has_error() and answer.error.reason.startswith(f"{directory / 'train.jsonl'}:2: 'text' is 3")
+
+    grid = FakeGrid([100], {})
+    grid.send_and_receive = lambda messages, timeout: [Message(answer.error, reply_to=messages[0])]
+    with pytest.raises(UsageError, match=r"node 100: the client cannot join: .*train.jsonl:2: 'text' is 3"):
+        Roster(TINY).discover(grid, strict=True)
+    assert Roster(TINY).discover(grid) == []  # after the first round: left out, with a warning
+
+
+def introduction(name: str, labels: list[str], index: int = -1) -> ConfigRecord:
+    return ConfigRecord(
+        {
+            "name": name,
+            "index": index,
+            "group": -1,
+            "train-examples": 8,
+            "test-examples": 2,
+            "labels": json.dumps(labels),
+        }
+    )
+
+
+def test_roster_agrees_on_labels_and_places_own_clients_by_name(identity: None) -> None:
+    """Clients with their own files are placed in name order, whatever order their nodes answer in;
+    the labels are the sorted union, or the run's own list, outside which a client cannot join."""
+    newcomers = {7: introduction("carol", ["b"]), 8: introduction("alice", ["c", "a"]), 9: introduction("bob", ["a"])}
+    roster = Roster(TINY)
+    assert sorted(roster.discover(FakeGrid([7, 8, 9], newcomers), strict=True)) == ["alice", "bob", "carol"]
+    assert roster.names == ["alice", "bob", "carol"] and roster.labels == ["a", "b", "c"]
+    late = {**newcomers, 5: introduction("aaron", ["b"])}
+    assert roster.discover(FakeGrid([5, 7, 8, 9], late)) == ["aaron"]
+    assert roster.names == ["alice", "bob", "carol", "aaron"]  # a late joiner comes after the others
+    assert roster.discover(FakeGrid([5, 6, 7, 8, 9], {**late, 6: introduction("dan", ["z"])})) == []
+
+    pinned = Roster(TINY, ["a", "b"])
+    with pytest.raises(UsageError, match=r"node 8: client alice has label\(s\) \['c'\] that the run's labels"):
+        pinned.discover(FakeGrid([7, 8, 9], newcomers), strict=True)
+    with pytest.raises(UsageError, match="not a plain name"):
+        Roster(TINY).discover(FakeGrid([7], {7: introduction("../etc", ["a"])}), strict=True)
+
+
 def test_a_data_directory_has_one_supernode_per_file(tmp_path: Path) -> None:
     """With --data, the run has one client per file whatever --clients says: that many SuperNodes."""
     data = tmp_path / "clients"
@@ -277,10 +416,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def adapter(out: Path, strategy: str, client: str) -> dict[str, torch.Tensor]:
-    return load_file(out / "adapters" / strategy / client / "adapter_model.safetensors")
+    folder = out / "adapters" / strategy if (out / "adapters" / strategy).is_dir() else out / "adapters"
+    return load_file(folder / client / "adapter_model.safetensors")
 
 
-def assert_same_run(got: Path, want: Path, strategies: tuple[str, ...]) -> float:
+def assert_same_run(got: Path, want: Path, strategies: tuple[str, ...], clients: list[str] = CLIENTS) -> float:
     """Same metrics (losses within 1e-6, accuracies equal) and adapters within 1e-6; returns the
     largest adapter difference."""
     rows, expected = read_jsonl(got / "metrics.jsonl"), read_jsonl(want / "metrics.jsonl")
@@ -290,15 +430,16 @@ def assert_same_run(got: Path, want: Path, strategies: tuple[str, ...]) -> float
     for row, ref in zip(rows, expected):
         assert row["test_accuracy"] == ref["test_accuracy"] and row["examples"] == ref["examples"], (row, ref)
         assert row["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-6), (row, ref)
+        assert (row.get("uplink_bytes"), row.get("downlink_bytes")) == (ref["uplink_bytes"], ref["downlink_bytes"])
     worst = 0.0
     for strategy in strategies:
-        for client in CLIENTS:
+        for client in clients:
             a, b = adapter(got, strategy, client), adapter(want, strategy, client)
             assert a.keys() == b.keys()
             worst = max(worst, *((a[k] - b[k]).abs().max().item() for k in a))
     assert worst <= 1e-6
     summary = json.loads((got / "summary.json").read_text())
-    assert [c["name"] for c in summary["clients"]] == CLIENTS
+    assert [c["name"] for c in summary["clients"]] == clients
     return worst
 
 
@@ -327,10 +468,23 @@ def test_deployment_engine_equals_inprocess(federation: LocalFederation, referen
     print(f"deployment engine: {time.perf_counter() - start:.1f} s, worst adapter difference {worst:.3g}")
 
 
-def test_simulation_engine_through_the_cli(reference: Path, tmp_path: Path) -> None:
-    """``fedbip simulate --engine flower`` (Flower's Simulation Engine) gives the same run."""
+class Interrupted(Exception):
+    """Stops an in-process run after its first round (a user's Ctrl-C)."""
+
+
+def stop_after_first_round(strategy: str, round_: int, accuracy: float | None) -> None:
+    raise Interrupted
+
+
+def test_simulation_engine_through_the_cli_resumes(reference: Path, tmp_path: Path) -> None:
+    """``fedbip simulate --engine flower --resume`` (Flower's Simulation Engine) finishes a run the
+    in-process loop left after fedbip's round 1: fedbip from its checkpoint, fedbip-layerwise from
+    the start; the result is the uninterrupted in-process run."""
     out = tmp_path / "simulation"
-    args = ["simulate", "--engine", "flower", "--compare", ",".join(TINY.strategies), "--out", out]
+    with pytest.raises(Interrupted):
+        simulate(TINY, out, device="cpu", round_done=stop_after_first_round)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["fedbip.safetensors"]
+    args = ["simulate", "--engine", "flower", "--compare", ",".join(TINY.strategies), "--out", out, "--resume"]
     args += ["--num-layers", 2, "--batch-size", 8, "--local-steps", 2, "--rounds", 2, "--clients", 3]
     args += ["--groups", 3, "--eval-every", 2, "--device", "cpu"]
     start = time.perf_counter()
@@ -340,9 +494,46 @@ def test_simulation_engine_through_the_cli(reference: Path, tmp_path: Path) -> N
     print(f"simulation engine: {time.perf_counter() - start:.1f} s, worst adapter difference {worst:.3g}")
 
 
-def test_engine_flower_refuses_resume(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["simulate", "--engine", "flower", "--resume", "--out", str(tmp_path / "x")])
-    assert result.exit_code != 0 and "--resume" in result.stderr, result.output
+def test_simulation_engine_seeds_and_clip_norm(tmp_path: Path) -> None:
+    """``--seeds 0,1 --clip-norm auto`` on Flower: one Flower run per seed, each the in-process seed's
+    run (the updates clipped in the shared server step), and the same summary over seeds."""
+    config = replace(TINY, strategies=("fedbip",), rounds=1, clip_norm="auto")
+    want = simulate(config, tmp_path / "inprocess", seed_list=[0, 1], device="cpu").summary
+    out = tmp_path / "flower"
+    args = ["simulate", "--engine", "flower", "--seeds", "0,1", "--clip-norm", "auto", "--out", out]
+    args += ["--num-layers", 2, "--batch-size", 8, "--local-steps", 2, "--rounds", 1, "--clients", 3]
+    args += ["--groups", 3, "--eval-every", 2, "--device", "cpu"]
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    for seed in (0, 1):
+        assert_same_run(out / f"seed-{seed}", tmp_path / "inprocess" / f"seed-{seed}", config.strategies)
+        assert all("clip" in row for row in read_jsonl(out / f"seed-{seed}" / "similarity.jsonl"))
+    got = json.loads((out / "summary.json").read_text())
+    assert got["seeds"] == [0, 1] and got["strategies"].keys() == want["strategies"].keys()
+    for name, entry in got["strategies"].items():  # every measure over seeds; seconds are the runs' own
+        assert {k: v for k, v in entry.items() if k != "seconds"} == {
+            k: v for k, v in want["strategies"][name].items() if k != "seconds"
+        }
+
+
+def test_a_method_client_without_its_kept_state_says_so(identity: None) -> None:
+    """A method's client told to use the state it kept after round 1, which its SuperNode no longer
+    holds (restarted), replies with one clear error; sent that state, it keeps it in context.state."""
+    context = Context(1, 7, {}, RecordDict(), {})
+    content = RecordDict()
+    with pytest.raises(FedbipError, match="does not hold its fedoa state of round 1"):
+        kept_state(content, context, "client-00", "fedoa", 1)
+    store_kept(context, "fedoa", {"w": torch.ones(2)}, 1)
+    assert torch.equal(kept_state(content, context, "client-00", "fedoa", 1)["w"], torch.ones(2))
+    with pytest.raises(FedbipError, match="round 2"):
+        kept_state(content, context, "client-00", "fedoa", 2)
+    content[KEPT] = to_record({"w": torch.zeros(2)})
+    assert torch.equal(kept_state(content, context, "client-00", "fedoa", 2)["w"], torch.zeros(2))
+    view = client_view("fedoa", 3, CLIENTS, "client-01", {"w": torch.ones(2)}, {})
+    assert list(view.bar) == CLIENTS and view.bar["client-00"] == {} and view.round == 2
+
+
+def test_engine_flower_refuses_an_unknown_engine(tmp_path: Path) -> None:
     result = runner.invoke(app, ["simulate", "--engine", "ray", "--out", str(tmp_path / "y")])
     assert result.exit_code != 0 and "inprocess" in result.stderr, result.output
 
@@ -378,6 +569,27 @@ def test_supernode_stopped_between_rounds(federation: LocalFederation, tmp_path:
     assert max((moved[k] - before[k]).abs().max().item() for k in moved) > 1e-4
 
 
+def test_deployment_with_clients_that_hold_their_own_files(reference_own: Path, tmp_path: Path) -> None:
+    """SuperNodes started with --node-config "data-dir=..." (each its own train.jsonl): a run whose
+    labels leave one out fails at once with one clear error; the run with agreed labels gives
+    ``fedbip simulate --data`` over the same files, in-process."""
+    _, dirs = own_dirs(tmp_path)
+    with LocalFederation(tmp_path / "federation", env=OFFLINE) as fed:
+        fed.start_superlink()
+        for index, directory in enumerate(dirs.values()):
+            fed.start_supernode(index, len(dirs), node_config=f'data-dir="{directory}"')  # a string value: quoted
+        refused = tmp_path / "refused"
+        fed.start_run(OWN_RUN, refused, labels="politics,sport").wait(timeout=600)  # flwr run exits 0 all the same
+        message = "client alice has label(s) ['tech'] that the run's labels ['politics', 'sport'] lack"
+        assert message in fed.log("flwr-run", tail=20000), fed.log("flwr-run")
+        assert not refused.exists()
+
+        out = tmp_path / "own"
+        wait_run(fed, fed.start_run(OWN_RUN, out), timeout=900)
+    worst = assert_same_run(out, reference_own, OWN_RUN.strategies, clients=list(OWN))
+    print(f"deployment engine, own files: worst adapter difference {worst:.3g}")
+
+
 def test_local_federation_leaves_no_process(tmp_path: Path) -> None:
     """Whatever happens inside it, a LocalFederation stops every process group it started."""
     groups = []
@@ -392,8 +604,8 @@ def test_local_federation_leaves_no_process(tmp_path: Path) -> None:
             os.killpg(group, 0)
 
 
-def test_poisoning_options_are_refused_on_flower(tmp_path: Path) -> None:
-    """--attack and --clip-norm are not wired to Flower: the ServerApp refuses them before it waits for anyone."""
-    with pytest.raises(UsageError, match="not wired to Flower"):
-        run_federation(None, replace(TINY, clip_norm="auto"), tmp_path / "out")
+def test_attacks_are_refused_on_flower(tmp_path: Path) -> None:
+    """--attack is not wired to Flower: the ServerApp refuses it before it waits for anyone."""
+    with pytest.raises(UsageError, match="attack is not wired to Flower"):
+        run_federation(None, replace(TINY, attack="scaled", attackers=1), tmp_path / "out")
     assert not (tmp_path / "out").exists()

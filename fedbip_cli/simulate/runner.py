@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,12 @@ BASE = "base"
 ADAPTERS = "adapters"
 
 
+# run_seed(config, out, final, resume, device, progress, round_done) -> the seed's summary: one seed's
+# run written into out, whose files will live in final (``_run_seed``: the in-process loop; Flower's
+# engine is another).
+SeedRun = Callable[[SimulationConfig, Path, Path, bool, str, Progress | None, RoundCallback | None], dict[str, Any]]
+
+
 @dataclass
 class SimulationResult:
     out: Path
@@ -87,9 +93,11 @@ def simulate(
     device: str = "auto",
     progress: Progress | None = None,
     round_done: RoundCallback | None = None,
+    engine: SeedRun | None = None,
 ) -> SimulationResult:
     """Run every strategy of ``config`` (for each seed of ``seed_list``, or for ``config.seed``)
-    and write the outputs into ``out``."""
+    and write the outputs into ``out``; each seed's run by ``engine`` (default: the in-process loop)."""
+    run_seed = engine or _run_seed
     out = Path(out)
     torch_device = str(resolve_device(device))
     replace_old = check_out(out, resume=resume, overwrite=overwrite)  # fail fast, before loading
@@ -98,12 +106,12 @@ def simulate(
         shutil.rmtree(work, ignore_errors=True)
     try:
         if seed_list is None:
-            summary = _run_seed(config, work, out, resume, torch_device, progress, round_done)
+            summary = run_seed(config, work, out, resume, torch_device, progress, round_done)
         else:
             per_seed = {}
             for seed in seed_list:
                 tag = f"seed {seed} "
-                per_seed[seed] = _run_seed(
+                per_seed[seed] = run_seed(
                     replace(config, seed=seed),
                     work / f"seed-{seed}",
                     out / f"seed-{seed}",

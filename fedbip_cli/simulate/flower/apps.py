@@ -3,9 +3,11 @@
 Point Flower at them (``[tool.flwr.app.components]`` of ``fedbip_cli/simulate/flower/app``) or, for
 the Simulation Engine inside ``fedbip simulate --engine flower``, see ``engine.py``.
 
-A client is the SuperNode's partition: ``--node-config "partition-id=i num-partitions=N"`` picks
-the i-th of the N clients ``fedbip simulate`` would make from the same options (the server sends
-them), so it trains on exactly the data and with exactly the seeds of the in-process client i.
+A client is what its SuperNode's ``--node-config`` names (``clientdata``): a partition of the run's
+data (``partition-id=i num-partitions=N``: exactly the data and seeds of the in-process client i)
+or its own files (``data-dir=...``). It first says who it is (``introduce``: its name and the labels
+it knows); every later message names the run's agreed labels and the client's place in client order,
+so every client builds the same head and seeds its batches as the in-process loop does.
 """
 
 from __future__ import annotations
@@ -18,11 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
-from fedbip_cli.errors import UsageError
+from fedbip_cli.errors import FedbipError, UsageError
+from fedbip_cli.simulate import checkpoint
+from fedbip_cli.simulate.flower.carriage import (
+    FINISH,
+    KEPT,
+    KEPT_ROUND,
+    client_view,
+    kept_state,
+    server_from,
+    store_kept,
+)
+from fedbip_cli.simulate.flower.clientdata import client_data, relabel
 from fedbip_cli.simulate.flower.records import (
     ARRAYS,
     CLIENT,
@@ -30,23 +44,28 @@ from fedbip_cli.simulate.flower.records import (
     METRICS,
     config_from_json,
     config_from_run_config,
+    config_to_json,
     from_record,
     to_record,
 )
 from fedbip_cli.simulate.flower.strategy import PersonalizedStrategy, Roster
-from fedbip_cli.simulate.loop import METRICS as METRICS_FILE
 from fedbip_cli.simulate.loop import (
+    CHECKPOINTS,
     ClientTokens,
     SimulationConfig,
     StrategyRun,
     build_model,
+    check_out,
     evaluate_client,
     load_clients,
+    local_fit,
     prepare_out,
+    state_bytes,
     tokenize_client,
     train_client,
 )
-from fedbip_cli.simulate.methods import check_flower_strategies
+from fedbip_cli.simulate.loop import METRICS as METRICS_FILE
+from fedbip_cli.simulate.methods import METHODS, check_flower_strategies
 from fedbip_cli.simulate.model import ClientModel
 from fedbip_cli.simulate.runner import SimulationResult, _write_jsonl, write_outputs
 
@@ -54,6 +73,8 @@ log = logging.getLogger(__name__)
 
 # Seconds the server waits for a round's replies before going on with those it has.
 DEFAULT_ROUND_TIMEOUT = 600.0
+
+Handler = Callable[[Message, Context], Message]
 
 
 # -- client --------------------------------------------------------------------------------------
@@ -64,58 +85,85 @@ class LocalClient:
     index: int
     data: ClientTokens
     model: ClientModel
-    labels: list[str]
+
+
+NodeItems = tuple[tuple[str, str], ...]
+
+
+def _node(context: Context) -> NodeItems:
+    """The SuperNode's --node-config as a hashable value."""
+    return tuple(sorted((str(key), str(value)) for key, value in context.node_config.items()))
 
 
 @functools.lru_cache(maxsize=2)
-def _local_client(options: str, partition_id: int, num_partitions: int) -> LocalClient:
-    """The client ``partition_id`` of the run ``options`` (cached: a ClientApp process that serves
-    several messages of one run loads its data and model once)."""
+def _local_client(options: str, node: NodeItems, labels: str, index: int) -> LocalClient:
+    """The client ``node`` names in the run ``options``, with the run's ``labels`` (a JSON list) and
+    at place ``index`` (cached: a ClientApp process that serves several messages of one run loads its
+    data and model once)."""
     config = config_from_json(options)
-    clients, labels = load_clients(config)
-    if num_partitions != len(clients) or not 0 <= partition_id < len(clients):
-        raise UsageError(
-            f"node-config partition-id={partition_id} num-partitions={num_partitions} does not fit a run of "
-            f"{len(clients)} clients",
-            hint=f'start each SuperNode with --node-config "partition-id=i num-partitions={len(clients)}"',
-        )
-    model = build_model(config, labels)
-    return LocalClient(partition_id, tokenize_client(model, clients[partition_id]), model, labels)
+    data, names = client_data(config, dict(node), index)
+    agreed = json.loads(labels)
+    model = build_model(config, agreed)
+    return LocalClient(index, tokenize_client(model, relabel(data, names, agreed)), model)
 
 
 def _client_of(message: Message, context: Context) -> tuple[SimulationConfig, LocalClient]:
-    options = str(message.content[CONFIG]["config"])
-    node = context.node_config
-    client = _local_client(options, int(node["partition-id"]), int(node["num-partitions"]))
+    record = message.content[CONFIG]
+    options = str(record["config"])
+    client = _local_client(options, _node(context), str(record["labels"]), int(record["index"]))
     return config_from_json(options), client
+
+
+def _clear_errors(handler: Handler) -> Handler:
+    """Reply to a message that the client cannot serve (bad files, a label the run lacks...) with
+    fedbip's one-line error and its hint, instead of Flower's exception text."""
+
+    @functools.wraps(handler)
+    def serve(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except FedbipError as exc:
+            reason = f"{exc} ({exc.hint})" if exc.hint else str(exc)
+            log.error("%s", reason)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+
+    return serve
 
 
 client_app = ClientApp()
 
 
 @client_app.query()
+@_clear_errors
 def introduce(message: Message, context: Context) -> Message:
-    """Say who this client is: its name, place in client order, data sizes, task group and labels."""
-    _, client = _client_of(message, context)
-    data = client.data
+    """Say who this client is: its name, its place in client order (-1 for a client with its own
+    files: the server assigns it), data sizes, task group and the label names it knows."""
+    config = config_from_json(str(message.content[CONFIG]["config"]))
+    node = dict(_node(context))
+    index = -1 if "data-dir" in node else int(node.get("partition-id", -1))
+    data, labels = client_data(config, node, max(index, 0))  # sizes do not depend on the place
     record = ConfigRecord(
         {
             "name": data.name,
-            "index": client.index,
+            "index": index,
             "group": -1 if data.group is None else data.group,
-            "train-examples": len(data.train),
-            "test-examples": len(data.test),
-            "labels": json.dumps(client.labels),
+            "train-examples": len(data.train_texts),
+            "test-examples": len(data.test_texts),
+            "labels": json.dumps(labels),
         }
     )
     return Message(RecordDict({CLIENT: record}), reply_to=message)
 
 
 @client_app.train()
+@_clear_errors
 def train(message: Message, context: Context) -> Message:
-    """One local round from the state the server sent: the trained state and the mean loss."""
+    """One local round from the state the server sent: the trained state and the mean loss (a
+    method's round, ``method_round``, for the strategies that are one)."""
     config, client = _client_of(message, context)
     round_ = int(message.content[CONFIG]["server-round"])
+    if str(message.content[CONFIG]["strategy"]) in METHODS:
+        return method_round(message, context, config, client, finish=False)
     state, loss = train_client(
         client.model, config, client.data, from_record(message.content[ARRAYS]), round_, client.index
     )
@@ -124,7 +172,49 @@ def train(message: Message, context: Context) -> Message:
     return Message(reply, reply_to=message)
 
 
+@client_app.train(FINISH)
+@_clear_errors
+def finish(message: Message, context: Context) -> Message:
+    """A method's post-training phase, after the last round (``Method.finish``)."""
+    config, client = _client_of(message, context)
+    return method_round(message, context, config, client, finish=True)
+
+
+def method_round(
+    message: Message, context: Context, config: SimulationConfig, client: LocalClient, *, finish: bool
+) -> Message:
+    """A method's client verb on this client (``carriage``): its round (``client_round``: what it
+    sends, its loss and the bytes the method counts as received) or its post-training phase
+    (``finish``, with the batches of round ``rounds + 1`` as in the in-process loop), from the state
+    it kept and the server state; what it keeps now goes to ``context.state`` and back to the server."""
+    record = message.content[CONFIG]
+    strategy, name, round_ = str(record["strategy"]), client.data.name, int(record["server-round"])
+    kept = kept_state(message.content, context, name, strategy, int(record[KEPT_ROUND]))
+    clients = json.loads(str(record["clients"]))
+    view = client_view(strategy, round_, clients, name, kept, server_from(message.content))
+    method = METHODS[strategy](config)
+    made_in = config.rounds + 1 if finish else round_
+    fit = local_fit(client.model, config, client.data, made_in, client.index)
+    reply = RecordDict({CONFIG: _name(client)})
+    if finish:
+        method.finish(client.model, view, name, client.data, fit)
+    else:
+        result = method.client_round(client.model, view, name, client.data, fit)
+        reply[ARRAYS] = to_record(result.sent)
+        reply[METRICS] = MetricRecord(
+            {
+                "train-loss": result.loss,
+                "num-examples": len(client.data.train),
+                "downlink-bytes": state_bytes(*result.received),
+            }
+        )
+    store_kept(context, strategy, view.bar[name], made_in)
+    reply[KEPT] = to_record(view.bar[name])
+    return Message(reply, reply_to=message)
+
+
 @client_app.evaluate()
+@_clear_errors
 def evaluate(message: Message, context: Context) -> Message:
     """Test accuracy of the state the server sent on this client's test sentences."""
     _, client = _client_of(message, context)
@@ -149,43 +239,67 @@ def run_federation(
     out: Path,
     *,
     overwrite: bool = False,
+    resume: bool = False,
     round_timeout: float = DEFAULT_ROUND_TIMEOUT,
     min_train_nodes: int = 1,
+    labels: list[str] | None = None,
+    base_path: Path | None = None,
 ) -> SimulationResult:
     """Every strategy of ``config`` over the clients on ``grid``, with ``simulate``'s outputs in ``out``.
 
     Waits (up to ``round_timeout``) until every client of the run is connected, so that the first
-    round has everyone.
+    round has everyone, and asks each who it is; a client that cannot join then fails the run.
+    ``labels``: the label names of every client's head (default: the sorted union of the labels the
+    clients report). ``base_path``: where ``out/base`` will be once ``out`` is in its final place
+    (``runner.write_outputs``). Each strategy's run is checkpointed after every round in the
+    in-process loop's format (``checkpoint``), and ``resume`` continues each from its checkpoint,
+    whichever engine wrote it.
     """
-    if config.attack != "none" or config.clip_norm is not None:
-        raise UsageError(
-            "attack and clip-norm are not wired to Flower", hint="run them with fedbip simulate in-process"
-        )
+    if config.attack != "none":  # attackers are simulated clients; a real federation's are not configured
+        raise UsageError("attack is not wired to Flower", hint="run it with fedbip simulate in-process")
     check_flower_strategies(config)
     out = Path(out)
-    prepare_out(out, resume=False, overwrite=overwrite)
-    roster = Roster(config)
-    roster.discover(grid, wait_for=expected_clients(config), timeout=round_timeout)
-    labels = roster.labels()
+    check_out(out, resume=resume, overwrite=overwrite)
+    roster = Roster(config, labels)
+    roster.discover(grid, wait_for=expected_clients(config), timeout=round_timeout, strict=True)
+    prepare_out(out, resume=resume, overwrite=overwrite)  # once every client has joined: a failure leaves no trace
+    labels = roster.labels or []
     model = build_model(config, labels)
     initial = model.initial_state()
     runs: list[StrategyRun] = []
 
+    options = json.loads(config_to_json(config))
+
     def on_round(run: StrategyRun, took_part: list[str]) -> None:
+        checkpoint.save(out / CHECKPOINTS / f"{run.strategy}.safetensors", run, options)
         _write_jsonl(out / METRICS_FILE, [row for r in [*runs, run] for row in r.metrics])
         log.info("%s round %d: %s took part", run.strategy, run.round, ", ".join(took_part) or "no client")
 
     for name in config.strategies:
-        strategy = PersonalizedStrategy(
-            config, name, roster, initial, min_train_nodes=min_train_nodes, on_round=on_round
+        path = out / CHECKPOINTS / f"{name}.safetensors"
+        server = METHODS[name](config).initial_server(initial, roster.names) if name in METHODS else None
+        resumed = (
+            checkpoint.load(path, name, options, roster.names, initial, server) if resume and path.is_file() else None
         )
-        strategy.start(grid, ArrayRecord(), num_rounds=config.rounds, timeout=round_timeout)
+        strategy = PersonalizedStrategy(
+            config,
+            name,
+            roster,
+            initial,
+            min_train_nodes=min_train_nodes,
+            on_round=on_round,
+            resumed=resumed,
+            model=model,
+            timeout=round_timeout,
+        )
+        if strategy.done < config.rounds:
+            strategy.start(grid, ArrayRecord(), num_rounds=config.rounds - strategy.done, timeout=round_timeout)
         runs.append(strategy.run)
     clients = [roster.members[n].info for n in roster.names]
     for run in runs:  # a client that joined during a later strategy: every run lists every client
         for name in roster.names:
             run.bar.setdefault(name, dict(initial))
-    return write_outputs(config, out, model, clients, labels, runs, "cpu")
+    return write_outputs(config, out, model, clients, labels, runs, "cpu", base_path)
 
 
 def options_from_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
@@ -195,8 +309,10 @@ def options_from_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
     return {
         "out": Path(str(run_config["out"])),
         "overwrite": bool(run_config.get("overwrite", False)),
+        "resume": bool(run_config.get("resume", False)),
         "round_timeout": float(run_config.get("round-timeout", DEFAULT_ROUND_TIMEOUT)),
         "min_train_nodes": int(run_config.get("min-train-nodes", 1)),
+        "labels": [part.strip() for part in str(run_config.get("labels", "")).split(",") if part.strip()] or None,
     }
 
 
@@ -210,16 +326,17 @@ def federation(grid: Grid, context: Context) -> None:
 
 
 def make_server_app(
-    config: SimulationConfig, out: Path, *, collect: Callable[[SimulationResult], None] | None = None, **options: Any
+    config: SimulationConfig, out: Path, outcome: list[SimulationResult | FedbipError], **options: Any
 ) -> ServerApp:
-    """A ServerApp that runs ``config`` into ``out`` and hands the result to ``collect`` (for the
-    Simulation Engine in this process, which passes no run config)."""
+    """A ServerApp that runs ``config`` into ``out`` and appends its result, or the error that ended
+    it, to ``outcome`` (for the Simulation Engine in this process, which passes no run config)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        result = run_federation(grid, config, out, **options)
-        if collect is not None:
-            collect(result)
+        try:
+            outcome.append(run_federation(grid, config, out, **options))
+        except FedbipError as exc:  # raised again by the caller, in its own thread
+            outcome.append(exc)
 
     return app

@@ -103,8 +103,9 @@ class LocalFederation:
             time.sleep(0.2)
         raise FedbipError("the SuperLink did not start", where=str(self.root / "superlink.log"))
 
-    def start_supernode(self, index: int, count: int) -> None:
-        """Start SuperNode ``index`` of ``count``: client ``index`` of the run."""
+    def start_supernode(self, index: int, count: int, *, node_config: str | None = None) -> None:
+        """Start SuperNode ``index`` of ``count``: client ``index`` of the run, or the client that
+        ``node_config`` names (``'data-dir="/path/to/client-dir"'``: Flower wants string values quoted)."""
         self._start(
             f"supernode-{index}",
             "flower-supernode",
@@ -114,7 +115,7 @@ class LocalFederation:
             "--port",
             str(free_port()),
             "--node-config",
-            f"partition-id={index} num-partitions={count}",
+            node_config or f"partition-id={index} num-partitions={count}",
         )
 
     def start_run(self, config: SimulationConfig, out: Path, **run_config: Any) -> subprocess.Popen:
