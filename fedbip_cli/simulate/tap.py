@@ -94,6 +94,7 @@ def head_of(model: ClientModel) -> Callable[[torch.Tensor], torch.Tensor]:
     """The classification head as a function of the features ``ClientModel.train`` hands a
     regularizer (the head's input; for a head that reads the first token itself, RoBERTa's, that
     token's hidden state): logits, with gradient."""
+    # ClientModel has no public accessor for its head; this is the module its ``_head_inputs`` hooks.
     wrapper = next(m for m in model._model.modules() if isinstance(m, ModulesToSaveWrapper))
     if isinstance(wrapper.original_module, torch.nn.Linear):
         return wrapper

@@ -83,7 +83,9 @@ def distil(
     batch_size: int,
     lr: float,
 ) -> State:
-    """The ``student`` after ``steps`` steps toward the ensemble of ``teachers`` on ``public``."""
+    """The ``student`` after ``steps`` AdamW steps on ``public`` toward the ensemble of ``teachers``:
+    ``ClientModel.train``'s cross-entropy takes the teachers' mean probabilities (``ensemble_targets``)
+    as soft targets, whose gradient is that of KL(teacher ‖ student)."""
     if steps == 0:
         return student
     logits = []
