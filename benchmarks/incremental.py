@@ -15,7 +15,9 @@ hashing, and so are plain float64 stacked Grams (all K² products of a module fr
 GEMMs, as the engine's exact Grams are, but in one rounding each, whose bits depend on which clients
 are stacked together: not cacheable). Ratios are against the cold run measured here, in the same process.
 
-Usage: .venv/bin/python benchmarks/incremental.py [--clients 200] [--workdir DIR]
+Usage: .venv/bin/python benchmarks/incremental.py [--clients 200] [--workdir DIR] [--write-docs]
+
+``--write-docs`` also writes the table into docs/ci-and-hub.md (its ``incremental`` section).
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
 from factories import random_adapter  # noqa: E402
 
+from benchmarks.docgen import load_note, write_generated  # noqa: E402
 from fedbip_cli import pipeline  # noqa: E402
 from fedbip_cli.innercache import InnerProductCache  # noqa: E402
 
@@ -93,7 +97,9 @@ def main() -> None:
     parser.add_argument(
         "--workdir", type=Path, help="where to write the adapters and caches (default: a temporary directory)"
     )
+    parser.add_argument("--write-docs", action="store_true", help="also write the table into docs/ci-and-hub.md")
     args = parser.parse_args()
+    load = load_note()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fedbip-incremental-"))
     clients, pending = work / "clients", work / "pending"
     shutil.rmtree(clients, ignore_errors=True)
@@ -131,23 +137,35 @@ def main() -> None:
     assert stats["warm"]["computed"] == modules * (k + 1), stats
     assert stats["cold"]["computed"] == modules * (k + 1) * (k + 2) // 2, stats
 
-    print(f"\n{k} clients + 1 added, {modules} modules; same similarities bit for bit: yes\n")
-    print(f"| run ({k + 1} clients unless said) | wall s | inner products computed | read from cache | vs cold |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| `inspect-similarity`, {k} clients, empty cache | {first:.2f} | | | |")
+    lines = [
+        f"{k} clients + 1 added, {modules} modules; warm, cold and `--no-cache` give the same similarities bit for bit:",
+        "",
+        f"| run ({k + 1} clients unless said) | wall s | inner products computed | read from cache | vs cold |",
+        "|---|---:|---:|---:|---:|",
+        f"| `inspect-similarity`, {k} clients, empty cache | {first:.2f} | | | |",
+    ]
     for name, seconds in (("cold (empty cache)", cold), ("warm (one client added)", warm), ("`--no-cache`", uncached)):
         key = name.split()[0].strip("`")
         s = stats["no-cache" if key == "--no-cache" else key]
-        print(
-            f"| `inspect-similarity`, {name} | {seconds:.2f} | {s['computed']} | {s['hits']} | {cold / seconds:.1f}x |"
+        lines.append(
+            f"| `inspect-similarity`, {name} | {seconds:.2f} | {s['computed']:,} | {s['hits']:,} | {cold / seconds:.1f}x |"
         )
-    print(f"| similarity step in process, cold | {in_process_cold:.2f} | | | 1.0x |")
-    print(
-        f"| similarity step in process, warm | {in_process_warm:.2f} | | | {in_process_cold / in_process_warm:.1f}x |"
-    )
-    print(
-        f"| plain float64 stacked Grams, all K² products (not bit-stable), in process | {gram:.2f} | | | {in_process_cold / gram:.1f}x |"
-    )
+    lines += [
+        f"| similarity step in process, cold | {in_process_cold:.2f} | | | 1.0x |",
+        f"| similarity step in process, warm | {in_process_warm:.2f} | | | {in_process_cold / in_process_warm:.1f}x |",
+        f"| plain float64 stacked Grams, all K² products (not bit-stable), in process | {gram:.2f} | | "
+        f"| {in_process_cold / gram:.1f}x |",
+    ]
+    print("\n" + "\n".join(lines))
+    if args.write_docs:
+        note = f"the in-process rows with 1 torch thread; {load}"
+        write_generated(
+            ROOT / "docs" / "ci-and-hub.md",
+            "incremental",
+            "\n".join(lines),
+            "benchmarks/incremental.py --write-docs",
+            note,
+        )
     print(f"\n(in-process fill of the {k}-client cache: {in_process_fill:.2f} s; adapters and caches in {work})")
 
 
