@@ -35,6 +35,7 @@ from fedbip_cli.errors import FedbipError, SourceError, UsageError
 from fedbip_cli.simulate.flower.apps import expected_clients, introduce, run_federation
 from fedbip_cli.simulate.flower.carriage import KEPT, client_view, kept_state, store_kept
 from fedbip_cli.simulate.flower.clientdata import own_files, relabel
+from fedbip_cli.simulate.flower.engine import simulate_on_flower
 from fedbip_cli.simulate.flower.local import APP, LocalFederation
 from fedbip_cli.simulate.flower.records import (
     ARRAYS,
@@ -50,6 +51,7 @@ from fedbip_cli.simulate.flower.records import (
 )
 from fedbip_cli.simulate.flower.strategy import Member, PersonalizedStrategy, Roster
 from fedbip_cli.simulate.loop import SimulationConfig, load_clients
+from fedbip_cli.simulate.methods import METHODS
 from fedbip_cli.simulate.runner import ClientInfo, simulate
 
 CLIENTS = ["client-00", "client-01", "client-02"]
@@ -514,6 +516,31 @@ def test_simulation_engine_seeds_and_clip_norm(tmp_path: Path) -> None:
         assert {k: v for k, v in entry.items() if k != "seconds"} == {
             k: v for k, v in want["strategies"][name].items() if k != "seconds"
         }
+
+
+# Every method of methods.METHODS, tiny: FedMerge with 2 global models, TAP's and the universal
+# expert's phases of 2 steps on 16 public sentences; 2 rounds, so that kept client state crosses one.
+METHOD_RUN = replace(
+    TINY,
+    strategies=tuple(METHODS),
+    global_models=2,
+    tap_kd_steps=2,
+    public_examples=16,
+    distill_steps=2,
+)
+
+
+def test_every_method_on_the_simulation_engine_equals_inprocess(tmp_path: Path) -> None:
+    """Each method's verbs run on Flower through the same code (server state in the strategy, what a
+    client keeps in its SuperNode's context.state, TAP's post-training phase as a last message round):
+    the same adapters, losses, accuracies and bytes per round as in-process."""
+    reference = tmp_path / "inprocess"
+    simulate(METHOD_RUN, reference, device="cpu")
+    out = tmp_path / "flower"
+    start = time.perf_counter()
+    simulate_on_flower(METHOD_RUN, out)
+    worst = assert_same_run(out, reference, METHOD_RUN.strategies)
+    print(f"methods on the simulation engine: {time.perf_counter() - start:.1f} s, worst difference {worst:.3g}")
 
 
 def test_a_method_client_without_its_kept_state_says_so(identity: None) -> None:

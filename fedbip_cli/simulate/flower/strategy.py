@@ -343,7 +343,7 @@ class PersonalizedStrategy(FedAvg):
         if not evaluates(self.config, server_round):
             return []
         connected = set(grid.get_node_ids())
-        names = [n for n in self.roster.names if self.roster.node_of(n, connected) is not None]
+        names = [n for n in self.clients if self.roster.node_of(n, connected) is not None]
         return [self._message(name, server_round, MessageType.EVALUATE, connected) for name in names]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
