@@ -66,9 +66,28 @@ def describe(seeds: dict[int, dict[str, Any]]) -> str:
     )
 
 
+def prior_accuracy(summary: dict[str, Any]) -> tuple[float, float]:
+    """Mean and worst client accuracy of predicting each client's most frequent training label,
+    with no model at all, on the run's own partition (rebuilt from its summary's config)."""
+    from fedbip_cli.simulate.loop import SimulationConfig, load_clients
+
+    fields = set(SimulationConfig.__dataclass_fields__)
+    config = SimulationConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in summary["config"].items() if k in fields}
+    )
+    clients, _ = load_clients(config)
+    scores = []
+    for client in clients:
+        majority = max(set(client.train_labels), key=lambda label: (client.train_labels.count(label), -label))
+        scores.append(sum(label == majority for label in client.test_labels) / len(client.test_labels))
+    return statistics.fmean(scores), min(scores)
+
+
 def strategy_table(seeds: dict[int, dict[str, Any]]) -> str:
-    """Markdown: per strategy, final mean and worst-client accuracy and ARI (mean ± sd), train time."""
+    """Markdown: per strategy, final mean and worst-client accuracy and ARI (mean ± sd), train time;
+    then the accuracy of each client's majority training label, the label prior alone."""
     strategies = list(next(iter(seeds.values()))["strategies"])
+    priors = [prior_accuracy(summary) for summary in seeds.values()]
     lines = [
         "| strategy | mean accuracy | worst client | ARI | train s per seed |",
         "|---|---|---|---|---|",
@@ -81,6 +100,10 @@ def strategy_table(seeds: dict[int, dict[str, Any]]) -> str:
             f"| {name} | {spread([e['mean_accuracy'] for e in entries])} | "
             f"{spread([e['worst_accuracy'] for e in entries])} | {spread(ari, 2)} | {train:.0f} |"
         )
+    lines.append(
+        f"| *own majority label, no model* | {spread([p[0] for p in priors])} | {spread([p[1] for p in priors])} "
+        "| | 0 |"
+    )
     return "\n".join(lines)
 
 
