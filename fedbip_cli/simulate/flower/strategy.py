@@ -384,13 +384,13 @@ class PersonalizedStrategy(FedAvg):
                 "config": self._options,
                 "labels": json.dumps(self.roster.labels),
                 "index": self.roster.members[name].index,
+                "strategy": self.run.strategy,  # a method's client runs its verbs (``carriage``)
             }
         )
         content = RecordDict({CONFIG: record})
         if self.method is None or kind == MessageType.EVALUATE:
             content[ARRAYS] = to_record(self.run.bar[name])
         else:  # a method's round or post-training phase (``carriage``)
-            record["strategy"] = self.run.strategy
             record["clients"] = json.dumps(list(self.run.bar))
             held = self._held.get(name)
             record[KEPT_ROUND] = held[0] if held is not None else 0
