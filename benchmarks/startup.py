@@ -8,7 +8,9 @@ Each command runs in a fresh process (interpreter start-up and imports included,
 them); the time is the median of ``--runs`` runs, taken round-robin so that a busy moment on a
 shared machine falls on every command alike, after one untimed run of each to warm the file cache.
 
-    .venv/bin/python benchmarks/startup.py [--runs 5]
+    .venv/bin/python benchmarks/startup.py [--runs 5] [--write-docs]
+
+``--write-docs`` also writes the table into docs/cli.md (its ``startup`` section).
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
 from factories import random_adapter  # noqa: E402
+
+from benchmarks.docgen import load_note, write_generated  # noqa: E402
 
 CLIENTS = 4
 # A two-block encoder's attention projections: big enough to be a real adapter, small enough that
@@ -62,7 +68,10 @@ def wall_time(command: Sequence[str], env: dict[str, str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="timed runs per command (the median is reported)")
-    runs = parser.parse_args().runs
+    parser.add_argument("--write-docs", action="store_true", help="also write the table into docs/cli.md")
+    args = parser.parse_args()
+    runs = args.runs
+    load = load_note()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory(prefix="fedbip-startup-") as tmp:
         adapters = write_adapters(Path(tmp))
@@ -93,6 +102,14 @@ def main() -> None:
     print(f"{'command':<{width}}  {'seconds':>8}  {'/ import torch':>14}")
     for label, seconds in medians.items():
         print(f"{label:<{width}}  {seconds:>8.3f}  {seconds / medians[BASELINE]:>14.2f}")
+    if args.write_docs:
+        rows = [
+            f"| `{label}` | {seconds:.2f} | {seconds / medians[BASELINE]:.2f}× |" for label, seconds in medians.items()
+        ]
+        table = "\n".join(
+            [f"| command (median of {runs} runs) | seconds | ÷ `import torch` |", "|---|---:|---:|", *rows]
+        )
+        write_generated(ROOT / "docs" / "cli.md", "startup", table, "benchmarks/startup.py --write-docs", load)
 
 
 if __name__ == "__main__":
