@@ -24,7 +24,7 @@ rank-1 (Kronecker) JL projection.
 
 Usage:
     .venv/bin/python benchmarks/sketch_error.py [--clients 10000] [--checked 300] [--dims 16,32,64,96,128]
-        [--workdir DIR] [--compare] [--quick]
+        [--workdir DIR] [--compare] [--quick] [--write-docs]
 QUICK=1 in the environment, or --quick: 1000 clients, 100 checked (``make bench QUICK=1``).
 """
 
@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from factories import PREFIX, pattern_value, write_lora_adapter  # noqa: E402
 
+from benchmarks.docgen import load_note, write_generated  # noqa: E402
 from fedbip_cli import pipeline  # noqa: E402
 from fedbip_cli.sketch import Projection, one_thread, orthogonal_columns, projection, quantize, sketch_factors  # noqa: E402
 
@@ -294,8 +295,9 @@ def fedbip(*, codes: bool) -> Callable[[int, torch.Generator, str], Sketcher]:
     return prepare
 
 
-def compare(paths: list[Path], ref: dict, dims: list[int], seeds: int) -> None:
-    """Errors of the alternatives over every pair of checked clients, all of ``seeds`` seeds."""
+def compare(paths: list[Path], ref: dict, dims: list[int], seeds: int) -> str:
+    """Errors of the alternatives over every pair of checked clients, all of ``seeds`` seeds: the markdown
+    table (also printed, row by row)."""
     checked = ref[MODULES[0]][0].shape[0]
     workspace = pipeline.load([str(p) for p in paths[:checked]])
     by_rank: dict[str, dict[int, tuple[list[int], torch.Tensor, torch.Tensor]]] = {}
@@ -333,12 +335,14 @@ def compare(paths: list[Path], ref: dict, dims: list[int], seeds: int) -> None:
         "rank-1 JL (Kronecker), M² pairs": (rank_one, lambda dim: r * 2 * d * dim * dim),
     }
     upper = torch.triu(torch.ones(checked, checked, dtype=torch.bool), diagonal=1)
-    print(
-        f"\nAlternatives at about equal size, {checked} clients, {checked * (checked - 1) // 2} pairs x {seeds} seeds "
-        "(|error| of the cosine: mean and max; work: multiply-adds per client and module)\n"
-    )
-    print("| sketch | M | numbers per module | work | model: mean | model: max | module: mean | module: max |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [
+        f"Alternatives at about equal size, {checked} clients, {checked * (checked - 1) // 2} pairs x {seeds} seeds "
+        "(|error| of the cosine: mean and max; work: multiply-adds per client and module):",
+        "",
+        "| sketch | M | numbers per module | work | model: mean | model: max | module: mean | module: max |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    print("\n" + "\n".join(lines))
     for dim in dims:
         for name, (prepare, work) in variants.items():
             found: dict[str, list[torch.Tensor]] = {"model": [], "module": []}
@@ -361,11 +365,12 @@ def compare(paths: list[Path], ref: dict, dims: list[int], seeds: int) -> None:
                         both = (norms[:, None] > 0) & (norms[None, :] > 0) & upper
                         found[g].append((cosine - exact[g][group][:, :checked]).abs()[both])
             model, module = torch.cat(found["model"]), torch.cat(found["module"])
-            print(
+            lines.append(
                 f"| {name} | {dim} | {features.shape[1]} | {work(dim) / 1e6:.2f}M | {model.mean():.4f} | {model.max():.4f} | "
-                f"{module.mean():.4f} | {module.max():.4f} |",
-                flush=True,
+                f"{module.mean():.4f} | {module.max():.4f} |"
             )
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -394,6 +399,9 @@ def main() -> None:
     parser.add_argument("--compare-seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1000 clients, 100 checked (also QUICK=1)")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
+    parser.add_argument(
+        "--write-docs", action="store_true", help="also write the tables into docs/inspect.md (with --compare, both)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sources", help=argparse.SUPPRESS)
     parser.add_argument("--dim", type=int, help=argparse.SUPPRESS)
@@ -433,17 +441,14 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
     same = (torch.arange(args.checked)[:, None] % CLUSTERS) == (torch.arange(args.clients)[None, :] % CLUSTERS)
     same[torch.arange(args.checked), torch.arange(args.checked)] = False
     other = (torch.arange(args.checked)[:, None] % CLUSTERS) != (torch.arange(args.clients)[None, :] % CLUSTERS)
-    print(
+    data = (
         f"{args.clients} clients, {len(MODULES)} modules of {WIDTH} x {WIDTH}; exact whole-model cosine: within a cluster "
         f"mean {model[same].mean():.3f} (range {model[same].min():.3f} .. {model[same].max():.3f}), across clusters mean "
-        f"{model[other].mean():.3f} (range {model[other].min():.3f} .. {model[other].max():.3f})",
-        flush=True,
+        f"{model[other].mean():.3f} (range {model[other].min():.3f} .. {model[other].max():.3f})"
     )
-
-    print(
-        f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores)",
-        flush=True,
-    )
+    print(data, flush=True)
+    load = load_note()
+    print(f"{load} ({os.cpu_count()} cores)", flush=True)
     baseline = exact_baseline(paths[: args.checked], exact["model"]["model"][:, : args.checked])
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedbip-sketch-run-") as scratch:
@@ -465,27 +470,31 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
                 flush=True,
             )
 
-    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    ended = f"load average {os.getloadavg()[0]:.1f} at the end"
+    print(ended)
     extrapolated = baseline * (args.clients / args.checked) ** 2
-    print(
-        f"\nbaseline: the exact engine on the {args.checked} checked clients took {baseline:.1f} s (similarity step, in process); "
-        f"as K², {args.clients} clients would take about {extrapolated:.0f} s"
-    )
-    print(
-        f"\n{args.clients} clients; errors |sketched - exact| of the cosine over the pairs of the {args.checked} checked clients "
-        f"with every other client (model: {rows[0]['model']['pairs']} pairs) and, per block and per module, with the first {finer} "
-        f"clients ({rows[0]['block']['pairs']} and {rows[0]['module']['pairs']} pairs over the groups)\n"
-    )
-    print(
-        "| M | numbers per module | load s | similarity s | vs exact | peak RSS MiB | model: max | model: mean | block: max | block: mean | module: max | module: mean |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [
+        f"{data}. Baseline: the exact engine on the {args.checked} checked clients took {baseline:.1f} s (similarity "
+        f"step, in process); as K², {args.clients} clients would take about {extrapolated:.0f} s. Errors |sketched − "
+        f"exact| of the cosine over the pairs of the {args.checked} checked clients with every other client (model: "
+        f"{rows[0]['model']['pairs']:,} pairs) and, per block and per module, with the first {finer} clients "
+        f"({rows[0]['block']['pairs']:,} and {rows[0]['module']['pairs']:,} pairs over the groups); times with "
+        f"{args.threads} torch threads:",
+        "",
+        "| M | numbers per module | load s | similarity s | vs exact | peak RSS MiB | model: max | model: mean "
+        "| block: max | block: mean | module: max | module: mean |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
-        print(
+        lines.append(
             f"| {row['dim']} | {row['dim'] ** 2} | {row['load_s']:.1f} | {row['similarity_s']:.1f} | {extrapolated / row['similarity_s']:.0f}x | {row['peak_rss_mib']:.0f} | "
             f"{row['model']['max']:.4f} | {row['model']['mean']:.4f} | {row['block']['max']:.4f} | {row['block']['mean']:.4f} | "
             f"{row['module']['max']:.4f} | {row['module']['mean']:.4f} |"
         )
+    print("\n" + "\n".join(lines))
+    script = "benchmarks/sketch_error.py " + " ".join(sys.argv[1:])
+    if args.write_docs:
+        write_generated(ROOT / "docs" / "inspect.md", "sketch-error", "\n".join(lines), script, f"{load}; {ended}")
     if args.json is not None:
         record = {
             "clients": args.clients,
@@ -496,7 +505,9 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
         }
         args.json.write_text(json.dumps(record, indent=2) + "\n")
     if args.compare:
-        compare(paths, ref, dims, args.compare_seeds)
+        table = compare(paths, ref, dims, args.compare_seeds)
+        if args.write_docs:
+            write_generated(ROOT / "docs" / "inspect.md", "sketch-compare", table, script)
 
 
 if __name__ == "__main__":
