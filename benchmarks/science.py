@@ -15,9 +15,10 @@ Reads RUN/seed-*/summary.json (so it also reports a run whose last seed has not 
    within- minus between-group mean cosine and the ARI of the suggested clusters, mean over seeds.
 
 With ``--write-docs REGIME`` (``limited`` or ``ample``) the tables go into the generated sections
-``simulate-REGIME`` of README.md (1 and 2) and of docs/simulate.md (1, 2 and 3), and RUN's
+``simulate-REGIME`` of README.md (1) and of docs/simulate.md (1, 2 and 3), and RUN's
 ``accuracy.png`` and ``separation.png`` (the ±sd bands over seeds) are copied to
-``docs/accuracy-REGIME.png`` and ``docs/separation-REGIME.png``.
+``docs/accuracy-REGIME.png`` and ``docs/separation-REGIME.png``. With ``--default``, RUN is the
+default run (``fedbip simulate --out RUN``) and its time and accuracy go into docs/simulate.md.
 """
 
 from __future__ import annotations
@@ -171,12 +172,34 @@ def separation_table(run: Path, seeds: list[int], strategy: str) -> str:
     return "\n".join(lines)
 
 
+def default_run(run: Path) -> str:
+    """Markdown: what the default run (``fedbip simulate --out RUN``, nothing else given) cost and
+    scored, from its summary.json."""
+    summary = json.loads((run / "summary.json").read_text())
+    config = summary["config"]
+    (name, entry), *_ = summary["strategies"].items()
+    seconds = entry["seconds"]
+    return (
+        f"`fedbip simulate` with every default ({name}, {config['clients']} clients, {config['rounds']} rounds, "
+        f"{config['examples_per_client']} train sentences each, seed {config['seed']}): "
+        f"{sum(seconds.values()):.0f} s of training, evaluation and server steps "
+        f"(train {seconds['train']:.0f} s, eval {seconds['eval']:.0f} s, server {seconds['server']:.1f} s), "
+        f"final mean personalized accuracy {entry['mean_accuracy']:.3f}, worst client {entry['worst_accuracy']:.3f}."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="the --out of a --seeds run")
+    parser.add_argument("run", type=Path, help="the --out of a --seeds run, or of the default run with --default")
+    parser.add_argument("--default", action="store_true", help="RUN is the default run: write its cost into the docs")
     parser.add_argument("--pairs", default=DEFAULT_PAIRS, help="comma-separated A:B strategy pairs")
     parser.add_argument("--write-docs", choices=("limited", "ample"), help="write the docs' sections of this regime")
     args = parser.parse_args()
+    if args.default:
+        text = default_run(args.run)
+        print(text)
+        write_generated(ROOT / "docs" / "simulate.md", "default-run", text, f"{SCRIPT} --default")
+        return
     seeds = load(args.run)
     strategies = list(next(iter(seeds.values()))["strategies"])
     head = describe(seeds)
@@ -188,9 +211,9 @@ def main() -> None:
         for name in ("accuracy", "separation"):
             if (args.run / f"{name}.png").exists():
                 shutil.copyfile(args.run / f"{name}.png", ROOT / "docs" / f"{name}-{regime}.png")
-        short = f"{head}.\n\n{table}\n\n{pairs}"
-        write_generated(ROOT / "README.md", f"simulate-{regime}", short, SCRIPT)
-        write_generated(ROOT / "docs" / "simulate.md", f"simulate-{regime}", f"{short}\n\n{separation}", SCRIPT)
+        write_generated(ROOT / "README.md", f"simulate-{regime}", f"{head}.\n\n{table}", SCRIPT)
+        page = f"{head}.\n\n{table}\n\n{pairs}\n\n{separation}"
+        write_generated(ROOT / "docs" / "simulate.md", f"simulate-{regime}", page, SCRIPT)
 
 
 if __name__ == "__main__":
