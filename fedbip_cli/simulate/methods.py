@@ -149,6 +149,18 @@ def fedavg_round(run: StrategyRun, updates: RoundUpdates, key: str) -> tuple[Rou
     return view, replace(step, bar=dict(updates.bar))
 
 
+def personal_then_global(
+    run: StrategyRun, client: str, personal: State, regularizer: Regularizer | None, fit: Fit
+) -> ClientReply:
+    """The round of a client that keeps a personal model beside a FedAvg global one (FedOA, TAP):
+    it trains ``personal`` (with ``regularizer``) into the model it keeps, then trains the global
+    model it received on the task loss alone and sends that."""
+    received = run.server[GLOBAL]
+    run.bar[client], loss = fit(personal, regularizer)
+    sent, _ = fit(received, None)
+    return ClientReply(sent, loss, (received,))
+
+
 @dataclass(frozen=True)
 class FedOA:
     """FedOA: a FedAvg global adapter and a personal adapter per client regularised toward the
@@ -165,12 +177,9 @@ class FedOA:
     def client_round(
         self, model: ClientModel, run: StrategyRun, client: str, data: ClientTokens, fit: Fit
     ) -> ClientReply:
-        received = run.server[GLOBAL]
-        model.load_state(received)
+        model.load_state(run.server[GLOBAL])
         target = model.features(data.train)
-        run.bar[client], loss = fit(run.bar[client], feature_regularizer(target, self.weight))
-        sent, _ = fit(received, None)
-        return ClientReply(sent, loss, (received,))
+        return personal_then_global(run, client, run.bar[client], feature_regularizer(target, self.weight), fit)
 
     def server_round(
         self, run: StrategyRun, updates: RoundUpdates, server: ServerContext

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from peft.utils import ModulesToSaveWrapper
 
-from fedbip_cli.simulate.methods import GLOBAL, ClientReply, Fit, ServerContext, fedavg_round
+from fedbip_cli.simulate.methods import GLOBAL, ClientReply, Fit, ServerContext, fedavg_round, personal_then_global
 from fedbip_cli.simulate.model import ClientModel, Regularizer
 from fedbip_cli.simulate.strategies import RoundUpdates, ServerStep, State
 
@@ -141,11 +141,8 @@ class TAP:
     def client_round(
         self, model: ClientModel, run: StrategyRun, client: str, data: ClientTokens, fit: Fit
     ) -> ClientReply:
-        received = run.server[GLOBAL]
-        personal = self.replace(model, data, run.bar[client], received)
-        run.bar[client], loss = fit(personal, None)
-        sent, _ = fit(received, None)
-        return ClientReply(sent, loss, (received,))
+        personal = self.replace(model, data, run.bar[client], run.server[GLOBAL])
+        return personal_then_global(run, client, personal, None, fit)
 
     def server_round(
         self, run: StrategyRun, updates: RoundUpdates, server: ServerContext
