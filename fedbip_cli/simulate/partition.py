@@ -151,6 +151,7 @@ def _fixed_client(
     name: str,
     pool: np.ndarray,
     data: TextDataset,
+    topics: np.ndarray,
     *,
     examples: int,
     test_examples: int,
@@ -161,14 +162,14 @@ def _fixed_client(
     conflicting: bool,
 ) -> ClientData:
     """A client with exactly ``test_examples`` test and then ``examples`` train sentences, one
-    ``_skewed_draw`` from its own ``pool`` (its equal, stratified share of its group's examples)."""
+    ``_skewed_draw`` from its own ``pool`` (its equal, stratified share of its group's examples);
+    ``topics`` is every example's topic, ``data.labels`` as an array."""
     if len(pool) < examples + test_examples:
         raise UsageError(
             f"{name} holds {len(pool)} sentences, fewer than --examples-per-client {examples} plus its "
             f"{test_examples} test sentences",
             hint="lower --examples-per-client or --clients",
         )
-    topics = np.asarray(data.labels, dtype=np.int64)
     pools = {int(t): pool[topics[pool] == t] for t in np.unique(topics[pool])}
     drawn = _skewed_draw(pools, test_examples + examples, alpha, rng)
     seen = [task_label(int(topics[i]), group, num_labels) if conflicting else int(topics[i]) for i in drawn]
@@ -237,6 +238,7 @@ def _partition(
                     names[client],
                     pool,
                     data,
+                    labels,
                     examples=examples_per_client,
                     test_examples=TEST_EXAMPLES,
                     alpha=alpha,
