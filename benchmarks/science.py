@@ -70,13 +70,9 @@ def describe(seeds: dict[int, dict[str, Any]]) -> str:
 def prior_accuracy(summary: dict[str, Any]) -> tuple[float, float]:
     """Mean and worst client accuracy of predicting each client's most frequent training label,
     with no model at all, on the run's own partition (rebuilt from its summary's config)."""
-    from fedbip_cli.simulate.loop import SimulationConfig, load_clients
+    from fedbip_cli.simulate.loop import config_from_dict, load_clients
 
-    fields = set(SimulationConfig.__dataclass_fields__)
-    config = SimulationConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in summary["config"].items() if k in fields}
-    )
-    clients, _ = load_clients(config)
+    clients, _ = load_clients(config_from_dict(summary["config"]))
     scores = []
     for client in clients:
         majority = max(set(client.train_labels), key=lambda label: (client.train_labels.count(label), -label))

@@ -139,6 +139,12 @@ class ClientTokens:
     group: int | None
 
 
+def config_from_dict(values: dict[str, Any]) -> SimulationConfig:
+    """The SimulationConfig that ``asdict`` made ``values`` of, after a JSON round trip (in a
+    summary.json, a checkpoint or a Flower message tuples arrive as lists)."""
+    return SimulationConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 # round_done(strategy, round, mean accuracy or None when not evaluated)
 RoundCallback = Callable[[str, int, float | None], None]
 # on_round(the run after its checkpoint, mean accuracy or None)

@@ -15,7 +15,7 @@ from typing import Any
 from flwr.app import ArrayRecord
 
 from fedbip_cli.errors import UsageError
-from fedbip_cli.simulate.loop import SimulationConfig
+from fedbip_cli.simulate.loop import SimulationConfig, config_from_dict
 from fedbip_cli.simulate.strategies import State
 
 # Keys of the records in a message's RecordDict.
@@ -41,8 +41,7 @@ def config_to_json(config: SimulationConfig) -> str:
 
 def config_from_json(text: str) -> SimulationConfig:
     """The SimulationConfig a server sent (tuples arrive as JSON lists)."""
-    values = json.loads(text)
-    return SimulationConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    return config_from_dict(json.loads(text))
 
 
 # Run-config keys (Flower's --run-config, [tool.flwr.app.config]) are the options' names with
