@@ -331,9 +331,8 @@ def test_tap_finish_distils_the_personal_model_from_the_final_global_one(model: 
     assert term(index, features[index]).item() == pytest.approx(
         0.5 * kd_loss(student, teacher[index], 2.0).item(), rel=1e-5
     )
-    head = tap.head_of(model)
-    assert torch.allclose(head(features), model.logits(tokens), atol=1e-5)
-    assert kd_regularizer(head, teacher, 0.0, 1.0)(index, features[index]).item() == 0.0
+    assert torch.allclose(model.head_logits(features), model.logits(tokens), atol=1e-5)
+    assert kd_regularizer(model.head_logits, teacher, 0.0, 1.0)(index, features[index]).item() == 0.0
 
 
 def test_universal_expert_cluster_models_and_teacher_by_hand() -> None:

@@ -222,11 +222,24 @@ class ClientModel:
             raise ValueError("features needs at least one sentence")
         return features
 
+    def _head(self) -> ModulesToSaveWrapper:
+        """The classification head: peft's modules_to_save wrapper around it."""
+        return next(m for m in self._model.modules() if isinstance(m, ModulesToSaveWrapper))
+
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The classification head's logits for the features ``train`` hands a regularizer (the
+        head's input; for a head that reads the first token itself, RoBERTa's, that token's hidden
+        state), with gradient."""
+        head = self._head()
+        if isinstance(head.original_module, torch.nn.Linear):
+            return head(features)
+        return head(features.unsqueeze(1))  # a sequence of one token
+
     @contextmanager
     def _head_inputs(self) -> Iterator[list[torch.Tensor]]:
         """Collect the classification head's input, (batch, hidden), for each forward pass inside."""
         seen: list[torch.Tensor] = []
-        head = next(m for m in self._model.modules() if isinstance(m, ModulesToSaveWrapper))
+        head = self._head()
 
         def keep(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             hidden = args[0]

@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from peft.utils import ModulesToSaveWrapper
 
 from fedbip_cli.simulate.methods import GLOBAL, ClientReply, Fit, ServerContext, fedavg_round, personal_then_global
 from fedbip_cli.simulate.model import ClientModel, Regularizer
@@ -88,17 +87,6 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     log_teacher = F.log_softmax(teacher / temperature, dim=-1)
     kl = (log_teacher.exp() * (log_teacher - log_student)).sum(dim=-1).mean()
     return temperature**2 * kl
-
-
-def head_of(model: ClientModel) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The classification head as a function of the features ``ClientModel.train`` hands a
-    regularizer (the head's input; for a head that reads the first token itself, RoBERTa's, that
-    token's hidden state): logits, with gradient."""
-    # ClientModel has no public accessor for its head; this is the module its ``_head_inputs`` hooks.
-    wrapper = next(m for m in model._model.modules() if isinstance(m, ModulesToSaveWrapper))
-    if isinstance(wrapper.original_module, torch.nn.Linear):
-        return wrapper
-    return lambda features: wrapper(features.unsqueeze(1))  # a sequence of one token
 
 
 def kd_regularizer(
@@ -155,5 +143,5 @@ class TAP:
             return
         model.load_state(run.server[GLOBAL])
         teacher = model.logits(data.train)
-        term = kd_regularizer(head_of(model), teacher, self.kd_weight, self.temperature)
+        term = kd_regularizer(model.head_logits, teacher, self.kd_weight, self.temperature)
         run.bar[client], _ = fit(run.bar[client], term, self.kd_steps)
