@@ -14,7 +14,7 @@ Reads RUN/seed-*/summary.json (so it also reports a run whose last seed has not 
 3. the paper's Figure 3 check for the first strategy's run: per kind of vector and round, the
    within- minus between-group mean cosine and the ARI of the suggested clusters, mean over seeds.
 
-With ``--write-docs REGIME`` (``limited`` or ``ample``) the tables go into the generated sections
+With ``--write-docs REGIME`` (``limited``, ``ample`` or ``methods``: the related methods beside FedBip) the tables go into the generated sections
 ``simulate-REGIME`` of README.md (1) and of docs/simulate.md (1, 2 and 3), and RUN's
 ``accuracy.png`` and ``separation.png`` (the ±sd bands over seeds) are copied to
 ``docs/accuracy-REGIME.png`` and ``docs/separation-REGIME.png``. With ``--default``, RUN is the
@@ -37,7 +37,7 @@ from benchmarks.docgen import ROOT, write_generated  # noqa: E402
 DEFAULT_PAIRS = ",".join(
     f"{a}:{b}"
     for a in ("fedbip", "fedbip-layerwise", "fedbip-ema")
-    for b in ("local", "fedavg", "fedamp", "uniform", "oracle")
+    for b in ("local", "fedavg", "fedamp", "uniform", "oracle", "fedmerge", "tap", "fedoa", "universal-expert")
 )
 SCRIPT = "benchmarks/science.py"
 
@@ -80,26 +80,46 @@ def prior_accuracy(summary: dict[str, Any]) -> tuple[float, float]:
     return statistics.fmean(scores), min(scores)
 
 
+def pooled_cost_cells(entries: list[dict[str, Any]]) -> tuple[str, str, str]:
+    """A strategy's cost per round over all its seeds (``seeds.cost_cells`` of the pooled runs)."""
+    from fedbip_cli.simulate.seeds import cost_cells, pooled_cost
+
+    if any(e.get("cost") is None for e in entries):
+        return ("n/a", "n/a", "n/a")
+    pooled = {
+        "cost": pooled_cost([e["cost"] for e in entries]),
+        "seconds": {key: sum(e["seconds"][key] for e in entries) for key in ("train", "server")},
+        "rounds": sum(e["rounds"] for e in entries),
+    }
+    return cost_cells(pooled)
+
+
 def strategy_table(seeds: dict[int, dict[str, Any]]) -> str:
-    """Markdown: per strategy, final mean and worst-client accuracy and ARI (mean ± sd), train time;
-    then the accuracy of each client's majority training label, the label prior alone."""
+    """Markdown: per strategy, final mean and worst-client accuracy and ARI (mean ± sd), train time,
+    and, when the runs recorded it, the cost of a round (pooled over seeds); then the accuracy of
+    each client's majority training label, the label prior alone."""
+    from fedbip_cli.simulate.seeds import COST_COLUMNS
+
     strategies = list(next(iter(seeds.values()))["strategies"])
     priors = [prior_accuracy(summary) for summary in seeds.values()]
+    costed = any("cost" in s["strategies"][name] for s in seeds.values() for name in strategies)
+    extra = [f" {column} |" for column in COST_COLUMNS] if costed else []
     lines = [
-        "| strategy | mean accuracy | worst client | ARI | train s per seed |",
-        "|---|---|---|---|---|",
+        "| strategy | mean accuracy | worst client | ARI | train s per seed |" + "".join(extra),
+        "|---|---|---|---|---|" + "---|" * len(extra),
     ]
     for name in strategies:
         entries = [s["strategies"][name] for s in seeds.values()]
         ari = [e["ari"] for e in entries if e.get("ari") is not None]
         train = statistics.fmean(e["seconds"]["train"] for e in entries)
+        cost = "".join(f" {cell} |" for cell in pooled_cost_cells(entries)) if costed else ""
         lines.append(
             f"| {name} | {spread([e['mean_accuracy'] for e in entries])} | "
-            f"{spread([e['worst_accuracy'] for e in entries])} | {spread(ari, 2)} | {train:.0f} |"
+            f"{spread([e['worst_accuracy'] for e in entries])} | {spread(ari, 2)} | {train:.0f} |{cost}"
         )
     lines.append(
         f"| *own majority label, no model* | {spread([p[0] for p in priors])} | {spread([p[1] for p in priors])} "
-        "| | 0 |"
+        "| | 0 |" + " |" * len(extra)
     )
     return "\n".join(lines)
 
@@ -189,7 +209,9 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="the --out of a --seeds run, or of the default run with --default")
     parser.add_argument("--default", action="store_true", help="RUN is the default run: write its cost into the docs")
     parser.add_argument("--pairs", default=DEFAULT_PAIRS, help="comma-separated A:B strategy pairs")
-    parser.add_argument("--write-docs", choices=("limited", "ample"), help="write the docs' sections of this regime")
+    parser.add_argument(
+        "--write-docs", choices=("limited", "ample", "methods"), help="write the docs' sections of this regime"
+    )
     args = parser.parse_args()
     if args.default:
         text = default_run(args.run)
