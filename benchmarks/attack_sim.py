@@ -139,6 +139,35 @@ def table(setting: Setting, outs: dict[tuple[str, str], Path]) -> tuple[str, str
     return "\n".join(lines), f"the attacker is {attacker}, its group mate {', '.join(mates)}"
 
 
+def lifts(outs: dict[tuple[str, str], Path]) -> str:
+    """The findings in numbers: per strategy, the backdoor's lift (ASR − clean rate) on the honest
+    clients and the group mate, and what the scaled attack costs the honest clients' accuracy,
+    each without / with ``--clip-norm auto``."""
+    attacker = next(r["client"] for r in last_round(outs["backdoor", "none"])[0] if r.get("attacker"))
+    groups = last_round(outs["backdoor", "none"])[1]
+    mates = {c for c, g in groups.items() if g == groups[attacker] and c != attacker}
+    lines = []
+    for strategy in STRATEGIES:
+        lift, cost = [], []
+        for defence in DEFENCES:
+            rows = [r for r in last_round(outs["backdoor", defence])[0] if r["strategy"] == strategy]
+            honest = [r for r in rows if r["client"] != attacker]
+            mate = [r for r in rows if r["client"] in mates]
+            gap = [mean(rs, "attack_success_rate") - mean(rs, "clean_target_rate") for rs in (honest, mate)]
+            lift.append(f"{gap[0]:+.2f} / {gap[1]:+.2f}")
+            accuracy = {}
+            for attack in ("none", "scaled"):
+                rs = [r for r in last_round(outs[attack, defence])[0] if r["strategy"] == strategy]
+                accuracy[attack] = mean([r for r in rs if r["client"] != attacker], "test_accuracy")
+            cost.append(f"{accuracy['scaled'] - accuracy['none']:+.3f}")
+        lines.append(
+            f"- {strategy}: the backdoor's lift (ASR − clean rate), honest clients / group mate: {lift[0]} "
+            f"without clipping, {lift[1]} with; the scaled attack changes the honest clients' accuracy by "
+            f"{cost[0]} without clipping, {cost[1]} with (each against the run without an attack)."
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
@@ -154,8 +183,9 @@ def main() -> None:
         outs = dict(zip(tasks, pool.map(lambda t: run(*t, args.work, args.threads), tasks)))
     sections = []
     for setting in settings:
-        text, who = table(setting, {(a, d): outs[setting, a, d] for (s, a, d) in tasks if s == setting})
-        sections.append(f"**{setting.title}**; {who}:\n\n{text}")
+        mine = {(a, d): outs[setting, a, d] for (s, a, d) in tasks if s == setting}
+        text, who = table(setting, mine)
+        sections.append(f"**{setting.title}**; {who}:\n\n{text}\n\n{lifts(mine)}")
         print(sections[-1], end="\n\n")
     if args.write_docs:
         head = (
