@@ -17,6 +17,7 @@ which the benchmark checks; Flower runs several clients at once on a machine's c
 
     .venv/bin/python benchmarks/flower_overhead.py                 # the default run: 10 clients, 6 layers
     .venv/bin/python benchmarks/flower_overhead.py --quick         # the tests' tiny run: 3 clients, 2 layers
+    .venv/bin/python benchmarks/flower_overhead.py --write-docs    # the default run, into docs/flower.md
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -38,6 +40,9 @@ from safetensors.torch import load_file  # noqa: E402
 
 from fedbip_cli.simulate.flower.engine import simulate_on_flower  # noqa: E402
 from fedbip_cli.simulate.flower.local import LocalFederation  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.docgen import ROOT, load_note, write_generated  # noqa: E402
 from fedbip_cli.simulate.loop import SimulationConfig  # noqa: E402
 from fedbip_cli.simulate.runner import simulate  # noqa: E402
 
@@ -89,7 +94,9 @@ def main() -> None:
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process (default 1)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--write-docs", action="store_true", help="write docs/flower.md's table (the default run)")
     args = parser.parse_args()
+    note = load_note()
     r1, r2 = (int(r) for r in args.rounds.split(","))
     engines = [e.strip() for e in args.engines.split(",")]
     os.environ.update({**OFFLINE_ENV, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)})
@@ -123,6 +130,22 @@ def main() -> None:
         overhead = per_round[engine] - per_round.get("inprocess", float("nan"))
         diff = differences.get(engine, 0.0)
         print(f"{engine:<11} {per_round[engine]:9.2f}s {overhead:+9.2f}s {fixed[engine]:7.1f}s {diff:11.3g}")
+    if args.write_docs:
+        names = {"inprocess": "in-process", "simulation": "Simulation Engine"}
+        names["deployment"] = f"Deployment Engine, {base.clients} SuperNodes"
+        rows = [
+            "| engine | per round | Flower's overhead per round | fixed (start-up, evaluation, outputs) "
+            "| largest adapter difference |",
+            "|---|---|---|---|---|",
+        ]
+        for engine in engines:
+            overhead = "–" if engine == "inprocess" else f"{per_round[engine] - per_round['inprocess']:+.1f} s"
+            diff = "–" if engine == "inprocess" else f"{differences[engine]:.3g}"
+            rows.append(
+                f"| {names[engine]} | {per_round[engine]:.1f} s | {overhead} | {fixed[engine]:.0f} s | {diff} |"
+            )
+        command = f"benchmarks/flower_overhead.py{' --quick' if args.quick else ''} --write-docs"
+        write_generated(ROOT / "docs" / "flower.md", "flower-overhead", "\n".join(rows), command, note)
     if args.json is not None:
         figures = {"config": base.__dict__, "seconds": seconds, "per_round": per_round, "fixed": fixed}
         args.json.write_text(json.dumps({**figures, "max_difference": differences}, indent=2, default=str) + "\n")
