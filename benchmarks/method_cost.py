@@ -79,7 +79,7 @@ def main() -> None:
     print(table)
     if args.write_docs:
         head = (
-            f"One process, {args.threads} torch thread(s), {os.cpu_count()} CPUs; the limited regime's defaults "
+            f"One process, {args.threads} torch thread(s), {os.cpu_count()} CPUs; the limited regime "
             f"({args.clients} clients, 64 sentences each, 4 local steps of batch 16), seed 0; round 2 of {ROUNDS} timed."
         )
         write_generated(ROOT / "docs" / "simulate.md", "method-cost", f"{head}\n\n{table}", SCRIPT, note)
