@@ -112,7 +112,7 @@ def main() -> None:
         f"What it printed:\n\n```\n{shortened(transcript)}\n```"
     )
     write_generated(ROOT / "docs" / "simulate.md", "demo", page, SCRIPT, note)
-    write_generated(ROOT / "README.md", "demo", f"{sentence} It takes about {seconds} s.", SCRIPT, note)
+    write_generated(ROOT / "README.md", "demo", sentence, SCRIPT, note)
 
 
 if __name__ == "__main__":

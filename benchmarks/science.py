@@ -14,10 +14,12 @@ Reads RUN/seed-*/summary.json (so it also reports a run whose last seed has not 
 3. the paper's Figure 3 check for the first strategy's run: per kind of vector and round, the
    within- minus between-group mean cosine and the ARI of the suggested clusters, mean over seeds.
 
-With ``--write-docs REGIME`` (``limited``, ``ample`` or ``methods``: the related methods beside FedBip) the tables go into the generated sections
-``simulate-REGIME`` of README.md (1) and of docs/simulate.md (1, 2 and 3), and RUN's
-``accuracy.png`` and ``separation.png`` (the ±sd bands over seeds) are copied to
-``docs/accuracy-REGIME.png`` and ``docs/separation-REGIME.png``. With ``--default``, RUN is the
+With ``--write-docs REGIME`` (``limited``, ``ample`` or ``methods``, the related methods beside
+FedBip) the tables go into the generated section ``simulate-REGIME`` of docs/simulate.md (1, 2, 3
+and the verdicts of FedBip and FedBip-L against every other strategy) and, where the README has
+that section, of README.md (1 and the verdicts); RUN's ``accuracy.png`` and ``separation.png`` (the
+±sd bands over seeds) are copied to ``docs/accuracy-REGIME.png`` and ``docs/separation-REGIME.png``.
+With ``--default``, RUN is the
 default run (``fedbip simulate --out RUN``) and its time and accuracy go into docs/simulate.md.
 """
 
@@ -155,6 +157,23 @@ def pairs_table(seeds: dict[int, dict[str, Any]], pairs: str) -> str:
     return "\n".join(lines)
 
 
+def verdicts(seeds: dict[int, dict[str, Any]], subjects: tuple[str, ...] = ("fedbip", "fedbip-layerwise")) -> str:
+    """Markdown bullets: for each subject, the strategies it beats beyond the seed spread, ties with
+    and trails (``verdict`` of the paired differences of final mean accuracy), with the mean difference."""
+    strategies = list(next(iter(seeds.values()))["strategies"])
+    lines = []
+    for a in (name for name in subjects if name in strategies):
+        found: dict[str, list[str]] = {"beats": [], "ties with": [], "trails": []}
+        for b in (name for name in strategies if name != a):
+            diffs = [s["strategies"][a]["mean_accuracy"] - s["strategies"][b]["mean_accuracy"] for s in seeds.values()]
+            outcome = verdict(diffs)
+            key = "beats" if outcome.startswith("**yes") else "trails" if "B beats" in outcome else "ties with"
+            found[key].append(f"{b} ({statistics.fmean(diffs):+.3f})")
+        said = "; ".join(f"{key} {', '.join(names)}" for key, names in found.items() if names)
+        lines.append(f"- **{a}** {said}.")
+    return "\n".join(lines)
+
+
 def separation_table(run: Path, seeds: list[int], strategy: str) -> str:
     """Markdown: gap and ARI per kind of vector and round, mean over seeds, for ``strategy``'s run."""
     by_key: dict[tuple[str, int], list[tuple[float, float]]] = {}
@@ -229,8 +248,15 @@ def main() -> None:
         for name in ("accuracy", "separation"):
             if (args.run / f"{name}.png").exists():
                 shutil.copyfile(args.run / f"{name}.png", ROOT / "docs" / f"{name}-{regime}.png")
-        write_generated(ROOT / "README.md", f"simulate-{regime}", f"{head}.\n\n{table}", SCRIPT)
-        page = f"{head}.\n\n{table}\n\n{pairs}\n\n{separation}"
+        said = (
+            f"{head}.\n\n{table}\n\nVerdicts on final mean accuracy (the mean of the per-seed differences; "
+            f"*beats* or *trails*: in every seed and by more than the differences' sd; else *ties with*):"
+            f"\n\n{verdicts(seeds)}"
+        )
+        readme = ROOT / "README.md"
+        if f"<!-- generated: simulate-{regime} -->" in readme.read_text(encoding="utf-8"):
+            write_generated(readme, f"simulate-{regime}", said, SCRIPT)  # the regimes the README shows
+        page = f"{said}\n\n{pairs}\n\n{separation}"
         write_generated(ROOT / "docs" / "simulate.md", f"simulate-{regime}", page, SCRIPT)
 
 
