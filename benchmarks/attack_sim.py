@@ -93,22 +93,26 @@ def mean(rows: list[dict], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
 
 
-def table(setting: Setting, outs: dict[tuple[str, str], Path]) -> tuple[str, str]:
-    """The setting's markdown table and the attacker's name with its group mate's."""
+def roles(setting: Setting, outs: dict[tuple[str, str], Path]) -> tuple[str, list[str]]:
+    """The setting's one attacker (the same in every attack run) and its group mates."""
     attackers = {r["client"] for a in ATTACKS[1:] for r in last_round(outs[a, "none"])[0] if r.get("attacker")}
     if len(attackers) != 1:
         raise SystemExit(f"{setting.name}: expected one attacker across the runs, found {sorted(attackers)}")
     (attacker,) = attackers
+    groups = last_round(outs["backdoor", "none"])[1]
+    return attacker, [c for c, g in groups.items() if g == groups[attacker] and c != attacker]
+
+
+def table(outs: dict[tuple[str, str], Path], attacker: str, mates: list[str]) -> str:
+    """The setting's markdown table."""
     lines = [
         "| attack | server defence | strategy | honest clients: ASR (clean rate) | honest accuracy "
         "| attacker's group mate: ASR (clean rate) | its accuracy | attacker: ASR (clean rate), accuracy |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    mates: list[str] = []
     for attack in ATTACKS:
         for defence in DEFENCES:
-            rows, groups = last_round(outs[attack, defence])
-            mates = [c for c, g in groups.items() if g == groups[attacker] and c != attacker]
+            rows, _ = last_round(outs[attack, defence])
             shown = "`--clip-norm auto`" if defence == "auto" else "none"
             for strategy in STRATEGIES:
                 mine = [r for r in rows if r["strategy"] == strategy]
@@ -136,16 +140,13 @@ def table(setting: Setting, outs: dict[tuple[str, str], Path]) -> tuple[str, str
                         f"{rates(bad)}, {mean(bad, 'test_accuracy'):.3f}",
                     ]
                 lines.append(f"| {attack} | {shown} | {strategy} | {' | '.join(cells)} |")
-    return "\n".join(lines), f"the attacker is {attacker}, its group mate {', '.join(mates)}"
+    return "\n".join(lines)
 
 
-def lifts(outs: dict[tuple[str, str], Path]) -> str:
+def lifts(outs: dict[tuple[str, str], Path], attacker: str, mates: list[str]) -> str:
     """The findings in numbers: per strategy, the backdoor's lift (ASR − clean rate) on the honest
     clients and the group mate, and what the scaled attack costs the honest clients' accuracy,
     each without / with ``--clip-norm auto``."""
-    attacker = next(r["client"] for r in last_round(outs["backdoor", "none"])[0] if r.get("attacker"))
-    groups = last_round(outs["backdoor", "none"])[1]
-    mates = {c for c, g in groups.items() if g == groups[attacker] and c != attacker}
     lines = []
     for strategy in STRATEGIES:
         lift, cost = [], []
@@ -184,8 +185,11 @@ def main() -> None:
     sections = []
     for setting in settings:
         mine = {(a, d): outs[setting, a, d] for (s, a, d) in tasks if s == setting}
-        text, who = table(setting, mine)
-        sections.append(f"**{setting.title}**; {who}:\n\n{text}\n\n{lifts(mine)}")
+        attacker, mates = roles(setting, mine)
+        who = f"the attacker is {attacker}, its group mate {', '.join(mates)}"
+        sections.append(
+            f"**{setting.title}**; {who}:\n\n{table(mine, attacker, mates)}\n\n{lifts(mine, attacker, mates)}"
+        )
         print(sections[-1], end="\n\n")
     if args.write_docs:
         head = (
