@@ -126,6 +126,11 @@ def strategy_table(seeds: dict[int, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def paired(seeds: dict[int, dict[str, Any]], a: str, b: str) -> list[float]:
+    """Per seed, A's final mean accuracy minus B's (the seeds share data, so the pairs match)."""
+    return [s["strategies"][a]["mean_accuracy"] - s["strategies"][b]["mean_accuracy"] for s in seeds.values()]
+
+
 def verdict(diffs: list[float]) -> str:
     """Whether A beats B beyond the seed spread (see the module's docstring)."""
     mean = statistics.fmean(diffs)
@@ -148,7 +153,7 @@ def pairs_table(seeds: dict[int, dict[str, Any]], pairs: str) -> str:
         a, b = pair.split(":")
         if a not in strategies or b not in strategies:
             continue
-        diffs = [s["strategies"][a]["mean_accuracy"] - s["strategies"][b]["mean_accuracy"] for s in seeds.values()]
+        diffs = paired(seeds, a, b)
         sd = f"{statistics.stdev(diffs):.3f}" if len(diffs) > 1 else "n/a"
         lines.append(
             f"| {a} − {b} | {', '.join(f'{d:+.3f}' for d in diffs)} | {statistics.fmean(diffs):+.3f} ± {sd} "
@@ -165,7 +170,7 @@ def verdicts(seeds: dict[int, dict[str, Any]], subjects: tuple[str, ...] = ("fed
     for a in (name for name in subjects if name in strategies):
         found: dict[str, list[str]] = {"beats": [], "ties with": [], "trails": []}
         for b in (name for name in strategies if name != a):
-            diffs = [s["strategies"][a]["mean_accuracy"] - s["strategies"][b]["mean_accuracy"] for s in seeds.values()]
+            diffs = paired(seeds, a, b)
             outcome = verdict(diffs)
             key = "beats" if outcome.startswith("**yes") else "trails" if "B beats" in outcome else "ties with"
             found[key].append(f"{b} ({statistics.fmean(diffs):+.3f})")
