@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def load_note() -> str:
     """The machine's load when a measurement starts: timings on a shared machine depend on it."""
     one, five, _ = os.getloadavg()
-    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) at the start: the machine was shared"
+    return (
+        f"load average {one:.1f} (1 min), {five:.1f} (5 min) at the start (a shared machine: times move with its load)"
+    )
 
 
 def provenance(script: str, note: str | None = None) -> str:
