@@ -249,6 +249,17 @@ def test_links_and_anchors_resolve(page: Path) -> None:
     assert not broken, f"{page.name}: broken links {broken}"
 
 
+def test_every_figure_in_docs_is_shown_on_a_page() -> None:
+    """A figure no page shows is a stale output of an experiment, kept without being read."""
+    shown = set()
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s#]+)\)", page.read_text(encoding="utf-8")):
+            shown.add((page.parent / target).resolve())
+    figures = {p.resolve() for p in (ROOT / "docs").glob("*.png")}
+    assert figures, "docs/ has no figures: the glob is wrong"
+    assert not figures - shown, f"figures no page shows: {sorted(p.name for p in figures - shown)}"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_generated_sections_name_the_script_that_wrote_them(page: Path) -> None:
     """A section between <!-- generated: NAME --> markers is closed, and says which script, machine
