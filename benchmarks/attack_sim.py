@@ -27,7 +27,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.docgen import ROOT, load_note, write_generated  # noqa: E402
 
-SCRIPT = "benchmarks/attack_sim.py --write-docs"
 ROUNDS = 12
 ATTACKS = ("none", "scaled", "backdoor")
 DEFENCES = ("none", "auto")
@@ -198,9 +197,7 @@ def main() -> None:
             f"`fedbip simulate {' '.join(COMMON[:-1])} --seed S [--lr LR] [--attack A --attackers 1] "
             "[--clip-norm auto]`."
         )
-        write_generated(
-            ROOT / "docs" / "threat-model.md", "simulate-attacks", "\n\n".join([head, *sections]), SCRIPT, note
-        )
+        write_generated(ROOT / "docs" / "threat-model.md", "simulate-attacks", "\n\n".join([head, *sections]), note)
 
 
 if __name__ == "__main__":

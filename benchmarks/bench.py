@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -202,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     for target, value, verdict in report.targets(rows):
         print(f"{target}: {value} — {verdict}")
     print(f"\n(total {elapsed:.0f} s)")
-    command = "python benchmarks/bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python " + docgen.invocation(None if argv is None else [sys.argv[0], *argv])
     limits = (
         f"**Time limits**: fedbip's commands {args.timeout:.0f} s each, the peft path and the dense reference "
         f"{args.baseline_timeout:.0f} s; a contender past its limit is killed and shown as timeout, with the limit as its wall time."
@@ -219,11 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "rows": rows, "elapsed_s": elapsed}, indent=1) + "\n")
     if args.write_docs:
-        script = command.strip().replace("python ", "", 1)
         note = f"{info['CPU']}; {load}"
         body = f"`{command.strip()}`, {elapsed:.0f} s in all (generation included):\n\n{report.docs_tables(rows)}"
-        docgen.write_generated(ROOT / "docs" / "performance.md", "bench", body, script, note)
-        docgen.write_generated(ROOT / "README.md", "bench", report.readme_bullet(rows), script, note)
+        docgen.write_generated(ROOT / "docs" / "performance.md", "bench", body, note)
+        docgen.write_generated(ROOT / "README.md", "bench", report.readme_bullet(rows), note)
     return 0
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.docgen import ROOT, load_note, write_generated  # noqa: E402
 
-SCRIPT = "benchmarks/demo_record.py --write-docs"
 STEP = re.compile(r"^== \[\s*(\d+)s\] (.*)$")
 ARI_ROW = re.compile(r"^  (\S.*?)\s+(-?\d\.\d\d)  (.*)$")
 BLOCK = re.compile(r"\.\d+$")  # a transformer block's layer group, e.g. bert.encoder.layer.3
@@ -111,8 +110,8 @@ def main() -> None:
         f"`.venv` adds a few minutes once). {sentence}\n\n{table}\n\n"
         f"What it printed:\n\n```\n{shortened(transcript)}\n```"
     )
-    write_generated(ROOT / "docs" / "simulate.md", "demo", page, SCRIPT, note)
-    write_generated(ROOT / "README.md", "demo", sentence, SCRIPT, note)
+    write_generated(ROOT / "docs" / "simulate.md", "demo", page, note)
+    write_generated(ROOT / "README.md", "demo", sentence, note)
 
 
 if __name__ == "__main__":

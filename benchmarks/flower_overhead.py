@@ -144,8 +144,7 @@ def main() -> None:
             rows.append(
                 f"| {names[engine]} | {per_round[engine]:.1f} s | {overhead} | {fixed[engine]:.0f} s | {diff} |"
             )
-        command = f"benchmarks/flower_overhead.py{' --quick' if args.quick else ''} --write-docs"
-        write_generated(ROOT / "docs" / "flower.md", "flower-overhead", "\n".join(rows), command, note)
+        write_generated(ROOT / "docs" / "flower.md", "flower-overhead", "\n".join(rows), note)
     if args.json is not None:
         figures = {"config": base.__dict__, "seconds": seconds, "per_round": per_round, "fixed": fixed}
         args.json.write_text(json.dumps({**figures, "max_difference": differences}, indent=2, default=str) + "\n")

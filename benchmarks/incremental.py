@@ -163,7 +163,6 @@ def main() -> None:
             ROOT / "docs" / "ci-and-hub.md",
             "incremental",
             "\n".join(lines),
-            "benchmarks/incremental.py --write-docs",
             note,
         )
     print(f"\n(in-process fill of the {k}-client cache: {in_process_fill:.2f} s; adapters and caches in {work})")

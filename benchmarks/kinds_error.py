@@ -188,16 +188,14 @@ def worst(rows: list[Row]) -> tuple[float, float, float]:
 def write_docs(rows: list[Row], dtypes: dict[str, float]) -> None:
     """The table into docs/adapter-kinds.md; its worst values into docs/performance.md and README.md; the
     rounding of each output dtype into docs/merge.md."""
-    script = "benchmarks/kinds_error.py --write-docs"
     rounding = ", ".join(f"`--dtype {d}` {e:.1e}" for d, e in dtypes.items())
     write_generated(
         ROOT / "docs" / "merge.md",
         "dtype-error",
         f"Measured on peft-made LoRA adapters (`cat` merges loaded back in peft, worst relative Frobenius "
         f"error against Σ_j P_ij ΔW_j in float64): {rounding}.",
-        script,
     )
-    write_generated(ROOT / "docs" / "adapter-kinds.md", "kinds-error", table(rows), script)
+    write_generated(ROOT / "docs" / "adapter-kinds.md", "kinds-error", table(rows))
     sim, cat, svd = worst(rows)
     names = ", ".join(case.id for case, *_ in rows)
     summary = (
@@ -206,13 +204,13 @@ def write_docs(rows: list[Row], dtypes: dict[str, float]) -> None:
         f"back in peft within **{cat:.1e}** relative Frobenius (float32 rounding); `svd --rank 2` within "
         f"**{svd:.1e}** of the optimal rank-2 error. [Every case](adapter-kinds.md#measured-exactness)."
     )
-    write_generated(ROOT / "docs" / "performance.md", "kinds-error", summary, script)
+    write_generated(ROOT / "docs" / "performance.md", "kinds-error", summary)
     bullet = (
         f"- **Exact**: similarity of peft-made adapters of every kind within {sim:.1e} of the dense float64 "
         f"cosine of `merge_and_unload() − base`; `cat` merges within float32 rounding (≤ {cat:.1e} relative); "
         f"`svd` within {svd:.1e} of the optimal rank-R error ([exactness](docs/performance.md))."
     )
-    write_generated(ROOT / "README.md", "kinds-error", bullet, script)
+    write_generated(ROOT / "README.md", "kinds-error", bullet)
 
 
 def main() -> None:

@@ -31,7 +31,6 @@ from fedbip_cli.simulate.methods import METHODS  # noqa: E402
 
 ROUNDS = 3
 STRATEGIES = "fedbip,fedbip-layerwise,fedmerge,tap,fedoa,universal-expert,fedamp,fedavg,local"
-SCRIPT = "benchmarks/method_cost.py --write-docs"
 
 
 def main() -> None:
@@ -82,7 +81,7 @@ def main() -> None:
             f"One process, {args.threads} torch thread(s), {os.cpu_count()} CPUs; the limited regime "
             f"({args.clients} clients, 64 sentences each, 4 local steps of batch 16), seed 0; round 2 of {ROUNDS} timed."
         )
-        write_generated(ROOT / "docs" / "simulate.md", "method-cost", f"{head}\n\n{table}", SCRIPT, note)
+        write_generated(ROOT / "docs" / "simulate.md", "method-cost", f"{head}\n\n{table}", note)
 
 
 if __name__ == "__main__":

@@ -66,8 +66,7 @@ def main() -> None:
     text = table(found)
     print(text)
     if args.write_docs:
-        script = "benchmarks/poisoning.py --write-docs"
-        write_generated(ROOT / "docs" / "threat-model.md", "poisoning", text, script)
+        write_generated(ROOT / "docs" / "threat-model.md", "poisoning", text)
         before, after = found["scaled", "no defence"], found["scaled", "--clip-norm auto (median)"]
         bullet = (
             f"- **Safe**: the {len(HOSTILE)} hostile inputs of `tests/test_hostile.py` refused in one line each, "
@@ -75,7 +74,7 @@ def main() -> None:
             f"`--clip-norm auto` cuts a ×1000 copy's share of its victim's merge from {before:.1%} to {after:.1%} "
             "([threat model](docs/threat-model.md))."
         )
-        write_generated(ROOT / "README.md", "poisoning", bullet, script)
+        write_generated(ROOT / "README.md", "poisoning", bullet)
 
 
 if __name__ == "__main__":

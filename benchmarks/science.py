@@ -41,7 +41,6 @@ DEFAULT_PAIRS = ",".join(
     for a in ("fedbip", "fedbip-layerwise", "fedbip-ema")
     for b in ("local", "fedavg", "fedamp", "uniform", "oracle", "fedmerge", "tap", "fedoa", "universal-expert")
 )
-SCRIPT = "benchmarks/science.py"
 
 
 def spread(values: list[float], digits: int = 3) -> str:
@@ -240,7 +239,7 @@ def main() -> None:
     if args.default:
         text = default_run(args.run)
         print(text)
-        write_generated(ROOT / "docs" / "simulate.md", "default-run", text, f"{SCRIPT} --default")
+        write_generated(ROOT / "docs" / "simulate.md", "default-run", text)
         return
     seeds = load(args.run)
     strategies = list(next(iter(seeds.values()))["strategies"])
@@ -260,9 +259,9 @@ def main() -> None:
         )
         readme = ROOT / "README.md"
         if f"<!-- generated: simulate-{regime} -->" in readme.read_text(encoding="utf-8"):
-            write_generated(readme, f"simulate-{regime}", said, SCRIPT)  # the regimes the README shows
+            write_generated(readme, f"simulate-{regime}", said)  # the regimes the README shows
         page = f"{said}\n\n{pairs}\n\n{separation}"
-        write_generated(ROOT / "docs" / "simulate.md", f"simulate-{regime}", page, SCRIPT)
+        write_generated(ROOT / "docs" / "simulate.md", f"simulate-{regime}", page)
 
 
 if __name__ == "__main__":

@@ -172,8 +172,7 @@ def main() -> None:
     report = "\n".join(lines)
     print(report)
     if args.write_docs:
-        command = f"benchmarks/sim_throughput.py --steps {args.steps} --repeats {args.repeats} --threads {args.threads}"
-        write_generated(ROOT / "docs" / "simulate.md", "sim-throughput", f"```text\n{report}\n```", command)
+        write_generated(ROOT / "docs" / "simulate.md", "sim-throughput", f"```text\n{report}\n```")
 
 
 if __name__ == "__main__":

@@ -164,8 +164,7 @@ def main() -> None:
                 f"diagonal exactly 1: {result['diagonal_exactly_1']}"
             )
     if args.write_docs:
-        script = "benchmarks/similarity_error.py --write-docs"
-        write_generated(ROOT / "docs" / "performance.md", "similarity-error", summary(results, args.rank), script)
+        write_generated(ROOT / "docs" / "performance.md", "similarity-error", summary(results, args.rank))
 
 
 if __name__ == "__main__":

@@ -492,9 +492,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
             f"{row['module']['max']:.4f} | {row['module']['mean']:.4f} |"
         )
     print("\n" + "\n".join(lines))
-    script = "benchmarks/sketch_error.py " + " ".join(sys.argv[1:])
     if args.write_docs:
-        write_generated(ROOT / "docs" / "inspect.md", "sketch-error", "\n".join(lines), script, f"{load}; {ended}")
+        write_generated(ROOT / "docs" / "inspect.md", "sketch-error", "\n".join(lines), f"{load}; {ended}")
     if args.json is not None:
         record = {
             "clients": args.clients,
@@ -507,7 +506,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
     if args.compare:
         table = compare(paths, ref, dims, args.compare_seeds)
         if args.write_docs:
-            write_generated(ROOT / "docs" / "inspect.md", "sketch-compare", table, script)
+            write_generated(ROOT / "docs" / "inspect.md", "sketch-compare", table)
 
 
 if __name__ == "__main__":

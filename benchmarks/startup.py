@@ -109,7 +109,7 @@ def main() -> None:
         table = "\n".join(
             [f"| command (median of {runs} runs) | seconds | ÷ `import torch` |", "|---|---:|---:|", *rows]
         )
-        write_generated(ROOT / "docs" / "cli.md", "startup", table, "benchmarks/startup.py --write-docs", load)
+        write_generated(ROOT / "docs" / "cli.md", "startup", table, load)
 
 
 if __name__ == "__main__":

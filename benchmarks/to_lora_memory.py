@@ -160,7 +160,6 @@ def main() -> None:
             ROOT / "docs" / "full-checkpoints.md",
             "to-lora-memory",
             text,
-            "benchmarks/to_lora_memory.py " + " ".join(sys.argv[1:]),
             load,
         )
     print("| fedbip | status | wall s | peak RSS MB | peak anonymous MB |")
