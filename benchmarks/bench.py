@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     report.write_results(
         args.results,
-        command=command.strip(),
+        command=command,
         machine_info=info,
         rows=rows,
         workload_lines=lines,
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"machine": info, "rows": rows, "elapsed_s": elapsed}, indent=1) + "\n")
     if args.write_docs:
         note = f"{info['CPU']}; {load}"
-        body = f"`{command.strip()}`, {elapsed:.0f} s in all (generation included):\n\n{report.docs_tables(rows)}"
+        body = f"`{command}`, {elapsed:.0f} s in all (generation included):\n\n{report.docs_tables(rows)}"
         docgen.write_generated(ROOT / "docs" / "performance.md", "bench", body, note)
         docgen.write_generated(ROOT / "README.md", "bench", report.readme_bullet(rows), note)
     return 0
