@@ -130,15 +130,20 @@ def paired(seeds: dict[int, dict[str, Any]], a: str, b: str) -> list[float]:
     return [s["strategies"][a]["mean_accuracy"] - s["strategies"][b]["mean_accuracy"] for s in seeds.values()]
 
 
-def verdict(diffs: list[float]) -> str:
-    """Whether A beats B beyond the seed spread (see the module's docstring)."""
+def outcome(diffs: list[float]) -> str:
+    """Whether A ``beats`` B beyond the seed spread, ``trails`` it, or ``ties with`` it (see the
+    module's docstring)."""
     mean = statistics.fmean(diffs)
     sd = statistics.stdev(diffs) if len(diffs) > 1 else float("inf")
     if all(d > 0 for d in diffs) and mean > sd:
-        return "**yes**"
+        return "beats"
     if all(d < 0 for d in diffs) and -mean > sd:
-        return "no: B beats A"
-    return "no: within the spread"
+        return "trails"
+    return "ties with"
+
+
+# How the pairs table says each outcome.
+VERDICT = {"beats": "**yes**", "trails": "no: B beats A", "ties with": "no: within the spread"}
 
 
 def pairs_table(seeds: dict[int, dict[str, Any]], pairs: str) -> str:
@@ -156,23 +161,21 @@ def pairs_table(seeds: dict[int, dict[str, Any]], pairs: str) -> str:
         sd = f"{statistics.stdev(diffs):.3f}" if len(diffs) > 1 else "n/a"
         lines.append(
             f"| {a} − {b} | {', '.join(f'{d:+.3f}' for d in diffs)} | {statistics.fmean(diffs):+.3f} ± {sd} "
-            f"| {verdict(diffs)} |"
+            f"| {VERDICT[outcome(diffs)]} |"
         )
     return "\n".join(lines)
 
 
 def verdicts(seeds: dict[int, dict[str, Any]], subjects: tuple[str, ...] = ("fedbip", "fedbip-layerwise")) -> str:
     """Markdown bullets: for each subject, the strategies it beats beyond the seed spread, ties with
-    and trails (``verdict`` of the paired differences of final mean accuracy), with the mean difference."""
+    and trails (``outcome`` of the paired differences of final mean accuracy), with the mean difference."""
     strategies = list(next(iter(seeds.values()))["strategies"])
     lines = []
     for a in (name for name in subjects if name in strategies):
         found: dict[str, list[str]] = {"beats": [], "ties with": [], "trails": []}
         for b in (name for name in strategies if name != a):
             diffs = paired(seeds, a, b)
-            outcome = verdict(diffs)
-            key = "beats" if outcome.startswith("**yes") else "trails" if "B beats" in outcome else "ties with"
-            found[key].append(f"{b} ({statistics.fmean(diffs):+.3f})")
+            found[outcome(diffs)].append(f"{b} ({statistics.fmean(diffs):+.3f})")
         said = "; ".join(f"{key} {', '.join(names)}" for key, names in found.items() if names)
         lines.append(f"- **{a}** {said}.")
     return "\n".join(lines)
