@@ -92,17 +92,30 @@ def mean(rows: list[dict], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
 
 
-def roles(setting: Setting, outs: dict[tuple[str, str], Path]) -> tuple[str, list[str]]:
+Runs = dict[tuple[str, str], tuple[list[dict], dict[str, int]]]  # (attack, defence): ``last_round`` of its run
+
+
+def roles(setting: Setting, runs: Runs) -> tuple[str, list[str]]:
     """The setting's one attacker (the same in every attack run) and its group mates."""
-    attackers = {r["client"] for a in ATTACKS[1:] for r in last_round(outs[a, "none"])[0] if r.get("attacker")}
+    attackers = {r["client"] for a in ATTACKS[1:] for r in runs[a, "none"][0] if r.get("attacker")}
     if len(attackers) != 1:
         raise SystemExit(f"{setting.name}: expected one attacker across the runs, found {sorted(attackers)}")
     (attacker,) = attackers
-    groups = last_round(outs["backdoor", "none"])[1]
+    groups = runs["backdoor", "none"][1]
     return attacker, [c for c, g in groups.items() if g == groups[attacker] and c != attacker]
 
 
-def table(outs: dict[tuple[str, str], Path], attacker: str, mates: list[str]) -> str:
+def parts(rows: list[dict], strategy: str, attacker: str, mates: list[str]) -> tuple[list[dict], ...]:
+    """A strategy's rows of the honest clients, of the attacker's group mates and of the attacker."""
+    mine = [r for r in rows if r["strategy"] == strategy]
+    return (
+        [r for r in mine if r["client"] != attacker],
+        [r for r in mine if r["client"] in mates],
+        [r for r in mine if r["client"] == attacker],
+    )
+
+
+def table(runs: Runs, attacker: str, mates: list[str]) -> str:
     """The setting's markdown table."""
     lines = [
         "| attack | server defence | strategy | honest clients: ASR (clean rate) | honest accuracy "
@@ -111,12 +124,9 @@ def table(outs: dict[tuple[str, str], Path], attacker: str, mates: list[str]) ->
     ]
     for attack in ATTACKS:
         for defence in DEFENCES:
-            rows, _ = last_round(outs[attack, defence])
             shown = "`--clip-norm auto`" if defence == "auto" else "none"
             for strategy in STRATEGIES:
-                mine = [r for r in rows if r["strategy"] == strategy]
-                honest = [r for r in mine if r["client"] != attacker]
-                mate = [r for r in mine if r["client"] in mates]
+                honest, mate, bad = parts(runs[attack, defence][0], strategy, attacker, mates)
                 if attack == "none":
                     cells = [
                         "–",
@@ -126,7 +136,6 @@ def table(outs: dict[tuple[str, str], Path], attacker: str, mates: list[str]) ->
                         "–",
                     ]
                 else:
-                    bad = [r for r in mine if r["client"] == attacker]
 
                     def rates(rs: list[dict]) -> str:
                         return f"{mean(rs, 'attack_success_rate'):.3f} ({mean(rs, 'clean_target_rate'):.3f})"
@@ -142,7 +151,7 @@ def table(outs: dict[tuple[str, str], Path], attacker: str, mates: list[str]) ->
     return "\n".join(lines)
 
 
-def lifts(outs: dict[tuple[str, str], Path], attacker: str, mates: list[str]) -> str:
+def lifts(runs: Runs, attacker: str, mates: list[str]) -> str:
     """The findings in numbers: per strategy, the backdoor's lift (ASR − clean rate) on the honest
     clients and the group mate, and what the scaled attack costs the honest clients' accuracy,
     each without / with ``--clip-norm auto``."""
@@ -150,15 +159,13 @@ def lifts(outs: dict[tuple[str, str], Path], attacker: str, mates: list[str]) ->
     for strategy in STRATEGIES:
         lift, cost = [], []
         for defence in DEFENCES:
-            rows = [r for r in last_round(outs["backdoor", defence])[0] if r["strategy"] == strategy]
-            honest = [r for r in rows if r["client"] != attacker]
-            mate = [r for r in rows if r["client"] in mates]
+            honest, mate, _ = parts(runs["backdoor", defence][0], strategy, attacker, mates)
             gap = [mean(rs, "attack_success_rate") - mean(rs, "clean_target_rate") for rs in (honest, mate)]
             lift.append(f"{gap[0]:+.2f} / {gap[1]:+.2f}")
-            accuracy = {}
-            for attack in ("none", "scaled"):
-                rs = [r for r in last_round(outs[attack, defence])[0] if r["strategy"] == strategy]
-                accuracy[attack] = mean([r for r in rs if r["client"] != attacker], "test_accuracy")
+            accuracy = {
+                attack: mean(parts(runs[attack, defence][0], strategy, attacker, mates)[0], "test_accuracy")
+                for attack in ("none", "scaled")
+            }
             cost.append(f"{accuracy['scaled'] - accuracy['none']:+.3f}")
         lines.append(
             f"- {strategy}: the backdoor's lift (ASR − clean rate), honest clients / group mate: {lift[0]} "
@@ -183,7 +190,7 @@ def main() -> None:
         outs = dict(zip(tasks, pool.map(lambda t: run(*t, args.work, args.threads), tasks)))
     sections = []
     for setting in settings:
-        mine = {(a, d): outs[setting, a, d] for (s, a, d) in tasks if s == setting}
+        mine = {(a, d): last_round(outs[setting, a, d]) for (s, a, d) in tasks if s == setting}
         attacker, mates = roles(setting, mine)
         who = f"the attacker is {attacker}, its group mate {', '.join(mates)}"
         sections.append(
