@@ -79,7 +79,8 @@ def main() -> None:
     if args.write_docs:
         head = (
             f"One process, {args.threads} torch thread(s), {os.cpu_count()} CPUs; the limited regime "
-            f"({args.clients} clients, 64 sentences each, 4 local steps of batch 16), seed 0; round 2 of {ROUNDS} timed."
+            f"({config.clients} clients, {config.examples_per_client} sentences each, {config.local_steps} local steps "
+            f"of batch {config.batch_size}), seed {config.seed}; round 2 of {ROUNDS} timed."
         )
         write_generated(ROOT / "docs" / "simulate.md", "method-cost", f"{head}\n\n{table}", note)
 
