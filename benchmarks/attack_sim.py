@@ -32,7 +32,7 @@ ATTACKS = ("none", "scaled", "backdoor")
 DEFENCES = ("none", "auto")
 STRATEGIES = ("fedbip", "fedavg")
 COMMON = [
-    "--compare", ",".join(STRATEGIES), "--clients", "6", "--groups", "3", "--examples-per-client", "64",
+    "--compare", ",".join(STRATEGIES), "--clients", "6", "--groups", "3", "--examples-per-client", "64", "--partition", "tasks", "--alpha", "1",
     "--rounds", str(ROUNDS), "--eval-every", str(ROUNDS), "--device", "cpu", "--json",
 ]  # fmt: skip
 

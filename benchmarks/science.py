@@ -14,12 +14,17 @@ Reads RUN/seed-*/summary.json (so it also reports a run whose last seed has not 
 3. the paper's Figure 3 check for the first strategy's run: per kind of vector and round, the
    within- minus between-group mean cosine and the ARI of the suggested clusters, mean over seeds.
 
-With ``--write-docs REGIME`` (``limited``, ``ample`` or ``methods``, the related methods beside
-FedBip) the tables go into the generated section ``simulate-REGIME`` of docs/simulate.md (1, 2, 3
+With ``--write-docs REGIME`` (``shift``, the task-shift default; ``limited``, ``ample`` or
+``methods``, the related methods beside FedBip, in the label-skew regime) the tables go into the generated section ``simulate-REGIME`` of docs/simulate.md (1, 2, 3
 and the verdicts of FedBip and FedBip-L against every other strategy) and, where the README has
 that section, of README.md (1 and the verdicts); RUN's ``accuracy.png`` and ``separation.png`` (the
 ±sd bands over seeds) are copied to ``docs/accuracy-REGIME.png`` and ``docs/separation-REGIME.png``.
-With ``--default``, RUN is the
+With ``--precondition RUN...``, each RUN a ``--compare local,oracle`` run of one regime and N, the
+table says per regime and N whether the oracle beats local training beyond the seed spread (where
+it does not, no sharing method can win) and goes into docs/simulate.md's ``precondition`` section.
+In the tables, a strategy with weights also shows its final self-weight and own-group weight
+(``simulate.weight_trace``), and the ``shift`` section says how much of the oracle's gain over local
+training each FedBip recovers. With ``--default``, RUN is the
 default run (``fedbip simulate --out RUN``) and its time and accuracy go into docs/simulate.md.
 """
 
@@ -38,7 +43,7 @@ from benchmarks.docgen import ROOT, write_generated  # noqa: E402
 
 DEFAULT_PAIRS = ",".join(
     f"{a}:{b}"
-    for a in ("fedbip", "fedbip-layerwise", "fedbip-ema")
+    for a in ("fedbip", "fedbip-layerwise", "fedbip-ema", "fedbip-layerwise-ema")
     for b in ("local", "fedavg", "fedamp", "uniform", "oracle", "fedmerge", "tap", "fedoa", "universal-expert")
 )
 
@@ -59,10 +64,17 @@ def load(run: Path) -> dict[int, dict[str, Any]]:
     return seeds
 
 
+def regime(config: dict[str, Any]) -> str:
+    """The partition as the command line gives it: ``--partition P --alpha A``."""
+    alpha = config.get("alpha")
+    shown = alpha if alpha is not None else "default"
+    return f"--partition {config.get('partition', 'tasks')} --alpha {shown}"
+
+
 def describe(seeds: dict[int, dict[str, Any]]) -> str:
     config = next(iter(seeds.values()))["config"]
     return (
-        f"{config['clients']} clients in {config['groups']} conflicting task groups, "
+        f"`{regime(config)}`: {config['clients']} clients in {config['groups']} task groups, "
         f"{config['examples_per_client']} train sentences per client, {config['rounds']} rounds of "
         f"{config['local_steps']} local steps (batch {config['batch_size']}); seeds {', '.join(map(str, seeds))}"
     )
@@ -105,6 +117,8 @@ def strategy_table(seeds: dict[int, dict[str, Any]]) -> str:
     priors = [prior_accuracy(summary) for summary in seeds.values()]
     costed = any("cost" in s["strategies"][name] for s in seeds.values() for name in strategies)
     extra = [f" {column} |" for column in COST_COLUMNS] if costed else []
+    traced = any("own_group_weight" in s["strategies"][name] for s in seeds.values() for name in strategies)
+    extra += [" self-weight |", " own-group weight |"] if traced else []
     lines = [
         "| strategy | mean accuracy | worst client | ARI | train s per seed |" + "".join(extra),
         "|---|---|---|---|---|" + "---|" * len(extra),
@@ -114,6 +128,10 @@ def strategy_table(seeds: dict[int, dict[str, Any]]) -> str:
         ari = [e["ari"] for e in entries if e.get("ari") is not None]
         train = statistics.fmean(e["seconds"]["train"] for e in entries)
         cost = "".join(f" {cell} |" for cell in pooled_cost_cells(entries)) if costed else ""
+        if traced:
+            cost += "".join(
+                f" {spread([e[key] for e in entries if key in e], 2)} |" for key in ("self_weight", "own_group_weight")
+            )
         lines.append(
             f"| {name} | {spread([e['mean_accuracy'] for e in entries])} | "
             f"{spread([e['worst_accuracy'] for e in entries])} | {spread(ari, 2)} | {train:.0f} |{cost}"
@@ -122,6 +140,18 @@ def strategy_table(seeds: dict[int, dict[str, Any]]) -> str:
         f"| *own majority label, no model* | {spread([p[0] for p in priors])} | {spread([p[1] for p in priors])} "
         "| | 0 |" + " |" * len(extra)
     )
+    if traced:
+        uniform = [
+            s["strategies"][name]["uniform_own_group"]
+            for s in seeds.values()
+            for name in strategies
+            if "uniform_own_group" in s["strategies"][name]
+        ]
+        lines.append(
+            f"\nSelf-weight P_ii and own-group weight Σ_(j in g(i)) P_ij: the final round's mean over clients "
+            f"(and over blocks and head for FedBip-L); weights blind to the groups put {statistics.fmean(uniform):.2f} "
+            "(|g|/K) on the own group, the oracle 1."
+        )
     return "\n".join(lines)
 
 
@@ -166,7 +196,9 @@ def pairs_table(seeds: dict[int, dict[str, Any]], pairs: str) -> str:
     return "\n".join(lines)
 
 
-def verdicts(seeds: dict[int, dict[str, Any]], subjects: tuple[str, ...] = ("fedbip", "fedbip-layerwise")) -> str:
+def verdicts(
+    seeds: dict[int, dict[str, Any]], subjects: tuple[str, ...] = ("fedbip", "fedbip-layerwise", "fedbip-layerwise-ema")
+) -> str:
     """Markdown bullets: for each subject, the strategies it beats beyond the seed spread, ties with
     and trails (``outcome`` of the paired differences of final mean accuracy), with the mean difference."""
     strategies = list(next(iter(seeds.values()))["strategies"])
@@ -178,6 +210,47 @@ def verdicts(seeds: dict[int, dict[str, Any]], subjects: tuple[str, ...] = ("fed
             found[outcome(diffs)].append(f"{b} ({statistics.fmean(diffs):+.3f})")
         said = "; ".join(f"{key} {', '.join(names)}" for key, names in found.items() if names)
         lines.append(f"- **{a}** {said}.")
+    return "\n".join(lines)
+
+
+def oracle_share(seeds: dict[int, dict[str, Any]], subjects: tuple[str, ...]) -> str:
+    """Markdown bullets: how much of the oracle's gain over local training each subject recovers,
+    mean(A − local) / mean(oracle − local) over the seeds; empty without both references."""
+    strategies = list(next(iter(seeds.values()))["strategies"])
+    if "oracle" not in strategies or "local" not in strategies:
+        return ""
+    gain = statistics.fmean(paired(seeds, "oracle", "local"))
+    lines = []
+    for a in (name for name in subjects if name in strategies):
+        own = statistics.fmean(paired(seeds, a, "local"))
+        share = f"{own / gain:.0%} of it" if gain > 0 else "n/a: the oracle does not gain"
+        lines.append(f"- **{a}** − local: {own:+.3f}, against the oracle's {gain:+.3f}: {share}.")
+    return "\n".join(lines)
+
+
+def precondition_table(runs: list[Path]) -> str:
+    """Markdown: per regime and N (each RUN a --seeds run with local and oracle, and FedBip-L where
+    it ran), the paired per-seed oracle − local differences and whether the oracle wins beyond the
+    seed spread: a regime where it does not leaves nothing for any sharing method to win."""
+    lines = [
+        "| regime | N | local | oracle | oracle − local per seed | mean ± sd | can sharing pay? | fedbip-layerwise − local |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    keyed = []
+    for run in runs:
+        seeds = load(run)
+        config = next(iter(seeds.values()))["config"]
+        keyed.append(((regime(config), config["examples_per_client"] or 0), seeds))
+    for (name, n), seeds in sorted(keyed, key=lambda item: item[0]):
+        diffs = paired(seeds, "oracle", "local")
+        scores = {k: spread([s["strategies"][k]["mean_accuracy"] for s in seeds.values()]) for k in ("local", "oracle")}
+        verdict = "**yes**" if outcome(diffs) == "beats" else "no: no method can win here"
+        strategies = next(iter(seeds.values()))["strategies"]
+        layerwise = spread(paired(seeds, "fedbip-layerwise", "local")) if "fedbip-layerwise" in strategies else ""
+        lines.append(
+            f"| `{name}` | {n} | {scores['local']} | {scores['oracle']} | {', '.join(f'{d:+.3f}' for d in diffs)} | "
+            f"{spread(diffs)} | {verdict} | {layerwise} |"
+        )
     return "\n".join(lines)
 
 
@@ -232,13 +305,27 @@ def default_run(run: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="the --out of a --seeds run, or of the default run with --default")
+    parser.add_argument(
+        "run", type=Path, nargs="+", help="the --out of a --seeds run (several with --precondition), or the default run"
+    )
+    parser.add_argument(
+        "--precondition",
+        action="store_true",
+        help="RUNs are local/oracle runs per regime and N: the precondition table",
+    )
     parser.add_argument("--default", action="store_true", help="RUN is the default run: write its cost into the docs")
     parser.add_argument("--pairs", default=DEFAULT_PAIRS, help="comma-separated A:B strategy pairs")
     parser.add_argument(
-        "--write-docs", choices=("limited", "ample", "methods"), help="write the docs' sections of this regime"
+        "--write-docs", choices=("shift", "limited", "ample", "methods"), help="write the docs' sections of this regime"
     )
     args = parser.parse_args()
+    if args.precondition:
+        text = precondition_table(args.run)
+        print(text)
+        if args.write_docs:
+            write_generated(ROOT / "docs" / "simulate.md", "precondition", text)
+        return
+    args.run = args.run[0]
     if args.default:
         text = default_run(args.run)
         print(text)
@@ -252,7 +339,7 @@ def main() -> None:
     print(f"{head}\n\n{table}\n\n{pairs}\n\n{separation}")
     if args.write_docs:
         regime = args.write_docs
-        for name in ("accuracy", "separation"):
+        for name in ("accuracy", "separation", "weights"):
             if (args.run / f"{name}.png").exists():
                 shutil.copyfile(args.run / f"{name}.png", ROOT / "docs" / f"{name}-{regime}.png")
         said = (
@@ -260,6 +347,9 @@ def main() -> None:
             f"*beats* or *trails*: in every seed and by more than the differences' sd; else *ties with*):"
             f"\n\n{verdicts(seeds)}"
         )
+        share = oracle_share(seeds, ("fedbip", "fedbip-layerwise", "fedbip-layerwise-ema"))
+        if share:
+            said += f"\n\nThe oracle's gain over local training, and how much of it each FedBip recovers:\n\n{share}"
         readme = ROOT / "README.md"
         if f"<!-- generated: simulate-{regime} -->" in readme.read_text(encoding="utf-8"):
             write_generated(readme, f"simulate-{regime}", said)  # the regimes the README shows

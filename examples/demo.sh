@@ -25,10 +25,11 @@ if [[ -f "$OUT/sim/summary.json" && -f "$OUT/sim/base/config.json" && "${FORCE:-
     step "reusing the client adapters in $OUT/sim/adapters (FORCE=1 retrains)"
 else
     step "fine-tuning six client adapters (fedbip simulate --strategy local) into $OUT/sim"
-    # --examples-per-client 0: the demo keeps its ample split (~800 sentences per client), in which
-    # each client's head learns its group's labelling well enough for the clusters to show.
+    # --partition tasks --alpha 1 --examples-per-client 0: the demo keeps the label-permutation
+    # tasks and its ample split (~800 sentences per client), in which each client's head learns its
+    # group's labelling well enough for the clusters to show.
     fedbip simulate --strategy local --clients 6 --groups 3 --rounds 8 --local-steps 5 --lr 3e-3 \
-        --examples-per-client 0 --eval-every 4 --out "$OUT/sim" --overwrite
+        --partition tasks --alpha 1 --examples-per-client 0 --eval-every 4 --out "$OUT/sim" --overwrite
 fi
 ADAPTERS="$OUT/sim/adapters"
 BASE="$OUT/sim/base"

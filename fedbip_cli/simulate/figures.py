@@ -77,3 +77,25 @@ def write_separation(gap: Curves, ari: Curves, path: Path, *, title: str, kinds:
         axis.legend(fontsize=8)
     figure.suptitle(title)
     _save(figure, path)
+
+
+def write_weights(self_curves: Curves, own_curves: Curves, uniform: float, path: Path, *, title: str) -> None:
+    """Where the weights go per round: each client's self-weight P_ii (left) and its weight mass on
+    its own true group (right), means over clients, one line per strategy (FedBip-L's blocks and
+    head apart), a ±sd band over seeds; the dashed line is what weights blind to the groups give."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    for axis, curves in ((left, self_curves), (right, own_curves)):
+        for label, per_seed in curves.items():
+            _band(axis, label, per_seed)
+        axis.set_xlabel("round")
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+    right.axhline(uniform, color="grey", linestyle="--", linewidth=0.9, label="blind to groups (|g|/K)")
+    left.set_ylabel("self-weight P_ii")
+    right.set_ylabel("weight on own true group")
+    right.legend(fontsize=7, ncol=2)
+    figure.suptitle(title)
+    _save(figure, path)

@@ -8,6 +8,7 @@ strategies compared in one run see identical partitions, initial adapters, batch
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -23,10 +24,10 @@ from fedbip_cli.errors import OutputError, UsageError
 from fedbip_cli.simulate import attacks, checkpoint, fedmerge, tap, universal
 from fedbip_cli.simulate.attacks import Attack
 from fedbip_cli.simulate.checkpoint import StrategyRun
-from fedbip_cli.simulate.data import ClientData, load_bbc, load_client_files
+from fedbip_cli.simulate.data import ClientData, load_bbc, load_bbc_annotated, load_client_files
 from fedbip_cli.simulate.methods import FEDOA_LAMBDA, METHODS, ClientReply, Fit, Method, ServerContext
 from fedbip_cli.simulate.model import ClientModel, Regularizer, Tokens, embedded_model_dir
-from fedbip_cli.simulate.partition import PARTITIONS, partition_dirichlet, partition_tasks, public_sentences
+from fedbip_cli.simulate.partition import partition_dirichlet, partition_tasks, public_sentences
 from fedbip_cli.simulate.separation import round_separation
 from fedbip_cli.simulate.strategies import (
     RoundUpdates,
@@ -37,14 +38,21 @@ from fedbip_cli.simulate.strategies import (
     server_step,
     task_vectors,
 )
+from fedbip_cli.simulate.taskshift import partition_task_shift
+from fedbip_cli.simulate.weight_trace import weight_trace
 from fedbip_cli.sources import resolve_model_dir
 
 CHECKPOINTS = "checkpoints"
-# The default data regime: FedBip's premise is a small group of users with limited data, where a
-# client alone cannot learn its task. 64 training sentences (about 13 per label; one pass is the
-# 4 local steps of batch 16 of one round) is that regime for a 5-label task; chosen before any
-# comparison was run. --examples-per-client 480 is the ample regime of earlier versions.
-EXAMPLES_PER_CLIENT = 64
+# --alpha when not given: label skew inside each task group (tasks), none (task-shift: each group's
+# own task is the difference between clients), strong skew on the one task (dirichlet).
+ALPHA_DEFAULTS = {"tasks": 1.0, "task-shift": math.inf, "dirichlet": 0.1}
+# The default regime (declared before its measuring runs; docs/simulate.md, "The default regime"):
+# groups doing different tasks (task-shift), no label skew inside a task (alpha inf, the
+# partition's default), and limited data: 32 training sentences per client, where a client alone
+# cannot learn its task well and its group-mates' data should help. The label-skew regime of
+# earlier versions is --partition tasks --alpha 1 --examples-per-client 64; the ample one 480.
+PARTITION = "task-shift"
+EXAMPLES_PER_CLIENT = 32
 # What an encoder needs from the Hub: config, weights and tokenizer files.
 MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")
 METRICS = "metrics.jsonl"
@@ -58,9 +66,11 @@ class SimulationConfig:
     strategies: tuple[str, ...] = ("fedbip",)
     rounds: int = 50
     clients: int = 10
-    partition: str = "tasks"
+    partition: str = PARTITION
     groups: int = 3
-    alpha: float | None = None  # Dirichlet concentration: 1.0 for tasks, 0.1 for dirichlet
+    # Dirichlet concentration of each client's label mix; "inf": none (a float inf is stored so, to
+    # keep the JSON records strict); None: the partition's default (``ALPHA_DEFAULTS``).
+    alpha: float | str | None = None
     data_dir: str | None = None
     max_examples: int | None = 6000  # only without examples_per_client
     test_fraction: float = 0.2  # only without examples_per_client, and for --data
@@ -95,6 +105,10 @@ class SimulationConfig:
     distill_steps: int = universal.DISTILL_STEPS  # the universal expert's distillation steps per round
 
     def __post_init__(self) -> None:
+        if isinstance(self.alpha, float) and math.isinf(self.alpha) and self.alpha > 0:
+            object.__setattr__(self, "alpha", "inf")
+        if isinstance(self.alpha, str) and self.alpha != "inf":
+            raise UsageError(f"--alpha {self.alpha!r}: expected a positive number or inf")
         check_strategies(list(self.strategies), extra=list(METHODS))
         if not self.fedoa_lambda >= 0:
             raise UsageError(f"--fedoa-lambda {self.fedoa_lambda} must be a non-negative number")
@@ -113,8 +127,8 @@ class SimulationConfig:
                 f"--attack and --clip-norm are not wired to {', '.join(methods)}",
                 hint="compare these strategies without poisoning, or drop them from --compare",
             )
-        if self.partition not in PARTITIONS:
-            raise UsageError(f"unknown partition {self.partition!r}; choose one of {', '.join(PARTITIONS)}")
+        if self.partition not in ALPHA_DEFAULTS:
+            raise UsageError(f"unknown partition {self.partition!r}; choose one of {', '.join(ALPHA_DEFAULTS)}")
         for name in ("rounds", "clients", "local_steps", "batch_size", "max_length", "eval_every", "rank"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -127,6 +141,13 @@ class SimulationConfig:
         if self.examples_per_client is not None and self.examples_per_client < 1:
             raise UsageError(f"--examples-per-client {self.examples_per_client} must be at least 1 (0 = off)")
         attacks.check_config(self)
+
+    def alpha_value(self) -> float:
+        """The Dirichlet concentration the partition uses: ``alpha``, ``math.inf`` for "inf", or the
+        partition's default (``ALPHA_DEFAULTS``)."""
+        if self.alpha is None:
+            return ALPHA_DEFAULTS[self.partition]
+        return math.inf if self.alpha == "inf" else float(self.alpha)
 
 
 @dataclass
@@ -161,17 +182,14 @@ def load_clients(config: SimulationConfig) -> tuple[list[ClientData], list[str]]
                 client.train_texts = client.train_texts[: config.examples_per_client]
                 client.train_labels = client.train_labels[: config.examples_per_client]
         return clients, labels
-    data = load_bbc()
-    common = {
-        "num_clients": config.clients,
-        "seed": config.seed,
-        "test_fraction": config.test_fraction,
-        "max_examples": config.max_examples,
-        "examples_per_client": config.examples_per_client,
-    }
+    common = {"num_clients": config.clients, "seed": config.seed, "examples_per_client": config.examples_per_client}
+    alpha = config.alpha_value()
+    if config.partition == "task-shift":
+        return partition_task_shift(load_bbc_annotated(), groups=config.groups, alpha=alpha, **common)
+    common.update(test_fraction=config.test_fraction, max_examples=config.max_examples)
     if config.partition == "tasks":
-        return partition_tasks(data, groups=config.groups, alpha=config.alpha or 1.0, **common)
-    return partition_dirichlet(data, alpha=config.alpha or 0.1, **common)
+        return partition_tasks(load_bbc(), groups=config.groups, alpha=alpha, **common)
+    return partition_dirichlet(load_bbc(), alpha=alpha, **common)
 
 
 def participants(config: SimulationConfig, clients: list[str], round_: int) -> list[str]:
@@ -289,6 +307,7 @@ def server_round(
     run.bar, run.memory = step.bar, step.memory
     record = similarity_record(run.strategy, round_, step)
     record["separation"] = separation_record(updates, step)
+    record["weights"] = weight_trace(step.plan, chosen, groups)
     if step.clip is not None:
         record["clip"] = step.clip
     run.similarity.append(record)

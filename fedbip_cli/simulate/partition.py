@@ -27,6 +27,8 @@ and between groups, and only the task (the group's relabelling) sets group-mates
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -68,7 +70,7 @@ def _select(data: TextDataset, max_examples: int | None, rng: np.random.Generato
     return order
 
 
-def _stratified_shares(
+def stratified_shares(
     indices: np.ndarray, labels: np.ndarray, parts: int, rng: np.random.Generator
 ) -> list[np.ndarray]:
     """Disjoint shares of ``indices``, equal within one and with the same label mix.
@@ -147,59 +149,123 @@ def _skewed_draw(pools: dict[int, np.ndarray], count: int, alpha: float, rng: np
     return drawn
 
 
-def _fixed_client(
+def _even_counts(count: int, first: np.ndarray) -> list[int]:
+    """``count`` split as evenly as possible over ``len(first)`` classes; the classes ranked first by
+    ``first`` (a permutation) take one more each while the remainder lasts."""
+    base, extra = divmod(count, len(first))
+    rank = np.argsort(first)
+    return [base + int(rank[c] < extra) for c in range(len(first))]
+
+
+def draw_client(
     name: str,
-    pool: np.ndarray,
-    data: TextDataset,
-    topics: np.ndarray,
+    pools: dict[int, np.ndarray],
     *,
     examples: int,
     test_examples: int,
     alpha: float,
-    num_labels: int,
     rng: np.random.Generator,
-    group: int | None,
-    conflicting: bool,
-) -> ClientData:
-    """A client with exactly ``test_examples`` test and then ``examples`` train sentences, one
-    ``_skewed_draw`` from its own ``pool`` (its equal, stratified share of its group's examples);
-    ``topics`` is every example's topic, ``data.labels`` as an array."""
-    if len(pool) < examples + test_examples:
+    what: str = "its group",
+) -> tuple[np.ndarray, np.ndarray]:
+    """One client's test and training examples, drawn from its own per-class ``pools``.
+
+    ``alpha`` finite: one ``_skewed_draw`` of ``test_examples + examples`` with the client's own
+    Dirichlet(alpha) class mix, the test split first. ``alpha`` infinite: two stratified draws with
+    the uniform class mix, the test split and then the training one, each split as evenly as
+    possible over the classes (``_even_counts``; the same classes take the remainder in both, and
+    a smaller ``examples`` takes a subset of a larger one's sentences).
+
+    Returns:
+        The test and the training indices.
+
+    Raises:
+        UsageError: when the pools (or, under ``alpha`` inf, one class's pool) hold too few examples.
+    """
+    total = sum(len(pool) for pool in pools.values())
+    if total < examples + test_examples:
         raise UsageError(
-            f"{name} holds {len(pool)} sentences, fewer than --examples-per-client {examples} plus its "
+            f"{name} holds {total} sentences, fewer than --examples-per-client {examples} plus its "
             f"{test_examples} test sentences",
             hint="lower --examples-per-client or --clients",
         )
-    pools = {int(t): pool[topics[pool] == t] for t in np.unique(topics[pool])}
-    drawn = _skewed_draw(pools, test_examples + examples, alpha, rng)
-    seen = [task_label(int(topics[i]), group, num_labels) if conflicting else int(topics[i]) for i in drawn]
+    if not math.isinf(alpha):
+        drawn = _skewed_draw(pools, test_examples + examples, alpha, rng)
+        return drawn[:test_examples], drawn[test_examples:]
+    classes = sorted(pools)
+    first = rng.permutation(len(classes))
+    test_counts, train_counts = _even_counts(test_examples, first), _even_counts(examples, first)
+    test: list[np.ndarray] = []
+    train: list[np.ndarray] = []
+    for c, label in enumerate(classes):
+        pool = pools[label]
+        if len(pool) < test_counts[c] + train_counts[c]:
+            raise UsageError(
+                f"{name} ({what}) holds {len(pool)} sentences of class {label}; a balanced draw of "
+                f"--examples-per-client {examples} and {test_examples} test sentences needs {test_counts[c] + train_counts[c]}",
+                hint="lower --examples-per-client or --clients",
+            )
+        test.append(pool[: test_counts[c]])
+        train.append(pool[test_counts[c] : test_counts[c] + train_counts[c]])
+    return rng.permutation(np.concatenate(test)), rng.permutation(np.concatenate(train))
+
+
+@dataclass(frozen=True)
+class GroupTask:
+    """What group g's clients learn: ``classes(g)``, every example's class as the draws and splits
+    balance or skew it, and ``seen(g)``, every example's label as its clients see it (the same
+    array, or a relabelling of it). ``known`` says whether the groups are reported to the outputs."""
+
+    classes: Callable[[int], np.ndarray]
+    seen: Callable[[int], np.ndarray]
+    num_labels: int
+    known: bool = True
+
+
+def _fixed_client(
+    name: str,
+    pool: np.ndarray,
+    data: TextDataset,
+    task: GroupTask,
+    group: int,
+    *,
+    examples: int,
+    alpha: float,
+    rng: np.random.Generator,
+) -> ClientData:
+    """A client with exactly ``TEST_EXAMPLES`` test and ``examples`` train sentences drawn from its
+    own ``pool`` (its equal, stratified share of its group's examples) by ``draw_client``."""
+    classes, seen = task.classes(group), task.seen(group)
+    pools = {int(c): pool[classes[pool] == c] for c in np.unique(classes[pool])}
+    test, train = draw_client(name, pools, examples=examples, test_examples=TEST_EXAMPLES, alpha=alpha, rng=rng)
     return ClientData(
         name=name,
-        train_texts=[data.texts[i] for i in drawn[test_examples:]],
-        train_labels=seen[test_examples:],
-        test_texts=[data.texts[i] for i in drawn[:test_examples]],
-        test_labels=seen[:test_examples],
-        num_labels=num_labels,
-        group=group if conflicting else None,
+        train_texts=[data.texts[i] for i in train],
+        train_labels=seen[train].tolist(),
+        test_texts=[data.texts[i] for i in test],
+        test_labels=seen[test].tolist(),
+        num_labels=task.num_labels,
+        group=group if task.known else None,
     )
 
 
-def _check(
+def check_partition(
     num_clients: int, alpha: float, test_fraction: float, max_examples: int | None, examples: int | None = None
 ) -> None:
+    """Raise ``UsageError`` for option values no partition accepts (``alpha`` may be ``inf``: no label skew)."""
     if examples is not None and examples < 1:
         raise UsageError(f"--examples-per-client {examples}: expected a positive integer")
     if num_clients < 2:
         raise UsageError(f"--clients {num_clients}: a simulation needs at least 2 clients")
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise UsageError(f"--alpha {alpha}: expected a positive number (small = strong label skew)")
+    if not alpha > 0:
+        raise UsageError(f"--alpha {alpha}: expected a positive number (small = strong label skew) or inf (none)")
     if max_examples is not None and max_examples < 1:
         raise UsageError(f"--max-examples {max_examples}: expected a positive integer")
     check_test_fraction(test_fraction)
 
 
-def _partition(
+def partition_groups(
     data: TextDataset,
+    task: GroupTask,
     *,
     num_clients: int,
     groups: int,
@@ -207,19 +273,17 @@ def _partition(
     seed: int,
     test_fraction: float,
     max_examples: int | None,
-    conflicting: bool,
     examples_per_client: int | None = None,
 ) -> list[ClientData]:
-    """Groups get equal stratified shares; clients ``g, g+G, ...`` split group g's share by Dirichlet.
+    """Groups get equal shares stratified by ``data.labels``; clients ``g, g+G, ...`` split group g's
+    share by Dirichlet(``alpha``) shares of each of its classes (``task``), or evenly for ``alpha`` inf.
 
     With ``examples_per_client``, all sentences are used (``max_examples`` is ignored), group g's
     share is dealt into equal stratified pools, one per client, and each client keeps a fixed-size
-    test and train draw from its pool with its own label skew (``_fixed_client``)."""
-    num_labels = len(data.label_names)
+    test and train draw from its pool (``_fixed_client``), with its own label skew or none."""
     rng = np.random.default_rng(seed)
-    labels = np.asarray(data.labels, dtype=np.int64)
     selected = _select(data, None if examples_per_client else max_examples, rng)
-    shares = _stratified_shares(selected, labels, groups, rng)
+    shares = stratified_shares(selected, np.asarray(data.labels, dtype=np.int64), groups, rng)
     names = client_names(num_clients)
     clients: dict[int, ClientData] = {}
     for group, share in enumerate(shares):
@@ -230,35 +294,29 @@ def _partition(
                 f"needs at least {MIN_CLIENT_EXAMPLES}",
                 hint="raise --max-examples, or lower --clients or --groups",
             )
+        classes, seen = task.classes(group), task.seen(group)
         if examples_per_client:
-            # Equal per-topic pools per client, then a skewed draw from each client's own pool with
-            # its own proportions: the clients' label mixes are independent of each other's.
-            for client, pool in zip(members, _stratified_shares(share, labels, len(members), rng)):
+            # Equal per-class pools per client, then a draw from each client's own pool with its own
+            # proportions: the clients' label mixes are independent of each other's.
+            for client, pool in zip(members, stratified_shares(share, classes, len(members), rng)):
+                client_rng = np.random.default_rng(rng.integers(2**63))
                 clients[client] = _fixed_client(
-                    names[client],
-                    pool,
-                    data,
-                    labels,
-                    examples=examples_per_client,
-                    test_examples=TEST_EXAMPLES,
-                    alpha=alpha,
-                    num_labels=num_labels,
-                    rng=np.random.default_rng(rng.integers(2**63)),
-                    group=group,
-                    conflicting=conflicting,
+                    names[client], pool, data, task, group, examples=examples_per_client, alpha=alpha, rng=client_rng
                 )
             continue
-        for client, part in zip(members, _dirichlet_split(share, labels, len(members), alpha, rng)):
-            topics = labels[part].tolist()
-            seen = [task_label(t, group, num_labels) for t in topics] if conflicting else topics
+        if math.isinf(alpha):  # no label skew: equal shares with the group's label mix
+            split = stratified_shares(share, classes, len(members), rng)
+        else:
+            split = _dirichlet_split(share, classes, len(members), alpha, rng)
+        for client, part in zip(members, split):
             clients[client] = make_client(
                 names[client],
                 [data.texts[i] for i in part],
-                seen,
-                num_labels=num_labels,
+                seen[part].tolist(),
+                num_labels=task.num_labels,
                 test_fraction=test_fraction,
                 rng=rng,
-                group=group if conflicting else None,
+                group=group if task.known else None,
             )
     return [clients[c] for c in range(num_clients)]
 
@@ -292,7 +350,7 @@ def partition_tasks(
         UsageError: for ``groups`` outside 1..min(L, num_clients), a bad ``alpha``,
             ``test_fraction`` or ``max_examples``, or too few examples for the clients.
     """
-    _check(num_clients, alpha, test_fraction, max_examples, examples_per_client)
+    check_partition(num_clients, alpha, test_fraction, max_examples, examples_per_client)
     num_labels = len(data.label_names)
     if not 1 <= groups <= num_labels:
         raise UsageError(
@@ -301,15 +359,17 @@ def partition_tasks(
         )
     if groups > num_clients:
         raise UsageError(f"--groups {groups} is more than --clients {num_clients}; every group needs a client")
-    clients = _partition(
+    topics = np.asarray(data.labels, dtype=np.int64)
+    task = GroupTask(lambda g: topics, lambda g: (topics + g) % num_labels, num_labels)  # task_label, vectorised
+    clients = partition_groups(
         data,
+        task,
         num_clients=num_clients,
         groups=groups,
         alpha=alpha,
         seed=seed,
         test_fraction=test_fraction,
         max_examples=max_examples,
-        conflicting=True,
         examples_per_client=examples_per_client,
     )
     return clients, [f"label-{k}" for k in range(num_labels)]
@@ -330,16 +390,18 @@ def partition_dirichlet(
     Returns:
         The clients (``group`` None) and the dataset's own label names.
     """
-    _check(num_clients, alpha, test_fraction, max_examples, examples_per_client)
-    clients = _partition(
+    check_partition(num_clients, alpha, test_fraction, max_examples, examples_per_client)
+    topics = np.asarray(data.labels, dtype=np.int64)
+    task = GroupTask(lambda g: topics, lambda g: topics, len(data.label_names), known=False)
+    clients = partition_groups(
         data,
+        task,
         num_clients=num_clients,
         groups=1,
         alpha=alpha,
         seed=seed,
         test_fraction=test_fraction,
         max_examples=max_examples,
-        conflicting=False,
         examples_per_client=examples_per_client,
     )
     return clients, list(data.label_names)

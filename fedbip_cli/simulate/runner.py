@@ -53,6 +53,7 @@ from fedbip_cli.simulate.loop import (
 )
 from fedbip_cli.simulate.model import ClientModel
 from fedbip_cli.simulate.separation import KINDS
+from fedbip_cli.simulate.weight_trace import weight_curves, weight_summary
 
 SUMMARY = "summary.json"
 TIMINGS = "timings.jsonl"
@@ -207,6 +208,8 @@ def _write_aggregate(
         gap, ari = _separation_curves(records)
         title = f"separation of the true groups, {first} runs, ±sd over seeds"
         figures.write_separation(gap, ari, out / "separation.png", title=title, kinds=KINDS)
+    rows = [_read_jsonl(out / f"seed-{seed}" / SIMILARITY) for seed in seed_list]
+    _write_weights(rows, out, "±sd over seeds")
     return summary
 
 
@@ -240,7 +243,17 @@ def write_outputs(
         gap, ari = _separation_curves([runs[0].similarity])
         title = f"separation of the true groups, {runs[0].strategy} run (seed {config.seed})"
         figures.write_separation(gap, ari, out / "separation.png", title=title, kinds=KINDS)
+    _write_weights([[row for r in runs for row in r.similarity]], out, f"seed {config.seed}")
     return SimulationResult(out, summary)
+
+
+def _write_weights(rows_per_seed: list[list[dict[str, Any]]], out: Path, label: str) -> None:
+    """``weights.png``: self-weight and own-group weight per round (``weight_trace``), when the true
+    groups are known."""
+    self_curves, own_curves, uniform = weight_curves(rows_per_seed)
+    if uniform is not None:
+        title = f"where each client's weight goes ({label})"
+        figures.write_weights(self_curves, own_curves, uniform, out / "weights.png", title=title)
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -319,6 +332,7 @@ def _summary(
         if all(groups[c] is not None for c in similarity.clients):
             found = cluster_labels(suggest_clusters(similarity.groups["model"].similarity), len(similarity.clients))
             entry["ari"] = adjusted_rand_index(found, [groups[c] for c in similarity.clients])
+        entry.update(weight_summary(run.similarity[-1].get("weights") if run.similarity else None))
         entry.update(honest_summary(run.metrics))  # under --attack: ASR and accuracy of the honest clients
         cost = cost_summary(run.metrics)
         if cost is not None:

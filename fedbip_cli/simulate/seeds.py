@@ -15,7 +15,7 @@ from rich.table import Table
 from fedbip_cli.errors import UsageError
 
 # The numbers summarised over seeds, as named in each seed's summary.json.
-MEASURES = ("mean_accuracy", "worst_accuracy", "ari")
+MEASURES = ("mean_accuracy", "worst_accuracy", "ari", "self_weight", "own_group_weight")
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -151,7 +151,7 @@ def plan_fedavg(updates: RoundUpdates, tau: dict[str, torch.Tensor]) -> Plan:
 def plan_oracle(updates: RoundUpdates, tau: dict[str, torch.Tensor]) -> Plan:
     """Upper reference: FedAvg within each true task group (every member of a group that took part)."""
     if any(updates.groups[c] is None for c in updates.clients):
-        raise UsageError("the oracle strategy needs known task groups", hint="use --partition tasks")
+        raise UsageError("the oracle strategy needs known task groups", hint="use --partition task-shift or tasks")
     active = {updates.groups[c] for c in updates.participants}
     receivers = [c for c in updates.clients if updates.groups[c] in active]
     same = lambda r, k: updates.groups[r] == updates.groups[k]  # noqa: E731
