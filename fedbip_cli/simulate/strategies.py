@@ -200,27 +200,65 @@ def plan_fedamp(updates: RoundUpdates, tau: dict[str, torch.Tensor]) -> Plan:
     return Plan(list(updates.participants), {"model": fedamp_weights(models)}, mix_models=True)
 
 
-# What FedBip's similarity compares: the round's τ (the paper), whole trajectories, or EMAs.
+LORA_FACTORS = (".lora_A", ".lora_B")
+
+
+def product_vectors(updates: RoundUpdates, tau: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The round's update of each LoRA product, B_k A_k (trained) − B̄_k Ā_k (sent), under the name
+    ``<module>.product``, stacked over participants; every other tensor's τ as it is. (LoRA's scale
+    is the same for every client, so it does not change a cosine and is left out.)"""
+    vectors: dict[str, torch.Tensor] = {}
+    for name, stacked in tau.items():
+        if name.endswith(".lora_A"):
+            continue
+        if not name.endswith(".lora_B"):
+            vectors[name] = stacked
+            continue
+        module = name.removesuffix(".lora_B")
+        a, b = f"{module}.lora_A", name
+        vectors[f"{module}.product"] = torch.stack(
+            [
+                updates.trained[c][b] @ updates.trained[c][a] - updates.bar[c][b] @ updates.bar[c][a]
+                for c in updates.participants
+            ]
+        )
+    return vectors
+
+
+# What FedBip's similarity compares: the round's τ (the paper), whole trajectories, EMAs, the LoRA
+# products' updates, or the LoRA factors' τ alone (the head left out).
 _BASES: dict[str, Callable[[RoundUpdates, dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
     "update": lambda updates, tau: tau,
     "cumulative": lambda updates, tau: cumulative_vectors(updates),
     "ema": lambda updates, tau: ema_vectors(updates),
+    "product": product_vectors,
+    "lora": lambda updates, tau: {name: t for name, t in tau.items() if name.endswith(LORA_FACTORS)},
 }
 
 
-def _fedbip(granularity: str, basis: str = "update") -> Callable[[RoundUpdates, dict[str, torch.Tensor]], Plan]:
+def _fedbip(
+    granularity: str, basis: str = "update", negative: str = "clip"
+) -> Callable[[RoundUpdates, dict[str, torch.Tensor]], Plan]:
     """FedBip weights from the cosine of this round's updates τ (the paper), of each participant's
-    whole trajectory θ_k − θ⁰ (``cumulative``) or of the EMA of its updates (``ema``); in every
-    case the round's updates τ are what is merged."""
+    whole trajectory θ_k − θ⁰ (``cumulative``), of the EMA of its updates (``ema``), of its LoRA
+    products' update (``product``) or of its LoRA factors alone (``lora``); ``negative`` ``keep``
+    takes the paper's cos / Σ cos as written, negative cosines included. In every case the round's
+    updates τ are what is merged; a parameter group the similarity leaves out (the head under
+    ``lora``, per block) takes the whole-model weights of the same vectors."""
+    options = WeightOptions(negative=negative)
 
     def plan(updates: RoundUpdates, tau: dict[str, torch.Tensor]) -> Plan:
         vectors = _BASES[basis](updates, tau)
         similarity = update_similarity(updates.participants, vectors, granularity)
-        rows = {name: personalized_weights(g.similarity, WeightOptions()) for name, g in similarity.groups.items()}
+        rows = {name: personalized_weights(g.similarity, options) for name, g in similarity.groups.items()}
+        missing = set(parameter_groups(list(tau), granularity)) - set(rows)
+        if missing:
+            whole = update_similarity(updates.participants, vectors, "model").groups["model"].similarity
+            rows.update(dict.fromkeys(missing, personalized_weights(whole, options)))
         reusable = basis == "update" and granularity == "model"
         return Plan(list(updates.participants), rows, similarity if reusable else None)
 
-    plan.__doc__ = f"FedBip at {granularity} granularity, similarity of the {basis} vectors."
+    plan.__doc__ = f"FedBip at {granularity} granularity, similarity of the {basis} vectors, negatives {negative}."
     return plan
 
 
@@ -239,6 +277,14 @@ STRATEGIES: dict[str, Callable[[RoundUpdates, dict[str, torch.Tensor]], Plan]] =
     "fedbip-layerwise-cumulative": _fedbip("block", "cumulative"),
     "fedbip-ema": _fedbip("model", "ema"),
     "fedbip-layerwise-ema": _fedbip("block", "ema"),
+    # What the paper's text also allows: the cosine of the LoRA products B A rather than of the
+    # factors, the weights as written (cos / Σ cos, negatives kept), the head left out of the similarity.
+    "fedbip-product": _fedbip("model", "product"),
+    "fedbip-layerwise-product": _fedbip("block", "product"),
+    "fedbip-paper": _fedbip("model", negative="keep"),
+    "fedbip-layerwise-paper": _fedbip("block", negative="keep"),
+    "fedbip-nohead": _fedbip("model", "lora"),
+    "fedbip-layerwise-nohead": _fedbip("block", "lora"),
 }
 
 
