@@ -87,7 +87,7 @@ def test_each_seed_is_a_full_run_and_the_summary_holds_mean_sd_and_per_seed_numb
     out, summary = two_seeds
     assert summary["seeds"] == [0, 1]
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
-    for name in ("accuracy.png", "separation.png"):
+    for name in ("accuracy.png", "separation.png", "weights.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     for seed in (0, 1):
         seed_summary = json.loads((out / f"seed-{seed}" / "summary.json").read_text())
@@ -95,12 +95,15 @@ def test_each_seed_is_a_full_run_and_the_summary_holds_mean_sd_and_per_seed_numb
         assert seed_summary["config"]["seed"] == seed
         assert (out / f"seed-{seed}" / "checkpoints" / "fedbip.safetensors").is_file()
     for strategy in CONFIG.strategies:
-        for measure in ("mean_accuracy", "worst_accuracy", "ari"):
+        for measure in ("mean_accuracy", "worst_accuracy", "ari", "self_weight", "own_group_weight"):
             values = [summary["per_seed"][str(s)]["strategies"][strategy][measure] for s in (0, 1)]
             stat = summary["strategies"][strategy][measure]
             assert stat["values"] == values
             assert stat["mean"] == pytest.approx(statistics.fmean(values))
             assert stat["sd"] == pytest.approx(statistics.stdev(values))
+    # local training keeps all of each client's weight on itself, hence on its own group
+    assert summary["strategies"]["local"]["own_group_weight"]["values"] == [1.0, 1.0]
+    assert summary["strategies"]["local"]["self_weight"]["values"] == [1.0, 1.0]
     # seed 1 of the multi-seed run is exactly the single-seed run with --seed 1
     single = simulate(replace(CONFIG, seed=1), tmp_path / "single", device="cpu").summary
     assert without_seconds(single) == without_seconds(summary["per_seed"]["1"])

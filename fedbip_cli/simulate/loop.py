@@ -43,10 +43,7 @@ from fedbip_cli.simulate.weight_trace import weight_trace
 from fedbip_cli.sources import resolve_model_dir
 
 CHECKPOINTS = "checkpoints"
-# --alpha when not given: label skew inside each task group (tasks), none (task-shift: each group's
-# own task is the difference between clients), strong skew on the one task (dirichlet).
-ALPHA_DEFAULTS = {"tasks": 1.0, "task-shift": math.inf, "dirichlet": 0.1}
-# The default regime (declared before its measuring runs; docs/simulate.md, "The default regime"):
+# The default regime (declared before its measuring runs; docs/simulate.md, "Where sharing can pay"):
 # groups doing different tasks (task-shift), no label skew inside a task (alpha inf, the
 # partition's default), and limited data: 32 training sentences per client, where a client alone
 # cannot learn its task well and its group-mates' data should help. The label-skew regime of
@@ -69,7 +66,7 @@ class SimulationConfig:
     partition: str = PARTITION
     groups: int = 3
     # Dirichlet concentration of each client's label mix; "inf": none (a float inf is stored so, to
-    # keep the JSON records strict); None: the partition's default (``ALPHA_DEFAULTS``).
+    # keep the JSON records strict); None: the partition's default (``PARTITIONS``).
     alpha: float | str | None = None
     data_dir: str | None = None
     max_examples: int | None = 6000  # only without examples_per_client
@@ -127,8 +124,8 @@ class SimulationConfig:
                 f"--attack and --clip-norm are not wired to {', '.join(methods)}",
                 hint="compare these strategies without poisoning, or drop them from --compare",
             )
-        if self.partition not in ALPHA_DEFAULTS:
-            raise UsageError(f"unknown partition {self.partition!r}; choose one of {', '.join(ALPHA_DEFAULTS)}")
+        if self.partition not in PARTITIONS:
+            raise UsageError(f"unknown partition {self.partition!r}; choose one of {', '.join(PARTITIONS)}")
         for name in ("rounds", "clients", "local_steps", "batch_size", "max_length", "eval_every", "rank"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -144,9 +141,9 @@ class SimulationConfig:
 
     def alpha_value(self) -> float:
         """The Dirichlet concentration the partition uses: ``alpha``, ``math.inf`` for "inf", or the
-        partition's default (``ALPHA_DEFAULTS``)."""
+        partition's default (``PARTITIONS``)."""
         if self.alpha is None:
-            return ALPHA_DEFAULTS[self.partition]
+            return PARTITIONS[self.partition].alpha
         return math.inf if self.alpha == "inf" else float(self.alpha)
 
 
@@ -182,14 +179,34 @@ def load_clients(config: SimulationConfig) -> tuple[list[ClientData], list[str]]
                 client.train_texts = client.train_texts[: config.examples_per_client]
                 client.train_labels = client.train_labels[: config.examples_per_client]
         return clients, labels
-    common = {"num_clients": config.clients, "seed": config.seed, "examples_per_client": config.examples_per_client}
-    alpha = config.alpha_value()
-    if config.partition == "task-shift":
-        return partition_task_shift(load_bbc_annotated(), groups=config.groups, alpha=alpha, **common)
-    common.update(test_fraction=config.test_fraction, max_examples=config.max_examples)
-    if config.partition == "tasks":
-        return partition_tasks(load_bbc(), groups=config.groups, alpha=alpha, **common)
-    return partition_dirichlet(load_bbc(), alpha=alpha, **common)
+    return PARTITIONS[config.partition].split(
+        config,
+        num_clients=config.clients,
+        alpha=config.alpha_value(),
+        seed=config.seed,
+        test_fraction=config.test_fraction,
+        max_examples=config.max_examples,
+        examples_per_client=config.examples_per_client,
+    )
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A ``--partition``: its ``--alpha`` when none is given, and how it splits the embedded corpus."""
+
+    alpha: float
+    split: Callable[..., tuple[list[ClientData], list[str]]]
+
+
+# --alpha when not given: none for task-shift (each group's own task is what sets clients apart),
+# label skew inside each task group for tasks, strong skew on the one task for dirichlet.
+PARTITIONS: dict[str, Partition] = {
+    "task-shift": Partition(
+        math.inf, lambda config, **kw: partition_task_shift(load_bbc_annotated(), groups=config.groups, **kw)
+    ),
+    "tasks": Partition(1.0, lambda config, **kw: partition_tasks(load_bbc(), groups=config.groups, **kw)),
+    "dirichlet": Partition(0.1, lambda config, **kw: partition_dirichlet(load_bbc(), **kw)),
+}
 
 
 def participants(config: SimulationConfig, clients: list[str], round_: int) -> list[str]:
