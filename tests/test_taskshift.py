@@ -168,3 +168,16 @@ def test_task_shift_all_data_regime(annotated: AnnotatedSentences) -> None:
         assert len(client.test_texts) == round(0.2 * len(client.train_texts + client.test_texts))
         for text, label in zip(client.test_texts, client.test_labels):
             assert label == task.label(annotated, index[text])
+
+
+@pytest.mark.parametrize(("value", "needle"), [("0", "--alpha 0"), ("nan", "--alpha nan"), ("-inf", "--alpha -inf")])
+def test_cli_refuses_an_alpha_no_partition_takes(tmp_path, value: str, needle: str) -> None:  # noqa: ANN001
+    """--alpha 0 is refused, not silently replaced by the partition's default; inf is the only infinity."""
+    from typer.testing import CliRunner
+
+    from fedbip_cli.cli import app
+
+    result = CliRunner().invoke(app, ["simulate", "--alpha", value, "--rounds", "1", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
+    assert not (tmp_path / "run" / "summary.json").exists()
