@@ -83,11 +83,13 @@ def write_weights(self_curves: Curves, own_curves: Curves, uniform: float, path:
     """Where the weights go per round: each client's self-weight P_ii (left) and its weight mass on
     its own true group (right), means over clients, one line per strategy (FedBip-L's blocks and
     head apart), a ±sd band over seeds; the dashed line is what weights blind to the groups give."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(10, 4), layout="constrained")
     left, right = figure.subplots(1, 2)
     for axis, curves in ((left, self_curves), (right, own_curves)):
+        axis.set_prop_cycle(color=colormaps["tab20"].colors)  # a dozen lines: ten colours would repeat
         for label, per_seed in curves.items():
             _band(axis, label, per_seed)
         axis.set_xlabel("round")
