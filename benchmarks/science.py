@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -65,10 +66,12 @@ def load(run: Path) -> dict[int, dict[str, Any]]:
 
 
 def regime(config: dict[str, Any]) -> str:
-    """The partition as the command line gives it: ``--partition P --alpha A``."""
-    alpha = config.get("alpha")
-    shown = alpha if alpha is not None else "default"
-    return f"--partition {config.get('partition', 'tasks')} --alpha {shown}"
+    """The partition as the command line gives it: ``--partition P --alpha A`` (A the value used,
+    the partition's default when the run gave none)."""
+    from fedbip_cli.simulate.loop import config_from_dict
+
+    alpha = config_from_dict(config).alpha_value()
+    return f"--partition {config.get('partition', 'tasks')} --alpha {'inf' if math.isinf(alpha) else f'{alpha:g}'}"
 
 
 def describe(seeds: dict[int, dict[str, Any]]) -> str:
