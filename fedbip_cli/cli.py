@@ -81,6 +81,17 @@ Base = Annotated[
     ),
 ]
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
+Heads = Annotated[
+    str | None,
+    typer.Option(
+        "--heads",
+        help="Saved modules (modules_to_save, e.g. a classifier head): merge (compared and merged; against zero "
+        "where the base lacks them), own (each client keeps its own, byte for byte; only the LoRA parts are "
+        "compared and merged) or exclude (left out of the similarity and the outputs). Without it, saved "
+        "modules the base lacks are refused.",
+        show_default=False,
+    ),
+]
 CacheDir = Annotated[
     Path | None,
     typer.Option(
@@ -273,6 +284,7 @@ def merge(
         ),
     ] = None,
     base: Base = None,
+    heads: Heads = None,
     layerwise: Layerwise = False,
     granularity: Granularity = None,
     weighting: Annotated[
@@ -394,6 +406,7 @@ def merge(
         "rank": rank,
         "dtype": dtype,
         "clip_norm": clip_norm,
+        "heads": heads,
         "to_lora": to_lora,
         "max_shard_size": max_shard_size,
         "device": device,
@@ -414,6 +427,7 @@ def merge(
             lock=settings.lock,
             locked=settings.locked,
             weights=not dry_run,
+            heads=settings.options.heads,
         )
         if dry_run:
             the_plan = pipeline.plan(workspace, settings.options, settings.out, overwrite=settings.overwrite)
@@ -467,6 +481,7 @@ INSPECT_EPILOG = """[b]Examples[/b]
 def inspect_similarity(
     sources: Sources,
     base: Base = None,
+    heads: Heads = None,
     layerwise: Layerwise = False,
     granularity: Granularity = None,
     output_format: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
@@ -504,7 +519,7 @@ def inspect_similarity(
             report.check_image_path(heatmap)
         if matrix is not None:
             report.check_matrix_path(matrix)
-        workspace = pipeline.load(sources, base=base)
+        workspace = pipeline.load(sources, base=base, heads=heads)
         with _progress(output_format == "table") as progress:
             result = pipeline.inspect(
                 workspace,

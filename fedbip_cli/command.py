@@ -63,6 +63,8 @@ def merge_command(
             words += ["--max-shard-size", str(options["max_shard_size"])]
     else:
         words += ["--combine", str(options["combine"]), "--dtype", str(options.get("dtype", "auto"))]
+    if options.get("heads") is not None:
+        words += ["--heads", str(options["heads"])]
     if options.get("clip_norm") is not None:
         words += ["--clip-norm", str(options["clip_norm"])]
     if rank is not None:

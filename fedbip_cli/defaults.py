@@ -12,3 +12,6 @@ MAX_DIM = 1024
 # S/T stays finite and distinguishable.
 MIN_TEMPERATURE = 1e-6
 MAX_TEMPERATURE = 1e6
+# --heads: what happens to saved modules (modules_to_save): merged (against zero where the base lacks
+# them), kept as each client's own (left out of the similarity), or left out of the similarity and the outputs.
+HEADS = ("merge", "own", "exclude")

@@ -87,6 +87,7 @@ def merge_record(
         "clients": similarity.clients,
         "granularity": similarity.granularity,
         "similarity": similarity.method,
+        "covers": similarity.covers,
         "groups": groups(similarity, weights),
         **written.record,
         "energy_kept": written.energy,

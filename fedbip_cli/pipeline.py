@@ -31,6 +31,7 @@ from fedbip_cli.options import (
     MergeOptions,
     MergeResult,
     Progress,
+    check_heads,
     check_method_kind,
     resolve_device,
     start,
@@ -69,6 +70,7 @@ def load(
     lock: Path | None = None,
     locked: bool = False,
     weights: bool = True,
+    heads: str | None = None,
 ) -> Workspace:
     """Resolve and validate every source (and the base, when given).
 
@@ -88,10 +90,13 @@ def load(
         weights: False for a dry run: full checkpoints are known from their safetensors headers
             alone (a Hub one's weights are not fetched, no file is hashed, a lock's commits are
             checked but not their weights' hashes); the workspace can be planned, not merged.
+        heads: what happens to adapters' saved modules (``--heads``: merge, own or exclude); None
+            refuses saved modules that the base lacks.
 
     Raises:
         FedbipError: a source or the base cannot be resolved or is invalid, or (``locked``) an input moved.
     """
+    check_heads(heads)
     if locked and lock is None:
         raise UsageError("--locked needs --lock FILE", hint="name the lock file to check against with --lock")
     directory = Path.cwd() if base_dir is None else Path(base_dir)
@@ -127,7 +132,9 @@ def load(
             weights=weights,
         )
     else:
-        workspace = load_adapters(list(specs), sources, base, base_revision, directory, resolved, weights=weights)
+        workspace = load_adapters(
+            list(specs), sources, base, base_revision, directory, resolved, weights=weights, heads=heads
+        )
     if lock is not None:
         base_pin = lockfile.base_record(base, workspace.base_revision)
         workspace.lock = LockState(lock, lockfile.lock_record(pinned, base_pin), locked)
@@ -155,11 +162,14 @@ def inspect(
     method = SimilarityMethod(similarity, sketch_dim, sketch_seed)
     check_method_kind(method, workspace.kind)
     if method.name == "sketch":
-        return workspace.sketched(granularity, method, resolve_device(device), progress)
-    groups = group_modules(workspace.parts, granularity, module_of=workspace.module_of)
-    advance = start(progress, "similarity", len(workspace.parts))
-    inner = workspace.inner_products(resolve_device(device), cache, advance)
-    return similarity_from_inner(workspace.clients, granularity, groups, inner)
+        result = workspace.sketched(granularity, method, resolve_device(device), progress)
+    else:
+        groups = group_modules(workspace.parts, granularity, module_of=workspace.module_of)
+        advance = start(progress, "similarity", len(workspace.parts))
+        inner = workspace.inner_products(resolve_device(device), cache, advance)
+        result = similarity_from_inner(workspace.clients, granularity, groups, inner)
+    result.covers = workspace.coverage()
+    return result
 
 
 def plan(
