@@ -83,7 +83,7 @@ def similarity_tables(result: Any, *, neighbours: int = 3) -> list[RenderableTyp
         _matrix_table(clients, overview, title, neighbours),
         _clusters_line(clients, suggest_clusters(overview)),
     ]
-    if result.covers:
+    if covers_line(result.covers):
         renderables.insert(1, Text(covers_line(result.covers), style="dim"))
     if result.granularity != "model":
         renderables.append(_groups_table(result))
@@ -95,8 +95,9 @@ def similarity_tables(result: Any, *, neighbours: int = 3) -> list[RenderableTyp
 
 def covers_line(covers: dict[str, Any] | None) -> str:
     """What the similarity covers, in words: ``similarity over 24 parts (lora 22, saved 2)`` and, with
-    saved modules, what ``--heads`` did with them."""
-    if not covers:
+    saved modules, what ``--heads`` did with them; nothing when every part is of one kind and no client
+    saves a module (the similarity then covers the whole task vectors)."""
+    if not covers or (covers["heads"] is None and len(covers["parts"]) == 1):
         return ""
     parts = covers["parts"]
     line = f"similarity over {sum(parts.values())} parts (" + ", ".join(f"{k} {n}" for k, n in parts.items()) + ")"
@@ -621,7 +622,7 @@ def merge_table(result: Any, top: int = 3) -> Table:
             f"granularity {result.similarity.granularity} ({len(result.weights)} group(s)); combine "
             f"{result.manifest['combine']}"
             + (f" at rank {result.rank}" if result.manifest["rank"] else "")
-            + (f"\n{covers_line(result.similarity.covers)}" if result.similarity.covers else "")
+            + (f"\n{covers_line(result.similarity.covers)}" if covers_line(result.similarity.covers) else "")
         ),
     )
     table.add_column("client")

@@ -360,6 +360,25 @@ def loaded_adapter(case: Case, built: Built, adapter: Path) -> PeftModel:
     return PeftModel.from_pretrained(family.load(built.base), adapter).eval()
 
 
+def trainable(case: Case, built: Built, adapter: Path) -> set[str]:
+    """The parameters ``PeftModel.from_pretrained(..., is_trainable=True)`` trains, DoRA magnitudes aside:
+    a merged DoRA module is written as plain LoRA (its delta is not low-rank), so it trains no magnitude."""
+    model = PeftModel.from_pretrained(FAMILIES[case.family].load(built.base), adapter, is_trainable=True)
+    return {n for n, p in model.named_parameters() if p.requires_grad and "lora_magnitude_vector" not in n}
+
+
+def check_trainable(case: Case, built: Built, out: Path) -> None:
+    """Fine-tuning a merged adapter further trains what its inputs trained: the config (``bias``,
+    ``modules_to_save``, ``lora_bias``) is kept. With mixed kinds, what any input trained."""
+    inputs = {c.name: trainable(case, built, c.path) for c in built.clients}
+    expected = set().union(*inputs.values())
+    for client in built.clients:
+        if case.id != "mixed_kinds":
+            assert inputs[client.name] == expected, client.name
+        got = trainable(case, built, out / client.name)
+        assert got == expected, (client.name, sorted(got ^ expected)[:6])
+
+
 # --- the table -------------------------------------------------------------------------------------
 
 
@@ -397,6 +416,7 @@ def test_kind(case: Case, built: Callable[[Case], Built], tmp_path: Path) -> Non
         assert torch.allclose(output, target, atol=FORWARD, rtol=0), (client.name, (output - target).abs().max())
         errors = relative_errors(merged_delta(model, state), expected)
         assert max(errors.values()) <= DELTA, (client.name, {n: e for n, e in errors.items() if e > DELTA})
+    check_trainable(case, inputs, out)
 
 
 # --- beside the table ------------------------------------------------------------------------------
