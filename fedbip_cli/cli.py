@@ -117,10 +117,9 @@ SketchDim = Annotated[
     typer.Option(
         "--sketch-dim",
         help=f"With --similarity sketch: each module's ΔW is reduced to M×M numbers, 1 to {MAX_DIM} (default {DEFAULT_DIM}). "
-        "The cosine error falls about as 1/M, the time of the Gram grows as M². The default is the smallest M that kept "
-        "all 3 million checked whole-model cosines of 10 000 MiniLM-sized adapters (12 modules) within 0.02 of the exact "
-        "ones (0.015, in 24 s on 2 CPU cores; M = 64: 0.023 in 19 s). Per block or per module fewer numbers are "
-        "compared and the worst error is 2-4x larger: raise M. README: 'Huge K'.",
+        "The cosine error falls about as 1/M, the time of the Gram grows as M²; per block or per module fewer numbers "
+        "are compared and the error is larger: raise M. Measured errors and times: docs/inspect.md, 'Huge K: "
+        "sketched similarity'.",
         show_default=False,
     ),
 ]

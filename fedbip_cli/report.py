@@ -158,7 +158,6 @@ def similarity_json_tensors(result: Any, *, neighbours: int = 3, matrix: Path | 
         "clients": clients,
         "granularity": result.granularity,
         "similarity": result.method,
-        "covers": result.covers,
         "groups": {
             name: {
                 "similarity": group.similarity.to(torch.float64),
@@ -173,6 +172,7 @@ def similarity_json_tensors(result: Any, *, neighbours: int = 3, matrix: Path | 
             clients[i]: [[clients[j], value] for j, value in row]
             for i, row in enumerate(nearest_neighbours(overview, neighbours))
         },
+        "covers": result.covers,
     }
     if matrix is not None:
         for group in data["groups"].values():
