@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fedbip_cli.defaults import HEADS
+from fedbip_cli.defaults import DEVICES, HEADS
 from fedbip_cli.defence import ClipNorm
 from fedbip_cli.errors import UsageError
 from fedbip_cli.merge import DEFAULT_COMBINE, registered
@@ -27,7 +27,6 @@ from fedbip_cli.weights import WeightOptions
 
 # progress(stage, total) starts a stage and returns the function that advances it.
 Progress = Callable[[str, int], Callable[[int], None]]
-DEVICES = ("auto", "cpu", "cuda")
 # --dtype: auto keeps the inputs' dtype when they all agree (float32 otherwise).
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

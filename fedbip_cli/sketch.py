@@ -34,13 +34,13 @@ from typing import Any
 import torch
 
 from fedbip_cli.adapters import Adapter, FactorReader, read_module
-from fedbip_cli.defaults import DEFAULT_DIM, MAX_DIM
+from fedbip_cli.defaults import DEFAULT_DIM, MAX_DIM, SIMILARITY_METHODS
 from fedbip_cli.errors import AdapterError, UsageError
 from fedbip_cli.similarity import GroupSimilarity, SimilarityResult, cosine_from_inner
 
 # Names the sketch in the seeds of its projections: change it when the projections change.
 ENGINE = "fedbip-sketch-v1"
-METHODS = ("exact", "sketch")
+METHODS = SIMILARITY_METHODS
 MAX_BLOCKS = 4  # blocks per side: b² blocks in all
 LEVELS = 127  # int8 codes -127 .. 127
 INT_CHUNK = 1 << 17  # features per integer product: 127² · 2¹⁷ < 2³¹, no int32 overflow
