@@ -29,19 +29,20 @@ from fedbip_cli.adapters import (
     StreamingAdapterWriter,
     base_keys,
     check_against_base,
+    declared_base,
     load_adapter,
     part_module,
     part_name,
     write_config,
 )
-from fedbip_cli.errors import AdapterError, UsageError
+from fedbip_cli.errors import AdapterError, FedbipError
 from fedbip_cli.innercache import InnerProductCache
 from fedbip_cli.merge import merge_module, output_rank, registered, weighted_sum
 from fedbip_cli.options import OUTPUT_DTYPES, MergeOptions, Progress, start
 from fedbip_cli.parts import BaseTensors, check_copies, dense_deltas
 from fedbip_cli.similarity import SimilarityResult, dense_inner_products, module_inner_products
 from fedbip_cli.sketch import SimilarityMethod, sketch_similarity
-from fedbip_cli.sources import LORA, ModelShapes, ResolvedSource, model_shapes
+from fedbip_cli.sources import LORA, ModelShapes, ResolvedSource, model_reference, model_shapes, resolve_revision
 from fedbip_cli.taskvec import all_modules, group_modules, module_factors, natural_key
 from fedbip_cli.workspace import Workspace, Written
 from fedbip_cli.writeback import (
@@ -110,15 +111,24 @@ class AdapterWorkspace(Workspace):
     def sketched(
         self, granularity: str, method: SimilarityMethod, device: torch.device, progress: Progress | None
     ) -> SimilarityResult:
-        if self.dense_parts:
-            raise UsageError(
-                f"--similarity {method.name} compares LoRA factors; these adapters also have dense parts "
-                f"({', '.join(self.dense_parts[:3])}{', ...' if len(self.dense_parts) > 3 else ''})",
-                hint="drop --similarity (the exact similarity handles every kind)",
-            )
-        groups = group_modules(self.modules, granularity)
-        advance = start(progress, "similarity", len(self.modules))
-        return sketch_similarity(self.adapters, granularity, groups, method, device=device, progress=advance)
+        """LoRA parts sketched; dense parts (saved modules, DoRA, biases) exact, added to the same Grams."""
+        groups = group_modules(self.parts, granularity, module_of=self.module_of)
+        advance = start(progress, "similarity", len(self.parts))
+        reader = FactorReader()
+
+        def dense(part: str) -> torch.Tensor:
+            return dense_inner_products(dense_deltas(self.adapters, part, self.base_tensors, reader)).to(device)
+
+        return sketch_similarity(
+            self.adapters,
+            granularity,
+            groups,
+            method,
+            device=device,
+            progress=advance,
+            dense=dense,
+            dense_parts=set(self.dense_parts),
+        )
 
     def rank(self, options: MergeOptions) -> int:
         """``--rank`` or the largest input rank."""
@@ -377,6 +387,21 @@ def load_adapters(
         workspace.base_tensors = BaseTensors.open(base, revision=shapes.revision, base_dir=directory)
         check_copies(adapters, workspace.base_tensors)
     return workspace
+
+
+def default_base(sources: Sequence[ResolvedSource], directory: Path) -> str | None:
+    """Without ``--base``: the base model every adapter names (``base_model_name_or_path``, read as
+    ``model_reference`` reads it), when they all name one and it resolves (a local model directory, or a
+    Hub model in the Hugging Face cache or in reach); else None."""
+    names = {declared_base(s.path) for s in sources}
+    if len(names) != 1 or None in names:
+        return None
+    spec = model_reference(str(names.pop()), directory)
+    try:
+        model_shapes(spec, revision=resolve_revision(spec), base_dir=directory)
+    except FedbipError:
+        return None
+    return spec
 
 
 def saved_parts(adapters: Sequence[Adapter]) -> list[str]:

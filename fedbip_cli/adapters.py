@@ -322,6 +322,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def declared_base(directory: Path) -> str | None:
+    """The base model an adapter directory's config names (``base_model_name_or_path``), if any."""
+    name = _read_config(directory / CONFIG_NAME).get("base_model_name_or_path")
+    return name if isinstance(name, str) and name else None
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise AdapterError(

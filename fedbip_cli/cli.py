@@ -176,7 +176,7 @@ Similarity = Annotated[
     typer.Option(
         "--similarity",
         help="exact (factor space, the default) or sketch: seeded random sketches whose Gram costs K²·M²/2 per module, "
-        "for thousands of adapters (LoRA only; approximate, see --sketch-dim).",
+        "for thousands of adapters (LoRA parts sketched, dense parts such as heads exact; approximate, see --sketch-dim).",
         show_default=False,
         click_type=click.Choice(SIMILARITY_METHODS),
     ),

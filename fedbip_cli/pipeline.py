@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fedbip_cli import lockfile, manifest
-from fedbip_cli.adapter_workspace import AdapterWorkspace, load_adapters
+from fedbip_cli.adapter_workspace import AdapterWorkspace, default_base, load_adapters
 from fedbip_cli.adapters import file_sha256
 from fedbip_cli.card import CARD_NAME, model_card
 from fedbip_cli.checkpoint_workspace import CheckpointWorkspace, load_checkpoints
@@ -39,7 +39,7 @@ from fedbip_cli.options import (
 from fedbip_cli.outdir import Outputs, check_out
 from fedbip_cli.similarity import SimilarityResult, similarity_from_inner
 from fedbip_cli.sketch import SimilarityMethod
-from fedbip_cli.sources import FULL, fetch_weights, resolve_revision, resolve_specs
+from fedbip_cli.sources import FULL, LORA, fetch_weights, model_reference, resolve_revision, resolve_specs
 from fedbip_cli.taskvec import group_modules
 from fedbip_cli.weights import personalized_weights
 from fedbip_cli.workspace import Workspace
@@ -80,7 +80,9 @@ def load(
     Args:
         specs: the SOURCES.
         base: a base model to check module names and shapes against (full checkpoints: the model
-            their task vectors W - W_base are taken from).
+            their task vectors W - W_base are taken from): a directory, an ``hf://`` reference or an
+            ``owner/name`` Hub id. Without it, adapters are checked against the base they all name in
+            ``base_model_name_or_path`` when it resolves.
         base_dir: the directory relative SOURCES and ``base`` are taken from (default: the working
             directory; a config file's directory for the sources it names).
         lock: a lock file. The record of what this run resolved to is kept in ``Workspace.lock``
@@ -108,6 +110,10 @@ def load(
             where=", ".join(specs) or "SOURCES",
             hint="pass a directory of adapter directories, several adapter directories, or an @list file",
         )
+    if base is not None:
+        base = model_reference(base, directory)  # a local directory, or an owner/name Hub id as peft reads it
+    elif all(s.kind == LORA for s in sources):
+        base = default_base(sources, directory)  # the base the adapters name, when it resolves
     base_revision = None if base is None else resolve_revision(base)
     lock = None if lock is None else Path(lock)
     held = lockfile.read_lock(lock) if locked and lock is not None else None

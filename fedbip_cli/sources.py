@@ -241,6 +241,20 @@ def resolve_model_dir(
     return path.resolve(), None
 
 
+# A Hub model id as peft's base_model_name_or_path and from_pretrained take it: owner/name.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def model_reference(spec: str, base_dir: Path) -> str:
+    """A model (``--base``, or an adapter's ``base_model_name_or_path``) as fedbip reads it: as peft does,
+    a local directory when one exists at ``spec``, else an ``owner/name`` Hub id as ``hf://owner/name``
+    (resolved through the Hugging Face cache; ``HF_HUB_OFFLINE=1`` keeps it offline); ``hf://``
+    references and anything else unchanged."""
+    if spec.startswith(HUB_PREFIX) or _local_path(spec, base_dir).exists() or not _HUB_ID.fullmatch(spec):
+        return spec
+    return HUB_PREFIX + spec
+
+
 def resolve_revision(spec: str) -> str | None:
     """The commit an ``hf://`` model resolves to, fetching only its JSON files (config, index); None for a path.
 

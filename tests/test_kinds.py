@@ -88,6 +88,11 @@ def rename_bases(*names: str) -> Callable[[list[Client]], None]:
     return edit
 
 
+# A base the adapters name that resolves nowhere (not a directory, not in the offline Hub cache): no
+# default --base, so the parts that need one are refused.
+ELSEWHERE = ("elsewhere/bert", "elsewhere/bert")
+
+
 @dataclass(frozen=True)
 class Refused:
     """What the refusal must say (lowercase-insensitive substrings of stderr), and how the run is set up."""
@@ -159,19 +164,25 @@ CASES = [
         Refused(("base model",), with_base=False, edit=rename_bases("bert-a", "bert-a", "llama-b")),
         clients=3,
     ),
-    Case("dora_without_base", "bert", lora(use_dora=True), Refused(("--base",), with_base=False), clients=2),
+    Case(
+        "dora_without_base",
+        "bert",
+        lora(use_dora=True),
+        Refused(("--base",), with_base=False, edit=rename_bases(*ELSEWHERE)),
+        clients=2,
+    ),
     Case(
         "modules_to_save_without_base",
         "bert",
         lora(modules_to_save=["classifier"]),
-        Refused(("--base",), with_base=False),
+        Refused(("--base",), with_base=False, edit=rename_bases(*ELSEWHERE)),
         clients=2,
     ),
     Case(
         "bias_lora_only_without_base",
         "bert",
         lora(bias="lora_only"),
-        Refused(("--base",), with_base=False),
+        Refused(("--base",), with_base=False, edit=rename_bases(*ELSEWHERE)),
         clients=2,
     ),
 ]
