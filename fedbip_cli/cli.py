@@ -759,7 +759,7 @@ def simulate(
         str,
         typer.Option(
             help="inprocess (every client in this process) or flower (Flower's Simulation Engine: one "
-            "SuperNode per client; needs `pip install 'fedbip\\[flower]'`).",
+            "SuperNode per client; needs fedbip's flower extra: `python -m pip install '.\\[flower]'` in a clone).",
             click_type=click.Choice(ENGINES),
         ),
     ] = "inprocess",
@@ -903,7 +903,10 @@ def _simulate_on_flower(config: Any, out: Path, *, overwrite: bool, resume: bool
     try:
         from fedbip_cli.simulate.flower.engine import simulate_on_flower
     except ImportError as exc:
-        raise UsageError(f"--engine flower needs Flower ({exc})", hint="pip install 'fedbip[flower]'") from None
+        raise UsageError(
+            f"--engine flower needs Flower ({exc})",
+            hint="install fedbip with its flower extra: python -m pip install '.[flower]' in a clone of fedbip (or its wheel with [flower])",
+        ) from None
     return simulate_on_flower(config, out, seed_list=seeds, resume=resume, overwrite=overwrite)
 
 
