@@ -128,6 +128,10 @@ def load(
         lockfile.check_sources(held, pinned, lock)
     workspace: Workspace
     if any(s.kind == FULL for s in sources):
+        if heads is not None:
+            raise UsageError(
+                "--heads applies to adapters' saved modules", hint="full checkpoints are merged whole; drop --heads"
+            )
         workspace = load_checkpoints(
             list(specs),
             sources,
