@@ -358,14 +358,7 @@ def load_adapters(
         heads=(heads or "merge") if saved else None,
         held=held,
     )
-    # Saved modules merged by choice (--heads merge) are taken against zero where there is no base.
-    against_zero_ok = (SAVED,) if heads == "merge" else ()
-    needs_base = [
-        (a, d)
-        for a in adapters
-        for d in a.dense.values()
-        if d.kind in NEEDS_BASE and d.kind not in against_zero_ok and d.name in dense
-    ]
+    needs_base = _needing_base(adapters, dense, heads)
     shapes = None if base is None else model_shapes(base, revision=base_revision, base_dir=directory)
     if shapes is None:
         _check_same_base(adapters)
@@ -402,6 +395,18 @@ def default_base(sources: Sequence[ResolvedSource], directory: Path) -> str | No
     except FedbipError:
         return None
     return spec
+
+
+def _needing_base(adapters: Sequence[Adapter], dense: list[str], heads: str | None) -> list[tuple[Adapter, DensePart]]:
+    """The dense parts in the similarity whose delta needs the base's weights. Saved modules merged by
+    choice (``--heads merge``) are taken against zero where there is no base."""
+    against_zero_ok = (SAVED,) if heads == "merge" else ()
+    return [
+        (a, d)
+        for a in adapters
+        for d in a.dense.values()
+        if d.kind in NEEDS_BASE and d.kind not in against_zero_ok and d.name in dense
+    ]
 
 
 def saved_parts(adapters: Sequence[Adapter]) -> list[str]:
