@@ -98,8 +98,11 @@ def test_against_the_plain_encoder_a_merge_is_refused_naming_heads(scenario: dic
         assert "classifier" in result.stderr and "--heads own" in result.stderr and "--heads merge" in result.stderr
         assert "--base" in result.stderr
     assert not (scenario["root"] / "refused").exists()
-    # Without any --base, the same refusal (every saved module is then measured against zero).
-    assert "--heads" in invoke("merge", scenario["clients"], "--out", scenario["root"] / "refused").stderr
+    # Without --base, the adapters' own base_model_name_or_path (the model they were trained from, initial
+    # head included) is the base: no refusal.
+    declared = invoke("merge", scenario["clients"], "--out", scenario["root"] / "declared")
+    assert declared.exit_code == 0, declared.output
+    assert manifest(scenario["root"] / "declared")["base"]["source"] == str(scenario["with_head"])
 
 
 def test_heads_own_keeps_every_head_byte_identical_and_merges_the_lora_parts(
