@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workload",
         action="append",
         choices=list(workloads.WORKLOADS),
-        help="run this workload (repeatable; default: all of the issue's)",
+        help="run this workload (repeatable; default: all)",
     )
     parser.add_argument("--quick", action="store_true", help="the smaller QUICK sizes")
     parser.add_argument(

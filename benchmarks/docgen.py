@@ -32,11 +32,21 @@ def load_note() -> str:
 
 
 def invocation(argv: list[str] | None = None) -> str:
-    """This script's command line as it was run (``sys.argv``), its path relative to the repository."""
+    """This script's command line as it was run (``sys.argv``), its path relative to the repository and
+    every absolute path among its arguments (``/x/runs/a``, ``--json=/x/f.json``) relative to the working
+    directory: the docs publish the command, not the layout of the machine that ran it."""
     script, *args = sys.argv if argv is None else argv
     path = Path(script).resolve()
     shown = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else script
-    return shlex.join([shown, *args])
+    return shlex.join([shown, *map(_relative_argument, args)])
+
+
+def _relative_argument(argument: str) -> str:
+    """``argument`` with an absolute path (alone, or after ``--option=``) made relative to the working directory."""
+    option, equals, value = argument.partition("=") if argument.startswith("-") else ("", "", argument)
+    if not equals and option:
+        return argument
+    return f"{option}{equals}{os.path.relpath(value) if os.path.isabs(value) else value}"
 
 
 def provenance(note: str | None = None) -> str:

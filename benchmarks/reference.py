@@ -79,6 +79,7 @@ def similarity_rows(path: Path, names: list[str]) -> torch.Tensor:
         stream.through('"clients"')
         clients = stream.array()
         index = [clients.index(n) for n in names]
+        stream.through('"groups"')
         stream.through('"similarity"')
         stream.through("[")
         rows = {}

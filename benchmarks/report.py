@@ -1,4 +1,4 @@
-"""The benchmark's outputs: the table, the issue's targets, and ``benchmarks/RESULTS.md``. Never measures."""
+"""The benchmark's outputs: the table, the targets, and ``benchmarks/RESULTS.md``. Never measures."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def _verdict(ok: bool | None) -> str:
 
 
 def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
-    """The issue's targets: (target, what was measured, reached / missed / not measured)."""
+    """The targets: (target, what was measured, reached / missed / not measured)."""
     out: list[tuple[str, str, str]] = []
 
     def measured(r: Row | None) -> bool:
@@ -240,7 +240,7 @@ def docs_tables(rows: list[Row]) -> str:
             cell(row, "error vs dense reference"),
         ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    lines += ["", "| the issue's target | measured | verdict |", "|---|---|---|"]
+    lines += ["", "| target | measured | verdict |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {v} |" for t, m, v in targets(rows)]
     return "\n".join(lines)
 
@@ -273,7 +273,7 @@ def write_results(
 ) -> None:
     """``RESULTS.md``: machine, method, table, targets and workloads of this run."""
     parts = [
-        "# fedbip benchmark results (issue 4)",
+        "# fedbip benchmark results",
         "",
         f"Written by `{command}` in {elapsed_s:.0f} s (generation included). Re-run to refresh; QUICK runs "
         "use the smaller workloads named in the table and say so.",
@@ -286,7 +286,7 @@ def write_results(
         "",
         table(rows),
         "",
-        "## The issue's targets",
+        "## Targets",
         "",
         "| target | measured | verdict |",
         "|---|---|---|",

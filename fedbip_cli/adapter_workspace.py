@@ -24,21 +24,25 @@ from fedbip_cli.adapters import (
     SAVED,
     WEIGHTS_NAME,
     Adapter,
+    DensePart,
     FactorReader,
     StreamingAdapterWriter,
+    base_keys,
     check_against_base,
+    declared_base,
     load_adapter,
     part_module,
+    part_name,
     write_config,
 )
-from fedbip_cli.errors import AdapterError, UsageError
+from fedbip_cli.errors import AdapterError, FedbipError
 from fedbip_cli.innercache import InnerProductCache
 from fedbip_cli.merge import merge_module, output_rank, registered, weighted_sum
 from fedbip_cli.options import OUTPUT_DTYPES, MergeOptions, Progress, start
 from fedbip_cli.parts import BaseTensors, check_copies, dense_deltas
 from fedbip_cli.similarity import SimilarityResult, dense_inner_products, module_inner_products
 from fedbip_cli.sketch import SimilarityMethod, sketch_similarity
-from fedbip_cli.sources import LORA, ResolvedSource, model_shapes
+from fedbip_cli.sources import LORA, ModelShapes, ResolvedSource, model_reference, model_shapes, resolve_revision
 from fedbip_cli.taskvec import all_modules, group_modules, module_factors, natural_key
 from fedbip_cli.workspace import Workspace, Written
 from fedbip_cli.writeback import (
@@ -68,6 +72,8 @@ class AdapterWorkspace(Workspace):
     modules: list[str]  # parts every client holds as LoRA factors (or lacks): the factor engine's
     dense_parts: list[str] = field(default_factory=list)  # parts some client holds densely
     base_tensors: BaseTensors | None = None  # the base's weights, when a dense part needs them
+    heads: str | None = None  # what happens to saved modules (``HEADS``); None when no client saves one
+    held: list[str] = field(default_factory=list)  # saved parts out of the similarity (--heads own, exclude)
     kind: ClassVar[str] = LORA
 
     @property
@@ -82,6 +88,16 @@ class AdapterWorkspace(Workspace):
     def module_of(part: str) -> str:
         return part_module(part)
 
+    def coverage(self) -> dict[str, Any]:
+        """Which parts the similarity covers: their count by kind, ``--heads``, and the saved modules left out."""
+        kinds: dict[str, int] = {}
+        for part in self.parts:
+            holders = [a.dense[part].kind for a in self.adapters if part in a.dense]
+            kind = holders[0] if holders else "lora"
+            kinds[kind] = kinds.get(kind, 0) + 1
+        left_out = sorted({part_module(p) for p in self.held}, key=natural_key)
+        return {"parts": dict(sorted(kinds.items())), "heads": self.heads, "left_out": left_out}
+
     def inner_products(
         self, device: torch.device, cache: InnerProductCache | None, advance: Callable[[int], None]
     ) -> dict[str, torch.Tensor]:
@@ -95,15 +111,24 @@ class AdapterWorkspace(Workspace):
     def sketched(
         self, granularity: str, method: SimilarityMethod, device: torch.device, progress: Progress | None
     ) -> SimilarityResult:
-        if self.dense_parts:
-            raise UsageError(
-                f"--similarity {method.name} compares LoRA factors; these adapters also have dense parts "
-                f"({', '.join(self.dense_parts[:3])}{', ...' if len(self.dense_parts) > 3 else ''})",
-                hint="drop --similarity (the exact similarity handles every kind)",
-            )
-        groups = group_modules(self.modules, granularity)
-        advance = start(progress, "similarity", len(self.modules))
-        return sketch_similarity(self.adapters, granularity, groups, method, device=device, progress=advance)
+        """LoRA parts sketched; dense parts (saved modules, DoRA, biases) exact, added to the same Grams."""
+        groups = group_modules(self.parts, granularity, module_of=self.module_of)
+        advance = start(progress, "similarity", len(self.parts))
+        reader = FactorReader()
+
+        def dense(part: str) -> torch.Tensor:
+            return dense_inner_products(dense_deltas(self.adapters, part, self.base_tensors, reader)).to(device)
+
+        return sketch_similarity(
+            self.adapters,
+            granularity,
+            groups,
+            method,
+            device=device,
+            progress=advance,
+            dense=dense,
+            dense_parts=set(self.dense_parts),
+        )
 
     def rank(self, options: MergeOptions) -> int:
         """``--rank`` or the largest input rank."""
@@ -167,7 +192,10 @@ class AdapterWorkspace(Workspace):
         out_features |= {n: d.lora_shape(fan_in_fan_out)[0] for n, d in dense.items() if d.how == AS_LORA}
         filled = {c: layouts[c].zero_biases(out_features) for c in clients}
         energy: dict[str, dict[str, float | None]] = {c: {} for c in clients}
-        writers = {c: StreamingAdapterWriter(tmp / c / WEIGHTS_NAME, layouts[c].entries, dtype) for c in clients}
+        writers = {
+            c: StreamingAdapterWriter(tmp / c / WEIGHTS_NAME, layouts[c].entries, dtype, layouts[c].dtypes)
+            for c in clients
+        }
         advance = start(progress, "merge", len(self.parts))
         reader = FactorReader()
         for module in self.modules:
@@ -181,9 +209,11 @@ class AdapterWorkspace(Workspace):
         for part, output in dense.items():
             self._write_dense(part, output, weights[group_of[part]], reader, layouts, writers, energy)
             advance(1)
-        for client in clients:
+        for client, adapter in zip(clients, self.adapters):
             for module in filled[client]:
                 writers[client].write_tensor(f"{KEY_PREFIX}{module}.lora_B.bias", torch.zeros(out_features[module]))
+            for part in self._own(adapter):  # --heads own: each client's saved tensors, as stored
+                writers[client].write_tensor(f"{KEY_PREFIX}{part.tensor}", adapter.stored_tensor(part.key))
         bias_mode = "all" if any(a.config.get("bias") == "all" for a in self.adapters) else "lora_only"
         digests = {}
         for adapter in self.adapters:
@@ -252,7 +282,16 @@ class AdapterWorkspace(Workspace):
             for i, client in enumerate(clients):
                 contributes = bool(((rows[i] != 0) & holders).any())
                 layouts[client].add_dense(output, options.combine, rank, contributes, adapters[0].fan_in_fan_out)
+        for adapter in adapters:
+            for part in self._own(adapter):
+                layouts[adapter.name].add_own(part)
         return layouts, dense
+
+    def _own(self, adapter: Adapter) -> list[DensePart]:
+        """The saved tensors ``adapter`` keeps as its own (``--heads own``), in natural order."""
+        if self.heads != "own":
+            return []
+        return [adapter.dense[p] for p in self.held if p in adapter.dense]
 
     def _parts_record(self, dense: dict[str, DenseOutput]) -> dict[str, Any]:
         """The manifest's account of the task vectors' parts: each client's kinds, and how dense parts were
@@ -269,6 +308,7 @@ class AdapterWorkspace(Workspace):
             "against_zero": [
                 o.tensor for o in dense.values() if o.how == AS_SAVED and (base is None or base.find(o.tensor) is None)
             ],
+            "heads": self.heads,
         }
 
     def inputs_record(self) -> list[dict[str, Any]]:
@@ -294,27 +334,38 @@ def load_adapters(
     resolved: list[tuple[str, list[ResolvedSource]]],
     *,
     weights: bool = True,
+    heads: str | None = None,
 ) -> AdapterWorkspace:
     """Validate LoRA adapters: consistent with each other, and with ``base`` (at commit ``base_revision``
     when from the Hub) when given. The base's shapes come from its safetensors headers; its weights are
     fetched only when a part needs them (DoRA, saved modules, trained biases, embedding copies) and
-    never for a dry run (``weights=False``)."""
+    never for a dry run (``weights=False``). ``heads`` (``HEADS``) says what happens to saved modules;
+    without it, saved modules that the base lacks are refused (``_check_heads``)."""
     adapters = [load_adapter(s) for s in sources]
     _check_consistent(adapters)
-    dense = sorted({p for a in adapters for p in a.dense}, key=natural_key)
+    saved = saved_parts(adapters)
+    held = saved if heads in ("own", "exclude") else []
+    dense = sorted({p for a in adapters for p in a.dense if p not in held}, key=natural_key)
+    lora = [m for m in all_modules(adapters) if m not in {p for a in adapters for p in a.dense}]
     workspace = AdapterWorkspace(
         specs=specs,
         sources=sources,
         adapters=adapters,
-        modules=[m for m in all_modules(adapters) if m not in set(dense)],
+        modules=lora,
         base_dir=directory,
         resolved=resolved,
         dense_parts=dense,
+        heads=(heads or "merge") if saved else None,
+        held=held,
     )
-    needs_base = [(a, d) for a in adapters for d in a.dense.values() if d.kind in NEEDS_BASE]
-    copies = any(a.base_copies for a in adapters)
-    if base is None:
+    needs_base = _needing_base(adapters, dense, heads)
+    shapes = None if base is None else model_shapes(base, revision=base_revision, base_dir=directory)
+    if shapes is None:
         _check_same_base(adapters)
+    else:
+        check_against_base(adapters, shapes)
+    _check_heads(adapters, saved, heads, shapes)
+    if shapes is None:
         if needs_base:
             adapter, part = needs_base[0]
             raise AdapterError(
@@ -324,13 +375,68 @@ def load_adapters(
                 hint="pass --base MODEL, the model the adapters were trained on (a directory or hf:// reference)",
             )
         return workspace
-    shapes = model_shapes(base, revision=base_revision, base_dir=directory)
-    check_against_base(adapters, shapes)
     workspace.base, workspace.base_revision = base, shapes.revision
-    if weights and (needs_base or copies):  # the base's weights are read only when a part needs them
+    if weights and (needs_base or any(a.base_copies for a in adapters)):  # read only when a part needs them
         workspace.base_tensors = BaseTensors.open(base, revision=shapes.revision, base_dir=directory)
         check_copies(adapters, workspace.base_tensors)
     return workspace
+
+
+def default_base(sources: Sequence[ResolvedSource], directory: Path) -> str | None:
+    """Without ``--base``: the base model every adapter names (``base_model_name_or_path``, read as
+    ``model_reference`` reads it), when they all name one and it resolves (a local model directory, or a
+    Hub model in the Hugging Face cache or in reach); else None."""
+    names = {declared_base(s.path) for s in sources}
+    if len(names) != 1 or None in names:
+        return None
+    spec = model_reference(str(names.pop()), directory)
+    try:
+        model_shapes(spec, revision=resolve_revision(spec), base_dir=directory)
+    except FedbipError:
+        return None
+    return spec
+
+
+def _needing_base(adapters: Sequence[Adapter], dense: list[str], heads: str | None) -> list[tuple[Adapter, DensePart]]:
+    """The dense parts in the similarity whose delta needs the base's weights. Saved modules merged by
+    choice (``--heads merge``) are taken against zero where there is no base."""
+    against_zero_ok = (SAVED,) if heads == "merge" else ()
+    return [
+        (a, d)
+        for a in adapters
+        for d in a.dense.values()
+        if d.kind in NEEDS_BASE and d.kind not in against_zero_ok and d.name in dense
+    ]
+
+
+def saved_parts(adapters: Sequence[Adapter]) -> list[str]:
+    """The parts some client saves whole (``modules_to_save``), in natural order."""
+    return sorted({p for a in adapters for p, d in a.dense.items() if d.kind == SAVED}, key=natural_key)
+
+
+def _check_heads(adapters: Sequence[Adapter], saved: list[str], heads: str | None, shapes: ModelShapes | None) -> None:
+    """Without ``--heads``, refuse saved modules that the base lacks (all of them without a base).
+
+    Their task vector would be their whole value, measured against zero; heads trained from one random
+    initialisation then look alike whatever their tasks, and merging mixes them across tasks.
+    """
+    if heads is not None or not saved:
+        return
+    tensors = sorted({a.dense[p].tensor for a in adapters for p in saved if p in a.dense}, key=natural_key)
+    missing = [t for t in tensors if shapes is None or not base_keys(t, shapes.shapes)]
+    if not missing:
+        return
+    modules = sorted({part_module(part_name(t)) for t in missing}, key=natural_key)
+    where = "no --base given" if shapes is None else f"not in the base {shapes.where}"
+    raise AdapterError(
+        f"saved modules (modules_to_save) {', '.join(modules)}: {where}, so their task vectors would be "
+        "their whole values, measured against zero; heads that share a random initialisation then look "
+        "alike and are mixed across tasks",
+        where=adapters[0].where,
+        hint="pass a --base that holds the initial head (the model the adapters were trained from, head "
+        "included); or --heads own to keep each client's head and merge the LoRA parts; or --heads merge "
+        "to merge them against zero knowingly (--heads exclude leaves them out)",
+    )
 
 
 def _check_same_base(adapters: Sequence[Adapter]) -> None:

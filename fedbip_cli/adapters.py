@@ -104,6 +104,7 @@ class DensePart:
     key: str
     shape: tuple[int, ...]
     lora: LoraModule | None = None
+    dtype: torch.dtype = torch.float32  # the stored tensor's dtype
 
 
 def part_name(tensor: str) -> str:
@@ -319,6 +320,12 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def declared_base(directory: Path) -> str | None:
+    """The base model an adapter directory's config names (``base_model_name_or_path``), if any."""
+    name = _read_config(directory / CONFIG_NAME).get("base_model_name_or_path")
+    return name if isinstance(name, str) and name else None
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -539,7 +546,7 @@ def _parse_parts(
         part = part_name(tensor)
         if part in dense or part in modules:
             raise AdapterError(f"{tensor} is both a LoRA module and a saved tensor", where=where, hint=SUPPORTED)
-        dense[part] = DensePart(part, kind, tensor, key, tuple(shapes[key]))
+        dense[part] = DensePart(part, kind, tensor, key, tuple(shapes[key]), dtype=FLOAT_DTYPES[dtypes[key]])
     return modules, dict(sorted(dense.items())), copies
 
 
@@ -665,16 +672,24 @@ class StreamingAdapterWriter:
     way. safetensors readers take tensors in any order of the data section.
     """
 
-    def __init__(self, path: Path, entries: dict[str, list[int]], dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        path: Path,
+        entries: dict[str, list[int]],
+        dtype: torch.dtype,
+        dtypes: dict[str, torch.dtype] | None = None,
+    ) -> None:
+        """``dtypes`` names the entries kept in another dtype than ``dtype`` (a client's own head, as stored)."""
         self.path = path
         self.dtype = dtype
-        itemsize = torch.empty(0, dtype=dtype).element_size()
+        self._dtypes = dtypes or {}
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         self._expected = list(entries.items())
         offset = 0
         for name, shape in self._expected:
-            size = math.prod(shape) * itemsize
-            header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+            kind = self._dtypes.get(name, dtype)
+            size = math.prod(shape) * torch.empty(0, dtype=kind).element_size()
+            header[name] = {"dtype": _DTYPE_CODES[kind], "shape": shape, "data_offsets": [offset, offset + size]}
             offset += size
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
@@ -693,7 +708,8 @@ class StreamingAdapterWriter:
         expected, shape = self._expected[self._next] if self._next < len(self._expected) else (None, None)
         if name != expected or list(tensor.shape) != shape:
             raise RuntimeError(f"{self.path}: expected {expected} {shape}, got {name} {list(tensor.shape)}")
-        data = finite(tensor.detach().to(device="cpu", dtype=self.dtype).contiguous(), name, self.path.parent.name)
+        kind = self._dtypes.get(name, self.dtype)
+        data = finite(tensor.detach().to(device="cpu", dtype=kind).contiguous(), name, self.path.parent.name)
         self._append(data.reshape(-1).view(torch.uint8).numpy().tobytes())
         self._next += 1
 

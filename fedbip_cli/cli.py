@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -10,13 +11,31 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import click
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedbip_cli import __version__
-from fedbip_cli.defaults import DEFAULT_DIM, DEFAULT_MAX_SHARD_SIZE, MAX_DIM, MAX_TEMPERATURE, MIN_TEMPERATURE
+from fedbip_cli.defaults import (
+    COMBINE_NAMES,
+    DEFAULT_DIM,
+    DEFAULT_MAX_SHARD_SIZE,
+    DEVICES,
+    DTYPE_NAMES,
+    ENGINES,
+    FORMATS,
+    GRANULARITIES,
+    HEADS,
+    MAX_DIM,
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    NEGATIVE_MODES,
+    SIMILARITY_METHODS,
+    WEIGHTING_NAMES,
+)
 from fedbip_cli.errors import FedbipError, UsageError
 from fedbip_cli.innercache import InnerProductCache, default_cache_dir
 
@@ -39,7 +58,38 @@ ROOT_EPILOG = """[b]Examples[/b]
 Each command's --help shows its options, more examples and what it exits with.
 """
 
+USAGE_HINT = "run the command with --help to see the accepted options and values"
+
+
+def _json_error(code: str, message: str, hint: str | None) -> None:
+    """An error under --json: one JSON object on stdout (``schemas/error.schema.json``)."""
+    sys.stdout.write(json.dumps({"code": code, "message": message, "hint": hint}, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+class Commands(typer.core.TyperGroup):
+    """typer's command group, with one change: under --json, an error found while parsing (an unknown
+    option, a value not among an option's choices) is one JSON object on stdout too, with the same
+    exit code (2) that click gives it."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        standalone = extra.pop("standalone_mode", True)
+        if not standalone or "--json" not in argv:
+            return super().main(argv, prog_name, complete_var, standalone_mode=standalone, **extra)
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            _json_error("usage", exc.format_message(), USAGE_HINT)
+            code = exc.exit_code
+        except click.Abort:
+            _json_error("interrupted", "interrupted", None)
+            code = INTERRUPTED
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=Commands,
     name="fedbip",
     epilog=ROOT_EPILOG + EXIT_CODES,
     help="Personalized task-vector merging of LoRA adapters (after FedBip, arXiv 2509.12697).",
@@ -65,13 +115,18 @@ SOURCES_HELP = (
     "SOURCES: adapters or full fine-tuned models (with --base): a directory of them, single directories, "
     "@FILE (one source a line), or hf://owner/repo\\[@revision]\\[/subfolder]."
 )
-Sources = Annotated[list[str], typer.Argument(show_default=False)]
 Layerwise = Annotated[
     bool,
     typer.Option("--layerwise", help="One similarity per transformer block (FedBip-L); same as --granularity block."),
 ]
 Granularity = Annotated[
-    str | None, typer.Option("--granularity", help="model (default), block or module.", show_default=False)
+    str | None,
+    typer.Option(
+        "--granularity",
+        help="model (default), block or module.",
+        show_default=False,
+        click_type=click.Choice(GRANULARITIES),
+    ),
 ]
 Base = Annotated[
     str | None,
@@ -80,7 +135,31 @@ Base = Annotated[
         help="Base model (directory or hf://): adapters are checked against it; full checkpoints need it (ΔW = W - W_base).",
     ),
 ]
-Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML (or YAML: *.yaml, *.yml) file with sources and any option below (relative paths from its "
+        "directory); the command line overrides it. merge and inspect-similarity read the same file.",
+        show_default=False,
+    ),
+]
+Device = Annotated[
+    str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.", click_type=click.Choice(DEVICES))
+]
+Heads = Annotated[
+    str | None,
+    typer.Option(
+        "--heads",
+        help="Saved modules (modules_to_save, e.g. a classifier head): merge (compared and merged; against zero "
+        "where the base lacks them), own (each client keeps its own, byte for byte; only the LoRA parts are "
+        "compared and merged) or exclude (left out of the similarity and the outputs). Without it, saved "
+        "modules the base lacks are refused.",
+        show_default=False,
+        click_type=click.Choice(HEADS),
+    ),
+]
 CacheDir = Annotated[
     Path | None,
     typer.Option(
@@ -97,8 +176,9 @@ Similarity = Annotated[
     typer.Option(
         "--similarity",
         help="exact (factor space, the default) or sketch: seeded random sketches whose Gram costs K²·M²/2 per module, "
-        "for thousands of adapters (LoRA only; approximate, see --sketch-dim).",
+        "for thousands of adapters (LoRA parts sketched, dense parts such as heads exact; approximate, see --sketch-dim).",
         show_default=False,
+        click_type=click.Choice(SIMILARITY_METHODS),
     ),
 ]
 SketchDim = Annotated[
@@ -106,10 +186,9 @@ SketchDim = Annotated[
     typer.Option(
         "--sketch-dim",
         help=f"With --similarity sketch: each module's ΔW is reduced to M×M numbers, 1 to {MAX_DIM} (default {DEFAULT_DIM}). "
-        "The cosine error falls about as 1/M, the time of the Gram grows as M². The default is the smallest M that kept "
-        "all 3 million checked whole-model cosines of 10 000 MiniLM-sized adapters (12 modules) within 0.02 of the exact "
-        "ones (0.015, in 24 s on 2 CPU cores; M = 64: 0.023 in 19 s). Per block or per module fewer numbers are "
-        "compared and the worst error is 2-4x larger: raise M. README: 'Huge K'.",
+        "The cosine error falls about as 1/M, the time of the Gram grows as M²; per block or per module fewer numbers "
+        "are compared and the error is larger: raise M. Measured errors and times: docs/inspect.md, 'Huge K: "
+        "sketched similarity'.",
         show_default=False,
     ),
 ]
@@ -142,31 +221,34 @@ INTERRUPTED = 130  # the shell's exit status for a process ended by SIGINT
 
 
 @contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn a FedbipError into one line plus a hint and its exit code (traceback with FEDBIP_DEBUG=1).
+def _user_errors(as_json: bool = False) -> Iterator[None]:
+    """Turn a FedbipError into one line plus a hint and its exit code (traceback with FEDBIP_DEBUG=1);
+    under --json (``as_json``) into one JSON object on stdout with the same exit code.
 
     From here on Ctrl-C raises KeyboardInterrupt, so that what a run staged is removed on the way out.
     """
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    report = _json_error if as_json else _error_line
     try:
         yield
     except FedbipError as exc:
         if os.environ.get("FEDBIP_DEBUG") == "1":
             raise
-        _error_line(str(exc), exc.hint)
+        report(exc.code, str(exc), exc.hint)
         raise typer.Exit(exc.exit_code) from None
     except OSError as exc:  # the operating system refused (disk full, read-only, permissions): not a bug
         if os.environ.get("FEDBIP_DEBUG") == "1":
             raise
         where = f"{os.fsdecode(exc.filename)}: " if exc.filename else ""
-        _error_line(f"{where}{exc.strerror or exc}", "check the path exists, is writable and has room")
+        report("system", f"{where}{exc.strerror or exc}", "check the path exists, is writable and has room")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        _error_line("interrupted", None)
+        report("interrupted", "interrupted", None)
         raise typer.Exit(INTERRUPTED) from None
 
 
-def _error_line(message: str, hint: str | None) -> None:
+def _error_line(code: str, message: str, hint: str | None) -> None:
+    """An error on stderr: ``error: <message>`` and ``hint: <hint>`` (``code`` is for --json)."""
     console = _stderr()
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     if hint:
@@ -254,15 +336,7 @@ MERGE_EPILOG = """[b]Examples[/b]
 )
 def merge(
     sources: Annotated[list[str] | None, typer.Argument(show_default=False)] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            "-c",
-            help="TOML (or YAML: *.yaml, *.yml) file with sources and any option below (relative paths from its directory); the command line overrides it.",
-            show_default=False,
-        ),
-    ] = None,
+    config: ConfigFile = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -273,14 +347,24 @@ def merge(
         ),
     ] = None,
     base: Base = None,
+    heads: Heads = None,
     layerwise: Layerwise = False,
     granularity: Granularity = None,
     weighting: Annotated[
-        str | None, typer.Option(help="paper (S⁺ normalised per row, default) or softmax.", show_default=False)
+        str | None,
+        typer.Option(
+            help="paper (S⁺ normalised per row, default) or softmax.",
+            show_default=False,
+            click_type=click.Choice(WEIGHTING_NAMES),
+        ),
     ] = None,
     negative: Annotated[
         str | None,
-        typer.Option(help="clip (negatively similar clients get weight 0, default) or keep.", show_default=False),
+        typer.Option(
+            help="clip (negatively similar clients get weight 0, default) or keep.",
+            show_default=False,
+            click_type=click.Choice(NEGATIVE_MODES),
+        ),
     ] = None,
     temperature: Annotated[
         float | None,
@@ -300,6 +384,7 @@ def merge(
         typer.Option(
             help="svd: exact merge truncated to --rank (default); cat: exact, rank = sum of ranks; linear: A and B averaged separately (FedIT-style, inexact, equal ranks only).",
             show_default=False,
+            click_type=click.Choice(COMBINE_NAMES),
         ),
     ] = None,
     rank: Annotated[
@@ -311,6 +396,7 @@ def merge(
             help="Dtype of the merged adapters: auto (default: the inputs' dtype when they all agree, else float32), "
             "float32, float16 or bfloat16. float16/bfloat16 round the exact cat merge to their precision.",
             show_default=False,
+            click_type=click.Choice(DTYPE_NAMES),
         ),
     ] = None,
     clip_norm: Annotated[
@@ -341,7 +427,12 @@ def merge(
     ] = None,
     device: Annotated[
         str | None,
-        typer.Option("--device", help="auto (CUDA when available, default), cpu or cuda.", show_default=False),
+        typer.Option(
+            "--device",
+            help="auto (CUDA when available, default), cpu or cuda.",
+            show_default=False,
+            click_type=click.Choice(DEVICES),
+        ),
     ] = None,
     similarity: Similarity = None,
     sketch_dim: SketchDim = None,
@@ -394,6 +485,7 @@ def merge(
         "rank": rank,
         "dtype": dtype,
         "clip_norm": clip_norm,
+        "heads": heads,
         "to_lora": to_lora,
         "max_shard_size": max_shard_size,
         "device": device,
@@ -405,7 +497,7 @@ def merge(
         "locked": locked,
         "cache": _cache_choice(cache, no_cache),
     }
-    with _user_errors():
+    with _user_errors(as_json):
         settings = merge_settings(config, {key: value for key, value in given.items() if value is not None})
         workspace = pipeline.load(
             settings.sources,
@@ -414,6 +506,7 @@ def merge(
             lock=settings.lock,
             locked=settings.locked,
             weights=not dry_run,
+            heads=settings.options.heads,
         )
         if dry_run:
             the_plan = pipeline.plan(workspace, settings.options, settings.out, overwrite=settings.overwrite)
@@ -461,15 +554,22 @@ INSPECT_EPILOG = """[b]Examples[/b]
 
 @app.command(
     "inspect-similarity",
-    help="Show how similar the clients' task vectors are, with nearest neighbours and clusters.\n\n" + SOURCES_HELP,
+    help="Show how similar the clients' task vectors are, with nearest neighbours and clusters.\n\n"
+    + SOURCES_HELP
+    + " They may come from --config instead.",
     epilog=INSPECT_EPILOG + EXIT_CODES,
 )
 def inspect_similarity(
-    sources: Sources,
+    sources: Annotated[list[str] | None, typer.Argument(show_default=False)] = None,
+    config: ConfigFile = None,
     base: Base = None,
+    heads: Heads = None,
     layerwise: Layerwise = False,
     granularity: Granularity = None,
-    output_format: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
+    output_format: Annotated[
+        str, typer.Option("--format", help="table, json or csv.", click_type=click.Choice(FORMATS))
+    ] = "table",
+    as_json: Annotated[bool, typer.Option("--json", help="The same as --format json.")] = False,
     heatmap: Annotated[
         Path | None,
         typer.Option("--heatmap", help="Also write a heatmap PNG (one panel per group).", show_default=False),
@@ -483,7 +583,15 @@ def inspect_similarity(
         ),
     ] = None,
     neighbours: Annotated[int, typer.Option(help="Nearest neighbours to list per client.", min=0)] = 3,
-    device: Device = "auto",
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="auto (CUDA when available, default), cpu or cuda.",
+            show_default=False,
+            click_type=click.Choice(DEVICES),
+        ),
+    ] = None,
     cache: CacheDir = None,
     no_cache: NoCache = False,
     similarity: Similarity = None,
@@ -491,30 +599,43 @@ def inspect_similarity(
     sketch_seed: SketchSeed = None,
 ) -> None:
     """Show how similar the clients' task vectors are, with nearest neighbours and clusters."""
+    if as_json and output_format not in ("table", "json"):
+        raise typer.BadParameter(f"--json means --format json, not {output_format}", param_hint="--json")
+    output_format = "json" if as_json else output_format
     from fedbip_cli import pipeline, report
+    from fedbip_cli.config import inspect_settings
     from fedbip_cli.outdir import Outputs
-    from fedbip_cli.sketch import SimilarityMethod
 
-    gran = _granularity(layerwise, granularity) or "model"
-    if output_format not in ("table", "json", "csv"):
-        raise typer.BadParameter(f"{output_format!r}; choose one of table, json, csv", param_hint="--format")
-    with _user_errors(), InnerProductCache(_cache_dir(cache, no_cache)) as inner_cache:
-        method = SimilarityMethod(similarity or "exact", sketch_dim, sketch_seed)  # checked before any source is read
+    given = {
+        "sources": sources or None,
+        "base": base,
+        "heads": heads,
+        "granularity": _granularity(layerwise, granularity),
+        "device": device,
+        "similarity": similarity,
+        "sketch_dim": sketch_dim,
+        "sketch_seed": sketch_seed,
+        "cache": _cache_choice(cache, no_cache),
+    }
+    with _user_errors(output_format == "json"):
+        settings = inspect_settings(config, {key: value for key, value in given.items() if value is not None})
         if heatmap is not None:
             report.check_image_path(heatmap)
         if matrix is not None:
             report.check_matrix_path(matrix)
-        workspace = pipeline.load(sources, base=base)
-        with _progress(output_format == "table") as progress:
+        workspace = pipeline.load(
+            settings.sources, base=settings.base, base_dir=settings.source_dir, heads=settings.heads
+        )
+        with InnerProductCache(settings.cache) as inner_cache, _progress(output_format == "table") as progress:
             result = pipeline.inspect(
                 workspace,
-                granularity=gran,
-                device=device,
+                granularity=settings.granularity,
+                device=settings.device,
                 progress=progress,
                 cache=inner_cache,
-                similarity=method.name,
-                sketch_dim=method.dim,
-                sketch_seed=method.seed,
+                similarity=settings.method.name,
+                sketch_dim=settings.method.dim,
+                sketch_seed=settings.method.seed,
             )
         with Outputs() as outputs:  # the heatmap and the matrix file: both written, or neither
             if heatmap is not None:
@@ -522,9 +643,18 @@ def inspect_similarity(
             if matrix is not None:
                 report.write_matrices(result, outputs.file(matrix, check=report.check_matrix_path))
     _cache_warning(inner_cache)
+    _show_similarity(result, output_format, neighbours=neighbours, matrix=matrix, heatmap=heatmap, cache=inner_cache)
+
+
+def _show_similarity(
+    result: Any, output_format: str, *, neighbours: int, matrix: Path | None, heatmap: Path | None, cache: Any
+) -> None:
+    """``inspect-similarity``'s output on stdout: JSON, CSV or tables."""
+    from fedbip_cli import report
+
     if output_format == "json":
         data = report.similarity_json_tensors(result, neighbours=neighbours, matrix=matrix)
-        _print_json({**data, "cache": report.cache_json(inner_cache)})
+        _print_json({**data, "cache": report.cache_json(cache)})
     elif output_format == "csv":
         sys.stdout.write(report.similarity_csv(result))
     else:
@@ -637,7 +767,8 @@ def simulate(
         str,
         typer.Option(
             help="inprocess (every client in this process) or flower (Flower's Simulation Engine: one "
-            "SuperNode per client; needs `pip install 'fedbip\\[flower]'`)."
+            "SuperNode per client; needs fedbip's flower extra: `python -m pip install '.\\[flower]'` in a clone).",
+            click_type=click.Choice(ENGINES),
         ),
     ] = "inprocess",
     attack: Annotated[
@@ -704,7 +835,7 @@ def simulate(
     from fedbip_cli.simulate.runner import simulate as run_simulation
     from fedbip_cli.simulate.seeds import parse_seeds, seeds_table
 
-    with _user_errors():
+    with _user_errors(as_json):
         seed_list = parse_seeds(seeds) if seeds is not None else None
         if engine == "flower" and attack != "none":
             raise UsageError("--attack is not wired to --engine flower", hint="use --engine inprocess")
@@ -752,8 +883,6 @@ def simulate(
 
         if engine == "flower":
             result = _simulate_on_flower(config, out, overwrite=overwrite, resume=resume, seeds=seed_list)
-        elif engine != "inprocess":
-            raise typer.BadParameter(f"{engine!r}; choose inprocess or flower", param_hint="--engine")
         else:
             with _progress(not as_json) as progress:
                 result = run_simulation(
@@ -782,7 +911,10 @@ def _simulate_on_flower(config: Any, out: Path, *, overwrite: bool, resume: bool
     try:
         from fedbip_cli.simulate.flower.engine import simulate_on_flower
     except ImportError as exc:
-        raise UsageError(f"--engine flower needs Flower ({exc})", hint="pip install 'fedbip[flower]'") from None
+        raise UsageError(
+            f"--engine flower needs Flower ({exc})",
+            hint="install fedbip with its flower extra: python -m pip install '.[flower]' in a clone of fedbip (or its wheel with [flower])",
+        ) from None
     return simulate_on_flower(config, out, seed_list=seeds, resume=resume, overwrite=overwrite)
 
 

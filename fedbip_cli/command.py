@@ -2,7 +2,8 @@
 
 It is rebuilt from what the merge actually used, never copied from ``sys.argv``: every option is
 spelled out (defaults included), ``--rank`` is the rank used, the device is the one resolved, Hub
-SOURCES are pinned to the commits they resolved to and local ones are absolute. ``--out`` is left as
+SOURCES are pinned to the commits they resolved to, local ones and @lists are as given (never made
+absolute: the command is published in cards). ``--out`` is left as
 ``OUT`` so that the command, and whatever records it, stays the same bytes wherever the merge was
 written.
 """
@@ -11,28 +12,17 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
-from pathlib import Path
 
-from fedbip_cli.sources import HUB_PREFIX, ResolvedSource, pinned_spec
+from fedbip_cli.sources import ResolvedSource, pinned_spec
 
 OUT_PLACEHOLDER = "OUT"
 
 
-def pinned_sources(resolved: Sequence[tuple[str, Sequence[ResolvedSource]]], base_dir: Path) -> list[str]:
-    """SOURCES that resolve to the same clients anywhere, in the same order.
-
-    A Hub reference gets the commit its clients came from; a path becomes absolute; an ``@list``
-    is expanded to its clients (their Hub references pinned), since its file may change.
-    """
-    pinned: list[str] = []
-    for spec, group in resolved:
-        if spec.startswith("@"):
-            pinned += [
-                pinned_spec(s.origin, s.revision) if s.origin.startswith(HUB_PREFIX) else s.origin for s in group
-            ]
-        else:
-            pinned.append(pinned_spec(spec, group[0].revision if group else None, base_dir=base_dir))
-    return pinned
+def pinned_sources(resolved: Sequence[tuple[str, Sequence[ResolvedSource]]]) -> list[str]:
+    """The SOURCES, in the same order, as given: a Hub reference pinned at the commit its clients came
+    from; a local path or an ``@list`` as written (the manifest's inputs and the lock file record what
+    each resolved to)."""
+    return [pinned_spec(spec, group[0].revision if group else None) for spec, group in resolved]
 
 
 def merge_command(
@@ -63,6 +53,8 @@ def merge_command(
             words += ["--max-shard-size", str(options["max_shard_size"])]
     else:
         words += ["--combine", str(options["combine"]), "--dtype", str(options.get("dtype", "auto"))]
+    if options.get("heads") is not None:
+        words += ["--heads", str(options["heads"])]
     if options.get("clip_norm") is not None:
         words += ["--clip-norm", str(options["clip_norm"])]
     if rank is not None:

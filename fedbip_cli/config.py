@@ -35,6 +35,7 @@ from fedbip_cli.defaults import MAX_TEMPERATURE, MIN_TEMPERATURE
 from fedbip_cli.errors import UsageError
 from fedbip_cli.innercache import default_cache_dir
 from fedbip_cli.pipeline import MergeOptions
+from fedbip_cli.sketch import SimilarityMethod
 from fedbip_cli.sources import HUB_PREFIX
 from fedbip_cli.weights import WeightOptions
 
@@ -72,6 +73,7 @@ KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "combine": (_text, "a string"),
     "rank": (_integer, "an integer"),
     "dtype": (_text, 'a string ("auto", "float32", "float16" or "bfloat16")'),
+    "heads": (_text, 'a string ("merge", "own" or "exclude")'),
     "clip_norm": (_text, 'a string ("auto", a multiple of the median norm such as "1.5x", or a number)'),
     "to_lora": (_integer, "an integer (full checkpoints: the rank of the adapters written)"),
     "max_shard_size": (_text, 'a size (string), e.g. "5GB"'),
@@ -97,6 +99,7 @@ _OPTION_KEYS = (
     "rank",
     "dtype",
     "clip_norm",
+    "heads",
     "to_lora",
     "max_shard_size",
     "device",
@@ -269,6 +272,54 @@ def merge_options(values: Mapping[str, Any]) -> MergeOptions:
     return replace(MergeOptions(), weights=weights, **{k: values[k] for k in _OPTION_KEYS if k in values})
 
 
+def _layered(config: Path | None, given: Mapping[str, Any], command: str) -> dict[str, Any]:
+    """The command line's values over the config file's; SOURCES are required from one of them."""
+    values = read_config(config) if config is not None else {}
+    command_line = normalise(given, "command line")
+    if "sources" in command_line:
+        command_line["source_dir"] = Path.cwd()
+    values.update(command_line)
+    hint = f"give them on the command line{' or in ' + str(config) if config else ', or use --config FILE'}"
+    if not values.get("sources"):
+        raise UsageError("no SOURCES given", where=f"fedbip {command}", hint=hint)
+    return values
+
+
+@dataclass(frozen=True)
+class InspectSettings:
+    """One ``fedbip inspect-similarity``: the command line over the config file (the same file ``merge``
+    reads; the keys that only a merge uses, such as ``out`` or ``combine``, are checked but not used)."""
+
+    sources: tuple[str, ...]
+    source_dir: Path
+    granularity: str
+    device: str
+    method: SimilarityMethod
+    base: str | None = None
+    heads: str | None = None
+    cache: Path | None = None
+
+
+def inspect_settings(config: Path | None, given: Mapping[str, Any]) -> InspectSettings:
+    """Decide every option of ``inspect-similarity`` (``given``: config keys, as ``merge_settings``).
+
+    Raises:
+        UsageError: a bad config file (see ``read_config``) or no SOURCES.
+    """
+    values = _layered(config, given, "inspect-similarity")
+    cache = values.get("cache", True)
+    return InspectSettings(
+        sources=tuple(values["sources"]),
+        source_dir=values.get("source_dir", Path.cwd()),
+        granularity=values.get("granularity", "model"),
+        device=values.get("device", "auto"),
+        method=SimilarityMethod(values.get("similarity", "exact"), values.get("sketch_dim"), values.get("sketch_seed")),
+        base=values.get("base"),
+        heads=values.get("heads"),
+        cache=default_cache_dir() if cache is True else (None if cache is False else Path(cache)),
+    )
+
+
 def merge_settings(config: Path | None, given: Mapping[str, Any]) -> MergeSettings:
     """Decide every option of a merge.
 
@@ -281,14 +332,7 @@ def merge_settings(config: Path | None, given: Mapping[str, Any]) -> MergeSettin
         UsageError: a bad config file (see ``read_config``), no SOURCES, no ``out``, or
             ``locked`` without ``lock``.
     """
-    values = read_config(config) if config is not None else {}
-    command_line = normalise(given, "command line")
-    if "sources" in command_line:
-        command_line["source_dir"] = Path.cwd()
-    values.update(command_line)
-    hint = f"give them on the command line{' or in ' + str(config) if config else ', or use --config FILE'}"
-    if not values.get("sources"):
-        raise UsageError("no SOURCES given", where="fedbip merge", hint=hint)
+    values = _layered(config, given, "merge")
     if values.get("out") is None:
         raise UsageError(
             "no output directory given",

@@ -1,8 +1,10 @@
-"""Defaults and limits that ``fedbip --help`` shows, in a module with no heavy imports.
+"""Defaults, limits and named option values, in a module with no heavy imports.
 
-The CLI builds its help text at import; importing these from ``sketch`` or ``shards`` would load
-torch first and make ``fedbip --help`` and ``fedbip --version`` take seconds. Their old homes
-import them from here.
+The CLI builds its help text at import and checks named option values while parsing, before a
+command imports torch; importing these from ``sketch``, ``shards`` or ``weights`` would load torch
+first and make ``fedbip --help``, ``--version`` and a mistyped value take seconds. The modules that
+use them import them from here (the combine and weighting registries are checked against their
+names by the tests).
 """
 
 DEFAULT_MAX_SHARD_SIZE = "2GB"  # full checkpoints: the largest output shard
@@ -12,3 +14,17 @@ MAX_DIM = 1024
 # S/T stays finite and distinguishable.
 MIN_TEMPERATURE = 1e-6
 MAX_TEMPERATURE = 1e6
+# --heads: what happens to saved modules (modules_to_save): merged (against zero where the base lacks
+# them), kept as each client's own (left out of the similarity), or left out of the similarity and the outputs.
+HEADS = ("merge", "own", "exclude")
+
+# Named option values (the registries and value classes that use them import them from here).
+GRANULARITIES = ("model", "block", "module")
+WEIGHTING_NAMES = ("paper", "softmax")
+NEGATIVE_MODES = ("clip", "keep")
+COMBINE_NAMES = ("svd", "cat", "linear")
+DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+SIMILARITY_METHODS = ("exact", "sketch")
+FORMATS = ("table", "json", "csv")
+ENGINES = ("inprocess", "flower")

@@ -87,6 +87,7 @@ def merge_record(
         "clients": similarity.clients,
         "granularity": similarity.granularity,
         "similarity": similarity.method,
+        "covers": similarity.covers,
         "groups": groups(similarity, weights),
         **written.record,
         "energy_kept": written.energy,
@@ -104,7 +105,5 @@ def reproducing_command(workspace: Any, options: dict[str, Any], *, rank: int | 
         rank: the rank used by ``svd`` (None otherwise).
         device: where the merge ran.
     """
-    base = pinned_spec(workspace.base, workspace.base_revision, base_dir=workspace.base_dir) if workspace.base else None
-    return merge_command(
-        pinned_sources(workspace.resolved, workspace.base_dir), options, base=base, rank=rank, device=device.type
-    )
+    base = pinned_spec(workspace.base, workspace.base_revision) if workspace.base else None
+    return merge_command(pinned_sources(workspace.resolved), options, base=base, rank=rank, device=device.type)

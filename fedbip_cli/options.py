@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fedbip_cli.defaults import DEVICES, HEADS
 from fedbip_cli.defence import ClipNorm
 from fedbip_cli.errors import UsageError
 from fedbip_cli.merge import DEFAULT_COMBINE, registered
@@ -26,7 +27,6 @@ from fedbip_cli.weights import WeightOptions
 
 # progress(stage, total) starts a stage and returns the function that advances it.
 Progress = Callable[[str, int], Callable[[int], None]]
-DEVICES = ("auto", "cpu", "cuda")
 # --dtype: auto keeps the inputs' dtype when they all agree (float32 otherwise).
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -72,11 +72,13 @@ class MergeOptions:
     sketch_seed: int | None = None
     dtype: str = "auto"  # adapters: the output dtype (auto: the inputs' when they agree, else float32)
     clip_norm: str | None = None  # bound each task vector's norm before merging (``defence.ClipNorm``)
+    heads: str | None = None  # saved modules: one of HEADS; None: merged only when the base holds them
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise UsageError(f"unknown granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}")
         registered(self.combine)  # raises on an unknown name, listing the valid ones
+        check_heads(self.heads)
         if self.dtype != "auto" and self.dtype not in OUTPUT_DTYPES:
             raise UsageError(f"unknown dtype {self.dtype!r}; choose one of auto, {', '.join(OUTPUT_DTYPES)}")
         if self.rank is not None and self.rank < 1:
@@ -127,7 +129,14 @@ class MergeOptions:
             "dtype": self.dtype,
             "similarity": self.method.as_dict(),
             "clip_norm": None if self.clip is None else str(self.clip),
+            "heads": self.heads,
         }
+
+
+def check_heads(heads: str | None) -> None:
+    """Refuse a ``--heads`` value other than those of ``HEADS`` (None: not chosen)."""
+    if heads is not None and heads not in HEADS:
+        raise UsageError(f"unknown heads {heads!r}; choose one of {', '.join(HEADS)}")
 
 
 def check_method_kind(method: SimilarityMethod, kind: str) -> None:

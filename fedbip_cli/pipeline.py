@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fedbip_cli import lockfile, manifest
-from fedbip_cli.adapter_workspace import AdapterWorkspace, load_adapters
+from fedbip_cli.adapter_workspace import AdapterWorkspace, default_base, load_adapters
 from fedbip_cli.adapters import file_sha256
 from fedbip_cli.card import CARD_NAME, model_card
 from fedbip_cli.checkpoint_workspace import CheckpointWorkspace, load_checkpoints
@@ -31,6 +31,7 @@ from fedbip_cli.options import (
     MergeOptions,
     MergeResult,
     Progress,
+    check_heads,
     check_method_kind,
     resolve_device,
     start,
@@ -38,7 +39,7 @@ from fedbip_cli.options import (
 from fedbip_cli.outdir import Outputs, check_out
 from fedbip_cli.similarity import SimilarityResult, similarity_from_inner
 from fedbip_cli.sketch import SimilarityMethod
-from fedbip_cli.sources import FULL, fetch_weights, resolve_revision, resolve_specs
+from fedbip_cli.sources import FULL, LORA, fetch_weights, model_reference, resolve_revision, resolve_specs
 from fedbip_cli.taskvec import group_modules
 from fedbip_cli.weights import personalized_weights
 from fedbip_cli.workspace import Workspace
@@ -69,6 +70,7 @@ def load(
     lock: Path | None = None,
     locked: bool = False,
     weights: bool = True,
+    heads: str | None = None,
 ) -> Workspace:
     """Resolve and validate every source (and the base, when given).
 
@@ -78,7 +80,9 @@ def load(
     Args:
         specs: the SOURCES.
         base: a base model to check module names and shapes against (full checkpoints: the model
-            their task vectors W - W_base are taken from).
+            their task vectors W - W_base are taken from): a directory, an ``hf://`` reference or an
+            ``owner/name`` Hub id. Without it, adapters are checked against the base they all name in
+            ``base_model_name_or_path`` when it resolves.
         base_dir: the directory relative SOURCES and ``base`` are taken from (default: the working
             directory; a config file's directory for the sources it names).
         lock: a lock file. The record of what this run resolved to is kept in ``Workspace.lock``
@@ -88,10 +92,13 @@ def load(
         weights: False for a dry run: full checkpoints are known from their safetensors headers
             alone (a Hub one's weights are not fetched, no file is hashed, a lock's commits are
             checked but not their weights' hashes); the workspace can be planned, not merged.
+        heads: what happens to adapters' saved modules (``--heads``: merge, own or exclude); None
+            refuses saved modules that the base lacks.
 
     Raises:
         FedbipError: a source or the base cannot be resolved or is invalid, or (``locked``) an input moved.
     """
+    check_heads(heads)
     if locked and lock is None:
         raise UsageError("--locked needs --lock FILE", hint="name the lock file to check against with --lock")
     directory = Path.cwd() if base_dir is None else Path(base_dir)
@@ -103,6 +110,10 @@ def load(
             where=", ".join(specs) or "SOURCES",
             hint="pass a directory of adapter directories, several adapter directories, or an @list file",
         )
+    if base is not None:
+        base = model_reference(base, directory)  # a local directory, or an owner/name Hub id as peft reads it
+    elif all(s.kind == LORA for s in sources):
+        base = default_base(sources, directory)  # the base the adapters name, when it resolves
     base_revision = None if base is None else resolve_revision(base)
     lock = None if lock is None else Path(lock)
     held = lockfile.read_lock(lock) if locked and lock is not None else None
@@ -117,6 +128,10 @@ def load(
         lockfile.check_sources(held, pinned, lock)
     workspace: Workspace
     if any(s.kind == FULL for s in sources):
+        if heads is not None:
+            raise UsageError(
+                "--heads applies to adapters' saved modules", hint="full checkpoints are merged whole; drop --heads"
+            )
         workspace = load_checkpoints(
             list(specs),
             sources,
@@ -127,7 +142,9 @@ def load(
             weights=weights,
         )
     else:
-        workspace = load_adapters(list(specs), sources, base, base_revision, directory, resolved, weights=weights)
+        workspace = load_adapters(
+            list(specs), sources, base, base_revision, directory, resolved, weights=weights, heads=heads
+        )
     if lock is not None:
         base_pin = lockfile.base_record(base, workspace.base_revision)
         workspace.lock = LockState(lock, lockfile.lock_record(pinned, base_pin), locked)
@@ -155,11 +172,14 @@ def inspect(
     method = SimilarityMethod(similarity, sketch_dim, sketch_seed)
     check_method_kind(method, workspace.kind)
     if method.name == "sketch":
-        return workspace.sketched(granularity, method, resolve_device(device), progress)
-    groups = group_modules(workspace.parts, granularity, module_of=workspace.module_of)
-    advance = start(progress, "similarity", len(workspace.parts))
-    inner = workspace.inner_products(resolve_device(device), cache, advance)
-    return similarity_from_inner(workspace.clients, granularity, groups, inner)
+        result = workspace.sketched(granularity, method, resolve_device(device), progress)
+    else:
+        groups = group_modules(workspace.parts, granularity, module_of=workspace.module_of)
+        advance = start(progress, "similarity", len(workspace.parts))
+        inner = workspace.inner_products(resolve_device(device), cache, advance)
+        result = similarity_from_inner(workspace.clients, granularity, groups, inner)
+    result.covers = workspace.coverage()
+    return result
 
 
 def plan(

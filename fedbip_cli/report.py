@@ -83,12 +83,32 @@ def similarity_tables(result: Any, *, neighbours: int = 3) -> list[RenderableTyp
         _matrix_table(clients, overview, title, neighbours),
         _clusters_line(clients, suggest_clusters(overview)),
     ]
+    if covers_line(result.covers):
+        renderables.insert(1, Text(covers_line(result.covers), style="dim"))
     if result.granularity != "model":
         renderables.append(_groups_table(result))
     flagged = outlier_lines(clients, result)
     if flagged:
         renderables.append(Text("\n".join(flagged), style="yellow"))
     return renderables
+
+
+def covers_line(covers: dict[str, Any] | None) -> str:
+    """What the similarity covers, in words: ``similarity over 24 parts (lora 22, saved 2)`` and, with
+    saved modules, what ``--heads`` did with them; nothing when every part is of one kind and no client
+    saves a module (the similarity then covers the whole task vectors)."""
+    if not covers or (covers["heads"] is None and len(covers["parts"]) == 1):
+        return ""
+    parts = covers["parts"]
+    line = f"similarity over {sum(parts.values())} parts (" + ", ".join(f"{k} {n}" for k, n in parts.items()) + ")"
+    heads, left_out = covers["heads"], ", ".join(covers["left_out"])
+    if heads == "own":
+        line += f"; saved modules {left_out} left out, each client keeps its own (--heads own)"
+    elif heads == "exclude":
+        line += f"; saved modules {left_out} left out of the similarity and the outputs (--heads exclude)"
+    elif heads == "merge":
+        line += "; saved modules compared and merged (--heads merge)"
+    return line
 
 
 def outlier_lines(clients: list[str], result: Any) -> list[str]:
@@ -152,6 +172,7 @@ def similarity_json_tensors(result: Any, *, neighbours: int = 3, matrix: Path | 
             clients[i]: [[clients[j], value] for j, value in row]
             for i, row in enumerate(nearest_neighbours(overview, neighbours))
         },
+        "covers": result.covers,
     }
     if matrix is not None:
         for group in data["groups"].values():
@@ -579,6 +600,7 @@ def merge_summary(result: Any) -> dict[str, Any]:
         "clients": clients,
         "granularity": result.similarity.granularity,
         "similarity": result.similarity.method,
+        "covers": result.similarity.covers,
         "combine": result.manifest["combine"],
         "rank": result.manifest["rank"],
         "weights": {name: [[float(x) for x in row] for row in w.tolist()] for name, w in result.weights.items()},
@@ -598,7 +620,9 @@ def merge_table(result: Any, top: int = 3) -> Table:
         title=f"personalized {written} written to {result.out}",
         caption=(
             f"granularity {result.similarity.granularity} ({len(result.weights)} group(s)); combine "
-            f"{result.manifest['combine']}" + (f" at rank {result.rank}" if result.manifest["rank"] else "")
+            f"{result.manifest['combine']}"
+            + (f" at rank {result.rank}" if result.manifest["rank"] else "")
+            + (f"\n{covers_line(result.similarity.covers)}" if covers_line(result.similarity.covers) else "")
         ),
     )
     table.add_column("client")

@@ -51,6 +51,8 @@ class SimilarityResult:
     groups: dict[str, GroupSimilarity]
     # How the similarities were computed: {"method": "exact"}, or a sketch's method, dim and seed.
     method: dict[str, Any] = field(default_factory=lambda: {"method": "exact"})
+    # Which parts the similarity covers (``Workspace.coverage``): counts by kind, --heads, saved modules left out.
+    covers: dict[str, Any] | None = None
 
 
 def compute_pairs(factors: dict[bytes, KeyedFactors], keys: Sequence[bytes], missing: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -34,13 +34,13 @@ from typing import Any
 import torch
 
 from fedbip_cli.adapters import Adapter, FactorReader, read_module
-from fedbip_cli.defaults import DEFAULT_DIM, MAX_DIM
+from fedbip_cli.defaults import DEFAULT_DIM, MAX_DIM, SIMILARITY_METHODS
 from fedbip_cli.errors import AdapterError, UsageError
 from fedbip_cli.similarity import GroupSimilarity, SimilarityResult, cosine_from_inner
 
 # Names the sketch in the seeds of its projections: change it when the projections change.
 ENGINE = "fedbip-sketch-v1"
-METHODS = ("exact", "sketch")
+METHODS = SIMILARITY_METHODS
 MAX_BLOCKS = 4  # blocks per side: b² blocks in all
 LEVELS = 127  # int8 codes -127 .. 127
 INT_CHUNK = 1 << 17  # features per integer product: 127² · 2¹⁷ < 2³¹, no int32 overflow
@@ -315,19 +315,24 @@ def sketch_similarity(
     *,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
+    dense: Callable[[str], torch.Tensor] | None = None,
+    dense_parts: Collection[str] = (),
 ) -> SimilarityResult:
     """Sketched cosine similarity of the clients' task vectors in every group.
 
     Groups are done one after another, each module read once; a group's float64 K × K Gram becomes
-    its similarity in place: no other K × K is held.
+    its similarity in place: no other K × K is held but, for a dense part, its exact Gram while it is added.
 
     Args:
         adapters: the clients.
         granularity: recorded in the result.
-        groups: group name -> its modules (``taskvec.group_modules``).
+        groups: group name -> its parts (``taskvec.group_modules``).
         method: a ``sketch`` method (dimension and seed).
         device: where sketches and Grams are computed.
-        progress: called with 1 after each module.
+        progress: called with 1 after each part.
+        dense: the exact (K, K) float64 Gram of a dense part (saved module, DoRA, bias), which is not
+            sketched: its inner products are added exactly to the group's sketched ones.
+        dense_parts: the parts that ``dense`` computes; every other part is a LoRA module, sketched.
 
     Raises:
         AdapterError: a client's whole task vector is zero (its similarity is undefined).
@@ -340,10 +345,16 @@ def sketch_similarity(
         gram = torch.zeros(count, count, dtype=torch.float64, device=device)
         norms2 = torch.zeros(count, dtype=torch.float64)
         for module in members:
-            sketch = sketch_module(adapters, module, method, device=device, reader=reader)
-            accumulate_gram(gram, sketch.codes, sketch.scale)
-            norms2 += sketch.norms2.cpu()
-            del sketch
+            if module in dense_parts and dense is not None:
+                exact = dense(module)
+                gram += exact.to(gram.device)
+                norms2 += exact.diagonal().cpu()
+                del exact
+            else:
+                sketch = sketch_module(adapters, module, method, device=device, reader=reader)
+                accumulate_gram(gram, sketch.codes, sketch.scale)
+                norms2 += sketch.norms2.cpu()
+                del sketch
             if progress is not None:
                 progress(1)
         mirror_upper(gram)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -123,7 +124,10 @@ class HubRef:
 class ResolvedSource:
     """One client: its name, its local directory, its origin and its kind.
 
-    ``origin`` identifies the input in the manifest (an ``hf://`` reference or the local path);
+    ``origin`` identifies the input in the manifest and cards as the user gave it: an ``hf://``
+    reference, or the local path as written on the command line, in a config file or an @list (a
+    client found inside a given directory: that path joined with its sub-directory), never resolved
+    to an absolute path that would publish the merging machine's layout;
     ``revision`` is the commit hash a Hub source resolved to, ``None`` for local sources; ``kind``
     is ``lora`` (the directory holds ``adapter_config.json``) or ``full`` (a fine-tuned model:
     ``config.json`` and its weights).
@@ -190,21 +194,18 @@ def fetch_weights(sources: Iterable[ResolvedSource]) -> None:
         _snapshot(repo, patterns, commit)
 
 
-def pinned_spec(spec: str, revision: str | None, *, base_dir: Path | None = None) -> str:
-    """``spec`` as it resolves the same everywhere: a Hub reference at ``revision`` (a commit), a path made absolute.
+def pinned_spec(spec: str, revision: str | None) -> str:
+    """``spec`` for a reproducing command: a Hub reference pinned at ``revision`` (a commit); a local
+    path or @list as given (relative paths are from where the merge ran), never made absolute.
 
     Args:
         spec: one SOURCE (or ``--base``) as the user gave it.
         revision: the commit a Hub reference resolved to.
-        base_dir: directory that a relative path was taken from (default: the working directory).
     """
     if spec.startswith(HUB_PREFIX):
         ref = HubRef.parse(spec)
         return str(HubRef(ref.repo_id, revision or ref.revision, ref.subfolder))
-    base = Path.cwd() if base_dir is None else base_dir
-    if spec.startswith("@"):
-        return "@" + str(_local_path(spec[1:], base))
-    return str(_local_path(spec, base))
+    return spec
 
 
 def resolve_model_dir(
@@ -238,6 +239,20 @@ def resolve_model_dir(
         hint = "expected a model directory or hf://owner/repo[@revision][/subfolder]"
         raise SourceError(problem, where=spec, hint=hint)
     return path.resolve(), None
+
+
+# A Hub model id as peft's base_model_name_or_path and from_pretrained take it: owner/name.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def model_reference(spec: str, base_dir: Path) -> str:
+    """A model (``--base``, or an adapter's ``base_model_name_or_path``) as fedbip reads it: as peft does,
+    a local directory when one exists at ``spec``, else an ``owner/name`` Hub id as ``hf://owner/name``
+    (resolved through the Hugging Face cache; ``HF_HUB_OFFLINE=1`` keeps it offline); ``hf://``
+    references and anything else unchanged."""
+    if spec.startswith(HUB_PREFIX) or _local_path(spec, base_dir).exists() or not _HUB_ID.fullmatch(spec):
+        return spec
+    return HUB_PREFIX + spec
 
 
 def resolve_revision(spec: str) -> str | None:
@@ -419,8 +434,16 @@ def _resolve(spec: str, base: Path, lists: tuple[Path, ...]) -> list[ResolvedSou
     if not path.is_dir():
         raise SourceError("not a directory", where=spec, hint=_FORMS)
     return [
-        ResolvedSource(name, d.resolve(), str(d.resolve()), kind=kind) for d, kind, name in _client_dirs(path, spec)
+        ResolvedSource(name, d.resolve(), _as_given(spec, path, d), kind=kind)
+        for d, kind, name in _client_dirs(path, spec)
     ]
+
+
+def _as_given(spec: str, path: Path, directory: Path) -> str:
+    """A client's local origin as the user gave it: ``spec``, joined with the client's sub-directory of it."""
+    if directory == path:
+        return spec
+    return posixpath.join(spec, directory.relative_to(path).as_posix())
 
 
 def _resolve_list(list_file: Path, base: Path, lists: tuple[Path, ...]) -> list[ResolvedSource]:

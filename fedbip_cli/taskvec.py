@@ -18,9 +18,9 @@ import torch
 
 from fedbip_cli.adapters import Adapter, FactorReader, read_module, scaled_factors
 from fedbip_cli.checkpoints import Checkpoint
+from fedbip_cli.defaults import GRANULARITIES
 from fedbip_cli.errors import UsageError
 
-GRANULARITIES = ("model", "block", "module")
 MODEL_GROUP = "model"
 
 # The index of a transformer block in a module path: encoder.layer.3, model.layers.12, transformer.h.0, blocks.7

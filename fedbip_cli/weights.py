@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedbip_cli.defaults import NEGATIVE_MODES
 from fedbip_cli.errors import FedbipError, UsageError
-
-NEGATIVE_MODES = ("clip", "keep")
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,10 @@ class Workspace(ABC):
         paths = [(self.base_dir / Path(s).expanduser()).resolve() for s in given if not s.startswith(("hf://", "@"))]
         return inputs + [path for path in paths if path.exists()]
 
+    def coverage(self) -> dict[str, Any]:
+        """Which parts the similarity covers: ``{"parts": {kind: count}, "heads": ..., "left_out": [...]}``."""
+        return {"parts": {self.kind: len(self.parts)}, "heads": None, "left_out": []}
+
     @abstractmethod
     def inner_products(
         self, device: torch.device, cache: InnerProductCache | None, advance: Callable[[int], None]

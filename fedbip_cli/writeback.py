@@ -22,7 +22,16 @@ from typing import Any
 
 import torch
 
-from fedbip_cli.adapters import BIAS, KEY_PREFIX, SAVED, Adapter, merged_config, part_module, weight_shape
+from fedbip_cli.adapters import (
+    BIAS,
+    KEY_PREFIX,
+    SAVED,
+    Adapter,
+    DensePart,
+    merged_config,
+    part_module,
+    weight_shape,
+)
 from fedbip_cli.merge import Combined, combine_rank
 from fedbip_cli.to_lora import low_rank_factors, tensor_generator
 
@@ -80,7 +89,8 @@ class ClientLayout:
     embedding: set[str] = field(default_factory=set)
     lora_biases: set[str] = field(default_factory=set)  # modules with a lora_B.bias
     saved: set[str] = field(default_factory=set)  # modules_to_save
-    bias: str = "none"
+    trained_bias: bool = False  # a trained bias (bias="lora_only"/"all") is written
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # entries kept in their stored dtype
 
     def add_lora(self, module: str, rank: int, shape: tuple[int, int], *, embedding: bool = False) -> None:
         """Factors of ``module``: (out, in) = ``shape``, A (rank, in) then B (out, rank)."""
@@ -108,10 +118,17 @@ class ClientLayout:
                 shape = output.lora_shape(fan_in_fan_out)
                 self.add_lora(output.part, combine_rank(mode, rank, shape), shape)
         elif output.how == AS_BIAS:
+            self.trained_bias = True
             self.entries[self.bias_key(output.module)] = list(output.shape)
         elif output.module in self.ranks:  # a LoRA bias lives on an adapted module's lora_B
             self.lora_biases.add(output.module)
             self.entries[f"{KEY_PREFIX}{output.module}.lora_B.bias"] = list(output.shape)
+
+    def add_own(self, part: DensePart) -> None:
+        """A client's own saved tensor (``--heads own``), written as stored: same name, shape and dtype."""
+        self.saved.add(part_module(part.name))
+        self.entries[f"{KEY_PREFIX}{part.tensor}"] = list(part.shape)
+        self.dtypes[f"{KEY_PREFIX}{part.tensor}"] = part.dtype
 
     def zero_biases(self, out_features: dict[str, int]) -> list[str]:
         """With any LoRA bias, peft gives every adapted module one: the modules still without, now added."""
@@ -128,7 +145,9 @@ class ClientLayout:
         config = merged_config(self.ranks, template)
         config["modules_to_save"] = sorted(self.saved) or None
         config["lora_bias"] = bool(self.lora_biases)
-        config["bias"] = bias if any(k.endswith(".bias") and ".lora_B." not in k for k in self.entries) else "none"
+        # A saved module's bias is part of that module, not a trained bias: peft's "bias" stays "none" unless
+        # a trained bias of a base layer is written (else loading with is_trainable=True trains every bias).
+        config["bias"] = bias if self.trained_bias else "none"
         return config
 
 

@@ -70,7 +70,7 @@ def test_bench_tiny_end_to_end(tmp_path: Path) -> None:
         "peft add_weighted_adapter (svd)",
     ):
         assert f"| {label} |" in text
-    assert "## The issue's targets" in text and "tiny" in text
+    assert "## Targets" in text and "tiny" in text
 
     run = tmp_path / "work" / "tiny-0"
     manifest = json.loads((run / "runs" / "merge" / "fedbip-manifest.json").read_text())

@@ -147,7 +147,9 @@ def test_hub_sources_through_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert [i["revision"] for i in manifest["inputs"]] == [commit] * 4
     assert manifest["inputs"][0]["source"].startswith("hf://org/community-adapters")
     result = invoke("inspect-similarity", "hf://org/missing-repo", "--format", "json")
-    assert_user_error(result, "hf://org/missing-repo")
+    assert result.exit_code == 1 and result.stderr == ""  # --format json: the error is JSON on stdout
+    assert json.loads(result.stdout)["message"].startswith("hf://org/missing-repo")
+    assert_user_error(invoke("inspect-similarity", "hf://org/missing-repo"), "hf://org/missing-repo")
 
 
 def corrupt(root: Path, how: str) -> str:
@@ -265,10 +267,11 @@ def test_source_and_output_errors(adapters: Path, tmp_path: Path) -> None:
 
 
 def test_usage_errors_exit_2(adapters: Path, tmp_path: Path) -> None:
+    # Named values are choices of the parser, refused before any import of torch (tests/test_startup.py).
     result = invoke("merge", adapters, "--out", tmp_path / "o", "--combine", "mean")
-    assert_user_error(result, "svd, cat, linear", code=2)
+    assert result.exit_code == 2 and "'svd', 'cat', 'linear'" in result.stderr, result.output
     result = invoke("merge", adapters, "--out", tmp_path / "o", "--weighting", "magic")
-    assert_user_error(result, "paper, softmax", code=2)
+    assert result.exit_code == 2 and "'paper', 'softmax'" in result.stderr, result.output
     assert invoke("inspect-similarity", adapters, "--format", "xml").exit_code == 2
     assert invoke("merge", adapters).exit_code == 2  # --out is required
     assert not (tmp_path / "o").exists()

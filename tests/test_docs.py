@@ -26,6 +26,7 @@ import pytest
 import torch
 import typer.main
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
 from fedbip_cli.cli import app
 from tests.factories import random_factors, write_lora_adapter
@@ -399,3 +400,59 @@ def test_bench_summary_for_the_docs_takes_its_ratios_from_one_run() -> None:
     bullet = report.readme_bullet(rows)
     assert "32 clients of a 7B model's attention LoRA (1,075 MB) merged in 64 s, **1,200×** faster" in bullet
     assert "exact similarity of 1,000 clients in 26 s" in bullet
+
+
+# Words of the project's own bookkeeping that mean nothing to a reader of the docs.
+BOOKKEEPING = re.compile(
+    r"\bissue\s+\d+|\bthe issue'?s?\b|\blent to this task\b|\.ci/run\b|\bthis task\b", re.IGNORECASE
+)
+READER_PAGES = [
+    *PAGES,
+    ROOT / "CHANGELOG.md",
+    *sorted((ROOT / "benchmarks").glob("RESULTS*.md")),
+    *sorted((ROOT / "examples").rglob("*.*")),
+]
+
+
+@pytest.mark.parametrize("page", READER_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_pages_speak_to_readers_not_of_internal_bookkeeping(page: Path) -> None:
+    found = [
+        f"{page.name}:{n}: {m.group(0)!r}"
+        for n, line in enumerate(page.read_text(encoding="utf-8").splitlines(), start=1)
+        for m in BOOKKEEPING.finditer(line)
+    ]
+    assert found == []
+
+
+def test_the_bookkeeping_check_can_fail() -> None:
+    for sentence in ("runs issue 4's benchmark", "the issue's target", "no GPU was lent to this task", "see .ci/run"):
+        assert BOOKKEEPING.search(sentence), sentence
+    assert not BOOKKEEPING.search("an open issue of peft's tracker is fixed in 0.13")
+
+
+@pytest.mark.parametrize("page", [*PAGES, *sorted((ROOT / "benchmarks").glob("RESULTS*.md"))], ids=lambda p: p.name)
+def test_provenance_lines_give_commands_with_relative_paths(page: Path) -> None:
+    """A generated section names the command that measured it; an absolute path there publishes the
+    layout of the machine that ran it and works nowhere else."""
+    commands = re.findall(r"(?:Generated|Written) by `([^`]+)`", page.read_text(encoding="utf-8"))
+    absolute = [c for c in commands if any(word.split("=")[-1].startswith("/") for word in shlex.split(c))]
+    assert absolute == []
+
+
+def test_invocation_makes_absolute_arguments_relative(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from benchmarks.docgen import invocation
+
+    monkeypatch.chdir(tmp_path)
+    argv = [str(ROOT / "benchmarks" / "science.py"), str(tmp_path / "runs" / "a"), f"--json={tmp_path}/f.json", "-q"]
+    assert invocation(argv) == "benchmarks/science.py runs/a --json=f.json -q"
+
+
+def test_sketch_dim_help_points_to_the_measured_figures() -> None:
+    """The sketch's measured errors and times live in one generated place; the help names it, quoting none."""
+    shown = CliRunner().invoke(app, ["merge", "--help"], env={"COLUMNS": "300"}).stdout
+    help_text = " ".join(shown.replace("│", " ").split())
+    start = help_text.index("--sketch-dim")
+    option = help_text[start : start + 700]
+    assert "docs/inspect.md" in option and "Huge K" in option
+    assert not re.search(r"\d+(\.\d+)? ?s\b|0\.0\d", option.split("--sketch-seed")[0]), option
+    assert "Huge K: sketched similarity" in (ROOT / "docs" / "inspect.md").read_text(encoding="utf-8")

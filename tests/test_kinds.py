@@ -88,6 +88,11 @@ def rename_bases(*names: str) -> Callable[[list[Client]], None]:
     return edit
 
 
+# A base the adapters name that resolves nowhere (not a directory, not in the offline Hub cache): no
+# default --base, so the parts that need one are refused.
+ELSEWHERE = ("elsewhere/bert", "elsewhere/bert")
+
+
 @dataclass(frozen=True)
 class Refused:
     """What the refusal must say (lowercase-insensitive substrings of stderr), and how the run is set up."""
@@ -159,19 +164,25 @@ CASES = [
         Refused(("base model",), with_base=False, edit=rename_bases("bert-a", "bert-a", "llama-b")),
         clients=3,
     ),
-    Case("dora_without_base", "bert", lora(use_dora=True), Refused(("--base",), with_base=False), clients=2),
+    Case(
+        "dora_without_base",
+        "bert",
+        lora(use_dora=True),
+        Refused(("--base",), with_base=False, edit=rename_bases(*ELSEWHERE)),
+        clients=2,
+    ),
     Case(
         "modules_to_save_without_base",
         "bert",
         lora(modules_to_save=["classifier"]),
-        Refused(("--base",), with_base=False),
+        Refused(("--base",), with_base=False, edit=rename_bases(*ELSEWHERE)),
         clients=2,
     ),
     Case(
         "bias_lora_only_without_base",
         "bert",
         lora(bias="lora_only"),
-        Refused(("--base",), with_base=False),
+        Refused(("--base",), with_base=False, edit=rename_bases(*ELSEWHERE)),
         clients=2,
     ),
 ]
@@ -341,7 +352,7 @@ def merge(built: Built, out: Path, *options: str) -> torch.Tensor:
 def check_refused(case: Case, built: Built, out: Path) -> None:
     base = ("--base", built.base) if case.refused.with_base else ()
     for command in (
-        ("inspect-similarity", built.adapters, "--format", "json", *base),
+        ("inspect-similarity", built.adapters, *base),  # (under --format json the error is JSON on stdout)
         ("merge", built.adapters, "--out", out, "--device", "cpu", *base),
     ):
         result = invoke(*command)
@@ -358,6 +369,25 @@ def check_refused(case: Case, built: Built, out: Path) -> None:
 def loaded_adapter(case: Case, built: Built, adapter: Path) -> PeftModel:
     family = FAMILIES[case.family]
     return PeftModel.from_pretrained(family.load(built.base), adapter).eval()
+
+
+def trainable(case: Case, built: Built, adapter: Path) -> set[str]:
+    """The parameters ``PeftModel.from_pretrained(..., is_trainable=True)`` trains, DoRA magnitudes aside:
+    a merged DoRA module is written as plain LoRA (its delta is not low-rank), so it trains no magnitude."""
+    model = PeftModel.from_pretrained(FAMILIES[case.family].load(built.base), adapter, is_trainable=True)
+    return {n for n, p in model.named_parameters() if p.requires_grad and "lora_magnitude_vector" not in n}
+
+
+def check_trainable(case: Case, built: Built, out: Path) -> None:
+    """Fine-tuning a merged adapter further trains what its inputs trained: the config (``bias``,
+    ``modules_to_save``, ``lora_bias``) is kept. With mixed kinds, what any input trained."""
+    inputs = {c.name: trainable(case, built, c.path) for c in built.clients}
+    expected = set().union(*inputs.values())
+    for client in built.clients:
+        if case.id != "mixed_kinds":
+            assert inputs[client.name] == expected, client.name
+        got = trainable(case, built, out / client.name)
+        assert got == expected, (client.name, sorted(got ^ expected)[:6])
 
 
 # --- the table -------------------------------------------------------------------------------------
@@ -397,6 +427,7 @@ def test_kind(case: Case, built: Callable[[Case], Built], tmp_path: Path) -> Non
         assert torch.allclose(output, target, atol=FORWARD, rtol=0), (client.name, (output - target).abs().max())
         errors = relative_errors(merged_delta(model, state), expected)
         assert max(errors.values()) <= DELTA, (client.name, {n: e for n, e in errors.items() if e > DELTA})
+    check_trainable(case, inputs, out)
 
 
 # --- beside the table ------------------------------------------------------------------------------

@@ -198,3 +198,67 @@ def test_no_ansi_escapes_under_clirunner(tmp_path: Path) -> None:
     for result in (table, error):
         assert ANSI not in result.stdout and ANSI not in result.stderr
     assert "c2" in table.stdout and "error:" in error.stderr
+
+
+# --- one interface for every command: --json, JSON errors, --config --------------------------------
+
+
+def test_errors_under_json_are_one_json_object_with_the_same_exit_code(inputs: list[str], tmp_path: Path) -> None:
+    """Every kind of failure, from the parser to the operating system, of every command: under --json,
+    stdout holds exactly one object of ``error.schema.json`` and the exit code is the one without --json."""
+    schema = validator("error.schema.json")
+    (tmp_path / "bad.toml").write_text("combine = 3\n")
+    cases = [
+        (["merge", *inputs, "--out", tmp_path / "x", "--combine", "mean"], 2, "usage"),
+        (["merge", *inputs, "--out", tmp_path / "x", "--no-such-flag"], 2, "usage"),
+        (["merge", "--config", tmp_path / "bad.toml"], 2, "usage"),
+        (["merge", "hf://org/missing", "--out", tmp_path / "x"], 1, "source"),
+        (["inspect-similarity", tmp_path / "missing"], 1, "source"),
+        (["inspect-similarity", *inputs, "--heads", "mine"], 2, "usage"),
+        (["simulate", "--engine", "grpc", "--out", tmp_path / "s"], 2, "usage"),
+        (["simulate", "--compare", "fedbip,fedprox", "--out", tmp_path / "s"], 2, "usage"),
+    ]
+    for args, code, kind in cases:
+        plain = runner.invoke(app, [str(a) for a in args])
+        result = runner.invoke(app, [*map(str, args), "--json"])
+        assert (plain.exit_code, result.exit_code) == (code, code), (args, plain.output, result.output)
+        error = json.loads(result.stdout)  # one object, nothing else
+        schema.validate(error)
+        assert error["code"] == kind and error["message"], (args, error)
+        assert result.stderr == "", (args, result.stderr)
+    assert not schema.is_valid({"code": "usage", "message": "m"})  # the schema can fail: hint is required
+
+
+def test_inspect_takes_json_and_a_config_file(inputs: list[str], tmp_path: Path) -> None:
+    schema = validator("inspect.schema.json")
+    by_format = json_output("inspect-similarity", *inputs, "--format", "json", "--layerwise")
+    by_flag = json_output("inspect-similarity", *inputs, "--json", "--layerwise")
+    schema.validate(by_flag)
+    strip = lambda d: {k: v for k, v in d.items() if k != "cache"}  # noqa: E731 -- the second run hits the cache
+    assert strip(by_flag) == strip(by_format)
+    both = runner.invoke(app, ["inspect-similarity", *inputs, "--json", "--format", "csv"])
+    assert both.exit_code == 2 and json.loads(both.stdout)["code"] == "usage"
+
+    # The file a merge reads: sources, base and options (out, a merge's own key, is checked, not used).
+    config = tmp_path / "ci" / "fedbip.toml"
+    config.parent.mkdir()
+    sources = ", ".join(json.dumps(s) for s in inputs[:2])
+    config.write_text(f'sources = [{sources}]\nbase = "{inputs[3]}"\nlayerwise = true\nout = "merged"\n')
+    from_file = json_output("inspect-similarity", "--config", config, "--json")
+    assert strip(from_file) == strip(by_format)
+    model = json_output("inspect-similarity", "--config", config, "--json", "--granularity", "model")
+    assert model["granularity"] == "model"  # the command line overrides the file
+
+
+def test_every_json_output_has_a_schema() -> None:
+    """Each command with --json names the schema of what it prints; every schema is a valid one."""
+    names = {p.name for p in SCHEMAS.glob("*.schema.json")}
+    assert {
+        "merge-summary.schema.json",
+        "dry-run.schema.json",
+        "inspect.schema.json",
+        "simulate-summary.schema.json",
+        "error.schema.json",
+    } <= names
+    for name in names:
+        validator(name)

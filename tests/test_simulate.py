@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import torch
 from peft import AutoPeftModelForSequenceClassification, PeftModel
@@ -47,6 +48,9 @@ CLIENTS = ["client-00", "client-01", "client-02", "client-03"]
 SMALL = ["--num-layers", str(LAYERS), "--batch-size", "8", "--device", "cpu"]
 PNG = b"\x89PNG\r\n\x1a\n"
 runner = CliRunner()
+SUMMARY_SCHEMA = jsonschema.Draft202012Validator(
+    json.loads((Path(__file__).resolve().parent.parent / "schemas" / "simulate-summary.schema.json").read_text())
+)
 
 
 pytestmark = pytest.mark.usefixtures("bbc_once")  # tests/conftest.py
@@ -339,6 +343,7 @@ def test_data_dir_through_the_cli_prints_only_the_json_summary(tmp_path: Path) -
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)  # stdout is exactly the summary
     assert summary == json.loads((out / "summary.json").read_text())
+    SUMMARY_SCHEMA.validate(summary)
     assert summary["config"]["data_dir"] == str(data)
     assert [(c["name"], c["group"]) for c in summary["clients"]] == [("alpha", None), ("beta", None), ("gamma", None)]
     assert [c["train_examples"] + c["test_examples"] for c in summary["clients"]] == [20, 20, 20]
@@ -351,6 +356,19 @@ def test_data_dir_through_the_cli_prints_only_the_json_summary(tmp_path: Path) -
         "gamma",
     ]  # one strategy: no subfolder
     assert "round" not in result.stderr  # --json: no round lines
+
+
+def test_a_multi_seed_summary_matches_the_schema(tmp_path: Path) -> None:
+    data = write_clients(tmp_path / "clients")
+    args = ("--data", data, *SMALL, "--rounds", "1", "--local-steps", "1", "--seeds", "0,1", "--json")
+    result = invoke("simulate", *args, "--compare", "fedbip,local", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    SUMMARY_SCHEMA.validate(summary)
+    assert summary["seeds"] == [0, 1] and sorted(summary["per_seed"]) == ["0", "1"]
+    # The schema is not vacuous: a seed's summary without its clients is caught.
+    del summary["per_seed"]["0"]["clients"]
+    assert not SUMMARY_SCHEMA.is_valid(summary)
 
 
 def test_unknown_strategy_lists_the_valid_ones(tmp_path: Path) -> None:

