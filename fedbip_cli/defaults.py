@@ -12,3 +12,9 @@ MAX_DIM = 1024
 # S/T stays finite and distinguishable.
 MIN_TEMPERATURE = 1e-6
 MAX_TEMPERATURE = 1e6
+# fedbip evaluate: tokens per sentence (simulate's --max-length default, so that a simulation's adapters
+# score as in its run), sentences per forward pass, and the paired bootstrap's resamples and confidence.
+EVALUATE_MAX_LENGTH = 32
+EVALUATE_BATCH_SIZE = 128
+RESAMPLES = 2000
+CONFIDENCE = 0.95
