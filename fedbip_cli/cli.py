@@ -858,8 +858,9 @@ def evaluate(
         with _progress(not as_json) as progress:
             result = run_evaluation(own, candidates, data, base, options, progress=progress)
         if pick is not None:
+            sets = [Path(spec).absolute() for spec in (own, *candidates) if Path(spec).is_dir()]
             adapters = sorted({path for r in result.clients for path in r.adapters.values()})
-            write_picks(result, pick, [data.absolute(), *adapters], overwrite=overwrite)
+            write_picks(result, pick, [data.absolute(), *sets, *adapters], overwrite=overwrite)
     if as_json:
         _print_json(evaluation_json(result, margin=fail_if_worse, picked=None if pick is None else str(pick)))
     else:

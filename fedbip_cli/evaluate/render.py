@@ -68,13 +68,13 @@ def evaluation_json(evaluation: Evaluation, *, margin: float | None, picked: str
 
 
 def evaluation_table(evaluation: Evaluation) -> Table:
-    """One row per client and candidate: own's and the candidate's scores, the difference, its interval and verdict."""
+    """One row per client and candidate: own's and the candidate's scores, the difference, its interval and
+    verdict, marked ``(best)`` where the candidate scores best of all (else the client's own does)."""
     name = evaluation.metric.name
     percent = round(evaluation.options.confidence * 100)
-    table = Table(title=f"{name} on each client's held-out data ({METHOD}, {percent}%)")
-    columns = ("client", "candidate", f"own {name}", name, "difference", f"{percent}% interval", "verdict", "best")
-    for column in columns:
-        table.add_column(column, justify="right" if column in columns[2:6] else "left")
+    table = Table(title=f"{name}: each candidate against the client's own ({percent}% paired bootstrap interval)")
+    for column in ("client", "candidate", "own", name, "diff", "interval", "verdict"):
+        table.add_column(column, justify="right" if column in ("own", name, "diff", "interval") else "left")
     if evaluation.task == CAUSAL_LM:
         table.caption = "loss: mean next-token cross-entropy (nats); perplexity = exp(loss)"
     for result in evaluation.clients:
@@ -86,7 +86,6 @@ def evaluation_table(evaluation: Evaluation) -> Table:
                 f"{c.score:.4f}",
                 f"{c.difference:+.4f}",
                 f"[{c.low:+.4f}, {c.high:+.4f}]",
-                f"[{_STYLES[c.verdict]}]{c.verdict}[/]",
-                escape(result.best),
+                f"[{_STYLES[c.verdict]}]{c.verdict}[/]" + (" (best)" if result.best == c.candidate else ""),
             )
     return table
