@@ -253,6 +253,8 @@ MERGE_EPILOG = """[b]Examples[/b]
   fedbip merge full-ckpts/ --base base/ --out merged-adapters/ --to-lora 16
 
   fedbip merge @10000-adapters.txt --similarity sketch --out merged/
+
+  fedbip merge adapters/ --weighting softmax --sweep temperature=0.5,1,2 --sweep top-k=2,3 --out sweep/
 """
 
 
@@ -378,6 +380,16 @@ def merge(
     ] = None,
     cache: CacheDir = None,
     no_cache: NoCache = False,
+    sweep: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sweep",
+            help="KEY=V1,V2,...: one output set per value, in OUT/KEY=V/, from one similarity computation; several "
+            "--sweep give every combination (OUT/KEY=V,KEY2=W/). KEY: weighting, negative, temperature, top-k, combine "
+            "or rank. Each set is exactly the merge with those options; OUT/fedbip-sweep.json lists them.",
+            show_default=False,
+        ),
+    ] = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -390,6 +402,7 @@ def merge(
     """Write one personalized merged adapter (or full checkpoint) per client."""
     from fedbip_cli import pipeline, report
     from fedbip_cli.config import merge_settings
+    from fedbip_cli.sweep import sweep_settings
 
     given = {
         "sources": sources or None,
@@ -417,6 +430,9 @@ def merge(
     }
     with _user_errors():
         settings = merge_settings(config, {key: value for key, value in given.items() if value is not None})
+        named = sweep_settings(settings.options, sweep) if sweep else None  # checked before any source is read
+        if named and dry_run:
+            raise UsageError("--sweep with --dry-run", hint="plan one setting at a time without --sweep")
         workspace = pipeline.load(
             settings.sources,
             base=settings.base,
@@ -430,6 +446,9 @@ def merge(
             _print_json({"dry_run": True, **the_plan}) if as_json else _stdout().print(
                 report.plan_table(the_plan, settings.out)
             )
+            return
+        if named:
+            _merge_sweep(workspace, settings, named, as_json=as_json)
             return
         with InnerProductCache(settings.cache) as inner_cache, _progress(not as_json) as progress:
             result = pipeline.merge(
@@ -450,6 +469,25 @@ def merge(
             }
         )
     else:
+        _stdout().print(report.merge_table(result))
+
+
+def _merge_sweep(workspace: Any, settings: Any, named: list[tuple[str, Any]], *, as_json: bool) -> None:
+    """``merge --sweep``: every setting's output set written, then shown (one table or JSON summary each)."""
+    from fedbip_cli import pipeline, report
+
+    with InnerProductCache(settings.cache) as inner_cache, _progress(not as_json) as progress:
+        results = pipeline.merge_sweep(
+            workspace, named, settings.out, overwrite=settings.overwrite, progress=progress, cache=inner_cache
+        )
+    _cache_warning(inner_cache)
+    if as_json:
+        summaries = {name: report.merge_summary(result) for (name, _), result in zip(named, results)}
+        lock = report.lock_json(workspace.lock, written=results[0].lock_written)
+        _print_json({"sweep": summaries, "cache": report.cache_json(inner_cache), "lock": lock})
+        return
+    for (name, _), result in zip(named, results):
+        _stdout().print(f"[b]{escape(name)}[/b]")
         _stdout().print(report.merge_table(result))
 
 
