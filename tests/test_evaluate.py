@@ -307,3 +307,23 @@ def test_causal_lm_loss_and_perplexity_match_a_float64_reference(tmp_path: Path)
     assert shown.exit_code == 0, shown.output
     first = json.loads(shown.stdout)["clients"][0]
     assert first["own"]["perplexity"] == pytest.approx(math.exp(first["own"]["loss"]))
+
+
+def test_the_ci_example_gates_publication_with_existing_options() -> None:
+    """examples/ci/publish-if-better.yml: merge --sweep, then evaluate --fail-if-worse before the upload."""
+    import click
+    import typer.main
+    import yaml
+
+    workflow = yaml.safe_load((SCHEMA.parent.parent / "examples" / "ci" / "publish-if-better.yml").read_text())
+    steps = next(iter(workflow["jobs"].values()))["steps"]
+    runs = [step["run"].split(" > ")[0].split() for step in steps if step.get("run", "").startswith("fedbip ")]
+    assert [words[1] for words in runs] == ["merge", "evaluate"]
+    assert "--sweep" in runs[0] and "--fail-if-worse" in runs[1] and "--pick" in runs[1]
+    assert [s.get("uses", "").split("@")[0] for s in steps].index("actions/upload-artifact") == len(steps) - 1
+    group = typer.main.get_command(app)
+    assert isinstance(group, click.Group)
+    for words in runs:
+        command = group.commands[words[1]]
+        known = {name for param in command.params for name in (*param.opts, *param.secondary_opts)}
+        assert {w for w in words[2:] if w.startswith("--")} <= known
