@@ -327,3 +327,29 @@ def test_the_ci_example_gates_publication_with_existing_options() -> None:
         command = group.commands[words[1]]
         known = {name for param in command.params for name in (*param.opts, *param.secondary_opts)}
         assert {w for w in words[2:] if w.startswith("--")} <= known
+
+
+def test_unlabelled_rows_are_read_for_a_language_model(tmp_path: Path) -> None:
+    from fedbip_cli.simulate.data import read_client_rows
+
+    (tmp_path / "a.csv").write_text("text\nthe cat sat\n\nthe dog ran\n")
+    assert read_client_rows(tmp_path / "a.csv", labelled=False) == [(2, "the cat sat", None), (4, "the dog ran", None)]
+    with pytest.raises(SourceError, match="no 'label' column"):
+        read_client_rows(tmp_path / "a.csv")
+    (tmp_path / "b.jsonl").write_text('{"text": ""}\n')
+    with pytest.raises(SourceError, match="'text' is empty") as raised:
+        read_client_rows(tmp_path / "b.jsonl", labelled=False)
+    assert raised.value.where == f"{tmp_path / 'b.jsonl'}:1"
+
+
+def test_export_data_never_writes_over_files_or_into_the_run(tmp_path: Path) -> None:
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("keep")
+    small = ["--num-layers", "2", "--clients", "3", "--rounds", "1", "--device", "cpu"]
+    busy = invoke("simulate", *small, "--out", tmp_path / "out", "--export-data", tmp_path / "busy")
+    assert busy.exit_code == 1 and "not empty" in busy.stderr
+    assert (tmp_path / "busy" / "mine.txt").read_text() == "keep" and not (tmp_path / "out").exists()
+    inside = invoke("simulate", *small, "--out", tmp_path / "out", "--export-data", tmp_path / "out" / "data")
+    assert inside.exit_code == 1 and "inside" in inside.stderr and not (tmp_path / "out").exists()
+    flower = invoke("simulate", *small, "--engine", "flower", "--export-data", tmp_path / "x")
+    assert flower.exit_code == 2 and "--engine inprocess" in flower.stderr

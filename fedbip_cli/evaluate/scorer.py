@@ -23,7 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from fedbip_cli.evaluate.stats import Scores
-from fedbip_cli.simulate.model import Tokens, _quiet
+from fedbip_cli.simulate.model import Tokens, quiet
 
 CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
 # adapter_config.json's task_type -> the task evaluated
@@ -41,7 +41,7 @@ class Scorer:
         self.max_length = max_length
         self.batch_size = batch_size
         self.device = device
-        with _quiet():
+        with quiet():
             self._tokenizer = AutoTokenizer.from_pretrained(base_dir)
             self._base = _MODELS[task].from_pretrained(base_dir).to(device).eval()
         self._tokenizer.padding_side = "right"  # batches are trimmed off the right end
@@ -67,7 +67,7 @@ class Scorer:
         ``labels`` (classification), or each sentence's summed next-token loss and its count of
         predicted tokens (causal LM)."""
         model = self._anchored(directory)
-        with _quiet():
+        with quiet():
             model.load_adapter(directory, adapter_name=directory.name)
         try:
             model.set_adapter(directory.name)
@@ -86,7 +86,7 @@ class Scorer:
             config = LoraConfig(
                 task_type=_PEFT_TASKS[self.task], r=1, target_modules=targets, bias="none", lora_dropout=0.0
             )
-            with _quiet():
+            with quiet():
                 self._model = get_peft_model(self._base, config, adapter_name=ANCHOR).eval()
         return self._model
 

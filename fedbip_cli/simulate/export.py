@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from fedbip_cli.outdir import Outputs
+from fedbip_cli.outdir import Outputs, check_out
 from fedbip_cli.simulate.data import ClientData
 from fedbip_cli.simulate.loop import SimulationConfig, load_clients
 
@@ -23,6 +23,7 @@ def export_data(config: SimulationConfig, directory: Path, *, seed_list: Sequenc
     """Write the clients of ``config`` (of each seed of ``seed_list``) into ``directory``; refuse a
     ``directory`` in or around the run's ``out`` or the ``--data`` it reads."""
     inputs = [Path(out).absolute(), *([Path(config.data_dir).absolute()] if config.data_dir else [])]
+    check_out(Path(directory).absolute(), inputs, overwrite=False)  # before Outputs creates a missing parent
     with Outputs() as outputs:
         staged = outputs.directory(Path(directory), inputs)
         for seed in seed_list if seed_list is not None else [None]:
