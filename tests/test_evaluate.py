@@ -217,6 +217,8 @@ def test_user_errors_name_the_input(run: Path, tmp_path: Path) -> None:
     own, base = str(run / "run" / "adapters"), str(run / "run" / "base")
     with pytest.raises(UsageError, match="named twice"):
         evaluate(own, [own], run / "data" / "test", base)
+    with pytest.raises(UsageError, match="a candidate named 'own'"):
+        evaluate(own, ["own"], run / "data" / "test", base)
     partial = tmp_path / "partial"
     shutil.copytree(run / "copy", partial)
     shutil.rmtree(next(partial.iterdir()))

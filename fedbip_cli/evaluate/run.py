@@ -121,7 +121,7 @@ def evaluate(
     """Score every client's own adapter and each candidate's on ``data/<client>`` and compare them.
 
     Raises:
-        UsageError: no candidate, or a candidate named twice or as OWN.
+        UsageError: no candidate, a set named twice, or a candidate named ``own``.
         SourceError: an adapter set or a client's data file is missing or malformed.
         AdapterError: an adapter of a task that cannot be evaluated, or of mixed tasks.
     """
@@ -152,6 +152,8 @@ def evaluate(
 def _check_names(own: str, candidates: Sequence[str]) -> None:
     if not candidates:
         raise UsageError("no CANDIDATE given", hint="name one or more adapter sets to compare with --own")
+    if OWN in candidates:  # the name results give the own adapter
+        raise UsageError(f"a candidate named {OWN!r}", hint=f"write it as ./{OWN}")
     named = [own, *candidates]
     twice = sorted({c for c in named if named.count(c) > 1})
     if twice:
