@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from fedbip_cli.defaults import MAX_TEMPERATURE, MIN_TEMPERATURE
 from fedbip_cli.errors import UsageError
 from fedbip_cli.options import MergeOptions
 
@@ -69,6 +70,8 @@ def _apply(base: MergeOptions, combination: Sequence[tuple[str, str]], name: str
             value = parse(text)
         except ValueError:
             raise UsageError(f"--sweep {key}: {text!r} is not a{'n integer' if parse is int else ' number'}") from None
+        if key == "temperature" and not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:  # --temperature's own bounds
+            raise UsageError(f"--sweep temperature: {text} is outside {MIN_TEMPERATURE:g} - {MAX_TEMPERATURE:g}")
         if field.startswith("weights."):
             weights[field.removeprefix("weights.")] = value
         else:

@@ -75,7 +75,8 @@ def test_the_similarity_is_computed_once(bert: TinySet, tmp_path: Path) -> None:
         (["top-k=2,2"], "every value once"),
         (["top-k=2", "top-k=3"], "given twice"),
         (["top-k=two"], "not an integer"),
-        (["temperature=-1"], "sweep setting temperature=-1: temperature -1.0 must be positive"),
+        (["temperature=0.5,inf"], "temperature: inf is outside 1e-06 - 1e+06"),
+        (["negative=keep,none"], "sweep setting negative=none: unknown negative mode 'none'"),
         (["combine=svd,best"], "unknown combine"),
     ],
 )
