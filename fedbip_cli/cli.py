@@ -21,11 +21,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedbip_cli import __version__
 from fedbip_cli.defaults import (
     COMBINE_NAMES,
+    CONFIDENCE,
     DEFAULT_DIM,
     DEFAULT_MAX_SHARD_SIZE,
     DEVICES,
     DTYPE_NAMES,
     ENGINES,
+    EVALUATE_BATCH_SIZE,
+    EVALUATE_MAX_LENGTH,
     FORMATS,
     GRANULARITIES,
     HEADS,
@@ -33,6 +36,7 @@ from fedbip_cli.defaults import (
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
     NEGATIVE_MODES,
+    RESAMPLES,
     SIMILARITY_METHODS,
     WEIGHTING_NAMES,
 )
@@ -325,6 +329,8 @@ MERGE_EPILOG = """[b]Examples[/b]
   fedbip merge full-ckpts/ --base base/ --out merged-adapters/ --to-lora 16
 
   fedbip merge @10000-adapters.txt --similarity sketch --out merged/
+
+  fedbip merge adapters/ --weighting softmax --sweep temperature=0.5,1,2 --sweep top-k=2,3 --out sweep/
 """
 
 
@@ -459,6 +465,16 @@ def merge(
     ] = None,
     cache: CacheDir = None,
     no_cache: NoCache = False,
+    sweep: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sweep",
+            help="KEY=V1,V2,...: one output set per value, in OUT/KEY=V/, from one similarity computation; several "
+            "--sweep give every combination (OUT/KEY=V,KEY2=W/). KEY: weighting, negative, temperature, top-k, combine "
+            "or rank. Each set is exactly the merge with those options; OUT/fedbip-sweep.json lists them.",
+            show_default=False,
+        ),
+    ] = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -471,6 +487,7 @@ def merge(
     """Write one personalized merged adapter (or full checkpoint) per client."""
     from fedbip_cli import pipeline, report
     from fedbip_cli.config import merge_settings
+    from fedbip_cli.sweep import sweep_settings
 
     given = {
         "sources": sources or None,
@@ -499,6 +516,9 @@ def merge(
     }
     with _user_errors(as_json):
         settings = merge_settings(config, {key: value for key, value in given.items() if value is not None})
+        named = sweep_settings(settings.options, sweep) if sweep else None  # checked before any source is read
+        if named and dry_run:
+            raise UsageError("--sweep with --dry-run", hint="plan one setting at a time without --sweep")
         workspace = pipeline.load(
             settings.sources,
             base=settings.base,
@@ -513,6 +533,9 @@ def merge(
             _print_json({"dry_run": True, **the_plan}) if as_json else _stdout().print(
                 report.plan_table(the_plan, settings.out)
             )
+            return
+        if named:
+            _merge_sweep(workspace, settings, named, as_json=as_json)
             return
         with InnerProductCache(settings.cache) as inner_cache, _progress(not as_json) as progress:
             result = pipeline.merge(
@@ -533,6 +556,25 @@ def merge(
             }
         )
     else:
+        _stdout().print(report.merge_table(result))
+
+
+def _merge_sweep(workspace: Any, settings: Any, named: list[tuple[str, Any]], *, as_json: bool) -> None:
+    """``merge --sweep``: every setting's output set written, then shown (one table or JSON summary each)."""
+    from fedbip_cli import pipeline, report
+
+    with InnerProductCache(settings.cache) as inner_cache, _progress(not as_json) as progress:
+        results = pipeline.merge_sweep(
+            workspace, named, settings.out, overwrite=settings.overwrite, progress=progress, cache=inner_cache
+        )
+    _cache_warning(inner_cache)
+    if as_json:
+        summaries = {name: report.merge_summary(result) for (name, _), result in zip(named, results)}
+        lock = report.lock_json(workspace.lock, written=results[0].lock_written)
+        _print_json({"sweep": summaries, "cache": report.cache_json(inner_cache), "lock": lock})
+        return
+    for (name, _), result in zip(named, results):
+        _stdout().print(f"[b]{escape(name)}[/b]")
         _stdout().print(report.merge_table(result))
 
 
@@ -821,6 +863,15 @@ def simulate(
     ] = 256,
     distill_steps: Annotated[int, typer.Option(help="universal-expert: distillation steps per round.")] = 16,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("fedbip-simulation"),
+    export_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--export-data",
+            help="Also write each client's sentences as DIR/train/<client>.jsonl and DIR/test/<client>.jsonl "
+            "(DIR/seed-<s>/... with --seeds): what --data and `fedbip evaluate --data` read.",
+            show_default=False,
+        ),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete round in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
     device: Device = "auto",
@@ -839,6 +890,11 @@ def simulate(
         seed_list = parse_seeds(seeds) if seeds is not None else None
         if engine == "flower" and attack != "none":
             raise UsageError("--attack is not wired to --engine flower", hint="use --engine inprocess")
+        if engine == "flower" and export_data is not None:
+            raise UsageError(
+                "--export-data is not wired to --engine flower",
+                hint="export with --engine inprocess: both engines partition the data the same way for one seed",
+            )
         config = SimulationConfig(
             strategies=tuple(s.strip() for s in (compare or strategy).split(",") if s.strip()),
             rounds=rounds,
@@ -894,6 +950,7 @@ def simulate(
                     device=device,
                     progress=progress,
                     round_done=round_line,
+                    export=export_data,
                 )
     if as_json:
         _print_json(result.summary)
@@ -901,6 +958,87 @@ def simulate(
         _stdout().print(seeds_table(result.summary, f"fedbip simulate → {out}"))
     else:
         _stdout().print(report.simulation_table(result.summary, out))
+
+
+EVALUATE_EPILOG = """[b]Examples[/b]
+
+  fedbip evaluate --own run/adapters merged/ --data data/test --base run/base
+
+  fedbip evaluate --own run/adapters merged/* --data data/test --base run/base --pick picked/
+
+  fedbip evaluate --own mine/ community-merge/ --data held-out/ --base base/ --fail-if-worse 0.01 --json
+"""
+GATE_FAILED = 3  # --fail-if-worse: some candidate is worse than a client's own beyond the margin
+
+
+@app.command(
+    help="Score each client's own adapter and each CANDIDATE (sets of adapters, one per client) on the client's "
+    "held-out data, with a paired confidence interval of the difference and a verdict: helps, hurts or undecided.",
+    epilog=EVALUATE_EPILOG
+    + EXIT_CODES.replace(" · 130", f" · {GATE_FAILED} --fail-if-worse: a candidate is worse than own · 130"),
+)
+def evaluate(
+    candidates: Annotated[list[str], typer.Argument(show_default=False)],
+    own: Annotated[
+        str, typer.Option("--own", help="The clients' own adapters: a directory of them (or any SOURCES form).")
+    ],
+    data: Annotated[
+        Path, typer.Option("--data", help="DIR/<client>.jsonl or .csv of held-out rows: text, and label to classify.")
+    ],
+    base: Annotated[str, typer.Option("--base", help="The base model the adapters apply to (directory or hf://).")],
+    max_length: Annotated[
+        int, typer.Option(help="Tokens per sentence (as simulate's --max-length).", min=1)
+    ] = EVALUATE_MAX_LENGTH,
+    batch_size: Annotated[int, typer.Option(help="Sentences per forward pass.", min=1)] = EVALUATE_BATCH_SIZE,
+    device: Device = "auto",
+    resamples: Annotated[int, typer.Option(help="Paired bootstrap resamples of each interval.", min=1)] = RESAMPLES,
+    confidence: Annotated[float, typer.Option(help="The intervals' confidence level.")] = CONFIDENCE,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap draws.", min=0)] = 0,
+    fail_if_worse: Annotated[
+        float | None,
+        typer.Option(
+            "--fail-if-worse",
+            help=f"Exit {GATE_FAILED} when a candidate is worse than a client's own by more than MARGIN (accuracy, "
+            "or mean token loss) even at the favourable end of its interval: a CI gate. 0 fails on every 'hurts'.",
+            min=0.0,
+            show_default=False,
+        ),
+    ] = None,
+    pick: Annotated[
+        Path | None,
+        typer.Option(
+            "--pick",
+            help="Write per client a copy of the best-scoring adapter (own first among equals) with a card saying what "
+            "was compared and why it won.",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --pick directory.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+) -> None:
+    """Does a merged adapter help its client? Own against candidates on held-out data."""
+    from fedbip_cli.evaluate.pick import write_picks
+    from fedbip_cli.evaluate.render import evaluation_json, evaluation_table
+    from fedbip_cli.evaluate.run import EvaluateOptions
+    from fedbip_cli.evaluate.run import evaluate as run_evaluation
+
+    with _user_errors():
+        options = EvaluateOptions(max_length, batch_size, device, resamples, confidence, seed)
+        with _progress(not as_json) as progress:
+            result = run_evaluation(own, candidates, data, base, options, progress=progress)
+        if pick is not None:
+            sets = [Path(spec).absolute() for spec in (own, *candidates) if Path(spec).is_dir()]
+            adapters = sorted({path for r in result.clients for path in r.adapters.values()})
+            write_picks(result, pick, [data.absolute(), *sets, *adapters], overwrite=overwrite)
+    if as_json:
+        _print_json(evaluation_json(result, margin=fail_if_worse, picked=None if pick is None else str(pick)))
+    else:
+        _stdout().print(evaluation_table(result))
+    failed = [] if fail_if_worse is None else result.worse(fail_if_worse)
+    if failed:
+        pairs = ", ".join(f"{candidate} for {client}" for client, candidate in failed)
+        _error_line(f"worse than own by more than {fail_if_worse} beyond the interval: {pairs}", None)
+        raise typer.Exit(GATE_FAILED)
 
 
 def _simulate_on_flower(config: Any, out: Path, *, overwrite: bool, resume: bool, seeds: list[int] | None) -> Any:

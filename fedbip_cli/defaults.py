@@ -28,3 +28,9 @@ DEVICES = ("auto", "cpu", "cuda")
 SIMILARITY_METHODS = ("exact", "sketch")
 FORMATS = ("table", "json", "csv")
 ENGINES = ("inprocess", "flower")
+# fedbip evaluate: tokens per sentence (simulate's --max-length default, so that a simulation's adapters
+# score as in its run), sentences per forward pass, and the paired bootstrap's resamples and confidence.
+EVALUATE_MAX_LENGTH = 32
+EVALUATE_BATCH_SIZE = 128
+RESAMPLES = 2000
+CONFIDENCE = 0.95

@@ -44,6 +44,8 @@ from fedbip_cli.taskvec import group_modules
 from fedbip_cli.weights import personalized_weights
 from fedbip_cli.workspace import Workspace
 
+SWEEP_NAME = "fedbip-sweep.json"  # in a sweep's OUT: the sets and their options
+
 __all__ = [
     "DEVICES",
     "OUTPUT_DTYPES",
@@ -57,6 +59,7 @@ __all__ = [
     "inspect",
     "load",
     "merge",
+    "merge_sweep",
     "plan",
     "resolve_device",
 ]
@@ -240,33 +243,108 @@ def merge(
         sketch_dim=options.sketch_dim,
         sketch_seed=options.sketch_seed,
     )
+    lock = _checked_lock(workspace, out)
+    with Outputs() as outputs:
+        tmp = outputs.directory(out, inputs, overwrite=overwrite)
+        result = _write_set(workspace, options, similarity, tmp, device, progress)
+        _write_lock(outputs, lock)
+    result.out = out
+    result.lock_written = lock is not None and not lock.locked
+    return result
+
+
+def merge_sweep(
+    workspace: Workspace,
+    settings: Sequence[tuple[str, MergeOptions]],
+    out: Path,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    cache: InnerProductCache | None = None,
+) -> list[MergeResult]:
+    """Write one merge output set per named setting into ``out/<name>/``, each exactly what ``merge`` with
+    those options writes, from one similarity computation; and ``out/fedbip-sweep.json`` naming the
+    sets. All are committed together, or none. The settings share the granularity and similarity method
+    (the similarity depends on nothing else).
+    """
+    first = settings[0][1]
+    for name, options in settings:
+        options.check_kind(workspace.kind)
+        if (options.granularity, options.method) != (first.granularity, first.method):
+            raise UsageError(
+                f"sweep setting {name} changes the granularity or the similarity method",
+                hint="a sweep varies how similarities become weights and merges, not the similarity",
+            )
+    out = Path(out).absolute()
+    inputs = workspace.input_paths()
+    check_out(out, inputs, overwrite)
+    lock = _checked_lock(workspace, out)
+    similarity = inspect(
+        workspace,
+        granularity=first.granularity,
+        device=first.device,
+        progress=progress,
+        cache=cache,
+        similarity=first.similarity,
+        sketch_dim=first.sketch_dim,
+        sketch_seed=first.sketch_seed,
+    )
+    results = []
+    with Outputs() as outputs:
+        tmp = outputs.directory(out, inputs, overwrite=overwrite)
+        for name, options in settings:
+            (tmp / name).mkdir()
+            result = _write_set(workspace, options, similarity, tmp / name, resolve_device(options.device), progress)
+            result.out = out / name
+            results.append(result)
+        record = {"fedbip_sweep": 1, "sets": {name: options.as_dict() for name, options in settings}}
+        manifest.dump(record, tmp / SWEEP_NAME)
+        _write_lock(outputs, lock)
+    for result in results:
+        result.lock_written = lock is not None and not lock.locked
+    return results
+
+
+def _write_set(
+    workspace: Workspace,
+    options: MergeOptions,
+    similarity: SimilarityResult,
+    tmp: Path,
+    device: torch.device,
+    progress: Progress | None,
+) -> MergeResult:
+    """One output set in the staged directory ``tmp``: each client's output and card, and the manifest."""
     weights, defence = _weights(similarity, options)
     group_of = {part: name for name, g in similarity.groups.items() for part in g.modules}
+    written = workspace.write(tmp, options, weights, group_of, device, progress)
+    record = manifest.merge_record(workspace, options, similarity, weights, written, device)
+    record["defence"] = defence
+    advance = start(progress, "write", len(workspace.clients))
+    for client in workspace.clients:
+        directory = tmp / client
+        card = model_card(record, client, written.declared_base.get(client))
+        (directory / CARD_NAME).write_text(card, encoding="utf-8")
+        known = written.digests.get(client, {})
+        record["outputs"][client] = {
+            f"{client}/{f.name}": known.get(f.name) or file_sha256(f) for f in sorted(directory.iterdir())
+        }
+        advance(1)
+    manifest.dump(record, tmp / manifest.MANIFEST_NAME)
+    return MergeResult(similarity, weights, written.rank, written.energy, tmp, record)
+
+
+def _checked_lock(workspace: Workspace, out: Path) -> LockState | None:
+    """The workspace's lock file, refused inside ``out`` (which the merge replaces)."""
     lock = workspace.lock
     if lock is not None and lock.path.absolute().resolve().is_relative_to(out.resolve()):
         raise OutputError("the lock file lies inside --out, which the merge replaces", where=str(lock.path))
-    with Outputs() as outputs:
-        tmp = outputs.directory(out, inputs, overwrite=overwrite)
-        written = workspace.write(tmp, options, weights, group_of, device, progress)
-        record = manifest.merge_record(workspace, options, similarity, weights, written, device)
-        record["defence"] = defence
-        advance = start(progress, "write", len(workspace.clients))
-        for client in workspace.clients:
-            directory = tmp / client
-            card = model_card(record, client, written.declared_base.get(client))
-            (directory / CARD_NAME).write_text(card, encoding="utf-8")
-            known = written.digests.get(client, {})
-            record["outputs"][client] = {
-                f"{client}/{f.name}": known.get(f.name) or file_sha256(f) for f in sorted(directory.iterdir())
-            }
-            advance(1)
-        manifest.dump(record, tmp / manifest.MANIFEST_NAME)
-        # --locked holds the run to the lock file, never rewrites it; otherwise it is one more output.
-        if lock is not None and not lock.locked:
-            outputs.file(lock.path).write_text(lockfile.lock_text(lock.record), encoding="utf-8")
-    result = MergeResult(similarity, weights, written.rank, written.energy, out, record)
-    result.lock_written = lock is not None and not lock.locked
-    return result
+    return lock
+
+
+def _write_lock(outputs: Outputs, lock: LockState | None) -> None:
+    """--locked holds the run to the lock file, never rewrites it; otherwise it is one more output."""
+    if lock is not None and not lock.locked:
+        outputs.file(lock.path).write_text(lockfile.lock_text(lock.record), encoding="utf-8")
 
 
 def _weights(similarity: SimilarityResult, options: MergeOptions) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -226,23 +226,25 @@ def _data_error(message: str, where: str) -> SourceError:
     return SourceError(message, where=where, hint=_DATA_HINT)
 
 
-def _row(path: Path, line: int, text: object, label: object) -> tuple[str, str]:
-    """Validate one row; return its text and its label as a string."""
+def _row(path: Path, line: int, text: object, label: object, labelled: bool = True) -> tuple[str, str | None]:
+    """Validate one row; return its text and its label as a string (None when not ``labelled``)."""
     where = f"{path}:{line}"
     # An empty CSV cell counts as a missing label; an empty text is reported as empty.
-    for field, missing in (("text", text is None), ("label", label is None or label == "")):
+    for field, missing in (("text", text is None), ("label", labelled and (label is None or label == ""))):
         if missing:
             raise _data_error(f"row has no '{field}' field; every row needs text and label", where)
     if not isinstance(text, str):
         raise _data_error(f"'text' is {text!r}; expected a string", where)
     if not text.strip():
         raise _data_error("'text' is empty; every row needs a non-empty text", where)
+    if not labelled:
+        return text.strip(), None
     if isinstance(label, bool) or not isinstance(label, (str, int)):
         raise _data_error(f"'label' is {label!r}; expected a string or an integer", where)
     return text.strip(), str(label)
 
 
-def _read_jsonl(path: Path, text: str) -> list[tuple[int, str, str]]:
+def _read_jsonl(path: Path, text: str, labelled: bool) -> list[tuple[int, str, str | None]]:
     rows = []
     for line, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
@@ -251,31 +253,42 @@ def _read_jsonl(path: Path, text: str) -> list[tuple[int, str, str]]:
         obj = parse_json(raw, where=where, error=_DataFileError, what="a --data row")  # nesting and NaN bounded
         if not isinstance(obj, dict):
             raise _data_error(f"expected a JSON object, got {type(obj).__name__}", where)
-        rows.append((line, *_row(path, line, obj.get("text"), obj.get("label"))))
+        rows.append((line, *_row(path, line, obj.get("text"), obj.get("label"), labelled)))
     return rows
 
 
-def _read_csv(path: Path, text: str) -> list[tuple[int, str, str]]:
+def _read_csv(path: Path, text: str, labelled: bool) -> list[tuple[int, str, str | None]]:
     rows = []
     reader = csv.DictReader(io.StringIO(text.removeprefix("\ufeff"), newline=""))
     try:
         header = reader.fieldnames or []
-        for column in ("text", "label"):
+        for column in ("text", "label") if labelled else ("text",):
             if column not in header:
                 raise _data_error(f"header {header} has no '{column}' column", f"{path}:1")
         for record in reader:
-            rows.append((reader.line_num, *_row(path, reader.line_num, record["text"], record["label"])))
+            rows.append((reader.line_num, *_row(path, reader.line_num, record["text"], record.get("label"), labelled)))
     except csv.Error as exc:  # a cell over csv's field limit (128 KiB), a NUL byte, ...
         # csv counts the lines it has finished; the bad row is the next one.
         raise _data_error(f"not a CSV row: {exc}", f"{path}:{reader.line_num + 1}") from None
     return rows
 
 
-def _read_client_file(path: Path) -> list[tuple[int, str, str]]:
-    """One client's rows, read whole through the bounded reader (a size cap, no devices or pipes)."""
+def read_client_rows(path: Path, *, labelled: bool = True) -> list[tuple[int, str, str | None]]:
+    """One client's rows ``(line, text, label)`` of a ``.jsonl`` or ``.csv`` file, read whole through
+    the bounded reader (a size cap, no devices or pipes); without ``labelled`` the label is not
+    required and comes back as None (texts for a causal language model).
+
+    Raises:
+        SourceError: naming the file and line of a bad row.
+    """
     data = read_bytes(path, error=SourceError, limit=MAX_DATA_BYTES, what="a --data file")
     text = decode(data, where=str(path), error=SourceError, what="a --data file")
-    rows = (_read_jsonl if path.suffix == ".jsonl" else _read_csv)(path, text)
+    return (_read_jsonl if path.suffix == ".jsonl" else _read_csv)(path, text, labelled)
+
+
+def _read_client_file(path: Path) -> list[tuple[int, str, str]]:
+    """One client's labelled rows, at least 2 (a train and a test sentence)."""
+    rows = [(line, text, label) for line, text, label in read_client_rows(path) if label is not None]
     if len(rows) < 2:
         last_line = rows[-1][0] if rows else 1
         raise _data_error(f"{len(rows)} row(s); every client needs at least 2 (train and test)", f"{path}:{last_line}")

@@ -106,7 +106,7 @@ class ClientModel:
             lora_dropout=0.0,
             bias="none",
         )
-        with _seeded(seed), _quiet():
+        with _seeded(seed), quiet():
             try:
                 self._model = get_peft_model(self._load_base(), config).to(self.device).eval()
             except NoMatchingPeftModuleError:
@@ -275,7 +275,7 @@ class ClientModel:
         """Write the model every adapter applies to, the sequence classifier with the initial head,
         as a Hugging Face model directory: ``config.json`` (with the labels), safetensors weights
         and the tokenizer's files. Each adapter's head is then an exact delta against it."""
-        with _seeded(self.seed), _quiet():
+        with _seeded(self.seed), quiet():
             base = self._load_base()  # the same seed draws the same head as the run's initial state
             base.save_pretrained(directory)
         self._tokenizer.save_pretrained(directory)
@@ -355,7 +355,7 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 @contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """Silence transformers' "Loading weights" and "Writing model shards" bars, its load report (the new head is, as intended,
     missing from the checkpoint) and the FutureWarning that peft triggers in transformers
     (``is_gradient_checkpointing``), all on stderr: library code never prints."""

@@ -38,6 +38,7 @@ from fedbip_cli.pipeline import resolve_device
 from fedbip_cli.similarity import GroupSimilarity, SimilarityResult
 from fedbip_cli.simulate import figures, seeds
 from fedbip_cli.simulate.attacks import honest_summary
+from fedbip_cli.simulate.export import export_data
 from fedbip_cli.simulate.loop import (
     METRICS,
     SIMILARITY,
@@ -95,13 +96,17 @@ def simulate(
     progress: Progress | None = None,
     round_done: RoundCallback | None = None,
     engine: SeedRun | None = None,
+    export: Path | None = None,
 ) -> SimulationResult:
     """Run every strategy of ``config`` (for each seed of ``seed_list``, or for ``config.seed``)
-    and write the outputs into ``out``; each seed's run by ``engine`` (default: the in-process loop)."""
+    and write the outputs into ``out``; each seed's run by ``engine`` (default: the in-process loop).
+    With ``export``, first write the clients' data there (``export.export_data``)."""
     run_seed = engine or _run_seed
     out = Path(out)
     torch_device = str(resolve_device(device))
     replace_old = check_out(out, resume=resume, overwrite=overwrite)  # fail fast, before loading
+    if export is not None:
+        export_data(config, export, seed_list=seed_list, out=out)
     work = out.parent / f".{out.name}.fedbip-new-{os.getpid()}" if replace_old else out
     if replace_old:
         shutil.rmtree(work, ignore_errors=True)
