@@ -43,6 +43,8 @@ from fedbip_cli.taskvec import group_modules
 from fedbip_cli.weights import personalized_weights
 from fedbip_cli.workspace import Workspace
 
+UNLISTED = f"no {manifest.MANIFEST_NAME} in it lists them"  # why a merge refuses to replace entries of OUT
+
 __all__ = [
     "DEVICES",
     "OUTPUT_DTYPES",
@@ -105,6 +107,8 @@ def load(
         )
     base_revision = None if base is None else resolve_revision(base)
     lock = None if lock is None else Path(lock)
+    if lock is not None and not locked:
+        lockfile.check_replaceable(lock)  # before anything is read: a merge would end by replacing it
     held = lockfile.read_lock(lock) if locked and lock is not None else None
     if held is not None and lock is not None:
         # Commits first: a branch that moved is refused before its weights are downloaded.
@@ -171,7 +175,7 @@ def plan(
     """
     options.check_kind(workspace.kind)
     if out is not None:
-        check_out(Path(out).absolute(), workspace.input_paths(), overwrite)
+        check_out(Path(out).absolute(), workspace.input_paths(), overwrite, manifest.foreign_entries, UNLISTED)
     groups = group_modules(workspace.parts, options.granularity, module_of=workspace.module_of)
     outputs = workspace.plan_outputs(options, groups)
     return {
@@ -208,7 +212,7 @@ def merge(
     options.check_kind(workspace.kind)
     out = Path(out).absolute()
     inputs = workspace.input_paths()
-    check_out(out, inputs, overwrite)
+    check_out(out, inputs, overwrite, manifest.foreign_entries, UNLISTED)
     device = resolve_device(options.device)
     similarity = similarity or inspect(
         workspace,
@@ -226,7 +230,7 @@ def merge(
     if lock is not None and lock.path.absolute().resolve().is_relative_to(out.resolve()):
         raise OutputError("the lock file lies inside --out, which the merge replaces", where=str(lock.path))
     with Outputs() as outputs:
-        tmp = outputs.directory(out, inputs, overwrite=overwrite)
+        tmp = outputs.directory(out, inputs, overwrite=overwrite, owner=manifest.foreign_entries, why=UNLISTED)
         written = workspace.write(tmp, options, weights, group_of, device, progress)
         record = manifest.merge_record(workspace, options, similarity, weights, written, device)
         record["defence"] = defence
@@ -243,7 +247,9 @@ def merge(
         manifest.dump(record, tmp / manifest.MANIFEST_NAME)
         # --locked holds the run to the lock file, never rewrites it; otherwise it is one more output.
         if lock is not None and not lock.locked:
-            outputs.file(lock.path).write_text(lockfile.lock_text(lock.record), encoding="utf-8")
+            outputs.file(lock.path, lockfile.check_replaceable).write_text(
+                lockfile.lock_text(lock.record), encoding="utf-8"
+            )
     result = MergeResult(similarity, weights, written.rank, written.energy, out, record)
     result.lock_written = lock is not None and not lock.locked
     return result
