@@ -8,6 +8,7 @@ strategies compared in one run see identical partitions, initial adapters, batch
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import torch
 
 from fedbip_cli.defence import ClipNorm
 from fedbip_cli.errors import OutputError, UsageError
+from fedbip_cli.outdir import foreign_refusal
 from fedbip_cli.simulate import attacks, checkpoint, fedmerge, tap, universal
 from fedbip_cli.simulate.attacks import Attack
 from fedbip_cli.simulate.checkpoint import StrategyRun
@@ -48,6 +50,9 @@ EXAMPLES_PER_CLIENT = 64
 # What an encoder needs from the Hub: config, weights and tokenizer files.
 MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")
 METRICS = "metrics.jsonl"
+RUN_RECORD = "fedbip-run.json"  # a simulate run's mark: only a directory holding it is ever replaced or resumed
+UNRECORDED = f"no {RUN_RECORD} marks a fedbip simulate run there"
+_SEED_DIR = re.compile(r"seed-[0-9]+")
 SIMILARITY = "similarity.jsonl"
 
 
@@ -517,13 +522,16 @@ class Simulation:
 
 
 def check_out(out: Path, *, resume: bool, overwrite: bool) -> bool:
-    """Refuse to mix a new run into an old one: a non-empty ``out`` needs --resume or --overwrite.
+    """Refuse to mix a new run into an old one: a non-empty ``out`` needs --resume or --overwrite, and
+    must be a simulate run (its run record proves it: ``foreign_entries``), whatever they say.
 
-    Writes nothing; returns whether ``out`` holds an old run that --overwrite will remove.
+    Writes nothing; returns whether ``out`` holds an old run that --overwrite will replace.
     """
     if out.exists() and not out.is_dir():
         raise OutputError("exists and is not a directory", where=str(out))
     busy = out.is_dir() and any(out.iterdir())
+    if busy and (foreign := foreign_entries(out)):
+        raise foreign_refusal(out, foreign, UNRECORDED)
     if busy and not (resume or overwrite):
         raise OutputError(
             "output directory exists and is not empty",
@@ -534,11 +542,38 @@ def check_out(out: Path, *, resume: bool, overwrite: bool) -> bool:
 
 
 def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Create ``out`` (emptied with --overwrite). Call it once the inputs have loaded, so that a
-    bad input leaves neither a new directory nor a removed old run behind."""
+    """Create ``out`` (emptied with --overwrite) and its run record. Call it once the inputs have
+    loaded, so that a bad input leaves neither a new directory nor a removed old run behind."""
     if check_out(out, resume=resume, overwrite=overwrite):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    mark_run(out)
+
+
+def mark_run(out: Path) -> None:
+    """Write ``out``'s run record: what proves a directory to be a simulate run that fedbip wrote."""
+    if not _is_run(out):
+        (out / RUN_RECORD).write_text(json.dumps({"fedbip_run": 1}) + "\n", encoding="utf-8")
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """The entries of a non-empty ``out`` that fedbip cannot prove a simulate run's: none when its run
+    record is there; else all but the ``seed-<s>`` runs (a run of several seeds killed before its
+    aggregate is written)."""
+    if _is_run(out):
+        return []
+    return [p.name for p in sorted(out.iterdir()) if not (_SEED_DIR.fullmatch(p.name) and _is_run(p))]
+
+
+def _is_run(directory: Path) -> bool:
+    record = directory / RUN_RECORD
+    if record.is_symlink() or not record.is_file():
+        return False
+    try:
+        with record.open("rb") as handle:
+            return json.loads(handle.read(1024)) == {"fedbip_run": 1}
+    except (OSError, ValueError):
+        return False
 
 
 def mean_accuracy_by_round(metrics: list[dict[str, Any]]) -> dict[int, float]:
