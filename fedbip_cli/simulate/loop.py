@@ -8,6 +8,7 @@ strategies compared in one run see identical partitions, initial adapters, batch
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import time
@@ -20,8 +21,9 @@ import numpy as np
 import torch
 
 from fedbip_cli.defence import ClipNorm
-from fedbip_cli.errors import OutputError, UsageError
+from fedbip_cli.errors import FedbipError, OutputError, UsageError
 from fedbip_cli.outdir import foreign_refusal
+from fedbip_cli.shown import shown
 from fedbip_cli.simulate import attacks, checkpoint, fedmerge, tap, universal
 from fedbip_cli.simulate.attacks import Attack
 from fedbip_cli.simulate.checkpoint import StrategyRun
@@ -50,6 +52,7 @@ EXAMPLES_PER_CLIENT = 64
 # What an encoder needs from the Hub: config, weights and tokenizer files.
 MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")
 METRICS = "metrics.jsonl"
+MAX_LR = 1e3
 RUN_RECORD = "fedbip-run.json"  # a simulate run's mark: only a directory holding it is ever replaced or resumed
 UNRECORDED = f"no {RUN_RECORD} marks a fedbip simulate run there"
 _SEED_DIR = re.compile(r"seed-[0-9]+")
@@ -125,8 +128,8 @@ class SimulationConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.participation <= 1:
             raise UsageError(f"--participation {self.participation} must be in (0, 1]")
-        if not self.lr > 0:
-            raise UsageError(f"--lr {self.lr} must be positive")
+        if not 0 < self.lr <= MAX_LR:  # NaN fails both; a larger step overflows float32 weights
+            raise UsageError(f"--lr {self.lr} must be a positive number no larger than {MAX_LR:g}")
         if self.seed < 0:  # numpy's generators take only non-negative seeds
             raise UsageError(f"--seed {self.seed} must be a non-negative integer")
         if self.examples_per_client is not None and self.examples_per_client < 1:
@@ -175,8 +178,10 @@ def load_clients(config: SimulationConfig) -> tuple[list[ClientData], list[str]]
         "examples_per_client": config.examples_per_client,
     }
     if config.partition == "tasks":
-        return partition_tasks(data, groups=config.groups, alpha=config.alpha or 1.0, **common)
-    return partition_dirichlet(data, alpha=config.alpha or 0.1, **common)
+        return partition_tasks(
+            data, groups=config.groups, alpha=1.0 if config.alpha is None else config.alpha, **common
+        )
+    return partition_dirichlet(data, alpha=0.1 if config.alpha is None else config.alpha, **common)
 
 
 def participants(config: SimulationConfig, clients: list[str], round_: int) -> list[str]:
@@ -401,7 +406,7 @@ class Simulation:
         """The last complete round of ``strategy``, checked in full (its method's server state against
         ``server``, the initial one), or None when it has not started."""
         path = self._checkpoint_path(strategy)
-        if not path.is_file():
+        if not checkpoint.present(path):
             return None
         defaults = json.loads(json.dumps(asdict(SimulationConfig())))
         return checkpoint.load(path, strategy, self._config_json(), self.names, self.initial, server or {}, defaults)
@@ -475,6 +480,7 @@ class Simulation:
                         0 if silent else state_bytes(*reply.received),
                     )
                 advance(1)
+            check_finite(strategy, round_, losses, trained)
             run.seconds["train"] += sum(client_seconds.values())
 
             start = time.perf_counter()
@@ -519,6 +525,23 @@ class Simulation:
             if on_round is not None:
                 on_round(run, sum(accuracy.values()) / len(accuracy) if accuracy else None)
         return run
+
+
+def check_finite(strategy: str, round_: int, losses: dict[str, float], trained: dict[str, State]) -> None:
+    """Stop a run whose training diverged, before the server step sees it: a non-finite loss or weight
+    (too large an --lr) would poison every client's model, and NaN is not JSON (metrics.jsonl).
+
+    Raises:
+        FedbipError: naming the strategy, the round and the first client whose training diverged.
+    """
+    for client, loss in losses.items():
+        weights = all(bool(torch.isfinite(t).all()) for t in trained[client].values() if t.is_floating_point())
+        if not (math.isfinite(loss) and weights):
+            raise FedbipError(
+                f"training diverged: {strategy} round {round_}, client {shown(client)} has a non-finite "
+                + ("loss" if not math.isfinite(loss) else "weight"),
+                hint="lower --lr (or --local-steps); nothing of this run's rounds from here on is written",
+            )
 
 
 def check_out(out: Path, *, resume: bool, overwrite: bool) -> bool:

@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from fedbip_cli import __version__, report
 from fedbip_cli.clustering import adjusted_rand_index, cluster_labels, suggest_clusters
@@ -109,11 +112,28 @@ def simulate(
     every = (config, seed_list, resume, torch_device, progress, round_done, run_seed)
     if not check_out(out, resume=resume, overwrite=overwrite):  # fail fast, before loading
         recover(out)  # what a killed --overwrite run left beside ``out``
-        return SimulationResult(out, _run_all(out, out, *every))
+        with written_as_os_errors():
+            return SimulationResult(out, _run_all(out, out, *every))
     with Outputs() as outputs:  # the new run is staged and swapped in once complete (``outdir``)
         work = outputs.directory(out, overwrite=True, owner=foreign_entries, why=UNRECORDED)
-        summary = _run_all(work, out, *every)
+        with written_as_os_errors():
+            summary = _run_all(work, out, *every)
     return SimulationResult(out, summary)
+
+
+@contextmanager
+def written_as_os_errors() -> Iterator[None]:
+    """safetensors reports a failed write (a full disk while saving the base or a checkpoint) as a
+    ``SafetensorError`` whose text ends in ``(os error N)``: raise it as the ``OSError`` it is, which
+    the CLI (and ``Outputs``) turn into one line."""
+    try:
+        yield
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number)) from None
 
 
 def _run_all(
