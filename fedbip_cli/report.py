@@ -28,6 +28,7 @@ from fedbip_cli.clustering import mean_similarity, nearest_neighbours, suggest_c
 from fedbip_cli.defence import outliers
 from fedbip_cli.errors import OutputError
 from fedbip_cli.merge import energy_range
+from fedbip_cli.shown import shown
 from fedbip_cli.simulate.seeds import COST_COLUMNS, cost_cells
 
 if TYPE_CHECKING:
@@ -381,6 +382,7 @@ def _matrix_table(clients: list[str], matrix: torch.Tensor, title: str, neighbou
     for i in range(len(clients)):
         table.add_column(str(i), justify="right")
     table.add_column("nearest")
+    clients = [shown(c) for c in clients]
     rows = zip(clients, matrix.to(torch.float64).tolist(), nearest_neighbours(matrix, neighbours))
     for i, (name, row, near) in enumerate(rows):
         nearest = ", ".join(f"{_shorten(clients[j], NAME_WIDTH)} {_format_value(v)}" for j, v in near)
@@ -539,7 +541,9 @@ def _lora_plan_table(plan: dict[str, Any], out: Path) -> Table:
         table.add_column(column)
     for client in plan["clients"]:
         source = client["source"] + (f" @ {client['revision'][:12]}" if client["revision"] else "")
-        table.add_row(client["name"], source, str(client["modules"]), ", ".join(map(str, client["ranks"])))
+        table.add_row(
+            shown(client["name"]), shown(source), str(client["modules"]), ", ".join(map(str, client["ranks"]))
+        )
     return table
 
 
@@ -561,7 +565,7 @@ def _full_plan_table(plan: dict[str, Any], out: Path) -> Table:
         table.add_column(column)
     for client in plan["clients"]:
         source = client["source"] + (f" @ {client['revision'][:12]}" if client["revision"] else "")
-        table.add_row(client["name"], source, str(client["tensors"]), str(client["files"]))
+        table.add_row(shown(client["name"]), shown(source), str(client["tensors"]), str(client["files"]))
     return table
 
 
@@ -591,7 +595,8 @@ def merge_summary(result: Any) -> dict[str, Any]:
 
 def merge_table(result: Any, top: int = 3) -> Table:
     """One row per client: its largest weights (averaged over groups) and the energy kept."""
-    clients = result.similarity.clients
+    names = result.similarity.clients
+    clients = [shown(c) for c in names]
     mean_weights = sum(result.weights.values()) / len(result.weights)
     written = "checkpoints" if result.manifest.get("output") == "checkpoint" else "adapters"
     table = Table(
@@ -608,7 +613,7 @@ def merge_table(result: Any, top: int = 3) -> Table:
         row = mean_weights[i]
         order = sorted(range(len(clients)), key=lambda j: (-float(row[j]), j))[:top]
         text = ", ".join(f"{clients[j]} {float(row[j]):.2f}" for j in order if row[j] > 0)
-        low, mean = energy_range(result.energy[client])
+        low, mean = energy_range(result.energy[names[i]])
         energy = "n/a" if low is None else f"{low:.4f} / {mean:.4f}"
         table.add_row(client, text, energy)
     return table

@@ -24,8 +24,10 @@ def _visible(char: str) -> str:
 
 def shown(text: str, limit: int = MAX_SHOWN) -> str:
     """``text`` with every control, format and separator character written as an escape (``\\x1b``),
-    cut to ``limit`` characters with an ellipsis and the full length when longer."""
+    cut to about ``limit`` characters when longer: its start and its end (where an error line says
+    what is wrong) are kept, the middle gives the full length."""
     visible = "".join(map(_visible, text))
     if len(visible) <= limit:
         return visible
-    return f"{visible[: max(limit - 30, 10)]}… ({len(text)} characters)"
+    keep = max(limit - 30, 20) // 2
+    return f"{visible[:keep]} …({len(text)} characters)… {visible[-keep:]}"
