@@ -45,11 +45,15 @@ ANNOTATE_MAX_PANELS = 36
 
 # Metadata that would embed the date or the library version; dropping it makes re-runs
 # byte-identical.
-_DETERMINISTIC_METADATA: dict[str, dict[str, None]] = {
-    "png": {"Software": None},
-    "pdf": {"Creator": None, "Producer": None, "CreationDate": None},
-    "svg": {"Creator": None, "Date": None},
+# No dates or library versions (the same run writes the same bytes); the creator is fedbip, which
+# is what proves an existing file fedbip's to replace (``_check_output_path``).
+_DETERMINISTIC_METADATA: dict[str, dict[str, str | None]] = {
+    "png": {"Software": "fedbip"},
+    "pdf": {"Creator": "fedbip", "Producer": None, "CreationDate": None},
+    "svg": {"Creator": "fedbip", "Date": None},
 }
+MARK = b"fedbip"
+_MARK_SPAN = 2**16  # bytes at each end of a file searched for the mark: where each format keeps its metadata
 
 
 def similarity_tables(result: Any, *, neighbours: int = 3) -> list[RenderableType]:
@@ -290,6 +294,7 @@ def write_matrices(result: Any, path: Path) -> None:
     check_matrix_path(path)
     tensors = {name: group.similarity.to(torch.float64).contiguous() for name, group in result.groups.items()}
     metadata = {
+        "creator": "fedbip",
         "clients": json.dumps(list(result.clients)),
         "granularity": result.granularity,
         "similarity": json.dumps(result.method),
@@ -356,11 +361,32 @@ def check_matrix_path(path: Path) -> None:
 
 
 def _check_output_path(path: Path, hint: str) -> None:
-    """OutputError unless ``path`` can be written: not a directory, in a directory that exists."""
+    """OutputError unless ``path`` can be written: not a directory, in a directory that exists, and
+    nothing there or a file fedbip wrote (its metadata names fedbip): a user's file is never replaced."""
     if path.is_dir():
         raise OutputError("is a directory", where=str(path), hint=hint)
     if not path.parent.is_dir():
         raise OutputError("directory does not exist", where=str(path), hint="create it first")
+    if (path.exists() or path.is_symlink()) and not _marked(path):
+        raise OutputError(
+            "a file fedbip did not write is there: it is never replaced",
+            where=str(path),
+            hint="fedbip replaces only a file it wrote: name another file, or move this one away",
+        )
+
+
+def _marked(path: Path) -> bool:
+    """Whether the regular file ``path`` carries fedbip's mark near its start or its end."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(_MARK_SPAN)
+            handle.seek(max(0, path.stat().st_size - _MARK_SPAN))
+            tail = handle.read(_MARK_SPAN)
+    except OSError:
+        return False
+    return MARK in head or MARK in tail
 
 
 def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:

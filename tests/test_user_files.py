@@ -92,6 +92,14 @@ def forged_manifest(root: Path) -> list[str]:
     return merge("--out", "{root}/victim", "--overwrite")(root)
 
 
+def inspect(*options: str) -> Callable[[Path], list[str]]:
+    def build(root: Path) -> list[str]:
+        (root / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\nmy holiday")
+        return ["inspect-similarity", str(clients(root)), "--no-cache", *[o.format(root=root) for o in options]]
+
+    return build
+
+
 def simulate(*options: str) -> Callable[[Path], list[str]]:
     def build(root: Path) -> list[str]:
         (root / "victim" / "summary.json").write_text('{"mine": true}\n')
@@ -138,6 +146,9 @@ CASES = [
     ),
     Case("config-sources-stdin", config('out = "merged"\n', sources='["@/dev/stdin"]'), "sources", 2),
     Case("config-sources-parent", config('out = "merged"\n', sources='["../victim"]'), "sources", 2),
+    Case("inspect-heatmap-user-image", inspect("--heatmap", "{root}/photo.png"), "photo.png"),
+    Case("inspect-matrix-user-file", inspect("--matrix", "{root}/notes.txt"), "notes.txt"),
+    Case("inspect-heatmap-link", symlinked("img.svg", "notes.txt", inspect("--heatmap", "{root}/img.svg")), "img.svg"),
     Case("simulate-overwrite-user-dir", simulate("--overwrite"), "summary.json"),
     Case("simulate-resume-user-dir", simulate("--resume"), "summary.json"),
 ]
@@ -177,6 +188,24 @@ def test_a_merge_still_replaces_its_own_output(tmp_path: Path) -> None:
     again = runner.invoke(app, [*args, "--overwrite"])
     assert again.exit_code == 0, again.output
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["c0", "c1", "fedbip-manifest.json"]
+
+
+@pytest.mark.parametrize("suffix", [".png", ".pdf", ".svg"])
+def test_inspect_still_replaces_its_own_heatmap_and_matrix(tmp_path: Path, suffix: str) -> None:
+    heatmap, matrix = tmp_path / f"s{suffix}", tmp_path / "s.safetensors"
+    args = [
+        "inspect-similarity",
+        str(clients(tmp_path)),
+        "--no-cache",
+        "--heatmap",
+        str(heatmap),
+        "--matrix",
+        str(matrix),
+    ]
+    assert runner.invoke(app, args).exit_code == 0
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert heatmap.is_file() and matrix.is_file()
 
 
 def test_the_table_covers_every_way_to_name_an_output() -> None:
