@@ -75,19 +75,37 @@ def command(source: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "fedbip_cli", "merge", str(source), "--out", str(out), "--device", "cpu", *extra]
 
 
-def run(cmd: list[str], kill_after: float | None) -> tuple[int, str]:
-    """Run ``cmd``; SIGKILL it after ``kill_after`` seconds if it is still running. Returns (code, stdout)."""
+def run(cmd: list[str], kill: Kill | None = None) -> tuple[int, str]:
+    """Run ``cmd``, SIGKILL-ed as ``kill`` says if it is still running then. Returns (code, stdout)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    if kill_after is not None:
-        try:
-            process.wait(timeout=kill_after)
-        except subprocess.TimeoutExpired:
+    if kill is not None:
+        kill.wait(process)
+        if process.poll() is None:
             process.send_signal(signal.SIGKILL)
     stdout, stderr = process.communicate()
     if process.returncode not in (0, -signal.SIGKILL):
         raise SystemExit(f"merge failed ({process.returncode}): {stderr.strip()[-500:]}")
     return process.returncode, stdout
+
+
+@dataclass
+class Kill:
+    """When to kill a run: ``delay`` seconds after it starts or, with ``watch``, after a journal of
+    fedbip's appears in ``watch`` (the run is writing: staging, swapping or committing)."""
+
+    delay: float
+    watch: Path | None = None
+
+    def wait(self, process: subprocess.Popen[str]) -> None:
+        while self.watch is not None and process.poll() is None:
+            if any(p.name.startswith(".fedbip-journal-") for p in self.watch.iterdir()):
+                break
+            time.sleep(0.002)
+        try:
+            process.wait(timeout=self.delay)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def back_to_back(
@@ -100,15 +118,15 @@ def back_to_back(
     took: list[float] = []
     for i in range(runs):
         source = list(refs)[i % 2]
-        before = tree(out)
+        before = state(out, lock)
         stale = bool(leftovers(root))
         kill = rng.random() < kill_rate
         start = time.perf_counter()
-        code, _ = run(
-            command(source, out, "--lock", str(lock), "--overwrite"), rng.uniform(0, typical) if kill else None
-        )
+        # Half the kills land anywhere in the run, half while it writes (where the journal matters).
+        when = Kill(rng.uniform(0, typical)) if rng.random() < 0.5 else Kill(rng.uniform(0, 0.2), watch=root)
+        code, _ = run(command(source, out, "--lock", str(lock), "--overwrite"), when if kill else None)
         tally.runs += 1
-        after = tree(out)
+        after = state(out, lock)
         if code == 0:
             took.append(time.perf_counter() - start)
             typical = sorted(took)[len(took) // 2] * 1.2
@@ -116,9 +134,14 @@ def back_to_back(
             assert not leftovers(root), leftovers(root)
         else:
             tally.kills += 1
-        if after not in (before, refs[source]):
+        if after not in (before, refs[source]):  # OUT and its lock file: both old or both new
             tally.bytes_lost += sum(len(v) for v in before.values())
     return tally
+
+
+def state(out: Path, lock: Path) -> dict[str, bytes]:
+    """OUT's files and the lock file's bytes (the lock's sources named as given, the same in every run)."""
+    return {**tree(out), "<lock>": lock.read_bytes() if lock.exists() else b""}
 
 
 def concurrent(root: Path, refs: dict[Path, dict[str, bytes]], width: int, rounds: int) -> Tally:
@@ -141,8 +164,7 @@ def concurrent(root: Path, refs: dict[Path, dict[str, bytes]], width: int, round
                 raise SystemExit(f"concurrent merge failed: {stderr.strip()[-500:]}")
             tally.runs += 1
             tally.rejections += json.loads(stdout)["cache"]["rejected"]
-            got = tree(out)
-            if got != refs[source]:
+            if tree(out) != {k: v for k, v in refs[source].items() if k != "<lock>"}:
                 tally.bytes_lost += sum(len(v) for v in refs[source].values())
     return tally
 
@@ -176,8 +198,8 @@ def main() -> None:
         refs = {}
         for seed in (0, 1):
             source = sources(root / "in", seed)
-            run(command(source, root / f"ref{seed}"), None)
-            refs[source] = tree(root / f"ref{seed}")
+            run(command(source, root / f"ref{seed}", "--lock", str(root / f"ref{seed}.lock")))
+            refs[source] = state(root / f"ref{seed}", root / f"ref{seed}.lock")
         (root / "one").mkdir()
         rng = random.Random(args.seed)
         phases = {

@@ -116,9 +116,6 @@ def load(
         lockfile.check_base(held, lockfile.base_record(base, base_revision), lock)
     # A dry run fetches adapters (small) but not full checkpoints, which it knows from their headers.
     fetch_weights(sources if weights else [s for s in sources if s.kind != FULL])
-    pinned = lockfile.sources_record(resolved, full_hashes=weights) if lock is not None else {}
-    if held is not None and lock is not None:
-        lockfile.check_sources(held, pinned, lock)
     workspace: Workspace
     if any(s.kind == FULL for s in sources):
         workspace = load_checkpoints(
@@ -133,6 +130,10 @@ def load(
     else:
         workspace = load_adapters(list(specs), sources, base, base_revision, directory, resolved, weights=weights)
     if lock is not None:
+        # Hashed once the headers are checked: a shape mismatch they show costs no read of the weights.
+        pinned = lockfile.sources_record(resolved, full_hashes=weights)
+        if held is not None:
+            lockfile.check_sources(held, pinned, lock)
         base_pin = lockfile.base_record(base, workspace.base_revision)
         workspace.lock = LockState(lock, lockfile.lock_record(pinned, base_pin), locked)
     return workspace

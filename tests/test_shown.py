@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
+from fedbip_cli import lockfile
 from fedbip_cli.cli import app
+from fedbip_cli.errors import SourceError
 from fedbip_cli.shown import shown
+from fedbip_cli.simulate.data import load_client_files
 from fedbip_cli.simulate.model import _sorted_module_lists
+from fedbip_cli.sources import resolve_sources
 from tests.factories import random_adapter
 
 SHAPES = {"model.layers.0.q_proj": (6, 5)}
@@ -49,3 +54,62 @@ def test_simulate_writes_target_modules_sorted(tmp_path: Path) -> None:
     _sorted_module_lists(path)
     config = json.loads(path.read_text())
     assert config == {"target_modules": ["key", "query", "value"], "modules_to_save": ["a", "z"], "r": 2}
+
+
+@pytest.mark.parametrize(
+    ("first", "second"), [("Client", "client"), ("caf\u00e9", "cafe\u0301"), ("\ufb01le", "file"), ("c1", "c1")]
+)
+def test_names_that_collide_on_a_case_insensitive_or_normalising_file_system(
+    tmp_path: Path, first: str, second: str
+) -> None:
+    """OUT/<client> of both would be one directory on macOS or Windows: refused, naming both."""
+    gen = torch.Generator().manual_seed(0)
+    random_adapter(tmp_path / "a" / first, SHAPES, gen)
+    random_adapter(tmp_path / "b" / second, SHAPES, gen)
+    with pytest.raises(SourceError, match="duplicate client names") as caught:
+        resolve_sources([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert repr(first) in caught.value.message or first == second
+
+
+def test_simulate_client_files_that_collide_are_refused(tmp_path: Path) -> None:
+    row = json.dumps({"text": "a sentence", "label": "x"}) + "\n"
+    for name in ("Alpha", "alpha", "beta"):
+        (tmp_path / f"{name}.jsonl").write_text(row * 4)
+    with pytest.raises(SourceError, match="the same name"):
+        load_client_files(tmp_path, test_fraction=0.25, seed=0)
+
+
+def test_a_sparse_adapters_shape_mismatch_is_found_from_its_header(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1 GiB adapter (a hole: no disk) whose header shows another shape is refused before any of its
+    bytes are read or hashed, even with --lock (which hashes every file)."""
+    gen = torch.Generator().manual_seed(0)
+    random_adapter(tmp_path / "in" / "c0", SHAPES, gen)
+    random_adapter(tmp_path / "in" / "c1", SHAPES, gen)
+    module, (_, n_in) = next(iter(SHAPES.items()))
+    wide = 2**27  # 2 × 2²⁷ float32: 1 GiB of A
+    header = {
+        f"base_model.model.{module}.lora_A.weight": {"dtype": "F32", "shape": [2, wide], "data_offsets": [0, 8 * wide]},
+        f"base_model.model.{module}.lora_B.weight": {
+            "dtype": "F32",
+            "shape": [6, 2],
+            "data_offsets": [8 * wide, 8 * wide + 48],
+        },
+    }
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    weights = tmp_path / "in" / "c1" / "adapter_model.safetensors"
+    with weights.open("wb") as handle:
+        handle.write(len(text).to_bytes(8, "little") + text)
+        handle.truncate(8 + len(text) + 8 * wide + 48)
+
+    def never(path: Path) -> str:
+        raise AssertionError(f"{path} was hashed before its header was checked")
+
+    monkeypatch.setattr(lockfile, "file_sha256", never)
+    args = ["merge", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--lock", str(tmp_path / "l.lock")]
+    result = runner.invoke(app, [*args, "--no-cache"])
+    assert result.exit_code == 1, result.output
+    assert f"is 6x{wide} here but 6x{n_in}" in result.stderr, result.stderr
+    assert weights.stat().st_blocks * 512 < 2**20
