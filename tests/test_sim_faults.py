@@ -147,6 +147,11 @@ def test_a_killed_overwrite_is_recovered_by_the_journal(tmp_path: Path) -> None:
     first = cli.invoke(app, ["simulate", *tiny_options(), "--examples-per-client", "4", "--out", str(out)])
     assert first.exit_code == 0, first.output
     before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    configs = list(out.glob("adapters/*/adapter_config.json"))
+    assert len(configs) == 2
+    for config in configs:  # peft's set, written in sorted order
+        modules = json.loads(config.read_text())["target_modules"]
+        assert modules == sorted(modules) and len(modules) == 2
     env = {**os.environ, "FEDBIP_TEST_KILL_AT": "swapped-0", "HF_HUB_OFFLINE": "1"}
     args = ["simulate", *tiny_options(), "--examples-per-client", "4", "--seed", "1", "--overwrite"]
     killed = subprocess.run(

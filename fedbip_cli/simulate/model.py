@@ -297,16 +297,6 @@ class ClientModel:
         self._model.save_pretrained(directory)
         _sorted_module_lists(Path(directory) / "adapter_config.json")
 
-
-def _sorted_module_lists(path: Path) -> None:
-    """peft keeps ``target_modules`` as a set and writes it in the order of Python's hash seed: sort it
-    (and ``modules_to_save``), so that every run and every resumed run writes the same bytes."""
-    config = json.loads(path.read_text(encoding="utf-8"))
-    for key in ("target_modules", "modules_to_save"):
-        if isinstance(config.get(key), list):
-            config[key] = sorted(config[key])
-    path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-
     def _logits(self, tokens: Tokens) -> torch.Tensor:
         # Pad only to the longest sentence of the batch, not to max_length: the encoder's cost grows
         # with the padded length. Padding is on the right, so the first token is still [CLS].
@@ -381,3 +371,13 @@ def _quiet() -> Iterator[None]:
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.set_tqdm_hook(previous)
+
+
+def _sorted_module_lists(path: Path) -> None:
+    """peft keeps ``target_modules`` as a set and writes it in the order of Python's hash seed: sort it
+    (and ``modules_to_save``), so that every run and every resumed run writes the same bytes."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
