@@ -42,6 +42,7 @@ from fedbip_cli.defaults import (
 )
 from fedbip_cli.errors import FedbipError, UsageError
 from fedbip_cli.innercache import InnerProductCache, default_cache_dir
+from fedbip_cli.shown import shown
 
 # pipeline, report, config and sketch import torch (seconds to load): each command imports them
 # in its body, so that --help and --version answer at once (tests/test_startup.py).
@@ -104,8 +105,9 @@ app = typer.Typer(
 
 
 def _stdout() -> Console:
-    """A console on the current stdout: colour and width are decided now, not at import."""
-    return Console()
+    """A console on the current stdout: colour and width are decided now, not at import. No markup:
+    a client's name (``[b]c1``) is printed as it is, never rendered (tables style by column)."""
+    return Console(markup=False)
 
 
 def _stderr() -> Console:
@@ -222,6 +224,7 @@ def main_callback(
 
 
 INTERRUPTED = 130  # the shell's exit status for a process ended by SIGINT
+MAX_ERROR = 500  # characters of an error line or hint: a hostile key or value never floods the terminal
 
 
 @contextmanager
@@ -254,9 +257,9 @@ def _user_errors(as_json: bool = False) -> Iterator[None]:
 def _error_line(code: str, message: str, hint: str | None) -> None:
     """An error on stderr: ``error: <message>`` and ``hint: <hint>`` (``code`` is for --json)."""
     console = _stderr()
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(shown(message, MAX_ERROR))}", highlight=False, soft_wrap=True)
     if hint:
-        console.print(f"[dim]hint:[/] {escape(hint)}", highlight=False, soft_wrap=True)
+        console.print(f"[dim]hint:[/] {escape(shown(hint, MAX_ERROR))}", highlight=False, soft_wrap=True)
 
 
 @contextmanager

@@ -4,7 +4,8 @@ A file named ``*.yaml`` / ``*.yml`` is YAML, any other TOML; both hold the same 
 same way. A config file is checked whole before anything is resolved or read: an unknown key, a
 value of the wrong type or a bad value is a ``UsageError`` that names the file, the key and the
 value. Relative paths in it (sources, out, base, lock, cache) are taken from the file's directory,
-so a pipeline can run it from anywhere. Options given on the command line override the file; the
+so a pipeline can run it from anywhere, and may not leave that directory (``..``, absolute paths,
+links; ``~`` is not expanded): a path elsewhere is given on the command line. Options given on the command line override the file; the
 file overrides the defaults, which live in ``MergeOptions`` / ``WeightOptions`` and here, nowhere
 else.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import reprlib
 import tomllib
 from collections.abc import Callable, Mapping
@@ -153,14 +155,54 @@ def read_config(path: Path) -> dict[str, Any]:
     root = Path(path).absolute().parent
     for key in ("out", "lock"):
         if key in layer:
-            layer[key] = root / Path(layer[key]).expanduser()
+            layer[key] = confined(root, key, layer[key], where)
     if isinstance(layer.get("cache"), str):
-        layer["cache"] = root / Path(layer["cache"]).expanduser()
+        layer["cache"] = confined(root, "cache", layer["cache"], where)
     if "base" in layer and not layer["base"].startswith(HUB_PREFIX):
-        layer["base"] = str(root / Path(layer["base"]).expanduser())
+        layer["base"] = str(confined(root, "base", layer["base"], where))
+    for source in layer.get("sources", []):
+        if not source.startswith(HUB_PREFIX):
+            _confined_source(root, source, where)
     if "sources" in layer:
         layer["source_dir"] = root
     return layer
+
+
+def confined(root: Path, key: str, value: str, where: str) -> Path:
+    """The config path ``value`` of ``key``, taken from the config's directory ``root``, which it may not
+    leave (by ``..``, an absolute path or a link): a config file is often someone else's, and
+    ``out``, ``lock`` and ``cache`` name what a run replaces. ``~`` is not expanded.
+
+    Raises:
+        UsageError: naming the key and the value, with how to give such a path on the command line.
+    """
+    option = "as SOURCES" if key == "sources" else "--" + key
+    if value.startswith("~"):
+        raise UsageError(
+            f"{key} = {_shown(value)}: '~' is not expanded in a config file",
+            where=where,
+            hint=f"write the path relative to the config file, or give it on the command line ({option})",
+        )
+    path = Path(os.path.normpath(root / value))
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise UsageError(
+            f"{key} = {_shown(value)}: leaves the config file's directory {root}",
+            where=where,
+            hint=f"a config names paths inside its own directory; give this one on the command line ({option})",
+        )
+    return path
+
+
+def _confined_source(root: Path, source: str, where: str) -> None:
+    """A config's local SOURCE (an @list too) stays in ``root``; an @list there is a regular file."""
+    is_list = source.startswith("@")
+    path = confined(root, "sources", source.removeprefix("@"), where)
+    if is_list and path.exists() and not path.is_file():
+        raise UsageError(
+            f"sources = {_shown(source)}: an @list in a config file must be a regular file",
+            where=where,
+            hint="write the list into a file beside the config, or give the pipe on the command line",
+        )
 
 
 def _parse_toml(text: str, where: str) -> dict[str, Any]:

@@ -168,6 +168,37 @@ def _key(name: str) -> str:
 _REWRITE = "the lock file was edited or damaged: run once without --locked to rewrite it, and commit it"
 
 
+def check_replaceable(path: Path) -> None:
+    """Refuse to write the lock file ``path`` over anything but a lock file fedbip wrote (or nothing).
+
+    Proof of ownership is a regular file holding a JSON object with a ``fedbip_lock`` field; a
+    damaged one of those is rewritten, anything else (a user's notes, a dotfile, a link) is refused
+    whatever ``--overwrite`` says.
+
+    Raises:
+        LockError: naming the file and what is there.
+    """
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    if path.is_symlink() or not path.is_file():
+        kind = "a link" if path.is_symlink() else "a directory" if path.is_dir() else "not a regular file"
+        raise LockError(f"{kind} is there, not a fedbip lock file", where=str(path), hint=_OTHER_LOCK)
+    try:
+        data = read_json(path, error=LockError, what="the lock file")
+    except LockError:
+        data = None
+    if not isinstance(data, dict) or "fedbip_lock" not in data:
+        raise LockError(
+            "a file fedbip did not write is there (no fedbip_lock field): it is never replaced",
+            where=str(path),
+            hint=_OTHER_LOCK,
+        )
+
+
+_OTHER_LOCK = "fedbip replaces only a lock file it wrote, whatever --overwrite says: name another --lock file"
+
+
 def lock_text(record: dict[str, Any]) -> str:
     """A lock record as written: deterministic JSON bytes."""
     return json.dumps(record, indent=2) + "\n"

@@ -15,11 +15,14 @@ from typing import Any
 import torch
 
 from fedbip_cli import __version__
+from fedbip_cli.boundedio import read_json
 from fedbip_cli.command import merge_command, pinned_sources
+from fedbip_cli.errors import OutputError
 from fedbip_cli.merge import registered
 from fedbip_cli.sources import LORA, pinned_spec
 
 MANIFEST_NAME = "fedbip-manifest.json"
+MAX_MANIFEST_BYTES = 2**30  # K² similarity and weight matrices per group: large for thousands of clients
 
 
 def library_versions() -> dict[str, str]:
@@ -107,3 +110,45 @@ def reproducing_command(workspace: Any, options: dict[str, Any], *, rank: int | 
     """
     base = pinned_spec(workspace.base, workspace.base_revision) if workspace.base else None
     return merge_command(pinned_sources(workspace.resolved), options, base=base, rank=rank, device=device.type)
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """The entries of the directory ``out`` that no fedbip manifest in it accounts for (relative names;
+    a foreign directory is named once, not with its files).
+
+    A merge's OUT holds its manifest and one directory per client holding the files the manifest's
+    ``outputs`` lists; anything else (everything, without a readable manifest) is the user's.
+    """
+    outputs = _manifest_outputs(out / MANIFEST_NAME)
+    foreign = []
+    for entry in sorted(out.iterdir()):
+        if entry.name == MANIFEST_NAME and outputs is not None and _plain_file(entry):
+            continue
+        files = (outputs or {}).get(entry.name)
+        if files is None or entry.is_symlink() or not entry.is_dir():
+            foreign.append(entry.name)
+            continue
+        own = {name.removeprefix(f"{entry.name}/") for name in files}
+        foreign += [
+            f"{entry.name}/{f.name}" for f in sorted(entry.iterdir()) if f.name not in own or not _plain_file(f)
+        ]
+    return foreign
+
+
+def _plain_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _manifest_outputs(path: Path) -> dict[str, Any] | None:
+    """A fedbip manifest's ``outputs`` (client -> its files), or None when ``path`` holds none."""
+    try:
+        record = read_json(path, error=OutputError, limit=MAX_MANIFEST_BYTES, what="the manifest")
+    except OutputError:
+        return None
+    if (
+        not isinstance(record, dict)
+        or record.get("fedbip_manifest") != 1
+        or not isinstance(record.get("outputs"), dict)
+    ):
+        return None
+    return {c: f for c, f in record["outputs"].items() if isinstance(f, dict)}

@@ -1,20 +1,27 @@
 """Every output of a run, committed together or not at all.
 
-A run stages each output (the OUT directory, a lock file, a heatmap, a matrix file) beside its
-target as ``.fedbip-tmp-<pid>.<name>``; a journal ``.fedbip-journal-<pid>.<first>.json`` lists
-every staged target from the moment it is staged. When all are complete, ``Outputs.commit``:
+A run draws a random run id (``<pid>-<hex>``), stages each output (the OUT directory, a lock file, a
+heatmap, a matrix file) beside its target as ``.fedbip-tmp-<run>.<name>``; a journal
+``.fedbip-journal-<run>.<first>.json`` lists every staged target from the moment it is staged, and
+its run holds an ``flock`` on it for as long as it lives. When all are complete, ``Outputs.commit``:
 
 1. records in the journal the inode of each new output and of the output it replaces;
 2. swaps each staged output into place (``renameat2(RENAME_EXCHANGE)`` on Linux, so a target is
-   never missing; elsewhere two renames), keeping the previous one as ``.fedbip-old-<pid>.<name>``;
+   never missing; elsewhere two renames), keeping the previous one as ``.fedbip-old-<run>.<name>``;
 3. marks the journal committed (the commit point), deletes the previous outputs, then the journal.
 
 A failure before the commit point puts every previous output back. A process killed at any step
-leaves its pid in these names, and the next run on the same target (``recover``) rolls an
-uncommitted journal back (finding each output by inode wherever the commit had moved it), finishes
-a committed one, and removes the temporaries of dead processes. An OUT directory is also locked
+leaves these names behind, and the next run on the same target (``recover``) finds the journals
+whose ``flock`` nobody holds (their run is dead, whatever process now has its pid), rolls an
+uncommitted one back (finding each output by the inodes it records, never removing a target whose
+inode is not the journal's new output), finishes a committed one, and removes that run's
+temporaries. An OUT directory is also locked
 (``flock`` on ``.fedbip-lock.<name>``) while a run writes it, so two runs cannot both write one OUT.
 Operating-system failures become one ``OutputError`` naming the target and the cause.
+
+Only what fedbip can prove it wrote is ever replaced: ``check_out`` refuses a non-empty OUT unless
+its ``owner`` check (a merge's manifest, a simulate run record) accounts for every entry in it,
+whatever ``--overwrite`` says.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import errno
 import fcntl
 import json
 import os
+import secrets
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +40,7 @@ from typing import Any
 import torch
 
 from fedbip_cli.errors import OutputError
+from fedbip_cli.shown import shown
 
 
 def finite(tensor: torch.Tensor, name: str, client: str) -> torch.Tensor:
@@ -55,8 +64,34 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def check_out(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
-    """Refuse an ``out`` inside or around one of ``inputs``, not a directory, or (unless ``overwrite``) not empty."""
+# owner(out): the entries of a non-empty directory ``out`` that fedbip cannot prove it wrote (relative
+# names; [] when every entry is its own). Nothing is proven by default: a non-empty OUT is refused.
+Owner = Callable[[Path], list[str]]
+MAX_LISTED = 3  # foreign entries named in a refusal
+
+
+def nothing_proven(out: Path) -> list[str]:
+    """Every entry of ``out``: an owner check that proves nothing."""
+    return sorted(p.name for p in out.iterdir())
+
+
+def foreign_refusal(out: Path, foreign: Sequence[str], why: str) -> OutputError:
+    """The one line refusing to replace ``out``, naming (escaped, a few of) the ``foreign`` entries in it."""
+    named = ", ".join(shown(name, 80) for name in foreign[:MAX_LISTED])
+    more = f" and {len(foreign) - MAX_LISTED} more" if len(foreign) > MAX_LISTED else ""
+    return OutputError(
+        f"output directory is not empty: it holds {named}{more}, which fedbip did not write ({why})",
+        where=str(out),
+        hint="fedbip replaces only what it wrote, whatever --overwrite says: choose another --out, or move them away",
+    )
+
+
+def check_out(
+    out: Path, inputs: Sequence[Path], overwrite: bool, owner: Owner = nothing_proven, why: str = "nothing records them"
+) -> None:
+    """Refuse an ``out`` inside or around one of ``inputs``, not a directory, holding entries that
+    ``owner`` does not prove fedbip's (``why`` says what proof is missing), or (unless ``overwrite``)
+    not empty."""
     real = out.resolve()
     for path in inputs:
         if _inside(real, path):
@@ -73,12 +108,16 @@ def check_out(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
             )
     if real.exists() and not real.is_dir():
         raise OutputError("exists and is not a directory", where=str(out), hint="choose another --out")
-    if real.is_dir() and any(real.iterdir()) and not overwrite:
-        raise OutputError(
-            "output directory exists and is not empty",
-            where=str(out),
-            hint="pass --overwrite to replace it, or choose another --out",
-        )
+    if real.is_dir() and any(real.iterdir()):
+        foreign = owner(real)
+        if foreign:
+            raise foreign_refusal(out, foreign, why)
+        if not overwrite:
+            raise OutputError(
+                "output directory exists and is not empty",
+                where=str(out),
+                hint="pass --overwrite to replace it, or choose another --out",
+            )
 
 
 TMP, OLD, JOURNAL, LOCK = ".fedbip-tmp-", ".fedbip-old-", ".fedbip-journal-", ".fedbip-lock."
@@ -106,18 +145,58 @@ def _os_error(exc: OSError, target: Path, action: str) -> OutputError:
     )
 
 
-def _staged_name(target: Path, prefix: str, pid: int) -> Path:
-    return target.parent / f"{prefix}{pid}.{target.name}"
+def _staged_name(target: Path, prefix: str, run: str) -> Path:
+    return target.parent / f"{prefix}{run}.{target.name}"
 
 
-def _alive(pid: int) -> bool:
+def new_run_id() -> str:
+    """A run's id: its pid (for people reading a directory listing) and 48 random bits (a reused pid
+    or another PID namespace never names the same run)."""
+    return f"{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def _run_of(name: str, prefix: str) -> str | None:
+    run = name[len(prefix) :].split(".", 1)[0]
+    return run if run and all(part.isalnum() for part in run.split("-")) else None
+
+
+def _pid_alive(run: str) -> bool:
+    """Whether the process whose pid starts ``run`` may be alive (only for leftovers no journal describes)."""
+    digits = run.split("-", 1)[0]
+    if not digits.isdigit():
+        return False
     try:
-        os.kill(pid, 0)
+        os.kill(int(digits), 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's live process
+    except (PermissionError, OverflowError):  # another user's live process; a pid out of range
         return True
     return True
+
+
+def _held(path: Path) -> bool | None:
+    """Whether a live run holds its ``flock`` on the file at ``path`` (None: there is no such file).
+
+    A journal's run holds its lock from before the journal has its name until it is removed, so a
+    lock nobody holds, on the inode the name still points to, proves the run dead.
+    """
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        else:
+            try:
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    return False
+            except FileNotFoundError:
+                return None
+        finally:
+            os.close(fd)
 
 
 def _remove(path: Path) -> None:
@@ -166,30 +245,33 @@ def _put_back(target: Path, old: Path, existed: bool) -> None:
 
 
 def recover(target: Path) -> None:
-    """Roll back what dead processes left uncommitted around ``target``; remove their temporaries.
+    """Roll back what dead runs left uncommitted around ``target``; remove their temporaries.
 
-    A journal whose process died before the commit point is rolled back: every target it lists gets
-    its previous output back, found by inode wherever the commit had moved it. Without a journal, a
-    dead process's previous outputs and temporaries are garbage. Entries of live processes are left.
+    A journal whose run is dead (nobody holds its ``flock``) and had not passed the commit point is
+    rolled back: every target it lists gets its previous output back, found by the inode the journal
+    records. Temporaries that no journal beside them describes are removed once the pid in their
+    name is gone. Entries of live runs are left.
     """
     parent = target.parent
     if not parent.is_dir():
         return
+    journaled = set()
     for journal in sorted(parent.glob(f"{JOURNAL}*.{target.name}.json")):
-        pid = _pid_of(journal.name, JOURNAL)
-        if pid is None or _alive(pid):
+        run = _run_of(journal.name, JOURNAL)
+        journaled.add(run)
+        if run is None or _held(journal) is not False:
             continue
         committed, entries = _journal_entries(journal)
         for listed, new, old in entries:
             if new is not None and not committed:  # the commit had begun: put the previous output back
-                _roll_back(listed, pid, new, old)
-            _remove_stale(listed, pid)
+                _roll_back(listed, run, new, old)
+            _remove_stale(listed, run)
         journal.unlink()
     for part in parent.glob(f"{JOURNAL}*.{target.name}.json.part"):
-        pid = _pid_of(part.name, JOURNAL)
-        if pid is not None and not _alive(pid):
-            part.unlink()
-    _remove_stale(target)
+        run = _run_of(part.name, JOURNAL)  # a part is locked just after it is created: its pid must be gone too
+        if run is not None and not _pid_alive(run) and _held(part) is False:
+            part.unlink(missing_ok=True)
+    _remove_stale(target, skip=journaled)
     _remove_unheld_lock(target)
 
 
@@ -209,10 +291,13 @@ def _remove_unheld_lock(target: Path) -> None:
         os.close(fd)
 
 
-def _roll_back(target: Path, pid: int, new: int, old: int | None) -> None:
-    """Put the entry with inode ``old`` back at ``target`` and remove the one with inode ``new``."""
-    places = [target, _staged_name(target, TMP, pid), _staged_name(target, OLD, pid)]
+def _roll_back(target: Path, run: str, new: int, old: int | None) -> None:
+    """Put the entry with inode ``old`` back at ``target``, where ``target`` still is the run's new
+    output (inode ``new``) or missing; a target of any other inode was committed since, and stays."""
+    places = [target, _staged_name(target, TMP, run), _staged_name(target, OLD, run)]
     inode = {p: p.lstat().st_ino for p in places if p.exists() or p.is_symlink()}
+    if target in inode and inode[target] not in (new, old):
+        return
     previous = next((p for p in places if old is not None and inode.get(p) == old), None)
     if previous is not None and previous != target:
         if target in inode:
@@ -222,19 +307,17 @@ def _roll_back(target: Path, pid: int, new: int, old: int | None) -> None:
         _remove(target)
 
 
-def _remove_stale(target: Path, pid: int | None = None) -> None:
-    """Remove the temporaries and previous outputs beside ``target`` of process ``pid`` (default: of
-    every dead process)."""
+def _remove_stale(target: Path, run: str | None = None, skip: set[str | None] | None = None) -> None:
+    """Remove the temporaries and previous outputs beside ``target`` of run ``run`` (default: of every
+    run not in ``skip`` whose pid is gone)."""
     for prefix in (TMP, OLD):
         for entry in target.parent.glob(f"{prefix}*.{target.name}"):
-            owner = _pid_of(entry.name, prefix)
-            if owner is not None and (owner == pid if pid is not None else not _alive(owner)):
+            owner = _run_of(entry.name, prefix)
+            if owner is None:
+                continue
+            ours = owner == run if run is not None else owner not in (skip or set()) and not _pid_alive(owner)
+            if ours:
                 _remove(entry)
-
-
-def _pid_of(name: str, prefix: str) -> int | None:
-    digits = name[len(prefix) :].split(".", 1)[0]
-    return int(digits) if digits.isdigit() else None
 
 
 def _journal_entries(path: Path) -> tuple[bool, list[tuple[Path, int | None, int | None]]]:
@@ -311,13 +394,22 @@ class Outputs:
     """
 
     def __init__(self) -> None:
-        self.pid = os.getpid()
+        self.run = new_run_id()
         self._staged: list[tuple[Path, Path]] = []  # (staged, target)
         self._locks: list[DirectoryLock] = []
         self._journal: Path | None = None
+        self._journal_fd: int | None = None  # holds the journal's flock: the proof that this run lives
 
-    def directory(self, out: Path, inputs: Sequence[Path] = (), *, overwrite: bool = False) -> Path:
-        """Stage the directory ``out`` (checked by ``check_out``, locked against other runs)."""
+    def directory(
+        self,
+        out: Path,
+        inputs: Sequence[Path] = (),
+        *,
+        overwrite: bool = False,
+        owner: Owner = nothing_proven,
+        why: str = "nothing records them",
+    ) -> Path:
+        """Stage the directory ``out`` (checked by ``check_out`` with ``owner``, locked against other runs)."""
         out = Path(out).absolute()
         if not out.parent.is_dir():
             try:
@@ -325,7 +417,7 @@ class Outputs:
             except OSError as exc:
                 raise _os_error(exc, out, "create the output directory") from None
         self._locked(out)
-        check_out(out, inputs, overwrite)  # again, now that no other run can write it
+        check_out(out, inputs, overwrite, owner, why)  # again, now that no other run can write it
         staged = self._stage(out)
         try:
             staged.mkdir()
@@ -355,25 +447,40 @@ class Outputs:
             raise OutputError("named twice as an output of one run", where=str(target))
         if not any(lock.out == target for lock in self._locks):
             recover(target)
-        staged = _staged_name(target, TMP, self.pid)
+        staged = _staged_name(target, TMP, self.run)
         _remove(staged)
         self._staged.append((staged, target))
         if self._journal is None:
-            self._journal = target.parent / f"{JOURNAL}{self.pid}.{target.name}.json"
+            self._journal = target.parent / f"{JOURNAL}{self.run}.{target.name}.json"
         # Every output is in the journal from the moment it is staged: a kill leaves nothing unlisted.
         staged_only = [{"target": str(t), "new": None, "old": None} for _, t in self._staged]
         self._write_journal({"committed": False, "outputs": staged_only})
         return staged
 
     def _write_journal(self, entries: dict[str, Any]) -> None:
+        """Replace the journal by ``entries`` atomically, its new inode locked before it takes the name."""
         assert self._journal is not None
         part = self._journal.with_name(self._journal.name + ".part")
+        data = json.dumps({"run": self.run, **entries}).encode()
         try:
-            part.write_text(json.dumps(entries), encoding="utf-8")
-            os.replace(part, self._journal)
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                os.write(fd, data)
+                os.replace(part, self._journal)
+            except BaseException:
+                os.close(fd)
+                raise
         except OSError as exc:
             part.unlink(missing_ok=True)
             raise _os_error(exc, self._staged[0][1], "write the output") from None
+        self._release_journal()
+        self._journal_fd = fd
+
+    def _release_journal(self) -> None:
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
 
     def commit(self) -> None:
         """Swap every staged output into place, or (on any failure) none."""
@@ -396,7 +503,7 @@ class Outputs:
             self._write_journal({"committed": False, "outputs": inodes})
             fault_point("journal")
             for i, (staged, target) in enumerate(self._staged):
-                old = _staged_name(target, OLD, self.pid)
+                old = _staged_name(target, OLD, self.run)
                 try:
                     swapped.append((target, old, _swap_in(staged, target, old)))
                 except OSError as exc:
@@ -414,6 +521,7 @@ class Outputs:
                 if existed:
                     _remove(old)
             self._journal.unlink()
+            self._release_journal()
 
     def _as_output_error(self, exc: OSError) -> OSError | OutputError:
         """An operating-system failure while writing a staged output, named by its target."""
@@ -431,6 +539,7 @@ class Outputs:
             _remove(staged)
         if self._journal is not None:
             self._journal.unlink(missing_ok=True)
+        self._release_journal()
 
     def __enter__(self) -> Outputs:
         return self

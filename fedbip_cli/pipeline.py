@@ -19,6 +19,7 @@ import torch
 from fedbip_cli import lockfile, manifest
 from fedbip_cli.adapter_workspace import AdapterWorkspace, default_base, load_adapters
 from fedbip_cli.adapters import file_sha256
+from fedbip_cli.boundedio import read_json
 from fedbip_cli.card import CARD_NAME, model_card
 from fedbip_cli.checkpoint_workspace import CheckpointWorkspace, load_checkpoints
 from fedbip_cli.defence import clipped_weights, outliers
@@ -45,6 +46,8 @@ from fedbip_cli.weights import personalized_weights
 from fedbip_cli.workspace import Workspace
 
 SWEEP_NAME = "fedbip-sweep.json"  # in a sweep's OUT: the sets and their options
+UNLISTED = f"no {manifest.MANIFEST_NAME} in it lists them"  # why a merge refuses to replace entries of OUT
+SWEEP_UNLISTED = f"no {SWEEP_NAME} in it names them as sets whose {manifest.MANIFEST_NAME} lists them"
 
 __all__ = [
     "DEVICES",
@@ -119,6 +122,8 @@ def load(
         base = default_base(sources, directory)  # the base the adapters name, when it resolves
     base_revision = None if base is None else resolve_revision(base)
     lock = None if lock is None else Path(lock)
+    if lock is not None and not locked:
+        lockfile.check_replaceable(lock)  # before anything is read: a merge would end by replacing it
     held = lockfile.read_lock(lock) if locked and lock is not None else None
     if held is not None and lock is not None:
         # Commits first: a branch that moved is refused before its weights are downloaded.
@@ -126,9 +131,6 @@ def load(
         lockfile.check_base(held, lockfile.base_record(base, base_revision), lock)
     # A dry run fetches adapters (small) but not full checkpoints, which it knows from their headers.
     fetch_weights(sources if weights else [s for s in sources if s.kind != FULL])
-    pinned = lockfile.sources_record(resolved, full_hashes=weights) if lock is not None else {}
-    if held is not None and lock is not None:
-        lockfile.check_sources(held, pinned, lock)
     workspace: Workspace
     if any(s.kind == FULL for s in sources):
         if heads is not None:
@@ -149,6 +151,10 @@ def load(
             list(specs), sources, base, base_revision, directory, resolved, weights=weights, heads=heads
         )
     if lock is not None:
+        # Hashed once the headers are checked: a shape mismatch they show costs no read of the weights.
+        pinned = lockfile.sources_record(resolved, full_hashes=weights)
+        if held is not None:
+            lockfile.check_sources(held, pinned, lock)
         base_pin = lockfile.base_record(base, workspace.base_revision)
         workspace.lock = LockState(lock, lockfile.lock_record(pinned, base_pin), locked)
     return workspace
@@ -194,7 +200,7 @@ def plan(
     """
     options.check_kind(workspace.kind)
     if out is not None:
-        check_out(Path(out).absolute(), workspace.input_paths(), overwrite)
+        check_out(Path(out).absolute(), workspace.input_paths(), overwrite, manifest.foreign_entries, UNLISTED)
     groups = group_modules(workspace.parts, options.granularity, module_of=workspace.module_of)
     outputs = workspace.plan_outputs(options, groups)
     return {
@@ -231,7 +237,7 @@ def merge(
     options.check_kind(workspace.kind)
     out = Path(out).absolute()
     inputs = workspace.input_paths()
-    check_out(out, inputs, overwrite)
+    check_out(out, inputs, overwrite, manifest.foreign_entries, UNLISTED)
     device = resolve_device(options.device)
     similarity = similarity or inspect(
         workspace,
@@ -245,7 +251,7 @@ def merge(
     )
     lock = _checked_lock(workspace, out)
     with Outputs() as outputs:
-        tmp = outputs.directory(out, inputs, overwrite=overwrite)
+        tmp = outputs.directory(out, inputs, overwrite=overwrite, owner=manifest.foreign_entries, why=UNLISTED)
         result = _write_set(workspace, options, similarity, tmp, device, progress)
         _write_lock(outputs, lock)
     result.out = out
@@ -277,7 +283,7 @@ def merge_sweep(
             )
     out = Path(out).absolute()
     inputs = workspace.input_paths()
-    check_out(out, inputs, overwrite)
+    check_out(out, inputs, overwrite, sweep_foreign, SWEEP_UNLISTED)
     lock = _checked_lock(workspace, out)
     similarity = inspect(
         workspace,
@@ -291,7 +297,7 @@ def merge_sweep(
     )
     results = []
     with Outputs() as outputs:
-        tmp = outputs.directory(out, inputs, overwrite=overwrite)
+        tmp = outputs.directory(out, inputs, overwrite=overwrite, owner=sweep_foreign, why=SWEEP_UNLISTED)
         for name, options in settings:
             (tmp / name).mkdir()
             result = _write_set(workspace, options, similarity, tmp / name, resolve_device(options.device), progress)
@@ -303,6 +309,29 @@ def merge_sweep(
     for result in results:
         result.lock_written = lock is not None and not lock.locked
     return results
+
+
+def sweep_foreign(out: Path) -> list[str]:
+    """The entries of a sweep's ``out`` that fedbip cannot prove it wrote: anything but its
+    ``fedbip-sweep.json`` and the sets that record names, each of which must hold nothing its own
+    manifest does not list (``manifest.foreign_entries``)."""
+    try:
+        record = read_json(
+            out / SWEEP_NAME, error=OutputError, limit=manifest.MAX_MANIFEST_BYTES, what="the sweep record"
+        )
+    except OutputError:
+        record = None
+    sets = record.get("sets") if isinstance(record, dict) and record.get("fedbip_sweep") == 1 else None
+    sets = sets if isinstance(sets, dict) else {}
+    foreign = []
+    for entry in sorted(out.iterdir()):
+        if entry.name == SWEEP_NAME and sets and entry.is_file() and not entry.is_symlink():
+            continue
+        if entry.name in sets and entry.is_dir() and not entry.is_symlink():
+            foreign += [f"{entry.name}/{name}" for name in manifest.foreign_entries(entry)]
+            continue
+        foreign.append(entry.name)
+    return foreign
 
 
 def _write_set(
@@ -344,7 +373,9 @@ def _checked_lock(workspace: Workspace, out: Path) -> LockState | None:
 def _write_lock(outputs: Outputs, lock: LockState | None) -> None:
     """--locked holds the run to the lock file, never rewrites it; otherwise it is one more output."""
     if lock is not None and not lock.locked:
-        outputs.file(lock.path).write_text(lockfile.lock_text(lock.record), encoding="utf-8")
+        outputs.file(lock.path, lockfile.check_replaceable).write_text(
+            lockfile.lock_text(lock.record), encoding="utf-8"
+        )
 
 
 def _weights(similarity: SimilarityResult, options: MergeOptions) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

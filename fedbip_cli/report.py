@@ -28,6 +28,7 @@ from fedbip_cli.clustering import mean_similarity, nearest_neighbours, suggest_c
 from fedbip_cli.defence import outliers
 from fedbip_cli.errors import OutputError
 from fedbip_cli.merge import energy_range
+from fedbip_cli.shown import shown
 from fedbip_cli.simulate.seeds import COST_COLUMNS, cost_cells
 
 if TYPE_CHECKING:
@@ -44,11 +45,15 @@ ANNOTATE_MAX_PANELS = 36
 
 # Metadata that would embed the date or the library version; dropping it makes re-runs
 # byte-identical.
-_DETERMINISTIC_METADATA: dict[str, dict[str, None]] = {
-    "png": {"Software": None},
-    "pdf": {"Creator": None, "Producer": None, "CreationDate": None},
-    "svg": {"Creator": None, "Date": None},
+# No dates or library versions (the same run writes the same bytes); the creator is fedbip, which
+# is what proves an existing file fedbip's to replace (``_check_output_path``).
+_DETERMINISTIC_METADATA: dict[str, dict[str, str | None]] = {
+    "png": {"Software": "fedbip"},
+    "pdf": {"Creator": "fedbip", "Producer": None, "CreationDate": None},
+    "svg": {"Creator": "fedbip", "Date": None},
 }
+MARK = b"fedbip"
+_MARK_SPAN = 2**16  # bytes at each end of a file searched for the mark: where each format keeps its metadata
 
 
 def similarity_tables(result: Any, *, neighbours: int = 3) -> list[RenderableType]:
@@ -310,6 +315,7 @@ def write_matrices(result: Any, path: Path) -> None:
     check_matrix_path(path)
     tensors = {name: group.similarity.to(torch.float64).contiguous() for name, group in result.groups.items()}
     metadata = {
+        "creator": "fedbip",
         "clients": json.dumps(list(result.clients)),
         "granularity": result.granularity,
         "similarity": json.dumps(result.method),
@@ -376,11 +382,32 @@ def check_matrix_path(path: Path) -> None:
 
 
 def _check_output_path(path: Path, hint: str) -> None:
-    """OutputError unless ``path`` can be written: not a directory, in a directory that exists."""
+    """OutputError unless ``path`` can be written: not a directory, in a directory that exists, and
+    nothing there or a file fedbip wrote (its metadata names fedbip): a user's file is never replaced."""
     if path.is_dir():
         raise OutputError("is a directory", where=str(path), hint=hint)
     if not path.parent.is_dir():
         raise OutputError("directory does not exist", where=str(path), hint="create it first")
+    if (path.exists() or path.is_symlink()) and not _marked(path):
+        raise OutputError(
+            "a file fedbip did not write is there: it is never replaced",
+            where=str(path),
+            hint="fedbip replaces only a file it wrote: name another file, or move this one away",
+        )
+
+
+def _marked(path: Path) -> bool:
+    """Whether the regular file ``path`` carries fedbip's mark near its start or its end."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(_MARK_SPAN)
+            handle.seek(max(0, path.stat().st_size - _MARK_SPAN))
+            tail = handle.read(_MARK_SPAN)
+    except OSError:
+        return False
+    return MARK in head or MARK in tail
 
 
 def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -402,6 +429,7 @@ def _matrix_table(clients: list[str], matrix: torch.Tensor, title: str, neighbou
     for i in range(len(clients)):
         table.add_column(str(i), justify="right")
     table.add_column("nearest")
+    clients = [shown(c) for c in clients]
     rows = zip(clients, matrix.to(torch.float64).tolist(), nearest_neighbours(matrix, neighbours))
     for i, (name, row, near) in enumerate(rows):
         nearest = ", ".join(f"{_shorten(clients[j], NAME_WIDTH)} {_format_value(v)}" for j, v in near)
@@ -560,7 +588,9 @@ def _lora_plan_table(plan: dict[str, Any], out: Path) -> Table:
         table.add_column(column)
     for client in plan["clients"]:
         source = client["source"] + (f" @ {client['revision'][:12]}" if client["revision"] else "")
-        table.add_row(client["name"], source, str(client["modules"]), ", ".join(map(str, client["ranks"])))
+        table.add_row(
+            shown(client["name"]), shown(source), str(client["modules"]), ", ".join(map(str, client["ranks"]))
+        )
     return table
 
 
@@ -582,7 +612,7 @@ def _full_plan_table(plan: dict[str, Any], out: Path) -> Table:
         table.add_column(column)
     for client in plan["clients"]:
         source = client["source"] + (f" @ {client['revision'][:12]}" if client["revision"] else "")
-        table.add_row(client["name"], source, str(client["tensors"]), str(client["files"]))
+        table.add_row(shown(client["name"]), shown(source), str(client["tensors"]), str(client["files"]))
     return table
 
 
@@ -613,7 +643,8 @@ def merge_summary(result: Any) -> dict[str, Any]:
 
 def merge_table(result: Any, top: int = 3) -> Table:
     """One row per client: its largest weights (averaged over groups) and the energy kept."""
-    clients = result.similarity.clients
+    names = result.similarity.clients
+    clients = [shown(c) for c in names]
     mean_weights = sum(result.weights.values()) / len(result.weights)
     written = "checkpoints" if result.manifest.get("output") == "checkpoint" else "adapters"
     table = Table(
@@ -632,7 +663,7 @@ def merge_table(result: Any, top: int = 3) -> Table:
         row = mean_weights[i]
         order = sorted(range(len(clients)), key=lambda j: (-float(row[j]), j))[:top]
         text = ", ".join(f"{clients[j]} {float(row[j]):.2f}" for j in order if row[j] > 0)
-        low, mean = energy_range(result.energy[client])
+        low, mean = energy_range(result.energy[names[i]])
         energy = "n/a" if low is None else f"{low:.4f} / {mean:.4f}"
         table.add_row(client, text, energy)
     return table

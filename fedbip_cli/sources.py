@@ -20,6 +20,7 @@ import logging
 import os
 import posixpath
 import re
+import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,6 +46,7 @@ from huggingface_hub.utils import (
 
 from fedbip_cli.boundedio import parse_json, read_json, read_text
 from fedbip_cli.errors import SourceError
+from fedbip_cli.shown import shown
 
 # The .bin weights are fetched only so that adapters.py can refuse them with a clear message.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -618,14 +620,21 @@ def _named_adapters(directory: Path) -> list[Path]:
 
 
 def _check_unique(sources: list[ResolvedSource]) -> None:
-    """Refuse two clients of the same name: outputs are written to OUT/<name>/."""
+    """Refuse two clients whose names are equal, or equal once case-folded and Unicode-normalised
+    (``Client`` and ``client``, ``é`` composed and decomposed, ``ﬁ`` and ``fi``): outputs are written
+    to OUT/<name>/, and on macOS or Windows such names are one directory, so one would overwrite the other."""
     origins: dict[str, list[str]] = defaultdict(list)
     for source in sources:
-        origins[source.name].append(source.origin)
-    duplicates = [f"{name!r} ({', '.join(found)})" for name, found in origins.items() if len(found) > 1]
+        origins[name_key(source.name)].append(f"{shown(repr(source.name), 80)} from {shown(source.origin, 120)}")
+    duplicates = ["; ".join(found) for found in origins.values() if len(found) > 1]
     if duplicates:
         raise SourceError(
-            "duplicate client names: " + "; ".join(duplicates),
+            "duplicate client names (equal, or equal ignoring case and Unicode form): " + " | ".join(duplicates[:3]),
             where="SOURCES",
             hint="client names come from directory names: rename a directory, or use separate runs",
         )
+
+
+def name_key(name: str) -> str:
+    """What a case-insensitive, normalising file system keeps of a name: NFKC form, case-folded."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())

@@ -41,7 +41,7 @@ def test_every_key_parsed_with_paths_from_the_file(tmp_path: Path) -> None:
         """
 sources = ["adapters/", "hf://org/repo@v1/sub", "@more.txt"]
 out = "merged"
-base = "../models/base"
+base = "models/base"
 granularity = "module"
 weighting = "softmax"
 negative = "keep"
@@ -60,7 +60,7 @@ cache = ".cache/fedbip"
     assert settings.sources == ("adapters/", "hf://org/repo@v1/sub", "@more.txt")  # as written: lock keys
     assert settings.source_dir == tmp_path
     assert settings.out == tmp_path / "merged"
-    assert settings.base == str(tmp_path / "../models/base")
+    assert settings.base == str(tmp_path / "models/base")
     assert settings.lock == tmp_path / "fedbip.lock" and settings.locked is True
     assert settings.cache == tmp_path / ".cache/fedbip"
     assert settings.overwrite is True

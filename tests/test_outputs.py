@@ -270,3 +270,48 @@ def test_library_merge_commits_the_lock_with_the_outputs(tmp_path: Path) -> None
     inside = pipeline.load([str(sources)], lock=tmp_path / "out2" / "l.lock")
     with pytest.raises(OutputError, match="lock file lies inside --out"):
         pipeline.merge(inside, MergeOptions(device="cpu"), tmp_path / "out2")
+
+
+def killed_at(previous: dict[str, Path], step: str) -> None:
+    env = {**os.environ, "FEDBIP_TEST_KILL_AT": step, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "fedbip_cli", *merge_args(previous), "--device", "cpu"]
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode == 137
+
+
+def test_a_reused_pid_does_not_hide_a_dead_run(previous: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a container a later process often gets the killed one's pid: recovery must still roll back.
+    Here every pid is alive (reused); the dead run is known by the lock nobody holds on its journal."""
+    before = (tree(previous["out"]), tree(previous["lock"]))
+    killed_at(previous, "swapped-0")
+    monkeypatch.setattr(outdir, "_pid_alive", lambda run: True)
+    outdir.recover(previous["out"])
+    assert (tree(previous["out"]), tree(previous["lock"])) == before
+    assert leftovers(previous["root"]) == []
+
+
+def test_a_rerun_with_the_dead_runs_pid_recovers_and_commits(
+    previous: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    killed_at(previous, "swapped-1")
+    dead = next(p.name for p in previous["root"].iterdir() if p.name.startswith(outdir.JOURNAL))
+    pid = int(dead.removeprefix(outdir.JOURNAL).split("-")[0])
+    monkeypatch.setattr(os, "getpid", lambda: pid)  # this run has the killed one's pid
+    again = runner.invoke(app, [*merge_args(previous), "--device", "cpu"])
+    assert again.exit_code == 0, again.output
+    assert leftovers(previous["root"]) == []
+    manifest = json.loads((previous["out"] / MANIFEST_NAME).read_text())
+    assert all("second" in i["source"] for i in manifest["inputs"])
+
+
+def test_roll_back_never_removes_an_output_committed_since(previous: dict[str, Path]) -> None:
+    """A dead run's uncommitted journal names OUT's inodes; if OUT has another inode now (a later run
+    committed it), rolling back must leave it."""
+    killed_at(previous, "swapped-0")
+    out = previous["out"]
+    later = out.parent / "later"
+    later.mkdir()
+    (later / "kept.txt").write_text("committed by a later run")
+    os.rename(out, out.parent / "gone")
+    os.rename(later, out)
+    outdir.recover(out)
+    assert tree(out) == {"kept.txt": b"committed by a later run"}

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from fedbip_cli.cli import app
 from fedbip_cli.errors import AdapterError, OutputError, UsageError
-from fedbip_cli.simulate.loop import SimulationConfig, load_clients
+from fedbip_cli.simulate.loop import RUN_RECORD, SimulationConfig, load_clients
 from fedbip_cli.simulate.runner import simulate
 from fedbip_cli.simulate.strategies import STRATEGIES
 
@@ -391,6 +391,7 @@ def test_data_row_without_label_names_file_and_line_and_keeps_the_old_run(tmp_pa
     # with --overwrite, a bad input must not cost the previous run
     out.mkdir()
     (out / "metrics.jsonl").write_text("previous run\n")
+    (out / RUN_RECORD).write_text('{"fedbip_run": 1}\n')  # what marks it a simulate run
     assert_user_error(invoke("simulate", "--data", data, *SMALL, "--out", out, "--overwrite"), f"{bad}:3", code=1)
     assert (out / "metrics.jsonl").read_text() == "previous run\n"
 

@@ -365,7 +365,7 @@ def test_hub_missing_subfolder(hub: Path) -> None:
 def test_hub_duplicates_with_local(hub: Path, tmp_path: Path) -> None:
     make_hub_cache(hub, "owner/repo", ADAPTER)
     adapter(tmp_path / "repo")
-    with pytest.raises(SourceError, match="duplicate client names: 'repo'"):
+    with pytest.raises(SourceError, match="duplicate client names.*'repo'"):
         resolve_sources(["repo", "hf://owner/repo"], base_dir=tmp_path)
 
 

@@ -83,8 +83,28 @@ def save(path: Path, run: StrategyRun, config: dict[str, Any]) -> None:
         }
     )
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(flat, str(tmp), metadata={META_KEY: meta, DIGEST_KEY: _digest(meta, flat)})
-    os.replace(tmp, path)
+    try:
+        save_file(flat, str(tmp), metadata={META_KEY: meta, DIGEST_KEY: _digest(meta, flat)})
+        os.replace(tmp, path)
+    except BaseException:
+        if not tmp.is_dir():
+            tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves no partial file
+        raise
+
+
+def present(path: Path) -> bool:
+    """Whether a checkpoint is at ``path`` (False: the strategy has not started).
+
+    Raises:
+        AdapterError: something other than a regular file is there (a directory, a link to a device):
+            never silently taken for "not started", never read.
+    """
+    if not (path.exists() or path.is_symlink()):
+        return False
+    if path.is_symlink() or not path.is_file():
+        kind = "a link" if path.is_symlink() else "a directory" if path.is_dir() else "not a regular file"
+        raise _fail(path, f"is {kind}, not a file fedbip wrote")
+    return True
 
 
 def _fail(path: Path, message: str) -> AdapterError:

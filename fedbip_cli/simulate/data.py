@@ -19,6 +19,8 @@ import numpy as np
 
 from fedbip_cli.boundedio import decode, parse_json, read_bytes
 from fedbip_cli.errors import SourceError, UsageError
+from fedbip_cli.shown import shown
+from fedbip_cli.sources import name_key
 
 DATA_SUFFIXES = (".jsonl", ".csv")
 MAX_DATA_BYTES = 1 << 30  # one client's --data file: 1 GiB of text is millions of rows
@@ -321,10 +323,14 @@ def load_client_files(
     paths = sorted(p for p in directory.iterdir() if p.suffix in DATA_SUFFIXES)
     if not paths:
         raise _data_error("no .jsonl or .csv client files in this directory", str(directory))
-    names = [p.stem for p in paths]
-    duplicated = sorted({n for n in names if names.count(n) > 1})
+    names = [name_key(p.stem) for p in paths]  # adapters/<client> must not collide on macOS or Windows either
+    duplicated = sorted({shown(p.stem, 80) for p, n in zip(paths, names, strict=True) if names.count(n) > 1})
     if duplicated:
-        raise _data_error(f"client(s) {duplicated} have both a .jsonl and a .csv file; keep one", str(directory))
+        raise _data_error(
+            f"client(s) {duplicated} have the same name (ignoring case and Unicode form) or both a .jsonl "
+            "and a .csv file; keep one",
+            str(directory),
+        )
     if len(paths) < 2:
         raise _data_error(f"only one client file ({paths[0].name}); a simulation needs at least 2", str(directory))
     per_client = [_read_client_file(p) for p in paths]

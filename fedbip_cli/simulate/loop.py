@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -20,7 +21,9 @@ import numpy as np
 import torch
 
 from fedbip_cli.defence import ClipNorm
-from fedbip_cli.errors import OutputError, UsageError
+from fedbip_cli.errors import FedbipError, OutputError, UsageError
+from fedbip_cli.outdir import foreign_refusal
+from fedbip_cli.shown import shown
 from fedbip_cli.simulate import attacks, checkpoint, fedmerge, tap, universal
 from fedbip_cli.simulate.attacks import Attack
 from fedbip_cli.simulate.checkpoint import StrategyRun
@@ -53,6 +56,10 @@ EXAMPLES_PER_CLIENT = 32
 # What an encoder needs from the Hub: config, weights and tokenizer files.
 MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")
 METRICS = "metrics.jsonl"
+MAX_LR = 1e3
+RUN_RECORD = "fedbip-run.json"  # a simulate run's mark: only a directory holding it is ever replaced or resumed
+UNRECORDED = f"no {RUN_RECORD} marks a fedbip simulate run there"
+_SEED_DIR = re.compile(r"seed-[0-9]+")
 SIMILARITY = "similarity.jsonl"
 
 
@@ -131,8 +138,8 @@ class SimulationConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.participation <= 1:
             raise UsageError(f"--participation {self.participation} must be in (0, 1]")
-        if not self.lr > 0:
-            raise UsageError(f"--lr {self.lr} must be positive")
+        if not 0 < self.lr <= MAX_LR:  # NaN fails both; a larger step overflows float32 weights
+            raise UsageError(f"--lr {self.lr} must be a positive number no larger than {MAX_LR:g}")
         if self.seed < 0:  # numpy's generators take only non-negative seeds
             raise UsageError(f"--seed {self.seed} must be a non-negative integer")
         if self.examples_per_client is not None and self.examples_per_client < 1:
@@ -432,7 +439,7 @@ class Simulation:
         """The last complete round of ``strategy``, checked in full (its method's server state against
         ``server``, the initial one), or None when it has not started."""
         path = self._checkpoint_path(strategy)
-        if not path.is_file():
+        if not checkpoint.present(path):
             return None
         defaults = json.loads(json.dumps(asdict(SimulationConfig())))
         return checkpoint.load(path, strategy, self._config_json(), self.names, self.initial, server or {}, defaults)
@@ -506,6 +513,7 @@ class Simulation:
                         0 if silent else state_bytes(*reply.received),
                     )
                 advance(1)
+            check_finite(strategy, round_, losses, trained)
             run.seconds["train"] += sum(client_seconds.values())
 
             start = time.perf_counter()
@@ -552,14 +560,34 @@ class Simulation:
         return run
 
 
-def check_out(out: Path, *, resume: bool, overwrite: bool) -> bool:
-    """Refuse to mix a new run into an old one: a non-empty ``out`` needs --resume or --overwrite.
+def check_finite(strategy: str, round_: int, losses: dict[str, float], trained: dict[str, State]) -> None:
+    """Stop a run whose training diverged, before the server step sees it: a non-finite loss or weight
+    (too large an --lr) would poison every client's model, and NaN is not JSON (metrics.jsonl).
 
-    Writes nothing; returns whether ``out`` holds an old run that --overwrite will remove.
+    Raises:
+        FedbipError: naming the strategy, the round and the first client whose training diverged.
+    """
+    for client, loss in losses.items():
+        weights = all(bool(torch.isfinite(t).all()) for t in trained[client].values() if t.is_floating_point())
+        if not (math.isfinite(loss) and weights):
+            raise FedbipError(
+                f"training diverged: {strategy} round {round_}, client {shown(client)} has a non-finite "
+                + ("loss" if not math.isfinite(loss) else "weight"),
+                hint="lower --lr (or --local-steps); nothing of this run's rounds from here on is written",
+            )
+
+
+def check_out(out: Path, *, resume: bool, overwrite: bool) -> bool:
+    """Refuse to mix a new run into an old one: a non-empty ``out`` needs --resume or --overwrite, and
+    must be a simulate run (its run record proves it: ``foreign_entries``), whatever they say.
+
+    Writes nothing; returns whether ``out`` holds an old run that --overwrite will replace.
     """
     if out.exists() and not out.is_dir():
         raise OutputError("exists and is not a directory", where=str(out))
     busy = out.is_dir() and any(out.iterdir())
+    if busy and (foreign := foreign_entries(out)):
+        raise foreign_refusal(out, foreign, UNRECORDED)
     if busy and not (resume or overwrite):
         raise OutputError(
             "output directory exists and is not empty",
@@ -570,11 +598,38 @@ def check_out(out: Path, *, resume: bool, overwrite: bool) -> bool:
 
 
 def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Create ``out`` (emptied with --overwrite). Call it once the inputs have loaded, so that a
-    bad input leaves neither a new directory nor a removed old run behind."""
+    """Create ``out`` (emptied with --overwrite) and its run record. Call it once the inputs have
+    loaded, so that a bad input leaves neither a new directory nor a removed old run behind."""
     if check_out(out, resume=resume, overwrite=overwrite):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    mark_run(out)
+
+
+def mark_run(out: Path) -> None:
+    """Write ``out``'s run record: what proves a directory to be a simulate run that fedbip wrote."""
+    if not _is_run(out):
+        (out / RUN_RECORD).write_text(json.dumps({"fedbip_run": 1}) + "\n", encoding="utf-8")
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """The entries of a non-empty ``out`` that fedbip cannot prove a simulate run's: none when its run
+    record is there; else all but the ``seed-<s>`` runs (a run of several seeds killed before its
+    aggregate is written)."""
+    if _is_run(out):
+        return []
+    return [p.name for p in sorted(out.iterdir()) if not (_SEED_DIR.fullmatch(p.name) and _is_run(p))]
+
+
+def _is_run(directory: Path) -> bool:
+    record = directory / RUN_RECORD
+    if record.is_symlink() or not record.is_file():
+        return False
+    try:
+        with record.open("rb") as handle:
+            return json.loads(handle.read(1024)) == {"fedbip_run": 1}
+    except (OSError, ValueError):
+        return False
 
 
 def mean_accuracy_by_round(metrics: list[dict[str, Any]]) -> dict[int, float]:

@@ -14,6 +14,7 @@ server's maths works on these names.
 from __future__ import annotations
 
 import importlib.util
+import json
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -294,6 +295,7 @@ class ClientModel:
         model.name_or_path = model.config.name_or_path = base_path
         self._model.peft_config[ADAPTER_NAME].base_model_name_or_path = base_path
         self._model.save_pretrained(directory)
+        _sorted_module_lists(Path(directory) / "adapter_config.json")
 
     def _logits(self, tokens: Tokens) -> torch.Tensor:
         # Pad only to the longest sentence of the batch, not to max_length: the encoder's cost grows
@@ -369,3 +371,13 @@ def quiet() -> Iterator[None]:
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.set_tqdm_hook(previous)
+
+
+def _sorted_module_lists(path: Path) -> None:
+    """peft keeps ``target_modules`` as a set and writes it in the order of Python's hash seed: sort it
+    (and ``modules_to_save``), so that every run and every resumed run writes the same bytes."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")

@@ -16,24 +16,30 @@ With several seeds, each seed is such a run in ``seed-<s>/`` and ``out`` holds t
 ``summary.json`` (mean ± sd per strategy and every seed's summary), ``accuracy.png`` and
 ``separation.png`` with ±sd bands over seeds.
 
-``--overwrite`` of an existing run writes the new one into a temporary sibling directory and swaps
-it in only once it has succeeded, so a run that fails leaves the previous one as it was.
+``--overwrite`` of an existing run stages the new one beside it and swaps it in only once it has
+succeeded, with merge's journaled mechanism (``outdir.Outputs``): a run that fails or is killed
+leaves the previous one as it was, and the next run removes what a killed one left. Only a
+directory holding a run record (``fedbip-run.json``) is ever replaced or resumed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from fedbip_cli import __version__, report
 from fedbip_cli.clustering import adjusted_rand_index, cluster_labels, suggest_clusters
+from fedbip_cli.outdir import Outputs, recover
 from fedbip_cli.pipeline import resolve_device
 from fedbip_cli.similarity import GroupSimilarity, SimilarityResult
 from fedbip_cli.simulate import figures, seeds
@@ -42,6 +48,7 @@ from fedbip_cli.simulate.export import export_data
 from fedbip_cli.simulate.loop import (
     METRICS,
     SIMILARITY,
+    UNRECORDED,
     Progress,
     RoundCallback,
     Simulation,
@@ -49,6 +56,8 @@ from fedbip_cli.simulate.loop import (
     StrategyRun,
     check_out,
     final_accuracy,
+    foreign_entries,
+    mark_run,
     mean_accuracy_by_round,
     prepare_out,
 )
@@ -104,44 +113,63 @@ def simulate(
     run_seed = engine or _run_seed
     out = Path(out)
     torch_device = str(resolve_device(device))
+    every = (config, seed_list, resume, torch_device, progress, round_done, run_seed)
     replace_old = check_out(out, resume=resume, overwrite=overwrite)  # fail fast, before loading
     if export is not None:
         export_data(config, export, seed_list=seed_list, out=out)
-    work = out.parent / f".{out.name}.fedbip-new-{os.getpid()}" if replace_old else out
-    if replace_old:
-        shutil.rmtree(work, ignore_errors=True)
-    try:
-        if seed_list is None:
-            summary = run_seed(config, work, out, resume, torch_device, progress, round_done)
-        else:
-            per_seed = {}
-            for seed in seed_list:
-                tag = f"seed {seed} "
-                per_seed[seed] = run_seed(
-                    replace(config, seed=seed),
-                    work / f"seed-{seed}",
-                    out / f"seed-{seed}",
-                    resume,
-                    torch_device,
-                    (lambda stage, total, tag=tag: progress(tag + stage, total)) if progress else None,
-                    (lambda name, r, acc, tag=tag: round_done(tag + name, r, acc)) if round_done else None,
-                )
-            summary = _write_aggregate(config, list(seed_list), per_seed, work)
-    except BaseException:
-        if replace_old:
-            shutil.rmtree(work, ignore_errors=True)
-        raise
-    if replace_old:
-        _swap_in(work, out)
+    if not replace_old:
+        recover(out)  # what a killed --overwrite run left beside ``out``
+        with written_as_os_errors():
+            return SimulationResult(out, _run_all(out, out, *every))
+    with Outputs() as outputs:  # the new run is staged and swapped in once complete (``outdir``)
+        work = outputs.directory(out, overwrite=True, owner=foreign_entries, why=UNRECORDED)
+        with written_as_os_errors():
+            summary = _run_all(work, out, *every)
     return SimulationResult(out, summary)
 
 
-def _swap_in(new: Path, out: Path) -> None:
-    """Replace ``out`` by the complete run in ``new``: two renames, then the old copy is removed."""
-    old = out.parent / f".{out.name}.fedbip-old-{os.getpid()}"
-    os.replace(out, old)
-    os.replace(new, out)
-    shutil.rmtree(old, ignore_errors=True)
+@contextmanager
+def written_as_os_errors() -> Iterator[None]:
+    """safetensors reports a failed write (a full disk while saving the base or a checkpoint) as a
+    ``SafetensorError`` whose text ends in ``(os error N)``: raise it as the ``OSError`` it is, which
+    the CLI (and ``Outputs``) turn into one line."""
+    try:
+        yield
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number)) from None
+
+
+def _run_all(
+    work: Path,
+    out: Path,
+    config: SimulationConfig,
+    seed_list: Sequence[int] | None,
+    resume: bool,
+    device: str,
+    progress: Progress | None,
+    round_done: RoundCallback | None,
+    run_seed: SeedRun,
+) -> dict[str, Any]:
+    """Every seed's run written into ``work``, whose files will live in ``out``; returns the summary."""
+    if seed_list is None:
+        return run_seed(config, work, out, resume, device, progress, round_done)
+    per_seed = {}
+    for seed in seed_list:
+        tag = f"seed {seed} "
+        per_seed[seed] = run_seed(
+            replace(config, seed=seed),
+            work / f"seed-{seed}",
+            out / f"seed-{seed}",
+            resume,
+            device,
+            (lambda stage, total, tag=tag: progress(tag + stage, total)) if progress else None,
+            (lambda name, r, acc, tag=tag: round_done(tag + name, r, acc)) if round_done else None,
+        )
+    return _write_aggregate(config, list(seed_list), per_seed, work)
 
 
 def _run_seed(
@@ -197,6 +225,7 @@ def _write_aggregate(
         "per_seed": {str(seed): s for seed, s in per_seed.items()},
     }
     _atomic_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    mark_run(out)
     metrics = {seed: _read_jsonl(out / f"seed-{seed}" / METRICS) for seed in seed_list}
     curves = {
         name: [mean_accuracy_by_round([row for row in metrics[seed] if row["strategy"] == name]) for seed in seed_list]
