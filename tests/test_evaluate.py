@@ -211,6 +211,13 @@ def test_pick_copies_the_best_adapter_with_its_card(run: Path) -> None:
     assert again.exit_code == 1 and "not empty" in again.stderr  # never over an existing directory
     inside = invoke("evaluate", "--own", run / "broken", run / "copy", *common[:-1], run / "copy" / "x")
     assert inside.exit_code == 1 and "inside" in inside.stderr
+    replaced = invoke("evaluate", "--own", run / "broken", run / "copy", *common, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output  # its own earlier pick: the record lists every file
+    mine = pick / next(iter(record["picked"])) / "notes.txt"
+    mine.write_text("mine")
+    refused = invoke("evaluate", "--own", run / "broken", run / "copy", *common, "--overwrite")
+    assert refused.exit_code == 1 and "notes.txt" in refused.stderr  # a user's file: never replaced
+    assert mine.read_text() == "mine"
 
 
 def test_user_errors_name_the_input(run: Path, tmp_path: Path) -> None:

@@ -52,6 +52,19 @@ def test_each_swept_set_is_the_single_merge_byte_for_byte(bert: TinySet, tmp_pat
     assert len({json.dumps(sorted(map(str, s.values()))) for s in single.values()}) == len(SETS)  # 4 different merges
 
 
+def test_a_sweep_replaces_only_its_own_sets(bert: TinySet, tmp_path: Path) -> None:
+    """--overwrite replaces an earlier sweep (its record names the sets, each set's manifest its
+    files) but never a directory holding anything else, a user's file inside a set included."""
+    merge(bert, tmp_path / "sweep", *SWEEP)
+    merge(bert, tmp_path / "sweep", *SWEEP, "--overwrite")
+    mine = tmp_path / "sweep" / SETS[0] / "notes.txt"
+    mine.write_text("mine")
+    args = ["merge", str(bert.adapters), "--base", str(bert.base), "--out", str(tmp_path / "sweep"), "--no-cache"]
+    result = runner.invoke(app, [*args, "--weighting", "softmax", *SWEEP, "--overwrite"])
+    assert result.exit_code != 0 and "notes.txt" in result.output
+    assert mine.read_text() == "mine"
+
+
 def test_the_similarity_is_computed_once(bert: TinySet, tmp_path: Path) -> None:
     stages: list[str] = []
 

@@ -8,12 +8,42 @@ import shutil
 from pathlib import Path
 
 from fedbip_cli import __version__
+from fedbip_cli.boundedio import read_json
 from fedbip_cli.card import CARD_NAME
+from fedbip_cli.errors import OutputError
 from fedbip_cli.evaluate.run import OWN, ClientResult, Evaluation
 from fedbip_cli.evaluate.stats import METHOD
 from fedbip_cli.outdir import Outputs
 
 PICK_RECORD = "fedbip-pick.json"
+UNLISTED = f"no {PICK_RECORD} in it lists them"  # why --pick refuses to replace entries of DIR
+MAX_PICK_RECORD_BYTES = 1 << 26
+
+
+def pick_foreign(out: Path) -> list[str]:
+    """The entries of a --pick directory that fedbip cannot prove it wrote: anything but its
+    ``fedbip-pick.json`` and, in each client directory that record lists, the files it lists."""
+    try:
+        record = read_json(out / PICK_RECORD, error=OutputError, limit=MAX_PICK_RECORD_BYTES, what="the pick record")
+    except OutputError:
+        record = None
+    files = record.get("files") if isinstance(record, dict) else None
+    files = files if isinstance(files, dict) else {}
+    foreign = []
+    for entry in sorted(out.iterdir()):
+        plain = entry.is_file() and not entry.is_symlink()
+        if entry.name == PICK_RECORD and files and plain:
+            continue
+        listed = files.get(entry.name)
+        if not isinstance(listed, list) or entry.is_symlink() or not entry.is_dir():
+            foreign.append(entry.name)
+            continue
+        foreign += [
+            f"{entry.name}/{f.name}"
+            for f in sorted(entry.iterdir())
+            if f.name not in listed or not f.is_file() or f.is_symlink()
+        ]
+    return foreign
 
 
 def write_picks(evaluation: Evaluation, out: Path, inputs: list[Path], *, overwrite: bool = False) -> dict[str, str]:
@@ -31,7 +61,8 @@ def write_picks(evaluation: Evaluation, out: Path, inputs: list[Path], *, overwr
     """
     chosen = {result.client: result.best for result in evaluation.clients}
     with Outputs() as outputs:
-        staged = outputs.directory(out, inputs, overwrite=overwrite)
+        staged = outputs.directory(out, inputs, overwrite=overwrite, owner=pick_foreign, why=UNLISTED)
+        files: dict[str, list[str]] = {}
         for result in evaluation.clients:
             target = staged / result.client
             target.mkdir()
@@ -40,7 +71,14 @@ def write_picks(evaluation: Evaluation, out: Path, inputs: list[Path], *, overwr
                 if path.is_file() and not path.is_symlink() and path.name != CARD_NAME:
                     shutil.copyfile(path, target / path.name)
             (target / CARD_NAME).write_text(pick_card(evaluation, result), encoding="utf-8")
-        record = {"fedbip": __version__, "own": evaluation.own, "candidates": evaluation.candidates, "picked": chosen}
+            files[result.client] = sorted(path.name for path in target.iterdir())
+        record = {
+            "fedbip": __version__,
+            "own": evaluation.own,
+            "candidates": evaluation.candidates,
+            "picked": chosen,
+            "files": files,
+        }
         (staged / PICK_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return chosen
 
