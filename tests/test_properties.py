@@ -1,0 +1,245 @@
+"""Properties of the core maths that plausible one-token bugs (mutants) used to get past the suite.
+
+Each test pins one property against a value computed here by hand or with a dense float64
+reference: a merge with negative weights (``--negative keep``) on every combine path, a weight row
+that sums to exactly zero, the 2⁵³ budget of the exact Grams, softmax weights at a similarity of
+exactly 0, peft's default ``lora_alpha``, neighbour lists past the partition threshold, cluster
+suggestions for three clients, and the outlier report's mean similarity. ``make mutate`` runs these
+with the rest of the suite against generated mutants (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+from factories import dense_delta, random_adapter, random_factors, write_lora_adapter
+from test_cli import assert_user_error, invoke
+from test_engine import (
+    MERGE_RTOL,
+    SHAPES,
+    assert_delta_close,
+    build,
+    reference_cosine,
+    reference_deltas,
+    run_merge,
+)
+
+from fedbip_cli.adapters import load_adapter
+from fedbip_cli.clustering import nearest_neighbours, suggest_clusters
+from fedbip_cli.defence import outliers
+from fedbip_cli.errors import FedbipError
+from fedbip_cli.gram import slice_bits, split_columns
+from fedbip_cli.merge import merge_module, output_rank
+from fedbip_cli.sources import ResolvedSource
+from fedbip_cli.weights import WeightOptions, personalized_weights
+
+# --- negative weights reach every combine path ---------------------------------------------------
+
+# Row 0 gives client 2 a negative weight, row 1 a zero weight to client 0; row 2 is all positive.
+SIGNED_WEIGHTS = torch.tensor([[0.9, 0.5, -0.4], [0.0, 0.7, 0.3], [0.2, 0.3, 0.5]], dtype=torch.float64)
+
+
+def signed_factors(gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(s·B, A) of three clients at one (6, 5) module, ranks 2, 1 and 3."""
+    return [
+        (torch.randn(6, r, generator=gen, dtype=torch.float64), torch.randn(r, 5, generator=gen, dtype=torch.float64))
+        for r in (2, 1, 3)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mode", "path"), [("svd", "per-client"), ("svd", "shared"), ("cat", "auto")], ids=["svd-per-client", "svd", "cat"]
+)
+def test_negative_weights_are_merged_not_skipped(mode: str, path: str) -> None:
+    """M_i = Σ_j P_ij B_j A_j with P_02 < 0: a path that skipped negative weights would be off by ~1 (relative)."""
+    factors = signed_factors(torch.Generator().manual_seed(3))
+    merged = merge_module(mode, factors, SIGNED_WEIGHTS, rank=64, path=path)
+    for i, combined in enumerate(merged):
+        want = sum(SIGNED_WEIGHTS[i, j] * (b @ a) for j, (b, a) in enumerate(factors))
+        assert_delta_close(combined.b @ combined.a, want, 1e-12, f"row {i}")
+    skipped = sum(SIGNED_WEIGHTS[0, j] * (b @ a) for j, (b, a) in enumerate(factors) if SIGNED_WEIGHTS[0, j] > 0)
+    assert float((skipped - merged[0].b @ merged[0].a).norm()) > 0.3 * float(skipped.norm())
+    ranks = [a.shape[0] for _, a in factors]
+    # cat stacks every client of non-zero weight, negative ones included: 2 + 1 + 3, then 1 + 3.
+    expected = {"cat": [6, 4, 6], "svd": [5, 4, 5]}[mode]
+    assert [output_rank(mode, ranks, SIGNED_WEIGHTS[i], 64, (6, 5)) for i in range(3)] == expected
+    assert [c.a.shape[0] for c in merged] == expected
+
+
+@pytest.mark.parametrize("combine", ["cat", "svd"])
+def test_negative_keep_merge_matches_dense_reference(tmp_path: Path, combine: str) -> None:
+    """End to end through files: ``--negative keep`` merges with S/Σ_j S_ij, negative entries included."""
+    dirs = build("mixed_ranks", tmp_path / "in")
+    deltas = reference_deltas(dirs)
+    similarity = reference_cosine(deltas, list(SHAPES))
+    p = similarity / similarity.sum(dim=1, keepdim=True)
+    assert (p < -0.01).any() and (similarity.sum(dim=1) > 0).all()
+
+    result = run_merge(dirs, tmp_path / "out", combine=combine, rank=64, negative="keep")
+
+    assert torch.allclose(result.weights["model"], p, atol=1e-10, rtol=0)
+    for i, client in enumerate(result.similarity.clients):
+        for m, shape in SHAPES.items():
+            want = sum(p[i, j] * deltas[j][m] for j in range(len(dirs)))
+            got = dense_delta(tmp_path / "out" / client, m, shape)
+            assert_delta_close(got, want, MERGE_RTOL[torch.float32], f"{client}/{m}")
+
+
+# --- a weight row that sums to exactly zero ------------------------------------------------------
+
+
+def test_a_row_summing_to_zero_is_refused_not_infinite() -> None:
+    """A client and its negated copy: S = [[1, −1], [−1, 1]] gives rows summing to 0 under ``keep``.
+
+    Defined behaviour: a FedbipError naming the rows (never ±inf or NaN weights); ``clip`` and softmax
+    stay defined (each client keeps itself; softmax weights e^1 : e^−1).
+    """
+    s = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
+    with pytest.raises(FedbipError, match=r"row\(s\) \[0, 1\] sum to 0"):
+        personalized_weights(s, WeightOptions(negative="keep"))
+    assert personalized_weights(s, WeightOptions()).tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    soft = personalized_weights(s, WeightOptions(weighting="softmax", negative="keep"))
+    first = math.e / (math.e + 1 / math.e)
+    expected = torch.tensor([[first, 1 - first], [1 - first, first]], dtype=torch.float64)
+    assert torch.allclose(soft, expected, atol=1e-15, rtol=0)
+
+
+def test_a_client_and_its_negated_copy_fail_cleanly_under_keep(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(8)
+    factors = random_factors(SHAPES, gen)
+    write_lora_adapter(tmp_path / "in" / "c0", factors, r=2, lora_alpha=4)
+    negated = {m: (a, -b) for m, (a, b) in factors.items()}
+    write_lora_adapter(tmp_path / "in" / "c1", negated, r=2, lora_alpha=4)
+    out = tmp_path / "out"
+
+    result = invoke("merge", tmp_path / "in", "--out", out, "--negative", "keep")
+
+    assert_user_error(result, "sum to 0", "--negative clip")
+    assert not out.exists()
+
+
+# --- the exact Grams' 2⁵³ budget -----------------------------------------------------------------
+
+INNER_SIZES = [1, 2, 3, 4, 5, 100, 1024, 1025, 2047, 2048, 2049, 3000, 1 << 20, (1 << 20) + 1]
+
+
+@pytest.mark.parametrize("inner", INNER_SIZES)
+def test_slice_bits_is_the_largest_width_within_the_budget(inner: int) -> None:
+    """β is the largest width whose cross products (2·inner terms of < 2^2β each) sum below 2⁵³."""
+    bits = slice_bits(inner)
+    assert 2 * inner * 4**bits <= 2**53 < 2 * inner * 4 ** (bits + 1)
+
+
+def exact_products(x: torch.Tensor, y: torch.Tensor) -> list[list[Fraction]]:
+    """xᵀ y in exact rational arithmetic."""
+    xs = [[Fraction(v) for v in column] for column in x.T.tolist()]
+    ys = [[Fraction(v) for v in column] for column in y.T.tolist()]
+    return [[sum(p * q for p, q in zip(u, v)) for v in ys] for u in xs]
+
+
+def test_near_maximal_same_sign_entries_stay_exact() -> None:
+    """Every entry just under its column's largest and of one sign: hi is ~2^β everywhere, so hiᵀhi and
+    hiᵀlo reach the budget; each must equal its exact rational value (one bit more width would round)."""
+    inner = 3000
+    gen = torch.Generator().manual_seed(2)
+    x = 1.0 - 2.0**-12 * torch.rand(inner, 3, generator=gen, dtype=torch.float64)
+    x[:, 1] *= 2.0**-30  # columns of other scales take their own power of two
+    x[:, 2] *= -3.0
+    split = split_columns(x)
+    assert split.lo is not None  # float64 entries: a dense low slice
+    for got, (left, right) in (
+        (split.hi.T @ split.hi, (split.hi, split.hi)),
+        (split.lo.T @ split.hi, (split.lo, split.hi)),
+    ):
+        exact = exact_products(left, right)
+        assert [[Fraction(v) for v in row] for row in got.tolist()] == exact
+    dropped = (split.hi + split.lo - x).abs() / x.abs().amax(dim=0)
+    assert float(dropped.max()) <= 2.0 ** (-2 * slice_bits(inner))
+
+
+# --- softmax at a similarity of exactly 0 --------------------------------------------------------
+
+
+def test_softmax_keeps_a_similarity_of_exactly_zero() -> None:
+    """``clip`` drops negative similarities only: S = 0 gets e^0, not 0."""
+    s = torch.tensor([[1.0, 0.0, -0.5], [0.0, 1.0, 0.5], [-0.5, 0.5, 1.0]], dtype=torch.float64)
+    weights = personalized_weights(s, WeightOptions(weighting="softmax", temperature=0.5))
+    e = math.exp
+    expected = torch.tensor(
+        [
+            [e(2) / (e(2) + 1), 1 / (e(2) + 1), 0.0],
+            [1 / (1 + e(2) + e(1)), e(2) / (1 + e(2) + e(1)), e(1) / (1 + e(2) + e(1))],
+            [0.0, e(1) / (e(1) + e(2)), e(2) / (e(1) + e(2))],
+        ],
+        dtype=torch.float64,
+    )
+    assert torch.allclose(weights, expected, atol=1e-15, rtol=0)
+
+
+# --- peft's default lora_alpha --------------------------------------------------------------------
+
+
+def test_a_config_without_lora_alpha_takes_peft_default(tmp_path: Path) -> None:
+    """peft's LoraConfig defaults lora_alpha to 8; an adapter_config.json without it scales by 8 / r."""
+    peft = pytest.importorskip("peft")
+    default = peft.LoraConfig().lora_alpha
+    directory = random_adapter(tmp_path / "c0", SHAPES, torch.Generator().manual_seed(1), r=4, lora_alpha=3)
+    config_file = directory / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    del config["lora_alpha"]
+    config_file.write_text(json.dumps(config))
+
+    adapter = load_adapter(ResolvedSource("c0", directory, str(directory)))
+
+    assert {spec.scale for spec in adapter.modules.values()} == {default / 4}
+
+
+# --- neighbours and clusters ---------------------------------------------------------------------
+
+
+def reference_neighbours(similarity: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Every other client sorted by similarity descending, then index ascending; the first k."""
+    rows = similarity.tolist()
+    return [
+        sorted(((j, v) for j, v in enumerate(row) if j != i), key=lambda p: (-p[1], p[0]))[:k]
+        for i, row in enumerate(rows)
+    ]
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_neighbours_past_the_partition_threshold_match_a_full_sort(k: int) -> None:
+    """From 4(k + 1) + 1 clients on only the top entries are sorted; ties at the threshold included."""
+    gen = torch.Generator().manual_seed(4)
+    count = 30
+    s = torch.round(torch.rand(count, count, generator=gen, dtype=torch.float64) * 5) / 5  # many ties
+    s = (s + s.T) / 2
+    s.fill_diagonal_(1.0)
+    assert count > 4 * (k + 1)
+    assert nearest_neighbours(s, k) == reference_neighbours(s, k)
+
+
+def test_three_clients_can_be_split() -> None:
+    """Two similar clients and one apart: the only cut tried for K = 3 (two clusters) is taken."""
+    s = torch.tensor([[1.0, 0.9, 0.1], [0.9, 1.0, 0.0], [0.1, 0.0, 1.0]], dtype=torch.float64)
+    assert suggest_clusters(s) == [[0, 1], [2]]
+    assert suggest_clusters(torch.ones(3, 3, dtype=torch.float64)) == [[0, 1, 2]]
+
+
+# --- the outlier report's mean similarity --------------------------------------------------------
+
+
+def test_outlier_value_is_the_mean_similarity_to_the_others() -> None:
+    """Client f's mean cosine to the five others, (−0.1 − 0.2 − 0.3 − 0.25 − 0.15) / 5 = −0.2."""
+    s = torch.full((6, 6), 0.6, dtype=torch.float64)
+    s[5, :5] = s[:5, 5] = torch.tensor([-0.1, -0.2, -0.3, -0.25, -0.15], dtype=torch.float64)
+    s.fill_diagonal_(1.0)
+    found = outliers(list("abcdef"), s, torch.ones(6, dtype=torch.float64))
+    assert [o["client"] for o in found["similarity"]] == ["f"]
+    assert found["similarity"][0]["value"] == pytest.approx(-0.2, abs=1e-15)
+    # The others' means, (4·0.6 + s_i5) / 5, are 0.46, 0.44, 0.42, 0.43, 0.45: median 0.43, MAD 0.01.
+    assert found["similarity"][0]["z"] == pytest.approx(0.6745 * (-0.2 - 0.43) / 0.01, rel=1e-9)
