@@ -35,6 +35,7 @@ from fedbip_cli.errors import FedbipError, SourceError, UsageError
 from fedbip_cli.simulate.flower.apps import expected_clients, introduce, run_federation
 from fedbip_cli.simulate.flower.carriage import KEPT, client_view, kept_state, store_kept
 from fedbip_cli.simulate.flower.clientdata import own_files, relabel
+from fedbip_cli.simulate.flower.credentials import write_credentials
 from fedbip_cli.simulate.flower.engine import simulate_on_flower
 from fedbip_cli.simulate.flower.local import APP, LocalFederation
 from fedbip_cli.simulate.flower.records import (
@@ -636,3 +637,36 @@ def test_attacks_are_refused_on_flower(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="attack is not wired to Flower"):
         run_federation(None, replace(TINY, attack="scaled", attackers=1), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# -- an authenticated deployment: TLS and SuperNode authentication --------------------------------
+# 2 clients, 1 round of one strategy: the deployment's cost is a ClientApp process per message.
+SECURE_RUN = replace(TINY, strategies=("fedbip",), clients=2, groups=2, rounds=1, eval_every=1)
+
+
+def test_authenticated_deployment_runs_registered_supernodes_only(tmp_path: Path) -> None:
+    """A TLS SuperLink with --enable-supernode-auth and two registered SuperNodes gives in-process
+    simulate's adapters; a SuperNode with an unregistered key (posing as client 1) and a plaintext one
+    (posing as client 0) are refused, and the run goes on without them."""
+    made = write_credentials(tmp_path / "secrets", ["alice", "bob", "mallory"])
+    reference = tmp_path / "inprocess"
+    simulate(SECURE_RUN, reference, device="cpu")
+    out = tmp_path / "secure"
+    with LocalFederation(tmp_path / "federation", env=OFFLINE, credentials=made) as fed:
+        fed.start_superlink()
+        for name in ("alice", "bob"):
+            fed.register(made.supernodes[name].with_suffix(".pub"))
+        fed.start_supernode(2, 2, node_config="partition-id=1 num-partitions=2", key=made.supernodes["mallory"])
+        fed.start_supernode(3, 2, node_config="partition-id=0 num-partitions=2", insecure=True)
+        fed.start_supernode(0, 2, key=made.supernodes["alice"])
+        fed.start_supernode(1, 2, key=made.supernodes["bob"])
+        wait_run(fed, fed.start_run(SECURE_RUN, out), timeout=900)
+        superlink, unregistered, plaintext = (
+            fed.log(n, tail=100_000) for n in ("superlink", "supernode-2", "supernode-3")
+        )
+    assert_same_run(out, reference, SECURE_RUN.strategies, clients=CLIENTS[:2])  # the two registered clients only
+    assert "Failed to activate SuperNode" in unregistered  # Flower's exit code 305
+    assert "No SuperNode found with the given public key" in superlink
+    assert "Connection attempt failed" in plaintext
+    for log in (unregistered, plaintext):
+        assert "Received successfully" not in log  # no message ever reached either
