@@ -791,7 +791,7 @@ kept and used, never replaced. docs/flower.md shows the SuperLink and SuperNode 
 
 @app.command("flower-credentials", epilog=FLOWER_CREDENTIALS_EPILOG + EXIT_CODES)
 def flower_credentials(
-    directory: Annotated[Path, typer.Argument(help="Where the files go (created if missing).")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", show_default=False)],
     supernodes: Annotated[
         str, typer.Option("--supernodes", help="The SuperNodes' names, comma-separated, or a count N (names 0 … N-1).")
     ],
@@ -803,7 +803,8 @@ def flower_credentials(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the files as JSON on stdout.")] = False,
 ) -> None:
-    """Certificates and SuperNode keys for an authenticated Flower deployment (TLS, --enable-supernode-auth)."""
+    """Write into DIR (created if missing) the certificates and SuperNode keys of an authenticated Flower
+    deployment (TLS, --enable-supernode-auth)."""
     with _user_errors():
         from fedbip_cli.simulate.flower.credentials import DEFAULT_HOSTS, write_credentials
 

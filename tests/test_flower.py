@@ -51,6 +51,7 @@ from fedbip_cli.simulate.flower.records import (
     to_record,
 )
 from fedbip_cli.simulate.flower.strategy import Member, PersonalizedStrategy, Roster
+from fedbip_cli.simulate.flower.validation import Expected, LeftOut, check_train_reply
 from fedbip_cli.simulate.loop import SimulationConfig, load_clients
 from fedbip_cli.simulate.methods import METHODS
 from fedbip_cli.simulate.runner import ClientInfo, simulate
@@ -129,12 +130,12 @@ def tiny_roster(config: SimulationConfig) -> Roster:
     return roster
 
 
-def reply(node: int, name: str, state: dict[str, torch.Tensor], loss: float) -> Message:
+def reply(node: int, name: str, state: dict[str, torch.Tensor], loss: float, server_round: int = 1) -> Message:
     sent = Message(content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=node)
     content = {
         ARRAYS: to_record(state),
         METRICS: MetricRecord({"train-loss": loss}),
-        CONFIG: ConfigRecord({"client": name}),
+        CONFIG: ConfigRecord({"client": name, "server-round": server_round}),
     }
     return Message(RecordDict(content), reply_to=sent)
 
@@ -227,7 +228,7 @@ def test_a_late_client_starts_from_the_initial_state(identity: None) -> None:
     assert len(sent) == 3 and len(to_late) == 1
     assert torch.equal(from_record(to_late[0].content[ARRAYS])["w"], initial["w"])
     assert not torch.equal(strategy.run.bar["client-00"]["w"], initial["w"])
-    strategy.aggregate_train(2, [reply(107, "client-02", {"w": torch.ones(2)}, 0.3)])
+    strategy.aggregate_train(2, [reply(107, "client-02", {"w": torch.ones(2)}, 0.3, server_round=2)])
     strategy.aggregate_evaluate(2, [])
     assert [(r["round"], r["client"], r["train_loss"]) for r in strategy.run.metrics[2:]] == [
         (2, "client-00", None),
@@ -267,6 +268,87 @@ def test_a_state_that_does_not_fit_is_left_out(identity: None, bad: dict[str, to
     assert metrics["participants"] == 2
     assert torch.equal(strategy.run.bar["client-02"]["w"], torch.zeros(2))
     assert torch.allclose(strategy.run.bar["client-00"]["w"], torch.tensor([1.0, 0.0]))
+
+
+# -- hostile replies: the validator as a pure function ---------------------------------------------
+SENT = {"w": torch.tensor([3.0, 4.0])}  # norm 5: a reply's state may have a norm up to 100 × (1 + 5)
+ROUND3 = Expected(3, {"w": torch.zeros(2)}, {"client-00": SENT}, {"client-00"})
+
+
+def hostile(**change: Any) -> Message:
+    """client-00's train reply from node 100 for round 3, with ``change``: ``state``, ``loss``, ``name``,
+    ``round``, ``node`` or ``content`` (a function editing the RecordDict)."""
+    message = reply(
+        change.get("node", 100),
+        change.get("name", "client-00"),
+        change.get("state", {"w": torch.tensor([3.5, 4.0])}),
+        change.get("loss", 0.5),
+        change.get("round", 3),
+    )
+    if "content" in change:
+        change["content"](message.content)
+    return message
+
+
+HOSTILE = {
+    "nan": ({"state": {"w": torch.tensor([float("nan"), 0.0])}}, "tensor w holds NaN or Inf"),
+    "inf": ({"state": {"w": torch.tensor([float("inf"), 0.0])}}, "tensor w holds NaN or Inf"),
+    "shape": ({"state": {"w": torch.ones(3)}}, "tensor w is torch.float32 (3,), the model's torch.float32 (2,)"),
+    "dtype": ({"state": {"w": torch.ones(2, dtype=torch.float64)}}, "tensor w is torch.float64 (2,)"),
+    "names": ({"state": {"w": torch.ones(2), "x": torch.ones(1)}}, "other tensor names than the model's (x)"),
+    "huge-norm": ({"state": {"w": torch.tensor([600.1, 0.0])}}, "norm 600 is over 100 × (1 + 5"),
+    "other-name": (
+        {"name": "client-01"},
+        "client-00 left out: its reply from node 100 names another client, 'client-01'",
+    ),
+    "unknown-node": ({"node": 999}, "node 999 left out: it is not a client of this run"),
+    "not-asked": ({"node": 101, "name": "client-01"}, "client-01 left out: it was not asked to train this round"),
+    "stale-round": ({"round": 2}, "is for round 2, not round 3 (stale)"),
+    "no-round": ({"content": lambda c: c[CONFIG].pop("server-round")}, "names no round"),
+    "nan-loss": ({"loss": float("nan")}, "its train loss is nan"),
+    "no-state": ({"content": lambda c: c.pop(ARRAYS)}, "its reply has no 'arrays' state"),
+    "too-many-bytes": (
+        {"content": lambda c: c.__setitem__("extra", to_record({"x": torch.zeros(20_000)}))},
+        "bytes of arrays, more than the",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE), ids=list(HOSTILE))
+def test_every_hostile_reply_is_left_out_saying_why(identity: None, case: str) -> None:
+    change, why = HOSTILE[case]
+    with pytest.raises(LeftOut) as caught:
+        check_train_reply(hostile(**change), {100: "client-00", 101: "client-01"}, ROUND3)
+    assert why in str(caught.value)
+
+
+def test_an_honest_reply_passes_up_to_the_norm_bound(identity: None) -> None:
+    got = check_train_reply(hostile(), {100: "client-00"}, ROUND3)
+    assert (got.client, got.loss, got.kept) == ("client-00", 0.5, None)
+    assert torch.equal(got.state["w"], torch.tensor([3.5, 4.0]))
+    at_bound = hostile(state={"w": torch.tensor([600.0, 0.0])})  # exactly 100 × (1 + 5)
+    assert check_train_reply(at_bound, {100: "client-00"}, ROUND3).state["w"][0] == 600.0
+
+
+def test_a_hostile_reply_is_one_log_line_and_enters_no_model(identity: None, caplog: pytest.LogCaptureFixture) -> None:
+    """The strategy over 3 clients: client-02's huge state is left out with one line naming it and why;
+    the other two are merged as if it had not replied, and it keeps its state."""
+    config = replace(TINY, strategies=("fedbip",), rounds=1)
+    strategy = PersonalizedStrategy(config, "fedbip", tiny_roster(config), {"w": torch.zeros(2)})
+    list(strategy.configure_train(1, None, ConfigRecord(), FakeGrid([100, 101, 102])))
+    replies = [
+        reply(100, "client-00", {"w": torch.tensor([1.0, 0.0])}, 0.1),
+        reply(101, "client-01", {"w": torch.tensor([1.0, 0.0])}, 0.2),
+        reply(102, "client-02", {"w": torch.tensor([1e6, 1.0])}, 0.3),
+    ]
+    with caplog.at_level("WARNING"):
+        _, metrics = strategy.aggregate_train(1, replies)
+    lines = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert lines == ["round 1: client-02 left out: its state's norm 1e+06 is over 100 × (1 + 0, the state it was sent)"]
+    assert metrics["participants"] == 2
+    assert torch.equal(strategy.run.bar["client-02"]["w"], torch.zeros(2))
+    for name in ("client-00", "client-01"):
+        assert torch.equal(strategy.run.bar[name]["w"], torch.tensor([1.0, 0.0]))
 
 
 def test_run_config_round_trip_and_app_defaults() -> None:
