@@ -12,7 +12,10 @@ Writes ``.mutate/report.md``: per module the mutants, killed (a test failed or t
 survived and incompetent (the mutant could not run), the kill rate, and every survivor's diff.
 
 Usage:
-    .venv/bin/python benchmarks/mutate.py [--modules weights,similarity] [--timeout 120]
+    .venv/bin/python benchmarks/mutate.py [--modules weights,similarity] [--timeout 120] [--recheck]
+
+``--recheck`` keeps the last session and its copy of the package, copies today's tests in, and runs
+only the mutants that survived it (the module itself must be unchanged since).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import os
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -135,9 +139,8 @@ def environment(work: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(work), "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def run_module(bin_dir: Path, work: Path, module: str, timeout: float) -> Outcome:
-    """Every mutant of ``fedbip_cli/<module>.py`` against its selection; the session is kept in ``work``."""
-    started = time.monotonic()
+def start_session(bin_dir: Path, work: Path, module: str, timeout: float) -> Path:
+    """A new session of every mutant of ``fedbip_cli/<module>.py``, after checking its tests pass unmutated."""
     env = environment(work)
     baseline = subprocess.run(test_command(module), shell=True, cwd=work, env=env, capture_output=True, text=True)
     if baseline.returncode != 0:
@@ -153,22 +156,42 @@ def run_module(bin_dir: Path, work: Path, module: str, timeout: float) -> Outcom
         f"[cosmic-ray.filters.operators-filter]\nexclude-operators = {json.dumps(EXCLUDED_OPERATORS)}\n"
     )
     session = work / f"{module}.sqlite"
-    cosmic = str(bin_dir / "cosmic-ray")
-    subprocess.run([cosmic, "init", str(config), str(session)], cwd=work, env=env, check=True)
+    subprocess.run([str(bin_dir / "cosmic-ray"), "init", str(config), str(session)], cwd=work, env=env, check=True)
     subprocess.run([str(bin_dir / "cr-filter-operators"), str(session), str(config)], cwd=work, env=env, check=True)
-    subprocess.run([cosmic, "exec", str(config), str(session)], cwd=work, env=env, check=True)
+    return session
+
+
+def forget_survivors(work: Path, module: str) -> Path:
+    """The earlier session of ``module`` with its survivors pending again (to run against today's tests)."""
+    session = work / f"{module}.sqlite"
+    if (
+        not session.exists()
+        or (work / "fedbip_cli" / f"{module}.py").read_bytes() != (ROOT / "fedbip_cli" / f"{module}.py").read_bytes()
+    ):
+        raise SystemExit(f"{module}: no session of this very module in {work}; run without --recheck")
+    with sqlite3.connect(session) as db:
+        db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+    return session
+
+
+def run_module(bin_dir: Path, work: Path, module: str, timeout: float, *, recheck: bool = False) -> Outcome:
+    """Every pending mutant of ``module`` against its selection; what each did (the session stays in ``work``)."""
+    started = time.monotonic()
+    env = environment(work)
+    session = forget_survivors(work, module) if recheck else start_session(bin_dir, work, module, timeout)
+    config = str(work / f"{module}.toml")
+    cosmic = str(bin_dir / "cosmic-ray")
+    subprocess.run([cosmic, "exec", config, str(session)], cwd=work, env=env, check=True)
     dump = subprocess.run([cosmic, "dump", str(session)], cwd=work, env=env, check=True, capture_output=True, text=True)
     outcome = Outcome(module)
     for line in dump.stdout.splitlines():
         item, result = json.loads(line)
         if result is not None and result.get("worker_outcome") == "skipped":
             outcome.skipped += 1
-        elif result is None or result.get("worker_outcome") != "normal":
+        elif result is None or result.get("worker_outcome") != "normal" or result["test_outcome"] == "incompetent":
             outcome.incompetent += 1
         elif result["test_outcome"] == "survived":
             outcome.survived.append(result.get("diff") or json.dumps(item))
-        elif result["test_outcome"] == "incompetent":
-            outcome.incompetent += 1
         else:
             outcome.killed += 1
     outcome.seconds = time.monotonic() - started
@@ -198,16 +221,24 @@ def main() -> None:
         "--modules", default=",".join(SELECTIONS), help="comma-separated, from: " + ", ".join(SELECTIONS)
     )
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant's tests (a timeout kills)")
+    parser.add_argument(
+        "--recheck", action="store_true", help="run the survivors of the last session again, against today's tests"
+    )
     args = parser.parse_args()
     modules = [m for m in args.modules.split(",") if m]
     unknown = sorted(set(modules) - set(SELECTIONS))
     if unknown:
         parser.error(f"unknown module(s) {', '.join(unknown)}; choose from {', '.join(SELECTIONS)}")
     bin_dir = tool_venv()
-    work = fresh_copy()
+    if args.recheck:  # the package copy stays (the mutants' positions refer to it); the tests are today's
+        work = STATE / "work"
+        shutil.rmtree(work / "tests", ignore_errors=True)
+        shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        work = fresh_copy()
     outcomes = []
     for module in modules:
-        outcomes.append(run_module(bin_dir, work, module, args.timeout))
+        outcomes.append(run_module(bin_dir, work, module, args.timeout, recheck=args.recheck))
         (STATE / "report.md").write_text(report(outcomes), encoding="utf-8")
         print(f"{module}: {outcomes[-1].killed}/{outcomes[-1].total} killed", flush=True)
     print(report(outcomes))

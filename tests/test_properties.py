@@ -20,7 +20,7 @@ import torch
 
 from fedbip_cli.clustering import nearest_neighbours, suggest_clusters
 from fedbip_cli.defence import outliers
-from fedbip_cli.errors import FedbipError
+from fedbip_cli.errors import FedbipError, UsageError
 from fedbip_cli.gram import slice_bits, split_columns
 from fedbip_cli.merge import merge_module, output_rank
 from fedbip_cli.weights import WeightOptions, personalized_weights
@@ -91,6 +91,32 @@ def test_the_row_sum_floor_is_a_millionth_of_the_absolute_sum(ratio: float, refu
     weights = personalized_weights(s, WeightOptions(negative="keep"))
     total = 1.0 + off
     assert weights.tolist() == [[1 / total, off / total], [off / total, 1 / total]]
+
+
+def test_the_floor_is_taken_over_each_row_not_each_column() -> None:
+    """With top-k the kept entries are not symmetric: row 0 keeps [1, a] (absolute sum ≈ 2), column 0 only its
+    diagonal (1). Row 0 sums to 1.5e-6, at most 1e-6 of its row's absolute sum: refused."""
+    a = -(1.0 - 1.5e-6)
+    s = torch.tensor([[1.0, a, -1.0], [a, 1.0, 0.5], [-1.0, 0.5, 1.0]], dtype=torch.float64)
+    with pytest.raises(FedbipError, match=r"row\(s\) \[0\]"):
+        personalized_weights(s, WeightOptions(negative="keep", top_k=2))
+
+
+def test_options_compare_by_value_and_stay_fixed() -> None:
+    """A mode read from a file or the command line is an equal string, not the literal itself: it must
+    still select clipping. Options are immutable values, and a temperature must be positive."""
+    s = torch.tensor([[1.0, -0.5], [-0.5, 1.0]], dtype=torch.float64)
+    clip = "".join(["cl", "ip"])  # equal to "clip", another object
+    assert clip == "clip" and clip is not "clip"  # noqa: F632
+    for weighting in ("paper", "softmax"):
+        weights = personalized_weights(s, WeightOptions(weighting=weighting, negative=clip))
+        assert weights.tolist() == [[1.0, 0.0], [0.0, 1.0]], weighting
+    options = WeightOptions()
+    with pytest.raises(AttributeError):
+        options.negative = "keep"  # type: ignore[misc]
+    for temperature in (-1.0, 0.0, float("nan")):
+        with pytest.raises(UsageError, match="temperature"):
+            WeightOptions(weighting="softmax", temperature=temperature)
 
 
 # --- the exact Grams' 2⁵³ budget -----------------------------------------------------------------
