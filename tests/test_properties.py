@@ -14,15 +14,26 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
 
+from fedbip_cli import similarity as similarity_module
 from fedbip_cli.clustering import nearest_neighbours, suggest_clusters
 from fedbip_cli.defence import outliers
-from fedbip_cli.errors import FedbipError, UsageError
+from fedbip_cli.errors import AdapterError, FedbipError, UsageError
 from fedbip_cli.gram import slice_bits, split_columns
+from fedbip_cli.innercache import InnerProductCache
 from fedbip_cli.merge import merge_module, output_rank
+from fedbip_cli.similarity import (
+    cached_inner_products,
+    cosine_from_inner,
+    covering_rows,
+    dense_inner_products,
+    similarity_from_inner,
+)
+from fedbip_cli.taskvec import KeyedFactors
 from fedbip_cli.weights import WeightOptions, personalized_weights
 
 # --- negative weights reach every combine path ---------------------------------------------------
@@ -221,3 +232,89 @@ def test_outlier_value_is_the_mean_similarity_to_the_others() -> None:
     assert found["similarity"][0]["value"] == pytest.approx(-0.2, abs=1e-15)
     # The others' means, (4·0.6 + s_i5) / 5, are 0.46, 0.44, 0.42, 0.43, 0.45: median 0.43, MAD 0.01.
     assert found["similarity"][0]["z"] == pytest.approx(0.6745 * (-0.2 - 0.43) / 0.01, rel=1e-9)
+
+
+# --- similarity from inner products, without files --------------------------------------------------
+
+
+def keyed(gen: torch.Generator, rank: int, scale: float, key: bytes) -> KeyedFactors:
+    """Random float64 factors of one (6, 5) module."""
+    b = torch.randn(6, rank, generator=gen, dtype=torch.float64)
+    return KeyedFactors(key, b, torch.randn(rank, 5, generator=gen, dtype=torch.float64), scale)
+
+
+def dense_inner(factors: list[KeyedFactors | None]) -> torch.Tensor:
+    """⟨s_i B_i A_i, s_j B_j A_j⟩_F from the dense deltas, 0 for a client without the module."""
+    deltas = [torch.zeros(6, 5, dtype=torch.float64) if f is None else f.scale * f.b @ f.a for f in factors]
+    flat = torch.stack([d.flatten() for d in deltas])
+    return flat @ flat.T
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_cached_inner_products_match_dense_deltas(tmp_path: Path, persistent: bool) -> None:
+    """Mixed ranks and scales, a client without the module, two clients with one key (computed once), and
+    a second lookup that reads every product from the cache: all equal the dense float64 products."""
+    gen = torch.Generator().manual_seed(12)
+    shared = keyed(gen, 2, 0.5, b"k-shared")
+    factors = [keyed(gen, 3, 2.0, b"k-a"), None, shared, keyed(gen, 1, -1.5, b"k-b"), shared, keyed(gen, 2, 1, b"k-c")]
+    cache = InnerProductCache(tmp_path / "cache" if persistent else None, key_file=tmp_path / "key")
+    first = cached_inner_products(factors, cache)
+    assert torch.allclose(first, dense_inner(factors), rtol=1e-12, atol=1e-12)
+    assert first[1].tolist() == [0.0] * 6 and first[:, 1].tolist() == [0.0] * 6
+    assert cache.stats.computed == 10  # 4 distinct keys: 4 · 5 / 2 pairs, the shared one once
+    again = cached_inner_products(factors, cache)
+    assert torch.equal(again, first)
+    assert cache.stats.computed == (10 if persistent else 20)
+
+
+def test_dense_inner_products_leave_missing_clients_at_zero() -> None:
+    gen = torch.Generator().manual_seed(13)
+    deltas = [torch.randn(3, 4, generator=gen), None, torch.randn(3, 4, generator=gen)]
+    got = dense_inner_products(deltas)
+    x = [d.double().flatten() if d is not None else torch.zeros(12, dtype=torch.float64) for d in deltas]
+    assert torch.allclose(got, torch.stack(x) @ torch.stack(x).T, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("block", [1024, 2])
+def test_cosine_from_inner_by_hand(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cosines from an asymmetric Gram (its upper triangle counts), a zero client (similar only to itself),
+    and a product a hair over the norms' product (clamped to 1)."""
+    monkeypatch.setattr(similarity_module, "SYMMETRIC_BLOCK", block)
+    inner = torch.tensor(
+        [[4.0, 2.0, 0.0, -6.0], [9.0, 9.0, 0.0, 9.0 * (1 + 1e-12)], [0.0, 0.0, 0.0, 0.0], [-6.0, 0.0, 0.0, 9.0]],
+        dtype=torch.float64,
+    )
+    cosine, norms = cosine_from_inner(inner)
+    assert norms.tolist() == [2.0, 3.0, 0.0, 3.0]
+    assert cosine.tolist() == [
+        [1.0, 2.0 / 6.0, 0.0, -1.0],
+        [2.0 / 6.0, 1.0, 0.0, 1.0],
+        [0.0, 0.0, 1.0, 0.0],
+        [-1.0, 1.0, 0.0, 1.0],
+    ]
+    copy = inner.clone()
+    assert torch.equal(cosine_from_inner(copy, in_place=True)[0], cosine) and torch.equal(copy, cosine)
+
+
+def test_covering_rows_by_hand() -> None:
+    """Pairs (0, 3), (1, 3), (2, 3) are all covered by row 3 alone; a limit below what is needed gives None."""
+    missing = torch.zeros(5, 5, dtype=torch.bool)
+    for i in (0, 1, 2):
+        missing[i, 3] = missing[3, i] = True
+    assert covering_rows(missing) == [3]
+    missing[0, 4] = missing[4, 0] = True
+    assert covering_rows(missing) == [0, 3]
+    assert covering_rows(missing, limit=1) is None
+    assert covering_rows(torch.zeros(3, 3, dtype=torch.bool)) == []
+
+
+def test_similarity_from_inner_sums_groups_and_refuses_a_zero_client() -> None:
+    a = torch.tensor([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    b = torch.tensor([[3.0, 2.0], [2.0, 0.0]], dtype=torch.float64)
+    result = similarity_from_inner(["x", "y"], "block", {"g1": ["a"], "g2": ["a", "b"]}, {"a": a, "b": b})
+    assert result.clients == ["x", "y"] and result.granularity == "block" and list(result.groups) == ["g1", "g2"]
+    assert result.groups["g1"].similarity.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert result.groups["g2"].similarity.tolist() == [[1.0, 0.5], [0.5, 1.0]]  # 2 / (2 · 2)
+    assert result.groups["g2"].norms.tolist() == [2.0, 2.0] and result.groups["g2"].modules == ["a", "b"]
+    with pytest.raises(AdapterError, match="task vector is zero.*: y"):
+        similarity_from_inner(["x", "y"], "model", {"model": ["a"]}, {"a": torch.diag(torch.tensor([1.0, 0.0]))})
