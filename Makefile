@@ -36,10 +36,11 @@ bench-sketch: $(STAMP)
 	$(PY) benchmarks/sketch_error.py $(if $(QUICK),--quick)
 
 # Mutation testing of the core maths with cosmic-ray (its own venv and a copy of the code in .mutate/;
-# hours for every module: MODULES=weights,similarity runs a part; RECHECK=1 runs the last session's
-# survivors again against today's tests). Not part of `make test`.
+# hours for every module: MODULES=weights,similarity runs a part; JOBS=4 tests 4 mutants at once; RESUME=1
+# continues the last session, its survivors run again against today's tests). Not part of `make test`.
 mutate: $(STAMP)
-	HF_HUB_OFFLINE=1 nice -n 10 $(PY) benchmarks/mutate.py $(if $(MODULES),--modules $(MODULES)) $(if $(RECHECK),--recheck)
+	HF_HUB_OFFLINE=1 nice -n 10 $(PY) benchmarks/mutate.py $(if $(MODULES),--modules $(MODULES)) \
+		$(if $(JOBS),--jobs $(JOBS)) $(if $(RESUME),--resume)
 
 # A wheel and an sdist in dist/, checked by twine.
 dist: $(STAMP)

@@ -12,10 +12,11 @@ Writes ``.mutate/report.md``: per module the mutants, killed (a test failed or t
 survived and incompetent (the mutant could not run), the kill rate, and every survivor's diff.
 
 Usage:
-    .venv/bin/python benchmarks/mutate.py [--modules weights,similarity] [--timeout 120] [--recheck]
+    .venv/bin/python benchmarks/mutate.py [--modules weights,similarity] [--timeout 120] [--resume] [--jobs N]
 
-``--recheck`` keeps the last session and its copy of the package, copies today's tests in, and runs
-only the mutants that survived it (the module itself must be unchanged since).
+``--resume`` keeps the last session of each module and its copy of the package, copies today's tests
+in, and runs what it had not run and what survived it (a module changed since starts a new session).
+``--jobs N`` tests N mutants at once, each shard of the pending mutants in its own copy of the code.
 """
 
 from __future__ import annotations
@@ -156,33 +157,77 @@ def start_session(bin_dir: Path, work: Path, module: str, timeout: float) -> Pat
         f"[cosmic-ray.filters.operators-filter]\nexclude-operators = {json.dumps(EXCLUDED_OPERATORS)}\n"
     )
     session = work / f"{module}.sqlite"
+    shutil.copy2(work / "fedbip_cli" / f"{module}.py", work / f"{module}.py.orig")  # what the mutants change
     subprocess.run([str(bin_dir / "cosmic-ray"), "init", str(config), str(session)], cwd=work, env=env, check=True)
     subprocess.run([str(bin_dir / "cr-filter-operators"), str(session), str(config)], cwd=work, env=env, check=True)
     return session
 
 
-def forget_survivors(work: Path, module: str) -> Path:
-    """The earlier session of ``module`` with its survivors pending again (to run against today's tests)."""
-    session = work / f"{module}.sqlite"
-    if (
-        not session.exists()
-        or (work / "fedbip_cli" / f"{module}.py").read_bytes() != (ROOT / "fedbip_cli" / f"{module}.py").read_bytes()
-    ):
-        raise SystemExit(f"{module}: no session of this very module in {work}; run without --recheck")
+def resume_session(work: Path, module: str) -> Path | None:
+    """The earlier session of ``module`` with its survivors pending again (to run against today's tests),
+    and its copy of the module as it was (a run stopped mid-mutant leaves it changed); None when there is
+    none, or the module changed since (the mutants' positions refer to the old one)."""
+    session, original = work / f"{module}.sqlite", work / f"{module}.py.orig"
+    if not session.exists() or not original.exists():
+        return None
+    if original.read_bytes() != (ROOT / "fedbip_cli" / f"{module}.py").read_bytes():
+        return None
+    shutil.copy2(original, work / "fedbip_cli" / f"{module}.py")
+    gather(work, session)
     with sqlite3.connect(session) as db:
         db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
     return session
 
 
-def run_module(bin_dir: Path, work: Path, module: str, timeout: float, *, recheck: bool = False) -> Outcome:
+def shard(work: Path, session: Path, index: int, count: int) -> tuple[Path, Path]:
+    """A copy of ``work`` (its package and tests) holding every ``count``-th pending mutant of ``session``."""
+    copy = work.parent / f"{work.name}-{index}"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("*.sqlite", "__pycache__"))
+    part = copy / session.name
+    shutil.copy2(session, part)
+    with sqlite3.connect(part) as db:
+        pending = [row[0] for row in db.execute("SELECT job_id FROM work_items ORDER BY job_id")]
+        done = {row[0] for row in db.execute("SELECT job_id FROM work_results")}
+        others = [(j,) for k, j in enumerate(j for j in pending if j not in done) if k % count != index]
+        db.executemany("DELETE FROM mutation_specs WHERE job_id = ?", others)
+        db.executemany("DELETE FROM work_items WHERE job_id = ?", others)
+    return copy, part
+
+
+def execute(bin_dir: Path, work: Path, session: Path, module: str, jobs: int) -> None:
+    """Run the session's pending mutants in ``jobs`` copies at once and gather their results into it."""
+    config = f"{module}.toml"
+    parts = [shard(work, session, k, jobs) for k in range(jobs)]
+    running = [
+        subprocess.Popen([str(bin_dir / "cosmic-ray"), "exec", config, str(part)], cwd=copy, env=environment(copy))
+        for copy, part in parts
+    ]
+    if any(process.wait() != 0 for process in running):
+        raise SystemExit(f"{module}: cosmic-ray exec failed")
+    gather(work, session)
+
+
+def gather(work: Path, session: Path) -> None:
+    """Results of the shards of ``session`` (also of a run that was stopped) into it; the shards removed."""
+    with sqlite3.connect(session) as db:
+        for part in sorted(work.parent.glob(f"{work.name}-*/{session.name}")):
+            db.execute("ATTACH DATABASE ? AS part", (str(part),))
+            db.execute("INSERT OR REPLACE INTO work_results SELECT * FROM part.work_results")
+            db.commit()
+            db.execute("DETACH DATABASE part")
+            shutil.rmtree(part.parent)
+
+
+def run_module(bin_dir: Path, work: Path, module: str, timeout: float, *, resume: bool, jobs: int) -> Outcome:
     """Every pending mutant of ``module`` against its selection; what each did (the session stays in ``work``)."""
     started = time.monotonic()
-    env = environment(work)
-    session = forget_survivors(work, module) if recheck else start_session(bin_dir, work, module, timeout)
-    config = str(work / f"{module}.toml")
-    cosmic = str(bin_dir / "cosmic-ray")
-    subprocess.run([cosmic, "exec", config, str(session)], cwd=work, env=env, check=True)
-    dump = subprocess.run([cosmic, "dump", str(session)], cwd=work, env=env, check=True, capture_output=True, text=True)
+    session = resume_session(work, module) if resume else None
+    session = session or start_session(bin_dir, work, module, timeout)
+    execute(bin_dir, work, session, module, jobs)
+    dump = subprocess.run(
+        [str(bin_dir / "cosmic-ray"), "dump", str(session)], cwd=work, check=True, capture_output=True, text=True
+    )
     outcome = Outcome(module)
     for line in dump.stdout.splitlines():
         item, result = json.loads(line)
@@ -222,23 +267,26 @@ def main() -> None:
     )
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant's tests (a timeout kills)")
     parser.add_argument(
-        "--recheck", action="store_true", help="run the survivors of the last session again, against today's tests"
+        "--resume",
+        action="store_true",
+        help="continue the last session of each module: its pending mutants and, against today's tests, its survivors",
     )
+    parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once, each in its own copy")
     args = parser.parse_args()
     modules = [m for m in args.modules.split(",") if m]
     unknown = sorted(set(modules) - set(SELECTIONS))
     if unknown:
         parser.error(f"unknown module(s) {', '.join(unknown)}; choose from {', '.join(SELECTIONS)}")
     bin_dir = tool_venv()
-    if args.recheck:  # the package copy stays (the mutants' positions refer to it); the tests are today's
-        work = STATE / "work"
+    work = STATE / "work"
+    if args.resume and work.is_dir():  # the package copy stays (the mutants' positions refer to it)
         shutil.rmtree(work / "tests", ignore_errors=True)
         shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     else:
         work = fresh_copy()
     outcomes = []
     for module in modules:
-        outcomes.append(run_module(bin_dir, work, module, args.timeout, recheck=args.recheck))
+        outcomes.append(run_module(bin_dir, work, module, args.timeout, resume=args.resume, jobs=args.jobs))
         (STATE / "report.md").write_text(report(outcomes), encoding="utf-8")
         print(f"{module}: {outcomes[-1].killed}/{outcomes[-1].total} killed", flush=True)
     print(report(outcomes))

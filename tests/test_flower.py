@@ -28,13 +28,12 @@ from typer.testing import CliRunner
 from fedbip_cli.simulate.flower import OFFLINE_ENV  # isort: skip
 
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict  # isort: skip
-from flwr.clientapp import ClientApp  # isort: skip
 from flwr.supercore.task_identity import TaskIdentity  # isort: skip
 
 from fedbip_cli.cli import app
 from fedbip_cli.errors import FedbipError, SourceError, UsageError
 from fedbip_cli.simulate.attacks import choose_attackers, scaled_update
-from fedbip_cli.simulate.flower.apps import expected_clients, introduce, make_server_app, run_federation
+from fedbip_cli.simulate.flower.apps import client_app, expected_clients, introduce, run_federation
 from fedbip_cli.simulate.flower.carriage import KEPT, client_view, kept_state, store_kept
 from fedbip_cli.simulate.flower.clientdata import own_files, relabel
 from fedbip_cli.simulate.flower.credentials import write_credentials
@@ -756,55 +755,56 @@ def test_authenticated_deployment_runs_registered_supernodes_only(tmp_path: Path
         assert "Received successfully" not in log  # no message ever reached either
 
 
-# -- hostile ClientApps on the Simulation Engine ---------------------------------------------------
+# -- hostile ClientApps, end to end through the ServerApp -----------------------------------------
 Corrupt = Callable[[str, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]
 
 
-def hostile_client_app(corrupt: Corrupt) -> ClientApp:
+class InProcessGrid:
+    """A grid whose SuperNodes are calls of a ClientApp in this process (node 100 + i: partition i of
+    n): the ServerApp's and the ClientApp's code end to end, without Flower's transport or Ray."""
+
+    def __init__(self, app: Callable[[Message, Context], Message], clients: int) -> None:
+        self.app = app
+        self.contexts = {
+            100 + i: Context(1, 100 + i, {"partition-id": i, "num-partitions": clients}, RecordDict(), {})
+            for i in range(clients)
+        }
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+        return [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+
+
+def hostile_client_app(corrupt: Corrupt) -> Callable[[Message, Context], Message]:
     """fedbip's ClientApp, except that a train reply carries ``corrupt(client, state sent, state trained)``
     instead of the trained state, where that is not None."""
-    from fedbip_cli.simulate.flower import apps
 
-    app = ClientApp()
-    app.query()(apps.introduce)
-    app.evaluate()(apps.evaluate)
-
-    @app.train()
-    def train(message: Message, context: Context) -> Message:
-        answer = apps.train(message, context)
-        name = str(answer.content[CONFIG]["client"])
-        changed = corrupt(name, from_record(message.content[ARRAYS]), from_record(answer.content[ARRAYS]))
-        if changed is not None:
-            answer.content[ARRAYS] = to_record(changed)
+    def serve(message: Message, context: Context) -> Message:
+        answer = client_app(message, context)
+        if message.metadata.message_type == MessageType.TRAIN and not answer.has_error():
+            name = str(answer.content[CONFIG]["client"])
+            changed = corrupt(name, from_record(message.content[ARRAYS]), from_record(answer.content[ARRAYS]))
+            if changed is not None:
+                answer.content[ARRAYS] = to_record(changed)
         return answer
 
-    return app
+    return serve
 
 
-def run_on_simulation_engine(config: SimulationConfig, out: Path, client_app: ClientApp) -> None:
-    """One Flower run of ``config`` into ``out`` with ``client_app`` on every virtual SuperNode."""
-    from flwr.simulation import run_simulation
-
-    outcome: list[Any] = []
-    run_simulation(
-        server_app=make_server_app(config, out, outcome),
-        client_app=client_app,
-        num_supernodes=config.clients,
-        backend_config={"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0}},
-    )
-    assert outcome and not isinstance(outcome[0], Exception), outcome
-
-
-def test_a_nan_client_is_left_out_and_the_run_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_nan_client_is_left_out_and_the_run_goes_on(
+    identity: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """client-02's ClientApp replies with NaN: the ServerApp logs one line naming it and why, finishes the
     run, and no other client's adapter holds a NaN; client-02 has no train loss that round."""
-    config = replace(TINY, strategies=("fedbip",), rounds=1)
+    config = replace(TINY, strategies=("fedbip",), rounds=1, eval_every=1)
 
     def nan(name: str, sent: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> dict | None:
         return {k: torch.full_like(v, float("nan")) for k, v in trained.items()} if name == "client-02" else None
 
     with caplog.at_level("WARNING", logger="fedbip_cli"):
-        run_on_simulation_engine(config, tmp_path / "out", hostile_client_app(nan))
+        run_federation(InProcessGrid(hostile_client_app(nan), 3), config, tmp_path / "out")
     lines = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("round 1: client-02 left out: tensor "), lines
     assert lines[0].endswith("holds NaN or Inf")
@@ -814,20 +814,19 @@ def test_a_nan_client_is_left_out_and_the_run_goes_on(tmp_path: Path, caplog: py
         assert all(bool(torch.isfinite(t).all()) for t in adapter(tmp_path / "out", "fedbip", client).values())
 
 
-def test_clip_norm_bounds_a_scaled_update_on_flower_bitwise_as_in_process(tmp_path: Path) -> None:
-    """A ClientApp that sends its update ×10 (``attacks.scaled_update``) on Flower with --clip-norm auto gives
-    bit for bit the adapters of in-process ``--attack scaled --attack-scale 10 --clip-norm auto``."""
+def test_clip_norm_bounds_a_scaled_update_on_flower_bitwise_as_in_process(identity: None, tmp_path: Path) -> None:
+    """A ClientApp that sends its update ×10 (``attacks.scaled_update``) with --clip-norm auto gives, through
+    the ServerApp, bit for bit the adapters of in-process ``--attack scaled --attack-scale 10 --clip-norm auto``."""
     config = replace(TINY, strategies=("fedbip",), rounds=1, clip_norm="auto")
-    inprocess = replace(config, attack="scaled", attackers=1, attack_scale=10.0)
-    simulate(inprocess, tmp_path / "inprocess", device="cpu")
+    simulate(replace(config, attack="scaled", attackers=1, attack_scale=10.0), tmp_path / "inprocess", device="cpu")
     (attacker,) = choose_attackers(CLIENTS, 1, config.seed)
 
     def scaled(name: str, sent: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> dict | None:
         return scaled_update(sent, trained, 10.0) if name == attacker else None
 
-    run_on_simulation_engine(config, tmp_path / "flower", hostile_client_app(scaled))
+    run_federation(InProcessGrid(hostile_client_app(scaled), 3), config, tmp_path / "flower")
     for client in CLIENTS:
         got, want = adapter(tmp_path / "flower", "fedbip", client), adapter(tmp_path / "inprocess", "fedbip", client)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), client
     clipped = read_jsonl(tmp_path / "flower" / "similarity.jsonl")[0]["clip"]
-    assert clipped == read_jsonl(tmp_path / "inprocess" / "similarity.jsonl")[0]["clip"]
+    assert clipped == read_jsonl(tmp_path / "inprocess" / "similarity.jsonl")[0]["clip"] and clipped["clipped"]
