@@ -12,7 +12,7 @@ Writes ``.mutate/report.md``: per module the mutants, killed (a test failed or t
 survived and incompetent (the mutant could not run), the kill rate, and every survivor's diff.
 
 Usage:
-    .venv/bin/python benchmarks/mutate.py [--modules weights,similarity] [--timeout 120] [--resume] [--jobs N]
+    .venv/bin/python benchmarks/mutate.py [--modules weights,similarity] [--timeout 600] [--resume] [--jobs N]
 
 ``--resume`` keeps the last session of each module and its copy of the package, copies today's tests
 in, and runs what it had not run and what survived it (a module changed since starts a new session).
@@ -92,6 +92,7 @@ class Outcome:
 
     module: str
     killed: int = 0
+    timeouts: int = 0  # of the killed: the tests ran past --timeout
     survived: list[str] = field(default_factory=list)
     incompetent: int = 0
     skipped: int = 0  # by EXCLUDED_OPERATORS
@@ -140,12 +141,8 @@ def environment(work: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(work), "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def start_session(bin_dir: Path, work: Path, module: str, timeout: float) -> Path:
-    """A new session of every mutant of ``fedbip_cli/<module>.py``, after checking its tests pass unmutated."""
-    env = environment(work)
-    baseline = subprocess.run(test_command(module), shell=True, cwd=work, env=env, capture_output=True, text=True)
-    if baseline.returncode != 0:
-        raise SystemExit(f"{module}: the selected tests fail unmutated:\n{baseline.stdout[-2000:]}")
+def write_config(work: Path, module: str, timeout: float) -> Path:
+    """cosmic-ray's configuration for ``module``: its file, the per-mutant timeout, tests and filters."""
     config = work / f"{module}.toml"
     config.write_text(
         "[cosmic-ray]\n"
@@ -156,6 +153,16 @@ def start_session(bin_dir: Path, work: Path, module: str, timeout: float) -> Pat
         '[cosmic-ray.distributor]\nname = "local"\n\n'
         f"[cosmic-ray.filters.operators-filter]\nexclude-operators = {json.dumps(EXCLUDED_OPERATORS)}\n"
     )
+    return config
+
+
+def start_session(bin_dir: Path, work: Path, module: str, timeout: float) -> Path:
+    """A new session of every mutant of ``fedbip_cli/<module>.py``, after checking its tests pass unmutated."""
+    env = environment(work)
+    baseline = subprocess.run(test_command(module), shell=True, cwd=work, env=env, capture_output=True, text=True)
+    if baseline.returncode != 0:
+        raise SystemExit(f"{module}: the selected tests fail unmutated:\n{baseline.stdout[-2000:]}")
+    config = write_config(work, module, timeout)
     session = work / f"{module}.sqlite"
     shutil.copy2(work / "fedbip_cli" / f"{module}.py", work / f"{module}.py.orig")  # what the mutants change
     subprocess.run([str(bin_dir / "cosmic-ray"), "init", str(config), str(session)], cwd=work, env=env, check=True)
@@ -175,7 +182,8 @@ def resume_session(work: Path, module: str) -> Path | None:
     shutil.copy2(original, work / "fedbip_cli" / f"{module}.py")
     gather(work, session)
     with sqlite3.connect(session) as db:
-        db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+        # A timeout counts as a kill, but on a loaded machine a correct mutant's tests may just be slow.
+        db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED' OR output = 'timeout'")
     return session
 
 
@@ -223,7 +231,10 @@ def run_module(bin_dir: Path, work: Path, module: str, timeout: float, *, resume
     """Every pending mutant of ``module`` against its selection; what each did (the session stays in ``work``)."""
     started = time.monotonic()
     session = resume_session(work, module) if resume else None
-    session = session or start_session(bin_dir, work, module, timeout)
+    if session is None:
+        session = start_session(bin_dir, work, module, timeout)
+    else:
+        write_config(work, module, timeout)
     execute(bin_dir, work, session, module, jobs)
     dump = subprocess.run(
         [str(bin_dir / "cosmic-ray"), "dump", str(session)], cwd=work, check=True, capture_output=True, text=True
@@ -239,6 +250,7 @@ def run_module(bin_dir: Path, work: Path, module: str, timeout: float, *, resume
             outcome.survived.append(result.get("diff") or json.dumps(item))
         else:
             outcome.killed += 1
+            outcome.timeouts += (result.get("output") or "").strip() == "timeout"
     outcome.seconds = time.monotonic() - started
     return outcome
 
@@ -246,12 +258,12 @@ def run_module(bin_dir: Path, work: Path, module: str, timeout: float, *, resume
 def report(outcomes: list[Outcome]) -> str:
     """A markdown table of the outcomes and every survivor's diff."""
     lines = [
-        "| module | mutants run | killed | survived | incompetent | skipped operators | kill rate | minutes |",
+        "| module | mutants run | killed (by a timeout) | survived | incompetent | skipped operators | kill rate | minutes |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for o in outcomes:
         lines.append(
-            f"| {o.module} | {o.total} | {o.killed} | {len(o.survived)} | {o.incompetent} | {o.skipped} "
+            f"| {o.module} | {o.total} | {o.killed} ({o.timeouts}) | {len(o.survived)} | {o.incompetent} | {o.skipped} "
             f"| {100 * o.rate():.1f}% | {o.seconds / 60:.0f} |"
         )
     for o in outcomes:
@@ -265,7 +277,7 @@ def main() -> None:
     parser.add_argument(
         "--modules", default=",".join(SELECTIONS), help="comma-separated, from: " + ", ".join(SELECTIONS)
     )
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant's tests (a timeout kills)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant's tests (a timeout kills)")
     parser.add_argument(
         "--resume",
         action="store_true",
