@@ -164,6 +164,7 @@ def start_session(bin_dir: Path, work: Path, module: str, timeout: float) -> Pat
         raise SystemExit(f"{module}: the selected tests fail unmutated:\n{baseline.stdout[-2000:]}")
     config = write_config(work, module, timeout)
     session = work / f"{module}.sqlite"
+    session.unlink(missing_ok=True)  # a session a stopped run began: its module may have changed since
     shutil.copy2(work / "fedbip_cli" / f"{module}.py", work / f"{module}.py.orig")  # what the mutants change
     subprocess.run([str(bin_dir / "cosmic-ray"), "init", str(config), str(session)], cwd=work, env=env, check=True)
     subprocess.run([str(bin_dir / "cr-filter-operators"), str(session), str(config)], cwd=work, env=env, check=True)
