@@ -113,6 +113,13 @@ def test_the_floor_is_taken_over_each_row_not_each_column() -> None:
         personalized_weights(s, WeightOptions(negative="keep", top_k=2))
 
 
+def test_the_error_shows_the_first_refused_row() -> None:
+    """Rows 0 and 1 are refused; the numbers shown are row 0's (sum 0 of absolute sum 2), not row 1's."""
+    s = torch.tensor([[1.0, -1.0, 0.0], [-2.0, 1.0, 1.0 + 1e-7], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    with pytest.raises(FedbipError, match=r"row\(s\) \[0, 1\] sum to 0 against an absolute sum of 2 "):
+        personalized_weights(s, WeightOptions(negative="keep"))
+
+
 def test_options_compare_by_value_and_stay_fixed() -> None:
     """A mode read from a file or the command line is an equal string, not the literal itself: it must
     still select clipping. Options are immutable values, and a temperature must be positive."""
