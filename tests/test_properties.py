@@ -301,6 +301,9 @@ def test_cosine_from_inner_by_hand(block: int, monkeypatch: pytest.MonkeyPatch) 
     ]
     copy = inner.clone()
     assert torch.equal(cosine_from_inner(copy, in_place=True)[0], cosine) and torch.equal(copy, cosine)
+    # Norms below 1 divide as well, and a product a hair under −n_i n_j is clamped to −1.
+    small = torch.tensor([[0.25, -0.25 * (1 + 1e-12)], [-0.25 * (1 + 1e-12), 0.25]], dtype=torch.float64)
+    assert cosine_from_inner(small)[0].tolist() == [[1.0, -1.0], [-1.0, 1.0]]
 
 
 def test_covering_rows_by_hand() -> None:
