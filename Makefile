@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-sketch install clean dist dist-check
+.PHONY: demo test bench bench-sketch mutate install clean dist dist-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ bench: $(STAMP)
 bench-sketch: $(STAMP)
 	$(PY) benchmarks/sketch_error.py $(if $(QUICK),--quick)
 
+# Mutation testing of the core maths with cosmic-ray (its own venv and a copy of the code in .mutate/;
+# hours for every module: MODULES=weights,similarity runs a part; JOBS=4 tests 4 mutants at once; RESUME=1
+# continues the last session, its survivors run again against today's tests). Not part of `make test`.
+mutate: $(STAMP)
+	HF_HUB_OFFLINE=1 nice -n 10 $(PY) benchmarks/mutate.py $(if $(MODULES),--modules $(MODULES)) \
+		$(if $(JOBS),--jobs $(JOBS)) $(if $(RESUME),--resume)
+
 # A wheel and an sdist in dist/, checked by twine.
 dist: $(STAMP)
 	rm -rf dist
@@ -54,4 +61,4 @@ dist-check: dist
 	rm -rf .dist-venv
 
 clean:
-	rm -rf $(VENV) .dist-venv dist demo-out .pytest_cache benchmarks/.work
+	rm -rf $(VENV) .dist-venv dist demo-out .pytest_cache benchmarks/.work .mutate

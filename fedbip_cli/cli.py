@@ -1059,6 +1059,55 @@ def _simulate_on_flower(config: Any, out: Path, *, overwrite: bool, resume: bool
     return simulate_on_flower(config, out, seed_list=seeds, resume=resume, overwrite=overwrite)
 
 
+FLOWER_CREDENTIALS_EPILOG = """[b]Examples[/b]
+
+  fedbip flower-credentials secrets/ --supernodes 3
+
+  fedbip flower-credentials secrets/ --supernodes alice,bob --host superlink.example.org
+
+Writes a CA, the SuperLink's TLS certificate and one key pair per SuperNode; a file already there is
+kept and used, never replaced. docs/flower.md shows the SuperLink and SuperNode flags that use them.
+"""
+
+
+@app.command("flower-credentials", epilog=FLOWER_CREDENTIALS_EPILOG + EXIT_CODES)
+def flower_credentials(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", show_default=False)],
+    supernodes: Annotated[
+        str, typer.Option("--supernodes", help="The SuperNodes' names, comma-separated, or a count N (names 0 … N-1).")
+    ],
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--host", help="A host name or IP address of the SuperLink (repeat; default 127.0.0.1, localhost)."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the files as JSON on stdout.")] = False,
+) -> None:
+    """Write into DIR (created if missing) the certificates and SuperNode keys of an authenticated Flower
+    deployment (TLS, --enable-supernode-auth)."""
+    with _user_errors():
+        from fedbip_cli.simulate.flower.credentials import DEFAULT_HOSTS, write_credentials
+
+        names = [str(i) for i in range(int(supernodes))] if supernodes.isdigit() else supernodes.split(",")
+        made = write_credentials(directory, names, hosts=host or DEFAULT_HOSTS)
+    if as_json:
+        _print_json(
+            {
+                "directory": str(made.directory),
+                "ca": str(made.ca),
+                "supernodes": {name: str(key) for name, key in made.supernodes.items()},
+                "written": [str(path) for path in made.written],
+            }
+        )
+        return
+    console = _stdout()
+    for path in made.written:
+        console.print(f"wrote {escape(str(path))}", highlight=False)
+    if not made.written:
+        console.print(f"{escape(str(made.directory))}: every file was there already; nothing written", highlight=False)
+
+
 def _interrupted_at_start(signum: int, frame: object) -> None:
     """Ctrl-C before a command starts its work: nothing is written yet, so stop at once. (Raising in the
     middle of importing torch or numpy leaves them half imported, and they report another error.)"""

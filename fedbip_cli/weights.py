@@ -14,6 +14,11 @@ import torch
 from fedbip_cli.defaults import NEGATIVE_MODES
 from fedbip_cli.errors import FedbipError, UsageError
 
+# Under ``keep`` a row whose sum is at most this fraction of its absolute sum is refused: its weights
+# would add the task vectors up with a total absolute weight above 1 / ROW_SUM_FLOOR. (A client beside
+# its own negated copy sums to 0 up to rounding, ±2e-16, which would give weights of about 10¹⁶.)
+ROW_SUM_FLOOR = 1e-6
+
 
 @dataclass(frozen=True)
 class WeightOptions:
@@ -59,14 +64,20 @@ def top_k_mask(similarity: torch.Tensor, k: int | None) -> torch.Tensor:
 
 
 def paper_weights(similarity: torch.Tensor, options: WeightOptions) -> torch.Tensor:
-    """FedBip: P_ij = S⁺_ij / Σ_j S⁺_ij over the kept entries (S⁺ = max(S, 0) unless negatives are kept)."""
+    """FedBip: P_ij = S⁺_ij / Σ_j S⁺_ij over the kept entries (S⁺ = max(S, 0) unless negatives are kept).
+
+    Raises FedbipError for a row whose sum is not clearly positive (at most ``ROW_SUM_FLOOR`` of its
+    absolute sum), which only ``keep`` can give.
+    """
     s = similarity.clamp(min=0) if options.negative == "clip" else similarity.clone()
     s = torch.where(top_k_mask(similarity, options.top_k), s, torch.zeros_like(s))
     totals = s.sum(dim=1, keepdim=True)
-    bad = (totals[:, 0] <= 0).nonzero().flatten().tolist()
+    magnitudes = s.abs().sum(dim=1)
+    bad = (totals[:, 0] <= ROW_SUM_FLOOR * magnitudes).nonzero().flatten().tolist()
     if bad:
         raise FedbipError(
-            f"weights of client row(s) {bad} sum to {totals[bad[0], 0].item():.3g} with --negative keep",
+            f"weights of client row(s) {bad} sum to {totals[bad[0], 0].item():.3g} against an absolute sum of "
+            f"{magnitudes[bad[0]].item():.3g} with --negative keep: they would be unbounded",
             hint="negative similarities outweigh the client itself; use --negative clip or --weighting softmax",
         )
     return s / totals

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import random_adapter, write_lora_adapter
+from factories import random_adapter, random_factors, write_lora_adapter
 from hubcache import make_hub_cache, use_offline_cache
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -288,3 +288,18 @@ def test_debug_variable_shows_traceback(adapters: Path, tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode != 0 and "Traceback" in done.stderr and "AdapterError" in done.stderr
+
+
+def test_a_client_and_its_negated_copy_fail_cleanly_under_keep(tmp_path: Path) -> None:
+    """Rows of S/Σ_j S_ij that sum to exactly 0 under --negative keep: one error line, no ±inf weights, no output."""
+    gen = torch.Generator().manual_seed(8)
+    factors = random_factors(SHAPES, gen)
+    write_lora_adapter(tmp_path / "in" / "c0", factors, r=2, lora_alpha=4)
+    negated = {m: (a, -b) for m, (a, b) in factors.items()}
+    write_lora_adapter(tmp_path / "in" / "c1", negated, r=2, lora_alpha=4)
+    out = tmp_path / "out"
+
+    result = invoke("merge", tmp_path / "in", "--out", out, "--negative", "keep")
+
+    assert_user_error(result, "sum to", "unbounded", "--negative clip")
+    assert not out.exists()

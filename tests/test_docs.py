@@ -187,7 +187,9 @@ def test_runnable_examples_run(block: Block, fixtures: Path, tmp_path: Path) -> 
         else [sys.executable, "-c", block.text]
     )
     env["COLUMNS"] = "100"
-    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        command, cwd=work, env=env, capture_output=True, text=True, timeout=600
+    )  # Flower's TLS run: minutes
     assert result.returncode == 0, f"{block.id} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     shown = output_of(block)
     if shown is None:

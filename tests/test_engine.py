@@ -336,6 +336,21 @@ def test_rslora_scale(tmp_path: Path) -> None:
     assert c2.modules[Q0].scale == pytest.approx(3 / 2, rel=1e-15)
 
 
+def test_a_config_without_lora_alpha_takes_peft_default(tmp_path: Path) -> None:
+    """peft's LoraConfig defaults lora_alpha to 8; an adapter_config.json without it scales by 8 / r."""
+    peft = pytest.importorskip("peft")
+    default = peft.LoraConfig().lora_alpha
+    directory = random_adapter(tmp_path / "c0", SHAPES, torch.Generator().manual_seed(1), r=4, lora_alpha=3)
+    config_file = directory / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    del config["lora_alpha"]
+    config_file.write_text(json.dumps(config))
+
+    adapter = load_adapter(ResolvedSource("c0", directory, str(directory)))
+
+    assert {spec.scale for spec in adapter.modules.values()} == {default / 4}
+
+
 def test_fan_in_fan_out_reference_is_transposed(tmp_path: Path) -> None:
     """The reference itself: same tensors, fan_in_fan_out only changes the layout of ΔW."""
     gen = torch.Generator().manual_seed(5)
@@ -737,6 +752,25 @@ def test_zero_weight_clients_are_skipped(tmp_path: Path, combine: str) -> None:
                 MERGE_RTOL[torch.float32],
                 f"{client}/{m}",
             )
+
+
+@pytest.mark.parametrize("combine", ["cat", "svd"])
+def test_negative_keep_merge_matches_dense_reference(tmp_path: Path, combine: str) -> None:
+    """End to end through files: ``--negative keep`` merges with S/Σ_j S_ij, negative entries included."""
+    dirs = build("mixed_ranks", tmp_path / "in")
+    deltas = reference_deltas(dirs)
+    similarity = reference_cosine(deltas, list(SHAPES))
+    p = similarity / similarity.sum(dim=1, keepdim=True)
+    assert (p < -0.01).any() and (similarity.sum(dim=1) > 0).all()
+
+    result = run_merge(dirs, tmp_path / "out", combine=combine, rank=64, negative="keep")
+
+    assert torch.allclose(result.weights["model"], p, atol=1e-10, rtol=0)
+    for i, client in enumerate(result.similarity.clients):
+        for m, shape in SHAPES.items():
+            want = sum(p[i, j] * deltas[j][m] for j in range(len(dirs)))
+            got = dense_delta(tmp_path / "out" / client, m, shape)
+            assert_delta_close(got, want, MERGE_RTOL[torch.float32], f"{client}/{m}")
 
 
 # --- determinism and manifest --------------------------------------------------------------------

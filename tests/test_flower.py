@@ -14,7 +14,7 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,11 @@ from flwr.supercore.task_identity import TaskIdentity  # isort: skip
 
 from fedbip_cli.cli import app
 from fedbip_cli.errors import FedbipError, SourceError, UsageError
-from fedbip_cli.simulate.flower.apps import expected_clients, introduce, run_federation
+from fedbip_cli.simulate.attacks import choose_attackers, scaled_update
+from fedbip_cli.simulate.flower.apps import client_app, expected_clients, introduce, run_federation
 from fedbip_cli.simulate.flower.carriage import KEPT, client_view, kept_state, store_kept
 from fedbip_cli.simulate.flower.clientdata import own_files, relabel
+from fedbip_cli.simulate.flower.credentials import write_credentials
 from fedbip_cli.simulate.flower.engine import simulate_on_flower
 from fedbip_cli.simulate.flower.local import APP, LocalFederation
 from fedbip_cli.simulate.flower.records import (
@@ -50,6 +52,7 @@ from fedbip_cli.simulate.flower.records import (
     to_record,
 )
 from fedbip_cli.simulate.flower.strategy import Member, PersonalizedStrategy, Roster
+from fedbip_cli.simulate.flower.validation import Expected, LeftOut, check_train_reply
 from fedbip_cli.simulate.loop import SimulationConfig, load_clients
 from fedbip_cli.simulate.methods import METHODS
 from fedbip_cli.simulate.runner import ClientInfo, simulate
@@ -128,12 +131,12 @@ def tiny_roster(config: SimulationConfig) -> Roster:
     return roster
 
 
-def reply(node: int, name: str, state: dict[str, torch.Tensor], loss: float) -> Message:
+def reply(node: int, name: str, state: dict[str, torch.Tensor], loss: float, server_round: int = 1) -> Message:
     sent = Message(content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=node)
     content = {
         ARRAYS: to_record(state),
         METRICS: MetricRecord({"train-loss": loss}),
-        CONFIG: ConfigRecord({"client": name}),
+        CONFIG: ConfigRecord({"client": name, "server-round": server_round}),
     }
     return Message(RecordDict(content), reply_to=sent)
 
@@ -226,7 +229,7 @@ def test_a_late_client_starts_from_the_initial_state(identity: None) -> None:
     assert len(sent) == 3 and len(to_late) == 1
     assert torch.equal(from_record(to_late[0].content[ARRAYS])["w"], initial["w"])
     assert not torch.equal(strategy.run.bar["client-00"]["w"], initial["w"])
-    strategy.aggregate_train(2, [reply(107, "client-02", {"w": torch.ones(2)}, 0.3)])
+    strategy.aggregate_train(2, [reply(107, "client-02", {"w": torch.ones(2)}, 0.3, server_round=2)])
     strategy.aggregate_evaluate(2, [])
     assert [(r["round"], r["client"], r["train_loss"]) for r in strategy.run.metrics[2:]] == [
         (2, "client-00", None),
@@ -266,6 +269,87 @@ def test_a_state_that_does_not_fit_is_left_out(identity: None, bad: dict[str, to
     assert metrics["participants"] == 2
     assert torch.equal(strategy.run.bar["client-02"]["w"], torch.zeros(2))
     assert torch.allclose(strategy.run.bar["client-00"]["w"], torch.tensor([1.0, 0.0]))
+
+
+# -- hostile replies: the validator as a pure function ---------------------------------------------
+SENT = {"w": torch.tensor([3.0, 4.0])}  # norm 5: a reply's state may have a norm up to 100 × (1 + 5)
+ROUND3 = Expected(3, {"w": torch.zeros(2)}, {"client-00": SENT}, {"client-00"})
+
+
+def hostile(**change: Any) -> Message:
+    """client-00's train reply from node 100 for round 3, with ``change``: ``state``, ``loss``, ``name``,
+    ``round``, ``node`` or ``content`` (a function editing the RecordDict)."""
+    message = reply(
+        change.get("node", 100),
+        change.get("name", "client-00"),
+        change.get("state", {"w": torch.tensor([3.5, 4.0])}),
+        change.get("loss", 0.5),
+        change.get("round", 3),
+    )
+    if "content" in change:
+        change["content"](message.content)
+    return message
+
+
+HOSTILE = {
+    "nan": ({"state": {"w": torch.tensor([float("nan"), 0.0])}}, "tensor w holds NaN or Inf"),
+    "inf": ({"state": {"w": torch.tensor([float("inf"), 0.0])}}, "tensor w holds NaN or Inf"),
+    "shape": ({"state": {"w": torch.ones(3)}}, "tensor w is torch.float32 (3,), the model's torch.float32 (2,)"),
+    "dtype": ({"state": {"w": torch.ones(2, dtype=torch.float64)}}, "tensor w is torch.float64 (2,)"),
+    "names": ({"state": {"w": torch.ones(2), "x": torch.ones(1)}}, "other tensor names than the model's (x)"),
+    "huge-norm": ({"state": {"w": torch.tensor([600.1, 0.0])}}, "norm 600 is over 100 × (1 + 5"),
+    "other-name": (
+        {"name": "client-01"},
+        "client-00 left out: its reply from node 100 names another client, 'client-01'",
+    ),
+    "unknown-node": ({"node": 999}, "node 999 left out: it is not a client of this run"),
+    "not-asked": ({"node": 101, "name": "client-01"}, "client-01 left out: it was not asked to train this round"),
+    "stale-round": ({"round": 2}, "is for round 2, not round 3 (stale)"),
+    "no-round": ({"content": lambda c: c[CONFIG].pop("server-round")}, "names no round"),
+    "nan-loss": ({"loss": float("nan")}, "its train loss is nan"),
+    "no-state": ({"content": lambda c: c.pop(ARRAYS)}, "its reply has no 'arrays' state"),
+    "too-many-bytes": (
+        {"content": lambda c: c.__setitem__("extra", to_record({"x": torch.zeros(20_000)}))},
+        "bytes of arrays, more than the",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE), ids=list(HOSTILE))
+def test_every_hostile_reply_is_left_out_saying_why(identity: None, case: str) -> None:
+    change, why = HOSTILE[case]
+    with pytest.raises(LeftOut) as caught:
+        check_train_reply(hostile(**change), {100: "client-00", 101: "client-01"}, ROUND3)
+    assert why in str(caught.value)
+
+
+def test_an_honest_reply_passes_up_to_the_norm_bound(identity: None) -> None:
+    got = check_train_reply(hostile(), {100: "client-00"}, ROUND3)
+    assert (got.client, got.loss, got.kept) == ("client-00", 0.5, None)
+    assert torch.equal(got.state["w"], torch.tensor([3.5, 4.0]))
+    at_bound = hostile(state={"w": torch.tensor([600.0, 0.0])})  # exactly 100 × (1 + 5)
+    assert check_train_reply(at_bound, {100: "client-00"}, ROUND3).state["w"][0] == 600.0
+
+
+def test_a_hostile_reply_is_one_log_line_and_enters_no_model(identity: None, caplog: pytest.LogCaptureFixture) -> None:
+    """The strategy over 3 clients: client-02's huge state is left out with one line naming it and why;
+    the other two are merged as if it had not replied, and it keeps its state."""
+    config = replace(TINY, strategies=("fedbip",), rounds=1)
+    strategy = PersonalizedStrategy(config, "fedbip", tiny_roster(config), {"w": torch.zeros(2)})
+    list(strategy.configure_train(1, None, ConfigRecord(), FakeGrid([100, 101, 102])))
+    replies = [
+        reply(100, "client-00", {"w": torch.tensor([1.0, 0.0])}, 0.1),
+        reply(101, "client-01", {"w": torch.tensor([1.0, 0.0])}, 0.2),
+        reply(102, "client-02", {"w": torch.tensor([1e6, 1.0])}, 0.3),
+    ]
+    with caplog.at_level("WARNING"):
+        _, metrics = strategy.aggregate_train(1, replies)
+    lines = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert lines == ["round 1: client-02 left out: its state's norm 1e+06 is over 100 × (1 + 0, the state it was sent)"]
+    assert metrics["participants"] == 2
+    assert torch.equal(strategy.run.bar["client-02"]["w"], torch.zeros(2))
+    for name in ("client-00", "client-01"):
+        assert torch.equal(strategy.run.bar[name]["w"], torch.tensor([1.0, 0.0]))
 
 
 def test_run_config_round_trip_and_app_defaults() -> None:
@@ -636,3 +720,114 @@ def test_attacks_are_refused_on_flower(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="attack is not wired to Flower"):
         run_federation(None, replace(TINY, attack="scaled", attackers=1), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# -- an authenticated deployment: TLS and SuperNode authentication --------------------------------
+# 2 clients, 1 round of one strategy: the deployment's cost is a ClientApp process per message.
+SECURE_RUN = replace(TINY, strategies=("fedbip",), clients=2, groups=2, rounds=1, eval_every=1)
+
+
+def test_authenticated_deployment_runs_registered_supernodes_only(tmp_path: Path) -> None:
+    """A TLS SuperLink with --enable-supernode-auth and two registered SuperNodes gives in-process
+    simulate's adapters; a SuperNode with an unregistered key (posing as client 1) and a plaintext one
+    (posing as client 0) are refused, and the run goes on without them."""
+    made = write_credentials(tmp_path / "secrets", ["alice", "bob", "mallory"])
+    reference = tmp_path / "inprocess"
+    simulate(SECURE_RUN, reference, device="cpu")
+    out = tmp_path / "secure"
+    with LocalFederation(tmp_path / "federation", env=OFFLINE, credentials=made) as fed:
+        fed.start_superlink()
+        for name in ("alice", "bob"):
+            fed.register(made.supernodes[name].with_suffix(".pub"))
+        fed.start_supernode(2, 2, node_config="partition-id=1 num-partitions=2", key=made.supernodes["mallory"])
+        fed.start_supernode(3, 2, node_config="partition-id=0 num-partitions=2", insecure=True)
+        fed.start_supernode(0, 2, key=made.supernodes["alice"])
+        fed.start_supernode(1, 2, key=made.supernodes["bob"])
+        wait_run(fed, fed.start_run(SECURE_RUN, out), timeout=900)
+        superlink, unregistered, plaintext = (
+            fed.log(n, tail=100_000) for n in ("superlink", "supernode-2", "supernode-3")
+        )
+    assert_same_run(out, reference, SECURE_RUN.strategies, clients=CLIENTS[:2])  # the two registered clients only
+    assert "Failed to activate SuperNode" in unregistered  # Flower's exit code 305
+    assert "No SuperNode found with the given public key" in superlink
+    assert "Connection attempt failed" in plaintext
+    for log in (unregistered, plaintext):
+        assert "Received successfully" not in log  # no message ever reached either
+
+
+# -- hostile ClientApps, end to end through the ServerApp -----------------------------------------
+Corrupt = Callable[[str, dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]
+
+
+class InProcessGrid:
+    """A grid whose SuperNodes are calls of a ClientApp in this process (node 100 + i: partition i of
+    n): the ServerApp's and the ClientApp's code end to end, without Flower's transport or Ray."""
+
+    def __init__(self, app: Callable[[Message, Context], Message], clients: int) -> None:
+        self.app = app
+        self.contexts = {
+            100 + i: Context(1, 100 + i, {"partition-id": i, "num-partitions": clients}, RecordDict(), {})
+            for i in range(clients)
+        }
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+        return [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+
+
+def hostile_client_app(corrupt: Corrupt) -> Callable[[Message, Context], Message]:
+    """fedbip's ClientApp, except that a train reply carries ``corrupt(client, state sent, state trained)``
+    instead of the trained state, where that is not None."""
+
+    def serve(message: Message, context: Context) -> Message:
+        answer = client_app(message, context)
+        if message.metadata.message_type == MessageType.TRAIN and not answer.has_error():
+            name = str(answer.content[CONFIG]["client"])
+            changed = corrupt(name, from_record(message.content[ARRAYS]), from_record(answer.content[ARRAYS]))
+            if changed is not None:
+                answer.content[ARRAYS] = to_record(changed)
+        return answer
+
+    return serve
+
+
+def test_a_nan_client_is_left_out_and_the_run_goes_on(
+    identity: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """client-02's ClientApp replies with NaN: the ServerApp logs one line naming it and why, finishes the
+    run, and no other client's adapter holds a NaN; client-02 has no train loss that round."""
+    config = replace(TINY, strategies=("fedbip",), rounds=1, eval_every=1)
+
+    def nan(name: str, sent: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> dict | None:
+        return {k: torch.full_like(v, float("nan")) for k, v in trained.items()} if name == "client-02" else None
+
+    with caplog.at_level("WARNING", logger="fedbip_cli"):
+        run_federation(InProcessGrid(hostile_client_app(nan), 3), config, tmp_path / "out")
+    lines = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("round 1: client-02 left out: tensor "), lines
+    assert lines[0].endswith("holds NaN or Inf")
+    rows = {r["client"]: r for r in read_jsonl(tmp_path / "out" / "metrics.jsonl")}
+    assert rows["client-02"]["train_loss"] is None and rows["client-00"]["train_loss"] is not None
+    for client in CLIENTS:
+        assert all(bool(torch.isfinite(t).all()) for t in adapter(tmp_path / "out", "fedbip", client).values())
+
+
+def test_clip_norm_bounds_a_scaled_update_on_flower_bitwise_as_in_process(identity: None, tmp_path: Path) -> None:
+    """A ClientApp that sends its update ×10 (``attacks.scaled_update``) with --clip-norm auto gives, through
+    the ServerApp, bit for bit the adapters of in-process ``--attack scaled --attack-scale 10 --clip-norm auto``."""
+    config = replace(TINY, strategies=("fedbip",), rounds=1, clip_norm="auto")
+    simulate(replace(config, attack="scaled", attackers=1, attack_scale=10.0), tmp_path / "inprocess", device="cpu")
+    (attacker,) = choose_attackers(CLIENTS, 1, config.seed)
+
+    def scaled(name: str, sent: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> dict | None:
+        return scaled_update(sent, trained, 10.0) if name == attacker else None
+
+    run_federation(InProcessGrid(hostile_client_app(scaled), 3), config, tmp_path / "flower")
+    for client in CLIENTS:
+        got, want = adapter(tmp_path / "flower", "fedbip", client), adapter(tmp_path / "inprocess", "fedbip", client)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), client
+    clipped = read_jsonl(tmp_path / "flower" / "similarity.jsonl")[0]["clip"]
+    assert clipped == read_jsonl(tmp_path / "inprocess" / "similarity.jsonl")[0]["clip"]
+    assert all(attacker in group["clipped"] for group in clipped.values())  # the ×10 update was scaled down

@@ -133,6 +133,18 @@ CASES = [
         "llama",
         lora(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "embed_tokens"]),
     ),
+    # One tensor, two kinds across clients: embedding LoRA's B·A is (dim, vocab), the saved embedding (vocab,
+    # dim); the merge must turn the first into the weight's layout before adding them.
+    Case(
+        "llama_embedding_lora_and_saved",
+        "llama",
+        lambda: [
+            lora(target_modules=["q_proj", "v_proj", "embed_tokens"])(),
+            lora(target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens"])(),
+            lora(target_modules=["q_proj", "v_proj", "embed_tokens"])(),
+        ],
+        clients=3,
+    ),
     Case("dora", "bert", lora(use_dora=True)),
     Case("lora_bias", "bert", lora(lora_bias=True)),
     Case("bias_lora_only", "bert", lora(bias="lora_only")),

@@ -168,7 +168,7 @@ def train(message: Message, context: Context) -> Message:
         client.model, config, client.data, from_record(message.content[ARRAYS]), round_, client.index
     )
     metrics = MetricRecord({"train-loss": loss, "num-examples": len(client.data.train)})
-    reply = RecordDict({ARRAYS: to_record(state), METRICS: metrics, CONFIG: _name(client)})
+    reply = RecordDict({ARRAYS: to_record(state), METRICS: metrics, CONFIG: _name(client, round_)})
     return Message(reply, reply_to=message)
 
 
@@ -195,7 +195,7 @@ def method_round(
     method = METHODS[strategy](config)
     made_in = config.rounds + 1 if finish else round_
     fit = local_fit(client.model, config, client.data, made_in, client.index)
-    reply = RecordDict({CONFIG: _name(client)})
+    reply = RecordDict({CONFIG: _name(client, round_)})
     if finish:
         method.finish(client.model, view, name, client.data, fit)
     else:
@@ -223,8 +223,12 @@ def evaluate(message: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS: metrics, CONFIG: _name(client)}), reply_to=message)
 
 
-def _name(client: LocalClient) -> ConfigRecord:
-    return ConfigRecord({"client": client.data.name})
+def _name(client: LocalClient, server_round: int | None = None) -> ConfigRecord:
+    """Who replies, and to a train message the round it answers (``validation`` checks both)."""
+    record = ConfigRecord({"client": client.data.name})
+    if server_round is not None:
+        record["server-round"] = server_round
+    return record
 
 
 # -- server --------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """A Flower deployment on this machine: a SuperLink and SuperNodes as processes on 127.0.0.1.
 
-For trying a deployment, the tests and the overhead benchmark. Insecure (no TLS, no node
-authentication) and bound to 127.0.0.1 only; a real federation runs the same commands on its own
-machines with TLS and node authentication (see the README). Every process runs in its own session
-and ``close`` stops each by its process group, so that nothing outlives the federation.
+For trying a deployment, the tests and the overhead benchmark. Bound to 127.0.0.1 only; insecure
+(no TLS, no node authentication) unless given ``credentials`` (``credentials.write_credentials``):
+then the SuperLink serves TLS with SuperNode authentication, SuperNodes trust the CA and sign with
+their keys, and ``register`` admits a SuperNode's public key, as a real federation does on its own
+machines (docs/flower.md). Every process runs in its own session and ``close`` stops each by its
+process group, so that nothing outlives the federation.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from fedbip_cli.errors import FedbipError
 from fedbip_cli.simulate.flower import OFFLINE_ENV
+from fedbip_cli.simulate.flower.credentials import Credentials
 from fedbip_cli.simulate.flower.records import run_config_from
 from fedbip_cli.simulate.loop import SimulationConfig
 
@@ -42,14 +45,18 @@ class LocalFederation:
     context manager, or call ``close``.
     """
 
-    def __init__(self, root: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, *, env: dict[str, str] | None = None, credentials: Credentials | None = None
+    ) -> None:
         self.root = Path(root)
         self.home = self.root / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.credentials = credentials
+        trust = "insecure = true" if credentials is None else f"root-certificates = {json.dumps(str(credentials.ca))}"
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\n{trust}\n'
         )
         self.bin = Path(sys.executable).parent
         self.env = {
@@ -83,10 +90,19 @@ class LocalFederation:
 
     def start_superlink(self, *, timeout: float = 60) -> None:
         """Start the SuperLink and wait until it listens."""
+        secure = self.credentials
+        security = (
+            ["--insecure"]
+            if secure is None
+            else [
+                *("--ssl-ca-certfile", str(secure.ca), "--ssl-certfile", str(secure.server_certificate)),
+                *("--ssl-keyfile", str(secure.server_key), "--enable-supernode-auth"),
+            ]
+        )
         process = self._start(
             "superlink",
             "flower-superlink",
-            "--insecure",
+            *security,
             "--host",
             "127.0.0.1",
             "--port",
@@ -103,13 +119,23 @@ class LocalFederation:
             time.sleep(0.2)
         raise FedbipError("the SuperLink did not start", where=str(self.root / "superlink.log"))
 
-    def start_supernode(self, index: int, count: int, *, node_config: str | None = None) -> None:
+    def start_supernode(
+        self, index: int, count: int, *, node_config: str | None = None, key: Path | None = None, insecure: bool = False
+    ) -> None:
         """Start SuperNode ``index`` of ``count``: client ``index`` of the run, or the client that
-        ``node_config`` names (``'data-dir="/path/to/client-dir"'``: Flower wants string values quoted)."""
+        ``node_config`` names (``'data-dir="/path/to/client-dir"'``: Flower wants string values quoted).
+
+        With credentials it trusts their CA and signs with ``key`` (a private key file; None: no key),
+        unless ``insecure``: a plaintext SuperNode, which a TLS SuperLink does not let in."""
+        if self.credentials is None or insecure:
+            security = ["--insecure"]
+        else:
+            security = ["--root-certificates", str(self.credentials.ca)]
+            security += [] if key is None else ["--auth-supernode-private-key", str(key)]
         self._start(
             f"supernode-{index}",
             "flower-supernode",
-            "--insecure",
+            *security,
             "--superlink",
             f"127.0.0.1:{self.port}",
             "--port",
@@ -117,6 +143,19 @@ class LocalFederation:
             "--node-config",
             node_config or f"partition-id={index} num-partitions={count}",
         )
+
+    def register(self, public_key: Path) -> None:
+        """Admit the SuperNode whose OpenSSH public key is ``public_key`` (``flwr supernode register``)."""
+        done = subprocess.run(
+            [str(self.bin / "flwr"), "supernode", "register", str(public_key), CONNECTION],
+            env=self.env,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise FedbipError(
+                f"flwr supernode register {public_key.name} failed: {done.stdout[-500:]}{done.stderr[-500:]}"
+            )
 
     def start_run(self, config: SimulationConfig, out: Path, **run_config: Any) -> subprocess.Popen:
         """``flwr run`` of the fedbip app with ``config`` into ``out``, streaming its log until the run ends."""

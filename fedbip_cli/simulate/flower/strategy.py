@@ -35,7 +35,8 @@ from fedbip_cli.simulate import loop
 from fedbip_cli.simulate.data import load_bbc
 from fedbip_cli.simulate.flower.carriage import FINISH, KEPT, KEPT_ROUND, server_records
 from fedbip_cli.simulate.flower.clientdata import check_name
-from fedbip_cli.simulate.flower.records import ARRAYS, CLIENT, CONFIG, METRICS, config_to_json, from_record, to_record
+from fedbip_cli.simulate.flower.records import ARRAYS, CLIENT, CONFIG, METRICS, config_to_json, to_record
+from fedbip_cli.simulate.flower.validation import Expected, LeftOut, check_train_reply, sender, state_of
 from fedbip_cli.simulate.loop import (
     SILENT,
     SimulationConfig,
@@ -174,28 +175,6 @@ class Roster:
                 member.index = places[member.info.name]
 
 
-def _state(reply: Message, key: str, reference: State) -> State | None:
-    """The state a reply carries under ``key``, or None when it is missing or not one of finite
-    tensors of the names and shapes of ``reference`` (a broken or hostile client is left out)."""
-    try:
-        state = from_record(reply.content[key])
-    except (KeyError, TypeError, ValueError):
-        return None
-    fits = state.keys() == reference.keys() and all(
-        state[k].shape == reference[k].shape and bool(torch.isfinite(state[k]).all()) for k in reference
-    )
-    return state if fits else None
-
-
-def _trained(reply: Message, reference: State) -> tuple[State | None, float]:
-    """The trained state and loss of a train reply (the state None when it does not fit ``reference``)."""
-    try:
-        loss = float(reply.content[METRICS]["train-loss"])
-    except (KeyError, TypeError, ValueError):
-        return None, 0.0
-    return _state(reply, ARRAYS, reference), loss
-
-
 def _member(record: ConfigRecord) -> Member:
     group = int(record["group"])
     info = ClientInfo(
@@ -283,22 +262,18 @@ class PersonalizedStrategy(FedAvg):
         self._losses, self._traffic = {}, {}
         for name in self._chosen:  # sent its kept state again next time, unless it replies
             self._held.pop(name, None)
+        expected = Expected(server_round, self.initial, self.run.bar, set(self._chosen), kept=self.method is not None)
         for reply in valid:
-            name = self._sender(reply)
-            if name is None or name not in self._chosen:
+            try:
+                got = check_train_reply(reply, self.roster.nodes, expected)
+            except LeftOut as why:  # a broken or hostile client: this round goes on without it
+                log.warning("round %d: %s", server_round, why)
                 continue
-            state, loss = _trained(reply, self.initial)
-            kept = _state(reply, KEPT, self.initial) if self.method is not None else None
-            if state is None or (self.method is not None and kept is None):
-                log.warning(
-                    "round %d: %s replied with a state that does not fit its model; left out", server_round, name
-                )
-                continue
-            trained[name], self._losses[name] = state, loss
-            self._traffic[name] = self._bytes(name, state, reply)
-            if kept is not None:  # what a method's client keeps, as its round left it (``carriage``)
-                self.run.bar[name] = kept
-                self._held[name] = (server_round, kept)
+            trained[got.client], self._losses[got.client] = got.state, got.loss
+            self._traffic[got.client] = self._bytes(got.client, got.state, reply)
+            if got.kept is not None:  # what a method's client keeps, as its round left it (``carriage``)
+                self.run.bar[got.client] = got.kept
+                self._held[got.client] = (server_round, got.kept)
         self.run.seconds["train"] += time.perf_counter() - self._started
         took_part = [n for n in self.roster.names if n in trained]
         if len(took_part) < max(1, self.min_train_nodes):
@@ -450,27 +425,23 @@ class PersonalizedStrategy(FedAvg):
         kind = f"{MessageType.TRAIN}.{FINISH}"
         messages = [self._message(name, server_round, kind, connected) for name in names]
         for reply in grid.send_and_receive(messages, timeout=self.timeout):
-            name = None if reply.has_error() else self._sender(reply)
-            kept = _state(reply, KEPT, self.initial) if name is not None else None
-            if name is None or kept is None:
-                reason = reply.error.reason if reply.has_error() else "no state that fits its model"
-                log.warning("%s's post-training phase failed (%s); it keeps its state", name or "a client", reason)
+            try:
+                if reply.has_error():
+                    raise LeftOut("a client", reply.error.reason)
+                name = sender(reply, self.roster.nodes)
+                kept = state_of(reply, KEPT, name, self.initial)
+            except LeftOut as why:
+                log.warning("post-training phase: %s; it keeps its state", why)
                 continue
             self.run.bar[name] = kept
             self._held[name] = (self.config.rounds + 1, kept)
         self.run.seconds["train"] += time.perf_counter() - start
 
     def _sender(self, reply: Message) -> str | None:
-        """The client a reply comes from: the node's reported name, which the reply must repeat.
-        None (the reply is left out, with a warning) when the node is unknown or names another client."""
-        name = self.roster.nodes.get(reply.metadata.src_node_id)
+        """The client a reply comes from (``validation.sender``); None, with a warning, when the node is
+        unknown or names another client."""
         try:
-            repeated = str(reply.content[CONFIG]["client"])
-        except KeyError:
-            repeated = None
-        if name is None or repeated != name:
-            log.warning(
-                "a reply from node %d does not match the client it reported; left out", reply.metadata.src_node_id
-            )
+            return sender(reply, self.roster.nodes)
+        except LeftOut as why:
+            log.warning("%s", why)
             return None
-        return name
