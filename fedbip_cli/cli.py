@@ -1040,7 +1040,7 @@ def evaluate(
     failed = [] if fail_if_worse is None else result.worse(fail_if_worse)
     if failed:
         pairs = ", ".join(f"{candidate} for {client}" for client, candidate in failed)
-        _error_line(f"worse than own by more than {fail_if_worse} beyond the interval: {pairs}", None)
+        _error_line("gate", f"worse than own by more than {fail_if_worse} beyond the interval: {pairs}", None)
         raise typer.Exit(GATE_FAILED)
 
 

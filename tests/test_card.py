@@ -153,8 +153,12 @@ def test_card_for_other_combine_modes(tmp_path: Path, combine: str, energy: str,
     assert "--rank" not in json.loads((tmp_path / "o" / "fedbip-manifest.json").read_text())["command"]
 
 
-def test_command_expands_an_at_list_to_its_pinned_clients(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An @list may change after the merge: the command names its clients instead, Hub ones pinned."""
+def test_command_names_an_at_list_as_given_and_pins_hub_sources(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command names SOURCES as given (an @list stays an @list: expanding it would publish the
+    merging machine's paths); a Hub source given directly is pinned to the commit it resolved to, and
+    the manifest's inputs pin every client, the @list's Hub ones included."""
     use_offline_cache(monkeypatch, tmp_path / "hub")
     built = {
         n: random_adapter(tmp_path / "build" / n, SHAPES, torch.Generator().manual_seed(i)) for i, n in enumerate("ab")
@@ -167,8 +171,11 @@ def test_command_expands_an_at_list_to_its_pinned_clients(tmp_path: Path, monkey
     )
     assert result.exit_code == 0, result.output
     command = json.loads((tmp_path / "o" / "fedbip-manifest.json").read_text())["command"]
-    expected = f"fedbip merge hf://org/adapters@{commit}/a {local.resolve()} hf://org/adapters@{commit}/b --out OUT"
+    expected = f"fedbip merge @{tmp_path / 'list.txt'} hf://org/adapters@{commit}/b --out OUT"
     assert command.startswith(expected), command
+    assert str(local.resolve()) not in command
+    inputs = json.loads((tmp_path / "o" / "fedbip-manifest.json").read_text())["inputs"]
+    assert commit in json.dumps(inputs)
 
 
 def test_long_weight_rows_are_cut_with_the_rest_summed(monkeypatch: pytest.MonkeyPatch) -> None:

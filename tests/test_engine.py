@@ -866,7 +866,12 @@ def test_non_empty_out_is_refused_without_overwrite(tmp_path: Path) -> None:
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
     workspace = pipeline.load([str(d) for d in dirs])
-    pipeline.merge(workspace, MergeOptions(device="cpu"), out, overwrite=True)
+    with pytest.raises(OutputError, match="keep.txt"):  # a user's file: not even --overwrite replaces it
+        pipeline.merge(workspace, MergeOptions(device="cpu"), out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    pipeline.merge(workspace, MergeOptions(device="cpu"), out)
+    pipeline.merge(workspace, MergeOptions(device="cpu"), out, overwrite=True)  # its own earlier merge
     assert sorted(p.name for p in out.iterdir()) == sorted(["c0", "c1", "c2", "c3", MANIFEST_NAME])
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -900,9 +905,9 @@ def test_failure_mid_write_leaves_no_partial_output(
 ) -> None:
     dirs = build("mixed_ranks", tmp_path / "in")
     out = tmp_path / "out"
-    if existing:
-        out.mkdir()
-        (out / "old.txt").write_text("previous merge")
+    if existing:  # a previous merge's OUT, which --overwrite may replace
+        pipeline.merge(pipeline.load([str(d) for d in dirs]), MergeOptions(device="cpu"), out)
+        before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
     real = adapter_workspace.write_config
     written: list[Path] = []
 
@@ -918,7 +923,7 @@ def test_failure_mid_write_leaves_no_partial_output(
 
     assert len(written) == 1 and not written[0].exists()
     if existing:
-        assert [p.name for p in out.iterdir()] == ["old.txt"]
+        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
     else:
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == (["in", "out"] if existing else ["in"])

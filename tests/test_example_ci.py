@@ -126,7 +126,12 @@ def test_the_workflow_fails_when_the_hub_moves(pipeline: Pipeline) -> None:
     for command in fedbip_commands():
         done = pipeline.sh(command)
         assert done.returncode == 1, (command, done.stdout)
-        assert f"hf://{pipeline.hub_repo}" in done.stderr and moved in done.stderr and pipeline.commit in done.stderr
+        # the error: a line on stderr, or under --json one JSON object on stdout (here the redirect's file)
+        said = done.stderr + done.stdout
+        if "--json >" in command:
+            error = json.loads((pipeline.repo / command.rsplit(">", 1)[1].strip()).read_text())
+            said += error["message"]
+        assert f"hf://{pipeline.hub_repo}" in said and moved in said and pipeline.commit in said
     assert (pipeline.out / "fedbip-manifest.json").read_bytes() == manifest  # nothing merged from the moved inputs
 
     # Accepting the new revisions (the developer's run again) makes the workflow pass, computing
