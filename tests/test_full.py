@@ -624,9 +624,12 @@ def test_to_lora_card_summary_and_plan_match_the_schemas(bert: Reference, tmp_pa
 
 
 def test_config_file_carries_the_full_checkpoint_options(bert: Reference, tmp_path: Path) -> None:
+    # a config's paths stay inside its own directory: the inputs are copied beside it
+    shutil.copytree(bert.full.checkpoints, tmp_path / "ft")
+    shutil.copytree(bert.full.base, tmp_path / "base")
     config = tmp_path / "fedbip.toml"
     config.write_text(
-        f'sources = ["{bert.full.checkpoints}"]\nbase = "{bert.full.base}"\nout = "merged"\n'
+        'sources = ["ft"]\nbase = "base"\nout = "merged"\n'
         'max_shard_size = "20KB"\ndevice = "cpu"\nlock = "fedbip.lock"\n',
         encoding="utf-8",
     )
