@@ -240,10 +240,9 @@ def test_inspect_takes_json_and_a_config_file(inputs: list[str], tmp_path: Path)
     assert both.exit_code == 2 and json.loads(both.stdout)["code"] == "usage"
 
     # The file a merge reads: sources, base and options (out, a merge's own key, is checked, not used).
-    config = tmp_path / "ci" / "fedbip.toml"
-    config.parent.mkdir()
-    sources = ", ".join(json.dumps(s) for s in inputs[:2])
-    config.write_text(f'sources = [{sources}]\nbase = "{inputs[3]}"\nlayerwise = true\nout = "merged"\n')
+    # A config names paths inside its own directory: it sits beside the local adapters.
+    config = tmp_path / "fedbip-inspect.toml"
+    config.write_text(f'sources = ["{inputs[0]}", "local"]\nbase = "{inputs[3]}"\nlayerwise = true\nout = "merged"\n')
     from_file = json_output("inspect-similarity", "--config", config, "--json")
     assert strip(from_file) == strip(by_format)
     model = json_output("inspect-similarity", "--config", config, "--json", "--granularity", "model")

@@ -173,7 +173,7 @@ def test_similarity_json_shape_and_values_at_full_precision():
     matrix = blocks(3, 3, within=0.123456789012345678, across=-0.3)
     result = model_result(matrix)
     data = similarity_json(result, neighbours=2)
-    assert set(data) == {"clients", "granularity", "similarity", "groups", "clusters", "neighbours"}
+    assert set(data) == {"clients", "granularity", "similarity", "groups", "clusters", "neighbours", "covers"}
     assert data["clients"] == NAMES
     assert data["granularity"] == "model"
     assert data["similarity"] == {"method": "exact"}
