@@ -135,6 +135,7 @@ def test_overwrite_keeps_the_previous_run_until_the_new_one_succeeds(tmp_path: P
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text("previous run\n")
+    (out / "fedbip-run.json").write_text('{"fedbip_run": 1}\n')  # a fedbip run's record: --overwrite may replace it
 
     def fail(name: str, round_: int, accuracy: float | None) -> None:
         raise Interrupted
@@ -142,7 +143,7 @@ def test_overwrite_keeps_the_previous_run_until_the_new_one_succeeds(tmp_path: P
     config = replace(CONFIG, strategies=("local",), rounds=1)
     with pytest.raises(Interrupted):
         simulate(config, out, overwrite=True, device="cpu", round_done=fail)
-    assert [p.name for p in out.iterdir()] == ["metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["fedbip-run.json", "metrics.jsonl"]
     assert (out / "metrics.jsonl").read_text() == "previous run\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary sibling left
 

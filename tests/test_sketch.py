@@ -328,7 +328,6 @@ def test_merge_with_a_sketch_writes_adapters_and_records_it(square: list[Path], 
         (["--similarity", "sketch", "--sketch-dim", "4096"], "sketch dimension 4096 must be an integer from 1 to 1024"),
         (["--similarity", "sketch", "--sketch-seed", "-1"], "sketch seed -1 must be an integer"),
         (["--sketch-dim", "8"], "--sketch-dim apply to --similarity sketch"),
-        (["--similarity", "approximate"], "unknown similarity method 'approximate'; choose one of exact, sketch"),
     ],
 )
 def test_bad_sketch_options_are_usage_errors(
@@ -337,6 +336,13 @@ def test_bad_sketch_options_are_usage_errors(
     root = square[0].parent
     assert_user_error(invoke("inspect-similarity", root, *options), message, code=2)
     assert_user_error(invoke("merge", root, "--out", tmp_path / "o", *options), message, code=2)
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_unknown_similarity_method_is_refused_while_parsing(square: list[Path], tmp_path: Path) -> None:
+    for command in (["inspect-similarity", square[0].parent], ["merge", square[0].parent, "--out", tmp_path / "o"]):
+        result = invoke(*command, "--similarity", "approximate")
+        assert result.exit_code == 2 and "'approximate' is not one of" in result.output
     assert not (tmp_path / "o").exists()
 
 

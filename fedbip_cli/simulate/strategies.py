@@ -209,13 +209,13 @@ def product_vectors(updates: RoundUpdates, tau: dict[str, torch.Tensor]) -> dict
     is the same for every client, so it does not change a cosine and is left out.)"""
     vectors: dict[str, torch.Tensor] = {}
     for name, stacked in tau.items():
-        if name.endswith(".lora_A"):
-            continue
-        if not name.endswith(".lora_B"):
-            vectors[name] = stacked
+        if name.endswith(".lora_A") and f"{name.removesuffix('.lora_A')}.lora_B" in tau:
             continue
         module = name.removesuffix(".lora_B")
         a, b = f"{module}.lora_A", name
+        if not name.endswith(".lora_B") or a not in tau:  # not a LoRA pair: its own τ
+            vectors[name] = stacked
+            continue
         vectors[f"{module}.product"] = torch.stack(
             [
                 updates.trained[c][b] @ updates.trained[c][a] - updates.bar[c][b] @ updates.bar[c][a]
