@@ -239,16 +239,7 @@ def merge(
     inputs = workspace.input_paths()
     check_out(out, inputs, overwrite, manifest.foreign_entries, UNLISTED)
     device = resolve_device(options.device)
-    similarity = similarity or inspect(
-        workspace,
-        granularity=options.granularity,
-        device=options.device,
-        progress=progress,
-        cache=cache,
-        similarity=options.similarity,
-        sketch_dim=options.sketch_dim,
-        sketch_seed=options.sketch_seed,
-    )
+    similarity = similarity or _similarity(workspace, options, progress, cache)
     lock = _checked_lock(workspace, out)
     with Outputs() as outputs:
         tmp = outputs.directory(out, inputs, overwrite=overwrite, owner=manifest.foreign_entries, why=UNLISTED)
@@ -285,16 +276,7 @@ def merge_sweep(
     inputs = workspace.input_paths()
     check_out(out, inputs, overwrite, sweep_foreign, SWEEP_UNLISTED)
     lock = _checked_lock(workspace, out)
-    similarity = inspect(
-        workspace,
-        granularity=first.granularity,
-        device=first.device,
-        progress=progress,
-        cache=cache,
-        similarity=first.similarity,
-        sketch_dim=first.sketch_dim,
-        sketch_seed=first.sketch_seed,
-    )
+    similarity = _similarity(workspace, first, progress, cache)
     results = []
     with Outputs() as outputs:
         tmp = outputs.directory(out, inputs, overwrite=overwrite, owner=sweep_foreign, why=SWEEP_UNLISTED)
@@ -309,6 +291,22 @@ def merge_sweep(
     for result in results:
         result.lock_written = lock is not None and not lock.locked
     return results
+
+
+def _similarity(
+    workspace: Workspace, options: MergeOptions, progress: Progress | None, cache: InnerProductCache | None
+) -> SimilarityResult:
+    """The similarity a merge with ``options`` computes (``inspect`` with its granularity, device and method)."""
+    return inspect(
+        workspace,
+        granularity=options.granularity,
+        device=options.device,
+        progress=progress,
+        cache=cache,
+        similarity=options.similarity,
+        sketch_dim=options.sketch_dim,
+        sketch_seed=options.sketch_seed,
+    )
 
 
 def sweep_foreign(out: Path) -> list[str]:
