@@ -177,6 +177,16 @@ CacheDir = Annotated[
 NoCache = Annotated[
     bool, typer.Option("--no-cache", help="Keep no inner products between runs (the results are the same).")
 ]
+# --device where a config file may give it (merge, inspect-similarity): None = the file's, else auto.
+ConfigDevice = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        help="auto (CUDA when available, default), cpu or cuda.",
+        show_default=False,
+        click_type=click.Choice(DEVICES),
+    ),
+]
 Similarity = Annotated[
     str | None,
     typer.Option(
@@ -434,15 +444,7 @@ def merge(
             show_default=False,
         ),
     ] = None,
-    device: Annotated[
-        str | None,
-        typer.Option(
-            "--device",
-            help="auto (CUDA when available, default), cpu or cuda.",
-            show_default=False,
-            click_type=click.Choice(DEVICES),
-        ),
-    ] = None,
+    device: ConfigDevice = None,
     similarity: Similarity = None,
     sketch_dim: SketchDim = None,
     sketch_seed: SketchSeed = None,
@@ -628,15 +630,7 @@ def inspect_similarity(
         ),
     ] = None,
     neighbours: Annotated[int, typer.Option(help="Nearest neighbours to list per client.", min=0)] = 3,
-    device: Annotated[
-        str | None,
-        typer.Option(
-            "--device",
-            help="auto (CUDA when available, default), cpu or cuda.",
-            show_default=False,
-            click_type=click.Choice(DEVICES),
-        ),
-    ] = None,
+    device: ConfigDevice = None,
     cache: CacheDir = None,
     no_cache: NoCache = False,
     similarity: Similarity = None,
