@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import click
 import typer
 import typer.core
 from rich.console import Console
@@ -66,6 +65,23 @@ Each command's --help shows its options, more examples and what it exits with.
 USAGE_HINT = "run the command with --help to see the accepted options and values"
 
 
+def _choice(values: tuple[str, ...]) -> dict[str, Any]:
+    """An option's accepted values, through typer's public ``parser`` (typer 0.29 vendors click and has
+    no ``click_type``; flwr holds typer below 0.21): any other value is refused while parsing, exit code
+    2, with the values named; --help shows them as the option's metavar, and completion offers them."""
+
+    def parse(value: str) -> str:
+        if value not in values:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(map(repr, values))}.")
+        return value
+
+    return {"parser": parse, "metavar": "[" + "|".join(values) + "]", "autocompletion": lambda: list(values)}
+
+
+# click's base of every usage error, whichever click typer runs on (its own copy since 0.29).
+USAGE_ERRORS = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def _json_error(code: str, message: str, hint: str | None) -> None:
     """An error under --json: one JSON object on stdout (``schemas/error.schema.json``)."""
     sys.stdout.write(json.dumps({"code": code, "message": message, "hint": hint}, ensure_ascii=False) + "\n")
@@ -84,10 +100,10 @@ class Commands(typer.core.TyperGroup):
             return super().main(argv, prog_name, complete_var, standalone_mode=standalone, **extra)
         try:
             code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.ClickException as exc:
+        except USAGE_ERRORS as exc:
             _json_error("usage", exc.format_message(), USAGE_HINT)
             code = exc.exit_code
-        except click.Abort:
+        except typer.Abort:
             _json_error("interrupted", "interrupted", None)
             code = INTERRUPTED
         sys.exit(code if isinstance(code, int) else 0)
@@ -131,7 +147,7 @@ Granularity = Annotated[
         "--granularity",
         help="model (default), block or module.",
         show_default=False,
-        click_type=click.Choice(GRANULARITIES),
+        **_choice(GRANULARITIES),
     ),
 ]
 Base = Annotated[
@@ -151,9 +167,7 @@ ConfigFile = Annotated[
         show_default=False,
     ),
 ]
-Device = Annotated[
-    str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.", click_type=click.Choice(DEVICES))
-]
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.", **_choice(DEVICES))]
 Heads = Annotated[
     str | None,
     typer.Option(
@@ -163,7 +177,7 @@ Heads = Annotated[
         "compared and merged) or exclude (left out of the similarity and the outputs). Without it, saved "
         "modules the base lacks are refused.",
         show_default=False,
-        click_type=click.Choice(HEADS),
+        **_choice(HEADS),
     ),
 ]
 CacheDir = Annotated[
@@ -184,7 +198,7 @@ ConfigDevice = Annotated[
         "--device",
         help="auto (CUDA when available, default), cpu or cuda.",
         show_default=False,
-        click_type=click.Choice(DEVICES),
+        **_choice(DEVICES),
     ),
 ]
 Similarity = Annotated[
@@ -194,7 +208,7 @@ Similarity = Annotated[
         help="exact (factor space, the default) or sketch: seeded random sketches whose Gram costs K²·M²/2 per module, "
         "for thousands of adapters (LoRA parts sketched, dense parts such as heads exact; approximate, see --sketch-dim).",
         show_default=False,
-        click_type=click.Choice(SIMILARITY_METHODS),
+        **_choice(SIMILARITY_METHODS),
     ),
 ]
 SketchDim = Annotated[
@@ -374,7 +388,7 @@ def merge(
         typer.Option(
             help="paper (S⁺ normalised per row, default) or softmax.",
             show_default=False,
-            click_type=click.Choice(WEIGHTING_NAMES),
+            **_choice(WEIGHTING_NAMES),
         ),
     ] = None,
     negative: Annotated[
@@ -382,7 +396,7 @@ def merge(
         typer.Option(
             help="clip (negatively similar clients get weight 0, default) or keep.",
             show_default=False,
-            click_type=click.Choice(NEGATIVE_MODES),
+            **_choice(NEGATIVE_MODES),
         ),
     ] = None,
     temperature: Annotated[
@@ -403,7 +417,7 @@ def merge(
         typer.Option(
             help="svd: exact merge truncated to --rank (default); cat: exact, rank = sum of ranks; linear: A and B averaged separately (FedIT-style, inexact, equal ranks only).",
             show_default=False,
-            click_type=click.Choice(COMBINE_NAMES),
+            **_choice(COMBINE_NAMES),
         ),
     ] = None,
     rank: Annotated[
@@ -415,7 +429,7 @@ def merge(
             help="Dtype of the merged adapters: auto (default: the inputs' dtype when they all agree, else float32), "
             "float32, float16 or bfloat16. float16/bfloat16 round the exact cat merge to their precision.",
             show_default=False,
-            click_type=click.Choice(DTYPE_NAMES),
+            **_choice(DTYPE_NAMES),
         ),
     ] = None,
     clip_norm: Annotated[
@@ -613,9 +627,7 @@ def inspect_similarity(
     heads: Heads = None,
     layerwise: Layerwise = False,
     granularity: Granularity = None,
-    output_format: Annotated[
-        str, typer.Option("--format", help="table, json or csv.", click_type=click.Choice(FORMATS))
-    ] = "table",
+    output_format: Annotated[str, typer.Option("--format", help="table, json or csv.", **_choice(FORMATS))] = "table",
     as_json: Annotated[bool, typer.Option("--json", help="The same as --format json.")] = False,
     heatmap: Annotated[
         Path | None,
@@ -807,7 +819,7 @@ def simulate(
         typer.Option(
             help="inprocess (every client in this process) or flower (Flower's Simulation Engine: one "
             "SuperNode per client; needs fedbip's flower extra: `python -m pip install '.\\[flower]'` in a clone).",
-            click_type=click.Choice(ENGINES),
+            **_choice(ENGINES),
         ),
     ] = "inprocess",
     attack: Annotated[

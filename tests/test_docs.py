@@ -20,8 +20,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import click
 import pytest
 import torch
 import typer.main
@@ -114,7 +114,7 @@ def commands(text: str) -> list[list[str]]:
     return found
 
 
-def options_of(command: click.Command) -> set[str]:
+def options_of(command: Any) -> set[str]:
     return {name for param in command.params for name in (*param.opts, *param.secondary_opts)}
 
 
@@ -128,7 +128,7 @@ def test_every_example_is_run_or_marked_illustrative_with_a_reason() -> None:
 @pytest.mark.parametrize("block", [b for b in ALL if b.language in ("bash", "sh", "console", "")], ids=lambda b: b.id)
 def test_documented_commands_and_options_exist(block: Block) -> None:
     group = typer.main.get_command(app)
-    assert isinstance(group, click.Group)
+    assert hasattr(group, "commands")  # a command group, whichever click typer runs on
     for words in commands(block.text):
         name = words[1] if len(words) > 1 and not words[1].startswith("-") else None
         if name is None:
@@ -213,7 +213,7 @@ def test_help_examples_use_existing_options() -> None:
     """The examples in each command's --help (its epilog), and in fedbip --help, are documentation too; each
     also lists the exit codes."""
     group = typer.main.get_command(app)
-    assert isinstance(group, click.Group)
+    assert hasattr(group, "commands")  # a command group, whichever click typer runs on
     for name, command in group.commands.items():
         examples = commands(command.epilog or "")
         assert examples, f"fedbip {name} --help shows no example"
@@ -348,7 +348,7 @@ def test_shell_completion_is_documented_and_completes_commands_and_options() -> 
     assert {"--install-completion", "--show-completion"} <= documented
     fedbip = Path(sys.executable).parent / "fedbip"
     group = typer.main.get_command(app)
-    assert isinstance(group, click.Group)
+    assert hasattr(group, "commands")  # a command group, whichever click typer runs on
     for name, command in group.commands.items():
         env = {**os.environ, "_FEDBIP_COMPLETE": "complete_bash", "COMP_CWORD": "1", "COMP_WORDS": f"fedbip {name[:3]}"}
         offered = subprocess.run([str(fedbip)], env=env, capture_output=True, text=True, timeout=60).stdout.split()

@@ -321,7 +321,6 @@ def test_causal_lm_loss_and_perplexity_match_a_float64_reference(tmp_path: Path)
 
 def test_the_ci_example_gates_publication_with_existing_options() -> None:
     """examples/ci/publish-if-better.yml: merge --sweep, then evaluate --fail-if-worse before the upload."""
-    import click
     import typer.main
     import yaml
 
@@ -332,7 +331,7 @@ def test_the_ci_example_gates_publication_with_existing_options() -> None:
     assert "--sweep" in runs[0] and "--fail-if-worse" in runs[1] and "--pick" in runs[1]
     assert [s.get("uses", "").split("@")[0] for s in steps].index("actions/upload-artifact") == len(steps) - 1
     group = typer.main.get_command(app)
-    assert isinstance(group, click.Group)
+    assert hasattr(group, "commands")  # a command group, whichever click typer runs on
     for words in runs:
         command = group.commands[words[1]]
         known = {name for param in command.params for name in (*param.opts, *param.secondary_opts)}

@@ -64,3 +64,26 @@ def test_readme_and_ci_example_install_what_exists() -> None:
         assert not re.search(r"pip install '?fedbip(\[\w+\])?'?\s(?!\s*@)", text), text[:200]  # a name, not a URL
     assert f"fedbip-{__version__}-py3-none-any.whl" in install and f"fedbip-{__version__}-py3-none-any.whl" in readme
     assert "python -m pip install ." in readme and "pip wheel" in readme
+
+
+def test_the_package_uses_only_typers_public_api() -> None:
+    """Users run fedbip on two typers: below 0.21 (flwr's pin, the [flower] extra) and the newest (a plain
+    install), which vendors its own click and dropped ``click_type``. So no module imports click or a
+    private typer module, and no option passes ``click_type`` (the wheel's ``fedbip --help`` failed so)."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "fedbip_cli").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.keyword) and node.arg == "click_type":
+                names = ["click_type="]
+            bad = [
+                n for n in names if n == "click_type=" or n.split(".")[0] == "click" or "._" in f".{n}" and "typer" in n
+            ]
+            found += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in bad]
+    assert not found, found
