@@ -36,7 +36,9 @@ from fedbip_cli.defaults import (
     MIN_TEMPERATURE,
     NEGATIVE_MODES,
     RESAMPLES,
+    SELECTION_GRID,
     SIMILARITY_METHODS,
+    VALIDATION_FRACTION,
     WEIGHTING_NAMES,
 )
 from fedbip_cli.errors import FedbipError, UsageError
@@ -871,6 +873,18 @@ def simulate(
         int, typer.Option(help="universal-expert: public unlabeled sentences held out of every client.")
     ] = 256,
     distill_steps: Annotated[int, typer.Option(help="universal-expert: distillation steps per round.")] = 16,
+    select_on_validation: Annotated[
+        bool,
+        typer.Option(
+            "--select-on-validation",
+            help="Each client holds out --validation-fraction of its training sentences and, every round, keeps "
+            "the best on them of its own trained model, the merge it receives and their interpolations "
+            f"(λ = {', '.join(f'{w:g}' for w in SELECTION_GRID)}); the server sees nothing new.",
+        ),
+    ] = False,
+    validation_fraction: Annotated[
+        float, typer.Option(help="The share of each client's training sentences held out by --select-on-validation.")
+    ] = VALIDATION_FRACTION,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("fedbip-simulation"),
     export_data: Annotated[
         Path | None,
@@ -899,6 +913,8 @@ def simulate(
         seed_list = parse_seeds(seeds) if seeds is not None else None
         if engine == "flower" and attack != "none":
             raise UsageError("--attack is not wired to --engine flower", hint="use --engine inprocess")
+        if engine == "flower" and select_on_validation:
+            raise UsageError("--select-on-validation is not wired to --engine flower", hint="use --engine inprocess")
         if engine == "flower" and export_data is not None:
             raise UsageError(
                 "--export-data is not wired to --engine flower",
@@ -940,6 +956,7 @@ def simulate(
             tap_temperature=tap_temperature,
             public_examples=public_examples,
             distill_steps=distill_steps,
+            select_on_validation=validation_fraction if select_on_validation else None,
         )
 
         def round_line(name: str, round_: int, accuracy: float | None) -> None:

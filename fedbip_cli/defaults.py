@@ -34,3 +34,7 @@ EVALUATE_MAX_LENGTH = 32
 EVALUATE_BATCH_SIZE = 128
 RESAMPLES = 2000
 CONFIDENCE = 0.95
+# simulate --select-on-validation (``simulate.selection``): the share of each client's training sentences
+# it holds out, and the merge's shares λ it chooses among (0: its own trained model, 1: the merge).
+VALIDATION_FRACTION = 0.25
+SELECTION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)

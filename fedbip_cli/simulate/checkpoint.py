@@ -48,6 +48,13 @@ class StrategyRun:
     server: dict[str, State] = field(default_factory=dict)
     # Per round: {"round", "server_seconds", "client_seconds": {client: seconds}} (the cost of each round).
     timings: list[dict[str, Any]] = field(default_factory=list)
+    # The model each client chose to keep (--select-on-validation, ``selection``); a client absent here
+    # keeps the merged θ̄ the server sent it.
+    own: dict[str, State] = field(default_factory=dict)
+
+    def personal(self, client: str) -> State:
+        """The model ``client`` trains from and is tested with: its own choice, else its θ̄."""
+        return self.own.get(client, self.bar[client])
 
 
 def _digest(meta: str, flat: dict[str, torch.Tensor]) -> str:
@@ -67,7 +74,7 @@ def save(path: Path, run: StrategyRun, config: dict[str, Any]) -> None:
     # refuses tensors that share memory: save a copy of each.
     flat = {
         f"{kind}/{client}/{name}": t.clone(memory_format=torch.contiguous_format)
-        for kind, states in (("bar", run.bar), ("memory", run.memory), ("server", run.server))
+        for kind, states in (("bar", run.bar), ("memory", run.memory), ("own", run.own), ("server", run.server))
         for client, state in states.items()
         for name, t in state.items()
     }
@@ -158,15 +165,15 @@ def _check_meta(
 
 def _states(
     path: Path, flat: dict[str, torch.Tensor], clients: list[str], reference: State, server: dict[str, State]
-) -> tuple[dict[str, State], dict[str, State], dict[str, State]]:
-    """Split the file's tensors into θ̄ and memory per client, each checked against ``reference``,
+) -> tuple[dict[str, State], dict[str, State], dict[str, State], dict[str, State]]:
+    """Split the file's tensors into θ̄, memory and own choice per client, each checked against ``reference``,
     and a method's server states by name, each checked against ``server`` (its initial state)."""
-    states: dict[str, dict[str, State]] = {"bar": {}, "memory": {}, "server": {}}
+    states: dict[str, dict[str, State]] = {"bar": {}, "memory": {}, "own": {}, "server": {}}
     for key, tensor in flat.items():
         kind, _, rest = key.partition("/")
         client, _, name = rest.partition("/")
         if kind not in states:
-            raise _fail(path, f"tensor {key!r} is neither bar/ nor memory/ nor server/")
+            raise _fail(path, f"tensor {key!r} is none of bar/, memory/, own/ and server/")
         if kind != "server" and client not in clients:
             raise _fail(path, f"tensor {key!r} names an unknown client {client!r}")
         expected = server.get(client, {}) if kind == "server" else reference
@@ -198,7 +205,7 @@ def _states(
         for kind, by_client in states.items()
     }
     kept = {key: {name: states["server"][key][name] for name in state} for key, state in server.items()}
-    return ordered["bar"], ordered["memory"], kept
+    return ordered["bar"], ordered["memory"], ordered["own"], kept
 
 
 def load(
@@ -241,7 +248,7 @@ def load(
     except (json.JSONDecodeError, RecursionError):
         raise _fail(path, "header is not valid JSON") from None
     meta = _check_meta(path, meta, strategy, config, defaults or {})
-    bar, memory, kept = _states(path, flat, clients, reference, server or {})
+    bar, memory, own, kept = _states(path, flat, clients, reference, server or {})
     run = StrategyRun(strategy, meta["round"], bar, meta["metrics"], meta["similarity"], meta["seconds"], memory)
-    run.server, run.timings = kept, meta["timings"]
+    run.server, run.timings, run.own = kept, meta["timings"], own
     return run

@@ -12,7 +12,7 @@ import importlib.util
 import io
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,9 @@ class ClientData:
     test_labels: list[int]
     num_labels: int
     group: int | None = None  # the true task group when known; never shown to the algorithm
+    # Held out of the training sentences (``simulate --select-on-validation``; ``selection``), else empty.
+    validation_texts: list[str] = field(default_factory=list)
+    validation_labels: list[int] = field(default_factory=list)
 
 
 def _bbc_dir() -> Path:
@@ -232,9 +235,9 @@ def _row(path: Path, line: int, text: object, label: object, labelled: bool = Tr
     """Validate one row; return its text and its label as a string (None when not ``labelled``)."""
     where = f"{path}:{line}"
     # An empty CSV cell counts as a missing label; an empty text is reported as empty.
-    for field, missing in (("text", text is None), ("label", labelled and (label is None or label == ""))):
+    for column, missing in (("text", text is None), ("label", labelled and (label is None or label == ""))):
         if missing:
-            raise _data_error(f"row has no '{field}' field; every row needs text and label", where)
+            raise _data_error(f"row has no '{column}' field; every row needs text and label", where)
     if not isinstance(text, str):
         raise _data_error(f"'text' is {text!r}; expected a string", where)
     if not text.strip():

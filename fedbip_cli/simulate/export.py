@@ -1,6 +1,7 @@
 """``simulate --export-data DIR``: each client's sentences as the files ``--data`` and ``evaluate`` read.
 
-``DIR/train/<client>.jsonl`` and ``DIR/test/<client>.jsonl`` hold one ``{"text": ..., "label": ...}``
+``DIR/train/<client>.jsonl``, ``DIR/test/<client>.jsonl`` and, with --select-on-validation, the held-out
+``DIR/validation/<client>.jsonl`` hold one ``{"text": ..., "label": ...}``
 object a line (the label by name), the very split the run trains and evaluates on; with several seeds
 each seed's partition goes into ``DIR/seed-<s>/``. ``simulate --data DIR/train`` reads the training
 files back as clients; ``evaluate --data DIR/test --base OUT/base`` scores adapters on the test files.
@@ -32,8 +33,10 @@ def export_data(config: SimulationConfig, directory: Path, *, seed_list: Sequenc
 
 
 def write_clients(clients: Sequence[ClientData], label_names: Sequence[str], directory: Path) -> None:
-    """``directory/train/<client>.jsonl`` and ``directory/test/<client>.jsonl`` for each client."""
-    for split in ("train", "test"):
+    """``directory/train/<client>.jsonl`` and ``directory/test/<client>.jsonl`` for each client, and
+    ``directory/validation/<client>.jsonl`` when the clients hold validation sentences out."""
+    held = any(client.validation_texts for client in clients)
+    for split in ("train", "validation", "test") if held else ("train", "test"):
         (directory / split).mkdir(parents=True)
         for client in clients:
             texts, labels = getattr(client, f"{split}_texts"), getattr(client, f"{split}_labels")

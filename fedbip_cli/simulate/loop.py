@@ -24,7 +24,7 @@ from fedbip_cli.defence import ClipNorm
 from fedbip_cli.errors import FedbipError, OutputError, UsageError
 from fedbip_cli.outdir import foreign_refusal
 from fedbip_cli.shown import shown
-from fedbip_cli.simulate import attacks, checkpoint, fedmerge, tap, universal
+from fedbip_cli.simulate import attacks, checkpoint, fedmerge, selection, tap, universal
 from fedbip_cli.simulate.attacks import Attack
 from fedbip_cli.simulate.checkpoint import StrategyRun
 from fedbip_cli.simulate.data import ClientData, load_bbc, load_bbc_annotated, load_client_files
@@ -107,6 +107,9 @@ class SimulationConfig:
     tap_temperature: float = tap.TEMPERATURE  # TAP's distillation temperature
     public_examples: int = universal.PUBLIC_EXAMPLES  # the universal expert's unlabeled public sentences
     distill_steps: int = universal.DISTILL_STEPS  # the universal expert's distillation steps per round
+    # --select-on-validation: the share of each client's training sentences it holds out to choose, every
+    # round, between its own trained model and the merge (``selection``); None: no choice, no hold-out.
+    select_on_validation: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha, float) and math.isinf(self.alpha) and self.alpha > 0:
@@ -130,6 +133,13 @@ class SimulationConfig:
             raise UsageError(
                 f"--attack and --clip-norm are not wired to {', '.join(methods)}",
                 hint="compare these strategies without poisoning, or drop them from --compare",
+            )
+        selection.check_fraction(self.select_on_validation)
+        if self.select_on_validation is not None and (methods or self.attack != "none"):
+            what = f"the methods {', '.join(methods)}" if methods else "--attack"
+            raise UsageError(
+                f"--select-on-validation is not wired to {what}: they keep their own client models",
+                hint="compare the server-step strategies (fedbip, fedbip-layerwise, fedamp, ...) with it",
             )
         if self.partition not in PARTITIONS:
             raise UsageError(f"unknown partition {self.partition!r}; choose one of {', '.join(PARTITIONS)}")
@@ -162,6 +172,8 @@ class ClientTokens:
     test: Tokens
     test_labels: torch.Tensor
     group: int | None
+    validation: Tokens | None = None  # the held-out sentences (``selection``), when the client holds some
+    validation_labels: torch.Tensor | None = None
 
 
 def config_from_dict(values: dict[str, Any]) -> SimulationConfig:
@@ -178,7 +190,15 @@ Progress = Callable[[str, int], Callable[[int], None]]
 
 
 def load_clients(config: SimulationConfig) -> tuple[list[ClientData], list[str]]:
-    """The clients' data: the user's files (--data) or the embedded BBC News, partitioned."""
+    """The clients' data: the user's files (--data) or the embedded BBC News, partitioned; with
+    --select-on-validation, each client's validation sentences held out of its training ones."""
+    clients, labels = _partitioned(config)
+    if config.select_on_validation is not None:
+        selection.split_validation(clients, config.select_on_validation, config.seed)
+    return clients, labels
+
+
+def _partitioned(config: SimulationConfig) -> tuple[list[ClientData], list[str]]:
     if config.data_dir is not None:
         clients, labels = load_client_files(Path(config.data_dir), test_fraction=config.test_fraction, seed=config.seed)
         if config.examples_per_client is not None:  # the first N of each client's (shuffled) train split
@@ -248,6 +268,7 @@ def build_model(config: SimulationConfig, label_names: list[str], *, device: str
 
 def tokenize_client(model: ClientModel, client: ClientData) -> ClientTokens:
     """One client's sentences tokenized for ``model``."""
+    held = bool(client.validation_texts)
     return ClientTokens(
         client.name,
         model.tokenize(client.train_texts),
@@ -255,6 +276,8 @@ def tokenize_client(model: ClientModel, client: ClientData) -> ClientTokens:
         model.tokenize(client.test_texts),
         torch.tensor(client.test_labels),
         client.group,
+        model.tokenize(client.validation_texts) if held else None,
+        torch.tensor(client.validation_labels) if held else None,
     )
 
 
@@ -395,6 +418,16 @@ def metric_rows(
     ]
 
 
+def selection_fields(rows: list[dict[str, Any]], choices: dict[str, selection.Choice]) -> list[dict[str, Any]]:
+    """``rows`` with each client's choice of the round (--select-on-validation): λ, the merge's share of
+    the model it keeps, and that model's validation accuracy; None for a client that did not choose."""
+    for row in rows:
+        choice = choices.get(row["client"])
+        row["selected_weight"] = None if choice is None else choice.weight
+        row["validation_accuracy"] = None if choice is None else choice.accuracy
+    return rows
+
+
 def _traffic_fields(traffic: tuple[int, int]) -> dict[str, int]:
     return {"uplink_bytes": traffic[0], "downlink_bytes": traffic[1]}
 
@@ -474,11 +507,29 @@ class Simulation:
             return reply, time.perf_counter() - start
         if round_ == 1 and data.name in self._first_round:
             return self._first_round[data.name]
-        state, loss = train_client(self.model, self.config, data, run.bar[data.name], round_, index)
-        done = ClientReply(state, loss, (run.bar[data.name],)), time.perf_counter() - start
+        merged, own = run.bar[data.name], run.personal(data.name)
+        state, loss = train_client(self.model, self.config, data, own, round_, index)
+        if own is not merged:  # a selecting client: it keeps what it trained, sends the merge plus its update
+            reply = ClientReply(selection.sent_state(merged, own, state), loss, (merged,), kept=state)
+        else:
+            reply = ClientReply(state, loss, (merged,), kept=state if self.config.select_on_validation else None)
+        done = reply, time.perf_counter() - start
         if round_ == 1:
             self._first_round[data.name] = done
         return done
+
+    def _select(self, run: StrategyRun, kept: dict[str, State]) -> dict[str, selection.Choice]:
+        """--select-on-validation after the server's step: each participant keeps the best of its own
+        trained model and the merge it receives (``selection.select``)."""
+        choices: dict[str, selection.Choice] = {}
+        for data in self.data:
+            if data.name in kept and data.validation is not None and data.validation_labels is not None:
+                choice = selection.select(
+                    self.model, data.validation, data.validation_labels, kept[data.name], run.bar[data.name]
+                )
+                run.own[data.name] = choice.state
+                choices[data.name] = choice
+        return choices
 
     def run_strategy(
         self, strategy: str, *, resume: bool, progress: Progress | None = None, on_round: RunCallback | None = None
@@ -501,10 +552,13 @@ class Simulation:
             losses: dict[str, float] = {}
             traffic: dict[str, tuple[int, int]] = {}
             client_seconds: dict[str, float] = {}
+            kept: dict[str, State] = {}
             for index, data in enumerate(self.data):
                 if data.name in chosen:
                     reply, client_seconds[data.name] = self._client_round(run, method, round_, index, data)
                     losses[data.name] = reply.loss
+                    if reply.kept is not None:
+                        kept[data.name] = reply.kept
                     # what an attacker sends (``attacks.Attack.update``)
                     trained[data.name] = self.attack.update(data.name, run.bar[data.name], reply.sent)
                     silent = strategy in SILENT
@@ -532,6 +586,11 @@ class Simulation:
             )
             server_seconds = time.perf_counter() - start
             run.seconds["server"] += server_seconds
+            start = time.perf_counter()
+            choices = self._select(run, kept) if self.config.select_on_validation is not None else {}
+            for client in choices:  # the choice is the client's work
+                client_seconds[client] += (time.perf_counter() - start) / len(choices)
+            run.seconds["train"] += time.perf_counter() - start
             if round_ == self.config.rounds and method is not None and method.finish is not None:
                 for index, data in enumerate(self.data):  # the method's post-training phase
                     start = time.perf_counter()
@@ -546,12 +605,11 @@ class Simulation:
             if evaluates(self.config, round_):
                 start = time.perf_counter()
                 for data in self.data:
-                    accuracy[data.name] = evaluate_client(self.model, data, run.bar[data.name])
-                    rates[data.name] = self.attack.rates(self.model, data.name, run.bar[data.name])
+                    accuracy[data.name] = evaluate_client(self.model, data, run.personal(data.name))
+                    rates[data.name] = self.attack.rates(self.model, data.name, run.personal(data.name))
                 run.seconds["eval"] += time.perf_counter() - start
-            run.metrics.extend(
-                metric_rows(strategy, round_, self.names, examples, losses, accuracy, self.attack, rates, traffic)
-            )
+            rows = metric_rows(strategy, round_, self.names, examples, losses, accuracy, self.attack, rates, traffic)
+            run.metrics.extend(selection_fields(rows, choices) if self.config.select_on_validation else rows)
             run.timings.append({"round": round_, "server_seconds": server_seconds, "client_seconds": client_seconds})
             run.round = round_
             self.save_checkpoint(run)

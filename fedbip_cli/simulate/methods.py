@@ -87,6 +87,8 @@ class ClientReply:
     sent: State  # what it sends the server
     loss: float  # the mean task loss of its training
     received: tuple[State, ...]  # what the server sent it this round (its sizes: the downlink bytes)
+    # What it trained and keeps when that is not what it sends (--select-on-validation: ``selection``).
+    kept: State | None = None
 
 
 @dataclass(frozen=True)

@@ -310,8 +310,8 @@ def _write_adapters(model: ClientModel, runs: list[StrategyRun], out: Path, base
     shutil.rmtree(root, ignore_errors=True)
     for run in runs:
         directory = root if len(runs) == 1 else root / run.strategy
-        for client, state in run.bar.items():
-            model.save_adapter(state, directory / client, base=base_path)
+        for client in run.bar:  # the model each client keeps (its own choice under --select-on-validation)
+            model.save_adapter(run.personal(client), directory / client, base=base_path)
 
 
 def _write_groups(clients: list[ClientInfo], out: Path) -> None:
@@ -344,6 +344,16 @@ def cost_summary(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
+def selection_summary(metrics: list[dict[str, Any]]) -> dict[str, float]:
+    """Under --select-on-validation: ``selected_weight``, the mean over clients of the merge's share λ
+    in the model each kept at its last choice (0: its own, 1: the merge); else nothing."""
+    last: dict[str, float] = {}
+    for row in metrics:
+        if row.get("selected_weight") is not None:
+            last[row["client"]] = row["selected_weight"]
+    return {"selected_weight": sum(last.values()) / len(last)} if last else {}
+
+
 def _summary(
     config: SimulationConfig, clients: list[ClientInfo], labels: list[str], runs: list[StrategyRun], device: str
 ) -> dict[str, Any]:
@@ -368,6 +378,7 @@ def _summary(
             entry["ari"] = adjusted_rand_index(found, [groups[c] for c in similarity.clients])
         entry.update(weight_summary(run.similarity[-1].get("weights") if run.similarity else None))
         entry.update(honest_summary(run.metrics))  # under --attack: ASR and accuracy of the honest clients
+        entry.update(selection_summary(run.metrics))
         cost = cost_summary(run.metrics)
         if cost is not None:
             entry["cost"] = cost

@@ -261,6 +261,8 @@ def run_federation(
     """
     if config.attack != "none":  # attackers are simulated clients; a real federation's are not configured
         raise UsageError("attack is not wired to Flower", hint="run it with fedbip simulate in-process")
+    if config.select_on_validation is not None:  # the ClientApp keeps no model of its own between rounds
+        raise UsageError("--select-on-validation is not wired to Flower", hint="run it with fedbip simulate in-process")
     check_flower_strategies(config)
     out = Path(out)
     check_out(out, resume=resume, overwrite=overwrite)
