@@ -26,6 +26,10 @@ In the tables, a strategy with weights also shows its final self-weight and own-
 (``simulate.weight_trace``), and the ``shift`` section says how much of the oracle's gain over local
 training each FedBip recovers. With ``--default``, RUN is the
 default run (``fedbip simulate --out RUN``) and its time and accuracy go into docs/simulate.md.
+With ``--selection SELECTING``, SELECTING is a ``--select-on-validation`` run of the seeds of RUN: each
+of its strategies against the same strategy without selection and against local training in RUN, with
+the verdict "keeps the best of both" (neither beats it) or "beats both"; ``--write-docs`` puts it into
+docs/simulate.md's ``selection`` section.
 """
 
 from __future__ import annotations
@@ -257,6 +261,46 @@ def precondition_table(runs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def selection_table(reference: Path, selecting: Path) -> str:
+    """Markdown: each strategy of the ``--select-on-validation`` run ``selecting`` beside the same
+    strategy without selection and local training in ``reference`` (the seeds both have), the paired
+    differences, the final λ (the merge's share in the kept model) and the verdict."""
+    plain, chosen = load(reference), load(selecting)
+    common = [seed for seed in plain if seed in chosen]
+    lines = [
+        "| strategy | with selection | without | local | − without, per seed | − local, per seed | final λ | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in chosen[common[0]]["strategies"]:
+        mine = [chosen[s]["strategies"][name]["mean_accuracy"] for s in common]
+        without = [plain[s]["strategies"][name]["mean_accuracy"] for s in common]
+        local = [plain[s]["strategies"]["local"]["mean_accuracy"] for s in common]
+        weight = [chosen[s]["strategies"][name]["selected_weight"] for s in common]
+        against = {b: [m - o for m, o in zip(mine, other)] for b, other in (("without", without), ("local", local))}
+        results = {b: outcome(d) for b, d in against.items()}
+        if all(r == "beats" for r in results.values()):
+            verdict = "**beats both**"
+        elif all(r != "trails" for r in results.values()):
+            verdict = "keeps the best of both"
+        else:
+            verdict = "no: " + " and ".join(
+                f"{'it' if b == 'without' else b} beats it" for b, r in results.items() if r == "trails"
+            )
+        cells = [" ".join(f"{d:+.3f}" for d in against[b]) + f" ({statistics.fmean(against[b]):+.3f})" for b in against]
+        lines.append(
+            f"| {name} | {spread(mine)} | {spread(without)} | {spread(local)} | {cells[0]} | {cells[1]} | "
+            f"{spread(weight, 2)} | {verdict} |"
+        )
+    config = chosen[common[0]]["config"]
+    lines.append(
+        f"\nSeeds {', '.join(map(str, common))}; each selecting client held out {config['select_on_validation']:g} of "
+        "its training sentences; final λ: the merge's share in the model each client kept at the last round "
+        "(0: its own trained model, 1: the merge), mean over clients, mean ± sd over seeds. *Verdicts*: the "
+        "rule of the check (beats: ahead in every seed and by more than the differences' sd)."
+    )
+    return "\n".join(lines)
+
+
 def separation_table(run: Path, seeds: list[int], strategy: str) -> str:
     """Markdown: gap and ARI per kind of vector and round, mean over seeds, for ``strategy``'s run."""
     by_key: dict[tuple[str, int], list[tuple[float, float]]] = {}
@@ -317,6 +361,9 @@ def main() -> None:
         help="RUNs are local/oracle runs per regime and N: the precondition table",
     )
     parser.add_argument("--default", action="store_true", help="RUN is the default run: write its cost into the docs")
+    parser.add_argument(
+        "--selection", type=Path, metavar="SELECTING", help="a --select-on-validation run of RUN's seeds: its table"
+    )
     parser.add_argument("--pairs", default=DEFAULT_PAIRS, help="comma-separated A:B strategy pairs")
     parser.add_argument(
         "--write-docs", choices=("shift", "limited", "ample", "methods"), help="write the docs' sections of this regime"
@@ -329,6 +376,12 @@ def main() -> None:
             write_generated(ROOT / "docs" / "simulate.md", "precondition", text)
         return
     args.run = args.run[0]
+    if args.selection:
+        text = selection_table(args.run, args.selection)
+        print(text)
+        if args.write_docs:
+            write_generated(ROOT / "docs" / "simulate.md", "selection", text)
+        return
     if args.default:
         text = default_run(args.run)
         print(text)
