@@ -5,12 +5,16 @@ For each setting (a learning rate and a seed) this runs six simulations — no a
 (64 training sentences each, one attacker), 12 rounds, evaluated at the last, then tabulates, per
 strategy, the honest clients', the attacker's group mate's and the attacker's attack success rate
 (ASR), clean target rate and accuracy. ``--write-docs`` writes the tables into
-``docs/threat-model.md``'s ``simulate-attacks`` section.
+``docs/threat-model.md``'s ``simulate-attacks`` section. With ``--methods`` the runs compare the methods
+with client or server state of their own (FedOA, FedMerge, TAP, the universal expert: a scaled attacker
+multiplies its update from what the server sent it, and ``--clip-norm`` bounds the sent states before the
+method aggregates them) instead of FedBip and FedAvg, in their own work directory and section,
+``simulate-attacks-methods``.
 
 A run that was stopped is continued (``--resume``: the checkpoints of its last complete round), and
 a finished one is read back, so the script can be run again after an interruption.
 
-    .venv/bin/python benchmarks/attack_sim.py [--settings lr4,lr4-seed1[,default]] [--jobs 1] [--write-docs]
+    .venv/bin/python benchmarks/attack_sim.py [--settings lr4,lr4-seed1[,default]] [--methods] [--jobs 1] [--write-docs]
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ ROUNDS = 12
 ATTACKS = ("none", "scaled", "backdoor")
 DEFENCES = ("none", "auto")
 STRATEGIES = ("fedbip", "fedavg")
+METHODS = ("fedoa", "fedmerge", "tap", "universal-expert")
 COMMON = [
-    "--compare", ",".join(STRATEGIES), "--clients", "6", "--groups", "3", "--examples-per-client", "64", "--partition", "tasks", "--alpha", "1",
+    "--clients", "6", "--groups", "3", "--examples-per-client", "64", "--partition", "tasks", "--alpha", "1",
     "--rounds", str(ROUNDS), "--eval-every", str(ROUNDS), "--device", "cpu", "--json",
 ]  # fmt: skip
 
@@ -55,9 +60,10 @@ SETTINGS = {
 }
 
 
-def command(setting: Setting, attack: str, defence: str, out: Path) -> list[str]:
+def command(setting: Setting, attack: str, defence: str, out: Path, strategies: tuple[str, ...]) -> list[str]:
     """The ``fedbip simulate`` command line of one run."""
-    line = [str(Path(sys.executable).parent / "fedbip"), "simulate", *COMMON, "--seed", str(setting.seed)]
+    line = [str(Path(sys.executable).parent / "fedbip"), "simulate", "--compare", ",".join(strategies), *COMMON]
+    line += ["--seed", str(setting.seed)]
     if setting.lr is not None:
         line += ["--lr", str(setting.lr)]
     if attack != "none":
@@ -67,7 +73,7 @@ def command(setting: Setting, attack: str, defence: str, out: Path) -> list[str]
     return [*line, "--out", str(out), "--resume"]
 
 
-def run(setting: Setting, attack: str, defence: str, work: Path, threads: int) -> Path:
+def run(setting: Setting, attack: str, defence: str, work: Path, threads: int, strategies: tuple[str, ...]) -> Path:
     """One simulation, or the finished one already in ``work``; its output directory."""
     out = work / setting.name / f"{attack}-{defence}"
     if (out / "summary.json").is_file():
@@ -75,7 +81,8 @@ def run(setting: Setting, attack: str, defence: str, work: Path, threads: int) -
     out.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
     with (out.parent / f"{attack}-{defence}.log").open("w") as log:
-        done = subprocess.run(command(setting, attack, defence, out), env=env, stdout=log, stderr=subprocess.STDOUT)
+        line = command(setting, attack, defence, out, strategies)
+        done = subprocess.run(line, env=env, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise SystemExit(f"{out}: fedbip simulate failed (exit {done.returncode}); see its .log")
     return out
@@ -115,7 +122,7 @@ def parts(rows: list[dict], strategy: str, attacker: str, mates: list[str]) -> t
     )
 
 
-def table(runs: Runs, attacker: str, mates: list[str]) -> str:
+def table(runs: Runs, attacker: str, mates: list[str], strategies: tuple[str, ...]) -> str:
     """The setting's markdown table."""
     lines = [
         "| attack | server defence | strategy | honest clients: ASR (clean rate) | honest accuracy "
@@ -125,7 +132,7 @@ def table(runs: Runs, attacker: str, mates: list[str]) -> str:
     for attack in ATTACKS:
         for defence in DEFENCES:
             shown = "`--clip-norm auto`" if defence == "auto" else "none"
-            for strategy in STRATEGIES:
+            for strategy in strategies:
                 honest, mate, bad = parts(runs[attack, defence][0], strategy, attacker, mates)
                 if attack == "none":
                     cells = [
@@ -151,12 +158,12 @@ def table(runs: Runs, attacker: str, mates: list[str]) -> str:
     return "\n".join(lines)
 
 
-def lifts(runs: Runs, attacker: str, mates: list[str]) -> str:
+def lifts(runs: Runs, attacker: str, mates: list[str], strategies: tuple[str, ...]) -> str:
     """The findings in numbers: per strategy, the backdoor's lift (ASR − clean rate) on the honest
     clients and the group mate, and what the scaled attack costs the honest clients' accuracy,
     each without / with ``--clip-norm auto``."""
     lines = []
-    for strategy in STRATEGIES:
+    for strategy in strategies:
         lift, cost = [], []
         for defence in DEFENCES:
             honest, mate, _ = parts(runs["backdoor", defence][0], strategy, attacker, mates)
@@ -178,33 +185,39 @@ def lifts(runs: Runs, attacker: str, mates: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", default="lr4,lr4-seed1", help=f"comma-separated, of {', '.join(SETTINGS)}")
-    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work" / "attacks")
+    parser.add_argument("--work", type=Path, help="default: benchmarks/.work/attacks (-methods)")
+    parser.add_argument("--methods", action="store_true", help=f"compare {', '.join(METHODS)} instead")
     parser.add_argument("--jobs", type=int, default=1, help="simulations at once")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per simulation")
     parser.add_argument("--write-docs", action="store_true", help="write docs/threat-model.md's section")
     args = parser.parse_args()
     settings = [SETTINGS[name] for name in args.settings.split(",")]
+    strategies = METHODS if args.methods else STRATEGIES
+    work = args.work or ROOT / "benchmarks" / ".work" / ("attacks-methods" if args.methods else "attacks")
     note = load_note()
     tasks = [(s, a, d) for s in settings for a in ATTACKS for d in DEFENCES]
     with ThreadPoolExecutor(args.jobs) as pool:
-        outs = dict(zip(tasks, pool.map(lambda t: run(*t, args.work, args.threads), tasks)))
+        outs = dict(zip(tasks, pool.map(lambda t: run(*t, work, args.threads, strategies), tasks)))
     sections = []
     for setting in settings:
         mine = {(a, d): last_round(outs[setting, a, d]) for (s, a, d) in tasks if s == setting}
         attacker, mates = roles(setting, mine)
         who = f"the attacker is {attacker}, its group mate {', '.join(mates)}"
         sections.append(
-            f"**{setting.title}**; {who}:\n\n{table(mine, attacker, mates)}\n\n{lifts(mine, attacker, mates)}"
+            f"**{setting.title}**; {who}:\n\n{table(mine, attacker, mates, strategies)}\n\n"
+            f"{lifts(mine, attacker, mates, strategies)}"
         )
         print(sections[-1], end="\n\n")
     if args.write_docs:
         head = (
             f"6 clients in 3 conflicting task groups, 64 training and 400 test sentences each, one attacker; "
             f"{ROUNDS} rounds × 4 local steps of batch 16, evaluated at round {ROUNDS}. Each row is one run of\n"
-            f"`fedbip simulate {' '.join(COMMON[:-1])} --seed S [--lr LR] [--attack A --attackers 1] "
+            f"`fedbip simulate --compare {','.join(strategies)} {' '.join(COMMON[:-1])} --seed S [--lr LR] "
+            "[--attack A --attackers 1] "
             "[--clip-norm auto]`."
         )
-        write_generated(ROOT / "docs" / "threat-model.md", "simulate-attacks", "\n\n".join([head, *sections]), note)
+        section = "simulate-attacks-methods" if args.methods else "simulate-attacks"
+        write_generated(ROOT / "docs" / "threat-model.md", section, "\n\n".join([head, *sections]), note)
 
 
 if __name__ == "__main__":

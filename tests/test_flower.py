@@ -34,7 +34,7 @@ from fedbip_cli.cli import app
 from fedbip_cli.errors import FedbipError, SourceError, UsageError
 from fedbip_cli.simulate.attacks import choose_attackers, scaled_update
 from fedbip_cli.simulate.flower.apps import client_app, expected_clients, introduce, run_federation
-from fedbip_cli.simulate.flower.carriage import KEPT, client_view, kept_state, store_kept
+from fedbip_cli.simulate.flower.carriage import KEPT, client_view, kept_state, server_from, store_kept
 from fedbip_cli.simulate.flower.clientdata import own_files, relabel
 from fedbip_cli.simulate.flower.credentials import write_credentials
 from fedbip_cli.simulate.flower.engine import simulate_on_flower
@@ -777,6 +777,20 @@ class InProcessGrid:
         return [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
 
 
+def sent_to(message: Message, name: str) -> dict[str, torch.Tensor]:
+    """The state the server sent client ``name`` in a train message, which its reply updates: θ̄, or for
+    a method what its verbs make of the server state it carries (``Method.sent_from``)."""
+    if ARRAYS in message.content.array_records:
+        return from_record(message.content[ARRAYS])
+    config = message.content[CONFIG]
+    method = METHODS[str(config["strategy"])](replace(METHOD_RUN, strategies=(str(config["strategy"]),)))
+    clients = json.loads(str(config["clients"]))
+    view = client_view(
+        str(config["strategy"]), int(config["server-round"]), clients, name, {}, server_from(message.content)
+    )
+    return method.sent_from(view, [name])[name]
+
+
 def hostile_client_app(corrupt: Corrupt) -> Callable[[Message, Context], Message]:
     """fedbip's ClientApp, except that a train reply carries ``corrupt(client, state sent, state trained)``
     instead of the trained state, where that is not None."""
@@ -785,7 +799,7 @@ def hostile_client_app(corrupt: Corrupt) -> Callable[[Message, Context], Message
         answer = client_app(message, context)
         if message.metadata.message_type == MessageType.TRAIN and not answer.has_error():
             name = str(answer.content[CONFIG]["client"])
-            changed = corrupt(name, from_record(message.content[ARRAYS]), from_record(answer.content[ARRAYS]))
+            changed = corrupt(name, sent_to(message, name), from_record(answer.content[ARRAYS]))
             if changed is not None:
                 answer.content[ARRAYS] = to_record(changed)
         return answer
@@ -814,10 +828,14 @@ def test_a_nan_client_is_left_out_and_the_run_goes_on(
         assert all(bool(torch.isfinite(t).all()) for t in adapter(tmp_path / "out", "fedbip", client).values())
 
 
-def test_clip_norm_bounds_a_scaled_update_on_flower_bitwise_as_in_process(identity: None, tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["fedbip", *METHODS])
+def test_clip_norm_bounds_a_scaled_update_on_flower_bitwise_as_in_process(
+    identity: None, tmp_path: Path, strategy: str
+) -> None:
     """A ClientApp that sends its update ×10 (``attacks.scaled_update``) with --clip-norm auto gives, through
-    the ServerApp, bit for bit the adapters of in-process ``--attack scaled --attack-scale 10 --clip-norm auto``."""
-    config = replace(TINY, strategies=("fedbip",), rounds=1, clip_norm="auto")
+    the ServerApp, bit for bit the adapters of in-process ``--attack scaled --attack-scale 10 --clip-norm auto``,
+    for FedBip and for every method (whose sent states are clipped before it aggregates them)."""
+    config = replace(METHOD_RUN, strategies=(strategy,), rounds=1 if strategy == "fedbip" else 2, clip_norm="auto")
     simulate(replace(config, attack="scaled", attackers=1, attack_scale=10.0), tmp_path / "inprocess", device="cpu")
     (attacker,) = choose_attackers(CLIENTS, 1, config.seed)
 
@@ -826,7 +844,7 @@ def test_clip_norm_bounds_a_scaled_update_on_flower_bitwise_as_in_process(identi
 
     run_federation(InProcessGrid(hostile_client_app(scaled), 3), config, tmp_path / "flower")
     for client in CLIENTS:
-        got, want = adapter(tmp_path / "flower", "fedbip", client), adapter(tmp_path / "inprocess", "fedbip", client)
+        got, want = adapter(tmp_path / "flower", strategy, client), adapter(tmp_path / "inprocess", strategy, client)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), client
     clipped = read_jsonl(tmp_path / "flower" / "similarity.jsonl")[0]["clip"]
     assert clipped == read_jsonl(tmp_path / "inprocess" / "similarity.jsonl")[0]["clip"]

@@ -20,9 +20,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fedbip_cli.cli import app
+from fedbip_cli.defence import ClipNorm
 from fedbip_cli.errors import AdapterError, UsageError
 from fedbip_cli.simulate import checkpoint, tap
 from fedbip_cli.simulate.checkpoint import StrategyRun
+from fedbip_cli.simulate.clipping import clip_sent
 from fedbip_cli.simulate.data import ClientData, TextDataset
 from fedbip_cli.simulate.fedmerge import FedMerge, W, distinct_starts, fedmerge_step, merged, theta_key
 from fedbip_cli.simulate.loop import SimulationConfig, state_bytes
@@ -171,12 +173,75 @@ def test_fedoa_global_follows_fedavg_bit_for_bit_and_a_resumed_run_ends_the_same
     assert resumed.keys() == a.keys() and all(torch.equal(resumed[k], a[k]) for k in a)
 
 
-def test_config_checks_the_lambda_and_refuses_attacks_with_methods() -> None:
+def test_config_checks_the_lambda_and_takes_attacks_and_clipping_with_methods() -> None:
     assert FedOA().weight == 0.5 == CONFIG.fedoa_lambda
     with pytest.raises(UsageError, match="fedoa-lambda"):
         replace(CONFIG, fedoa_lambda=-1.0)
-    with pytest.raises(UsageError, match="not wired to fedoa"):
-        replace(CONFIG, attack="scaled", attackers=1, attack_scale=10.0)
+    defended = replace(CONFIG, attack="scaled", attackers=1, attack_scale=10.0, clip_norm="auto")
+    assert defended.attack == "scaled" and defended.clip_norm == "auto"
+
+
+def test_clip_sent_against_float64() -> None:
+    """r_k + c_k (θ_k − r_k), c_k = min(1, bound / ‖θ_k − r_k‖), the bound the median norm (or K× it):
+    by hand in float64, with one reference shared (FedOA) and one per client (FedMerge)."""
+    g = torch.Generator().manual_seed(5)
+    clients = ["a", "b", "c", "d"]
+    shared = {"w": torch.randn(3, 4, generator=g), "h": torch.randn(4, generator=g)}
+    for references in (
+        {c: shared for c in clients},
+        {c: {k: torch.randn(v.shape, generator=g) for k, v in shared.items()} for c in clients},
+    ):
+        trained = {
+            c: {
+                k: references[c][k] + (10.0 if c == "c" else 1.0) * torch.randn(v.shape, generator=g)
+                for k, v in shared.items()
+            }
+            for c in clients
+        }
+        for spec, multiple in (("auto", 1.0), ("2x", 2.0)):
+            clipped, record = clip_sent(trained, references, clients, ClipNorm.parse(spec))
+            norms = [
+                math.sqrt(sum(float(((trained[c][k].double() - references[c][k].double()) ** 2).sum()) for k in shared))
+                for c in clients
+            ]
+            ordered = sorted(norms)
+            bound = multiple * (ordered[1] + ordered[2]) / 2  # the median of four
+            assert record["model"]["bound"] == pytest.approx(bound, rel=1e-12)
+            assert record["model"]["norms"] == pytest.approx(dict(zip(clients, norms)), rel=1e-12)
+            for c, norm in zip(clients, norms):
+                scale = min(1.0, bound / norm)
+                for k in shared:
+                    want = references[c][k].double() + scale * (trained[c][k].double() - references[c][k].double())
+                    torch.testing.assert_close(clipped[c][k].double(), want, rtol=0, atol=1e-6)
+                if scale == 1.0:
+                    assert clipped[c] is trained[c]  # an unclipped update is passed on untouched
+                else:
+                    assert record["model"]["clipped"][c] == pytest.approx(scale, rel=1e-12)
+            assert "c" in record["model"]["clipped"]
+
+
+def test_fedoa_clipped_before_aggregation_equals_clipped_fedavg_weights() -> None:
+    """FedOA's FedAvg is linear in the sent states, so clipping them before it (``clip_sent``) equals
+    clipping inside FedAvg's weights (``clip_plan``'s column scaling): two mechanisms, one result."""
+    g = torch.Generator().manual_seed(9)
+    clients = ["a", "b", "c"]
+    initial = {"w": torch.randn(4, 2, generator=g)}
+    trained = {c: {"w": initial["w"] + (8.0 if c == "b" else 1.0) * torch.randn(4, 2, generator=g)} for c in clients}
+    examples = {"a": 10, "b": 20, "c": 30}
+    clip = ClipNorm.parse("auto")
+    run = StrategyRun("fedoa", 0, {c: dict(initial) for c in clients}, server={GLOBAL: dict(initial)})
+    sent, _ = clip_sent(trained, FedOA().sent_from(run, clients), clients, clip)
+    plain = RoundUpdates(clients, clients, run.bar, sent, examples, {c: None for c in clients}, initial)
+    fedavg_round(run, plain, GLOBAL)
+    inside = StrategyRun("fedoa", 0, {c: dict(initial) for c in clients}, server={GLOBAL: dict(initial)})
+    weighted = RoundUpdates(
+        clients, clients, inside.bar, trained, examples, {c: None for c in clients}, initial, clip=clip
+    )
+    fedavg_round(inside, weighted, GLOBAL)
+    torch.testing.assert_close(run.server[GLOBAL]["w"], inside.server[GLOBAL]["w"], rtol=0, atol=1e-6)
+    assert not torch.allclose(
+        run.server[GLOBAL]["w"], initial["w"] + sum(t["w"] - initial["w"] for t in trained.values()) / 3
+    )
 
 
 def test_cli_refuses_a_negative_lambda(tmp_path: Path) -> None:

@@ -198,6 +198,10 @@ class FedMerge:
         sent, loss = fit(received, None)
         return ClientReply(sent, loss, (received,))
 
+    def sent_from(self, run: StrategyRun, clients: list[str]) -> dict[str, State]:
+        order = list(run.bar)  # each row alone, as ``client_round`` computes it
+        return {client: self.received(run, [order.index(client)])[0] for client in clients}
+
     def server_round(
         self, run: StrategyRun, updates: RoundUpdates, server: ServerContext
     ) -> tuple[RoundUpdates, ServerStep]:

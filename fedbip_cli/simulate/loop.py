@@ -13,7 +13,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from fedbip_cli.shown import shown
 from fedbip_cli.simulate import attacks, checkpoint, fedmerge, selection, tap, universal
 from fedbip_cli.simulate.attacks import Attack
 from fedbip_cli.simulate.checkpoint import StrategyRun
+from fedbip_cli.simulate.clipping import clip_sent
 from fedbip_cli.simulate.data import ClientData, load_bbc, load_bbc_annotated, load_client_files
 from fedbip_cli.simulate.methods import FEDOA_LAMBDA, METHODS, ClientReply, Fit, Method, ServerContext
 from fedbip_cli.simulate.model import ClientModel, Regularizer, Tokens, embedded_model_dir
@@ -129,11 +130,6 @@ class SimulationConfig:
             if not getattr(self, name) > 0:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} must be positive")
         methods = [s for s in self.strategies if s in METHODS]
-        if methods and (self.attack != "none" or self.clip_norm is not None):
-            raise UsageError(
-                f"--attack and --clip-norm are not wired to {', '.join(methods)}",
-                hint="compare these strategies without poisoning, or drop them from --compare",
-            )
         selection.check_fraction(self.select_on_validation)
         if self.select_on_validation is not None and (methods or self.attack != "none"):
             what = f"the methods {', '.join(methods)}" if methods else "--attack"
@@ -350,7 +346,13 @@ def server_round(
     else:
         if context is None:
             raise UsageError(f"strategy {run.strategy}'s server step needs the server's context")
+        clipped = None
+        if clip is not None:  # bounded before the method aggregates them its own way
+            trained, clipped = clip_sent(trained, method.sent_from(run, chosen), chosen, clip)
+            updates = replace(updates, trained=trained, clip=None)
         updates, step = method.server_round(run, updates, context)
+        if clipped is not None:
+            step = replace(step, clip=clipped)
     run.bar, run.memory = step.bar, step.memory
     record = similarity_record(run.strategy, round_, step)
     record["separation"] = separation_record(updates, step)
@@ -560,7 +562,7 @@ class Simulation:
                     if reply.kept is not None:
                         kept[data.name] = reply.kept
                     # what an attacker sends (``attacks.Attack.update``)
-                    trained[data.name] = self.attack.update(data.name, run.bar[data.name], reply.sent)
+                    trained[data.name] = self.attack.update(data.name, reply.received[0], reply.sent)
                     silent = strategy in SILENT
                     traffic[data.name] = (
                         0 if silent else state_bytes(trained[data.name]),

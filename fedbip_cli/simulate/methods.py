@@ -20,6 +20,9 @@ A ``Method`` is a registered strategy with a few verbs, in the spirit of Flower'
   a server that runs it, as the universal expert's distillation does), the public unlabeled
   sentences (for a method with ``needs_public``: ``partition.public_sentences``, tokenized, as
   ``loop.Simulation`` holds them), the round and the seed;
+- what the server sent: ``sent_from(run, clients) -> {client: state}``, for each participant the state
+  the server sent it this round, which its reply updates (the reference from which ``--clip-norm``
+  bounds a method's updates, ``clipping.clip_sent``, and a scaled attacker multiplies its own);
 - post-training phase: ``finish(model, run, client, data, fit)``, called for every client after the
   last round's server step and before that round's evaluation and checkpoint (so a run interrupted
   before the end redoes the last round with its phase, and resumes identically); ``finish`` is None
@@ -118,6 +121,8 @@ class Method(Protocol):
         self, run: StrategyRun, updates: RoundUpdates, server: ServerContext
     ) -> tuple[RoundUpdates, ServerStep]: ...
 
+    def sent_from(self, run: StrategyRun, clients: list[str]) -> dict[str, State]: ...
+
 
 def feature_regularizer(target: torch.Tensor, weight: float) -> Regularizer:
     """λ · mean_b ‖h_b − target_b‖²: the distance of a batch's features h (batch, hidden) to the
@@ -187,6 +192,9 @@ class FedOA:
         self, run: StrategyRun, updates: RoundUpdates, server: ServerContext
     ) -> tuple[RoundUpdates, ServerStep]:
         return fedavg_round(run, updates, GLOBAL)
+
+    def sent_from(self, run: StrategyRun, clients: list[str]) -> dict[str, State]:
+        return {client: run.server[GLOBAL] for client in clients}
 
 
 def _fedmerge(config: Any) -> Method:

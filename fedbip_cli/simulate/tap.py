@@ -137,6 +137,9 @@ class TAP:
     ) -> tuple[RoundUpdates, ServerStep]:
         return fedavg_round(run, updates, GLOBAL)
 
+    def sent_from(self, run: StrategyRun, clients: list[str]) -> dict[str, State]:
+        return {client: run.server[GLOBAL] for client in clients}
+
     def finish(self, model: ClientModel, run: StrategyRun, client: str, data: ClientTokens, fit: Fit) -> None:
         """Fine-tune the client's personal model with distillation from the final global model."""
         if self.kd_steps == 0:

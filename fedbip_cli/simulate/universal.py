@@ -120,6 +120,9 @@ class UniversalExpert:
         sent, loss = fit(received, None)
         return ClientReply(sent, loss, (received, run.bar[client]))
 
+    def sent_from(self, run: StrategyRun, clients: list[str]) -> dict[str, State]:
+        return {client: run.server[EXPERT] for client in clients}
+
     def server_round(
         self, run: StrategyRun, updates: RoundUpdates, server: ServerContext
     ) -> tuple[RoundUpdates, ServerStep]:
