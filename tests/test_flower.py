@@ -849,3 +849,33 @@ def test_clip_norm_bounds_a_scaled_update_on_flower_bitwise_as_in_process(
     clipped = read_jsonl(tmp_path / "flower" / "similarity.jsonl")[0]["clip"]
     assert clipped == read_jsonl(tmp_path / "inprocess" / "similarity.jsonl")[0]["clip"]
     assert all(attacker in group["clipped"] for group in clipped.values())  # the ×10 update was scaled down
+
+
+def test_the_serverapps_overwrite_keeps_the_old_run_until_the_new_one_is_complete(
+    identity: None, tmp_path: Path
+) -> None:
+    """run_federation(overwrite=True), as a deployment's ServerApp runs it: while the new run trains, the
+    old run is still whole in OUT (staged beside it, swapped through merge's journal); a run that fails
+    mid-way leaves the old run as it was; a finished one replaces it and leaves nothing beside it."""
+    config = replace(TINY, strategies=("fedbip",), rounds=1)
+    out = tmp_path / "run"
+    run_federation(InProcessGrid(client_app, 3), config, out)
+    old = (out / "summary.json").read_bytes()
+    seen: list[bool] = []
+
+    def watching(message: Message, context: Context) -> Message:
+        seen.append((out / "summary.json").read_bytes() == old)
+        return client_app(message, context)
+
+    def failing(message: Message, context: Context) -> Message:
+        if message.metadata.message_type == MessageType.TRAIN:
+            raise KeyboardInterrupt  # a kill in the middle of the new run
+        return client_app(message, context)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(InProcessGrid(failing, 3), replace(config, seed=1), out, overwrite=True)
+    assert (out / "summary.json").read_bytes() == old
+    run_federation(InProcessGrid(watching, 3), replace(config, seed=1), out, overwrite=True)
+    assert seen and all(seen)
+    assert (out / "summary.json").read_bytes() != old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

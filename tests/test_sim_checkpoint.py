@@ -114,7 +114,7 @@ CASES = [
     (
         "unknown kind",
         {"tensors": renamed("memory/client-00/layer.lora_A", "extra/client-00/layer.lora_A")},
-        "neither bar/ nor memory/",
+        "none of bar/, memory/, own/ and server/",
     ),
     (
         "missing tensor",

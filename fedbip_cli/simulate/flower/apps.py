@@ -26,6 +26,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedbip_cli.errors import FedbipError, UsageError
+from fedbip_cli.outdir import Outputs, recover
 from fedbip_cli.simulate import checkpoint
 from fedbip_cli.simulate.flower.carriage import (
     FINISH,
@@ -51,12 +52,14 @@ from fedbip_cli.simulate.flower.records import (
 from fedbip_cli.simulate.flower.strategy import PersonalizedStrategy, Roster
 from fedbip_cli.simulate.loop import (
     CHECKPOINTS,
+    UNRECORDED,
     ClientTokens,
     SimulationConfig,
     StrategyRun,
     build_model,
     check_out,
     evaluate_client,
+    foreign_entries,
     load_clients,
     local_fit,
     prepare_out,
@@ -67,7 +70,7 @@ from fedbip_cli.simulate.loop import (
 from fedbip_cli.simulate.loop import METRICS as METRICS_FILE
 from fedbip_cli.simulate.methods import METHODS, check_flower_strategies
 from fedbip_cli.simulate.model import ClientModel
-from fedbip_cli.simulate.runner import SimulationResult, _write_jsonl, write_outputs
+from fedbip_cli.simulate.runner import BASE, SimulationResult, _write_jsonl, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -265,10 +268,35 @@ def run_federation(
         raise UsageError("--select-on-validation is not wired to Flower", hint="run it with fedbip simulate in-process")
     check_flower_strategies(config)
     out = Path(out)
-    check_out(out, resume=resume, overwrite=overwrite)
+    replace_old = check_out(out, resume=resume, overwrite=overwrite)
     roster = Roster(config, labels)
     roster.discover(grid, wait_for=expected_clients(config), timeout=round_timeout, strict=True)
-    prepare_out(out, resume=resume, overwrite=overwrite)  # once every client has joined: a failure leaves no trace
+    # Once every client has joined, so that a failure leaves no trace: an old run that --overwrite
+    # replaces is swapped out only when the new one is complete (``outdir.Outputs``, merge's journal).
+    federate = functools.partial(
+        _federate, grid, config, roster, resume=resume, round_timeout=round_timeout, min_train_nodes=min_train_nodes
+    )
+    if replace_old:
+        with Outputs() as outputs:
+            work = outputs.directory(out, overwrite=True, owner=foreign_entries, why=UNRECORDED)
+            return federate(work, base_path or out / BASE)
+    recover(out)  # what a killed --overwrite run left beside ``out``
+    prepare_out(out, resume=resume, overwrite=False)
+    return federate(out, base_path)
+
+
+def _federate(
+    grid: Grid,
+    config: SimulationConfig,
+    roster: Roster,
+    out: Path,
+    base_path: Path | None,
+    *,
+    resume: bool,
+    round_timeout: float,
+    min_train_nodes: int,
+) -> SimulationResult:
+    """``run_federation``'s rounds, every strategy's, with the clients of ``roster``, written into ``out``."""
     labels = roster.labels or []
     model = build_model(config, labels)
     initial = model.initial_state()
