@@ -9,8 +9,11 @@ per round is its time per round minus the in-process one. The engines:
 - inprocess: ``fedbip simulate`` (``runner.simulate``), every client in this process, in turn;
 - simulation: Flower's Simulation Engine (``--engine flower``), ClientApps on Ray, one CPU each;
 - deployment: a SuperLink and one SuperNode per client as processes on 127.0.0.1 and ``flwr run``
-  (``flower.local.LocalFederation``); each message to a SuperNode starts a new ClientApp process,
-  which imports torch, transformers and peft and loads its data and model.
+  (``flower.local.LocalFederation``); each message to a SuperNode starts a new ClientApp process, fedbip's
+  light relay (``flower.relay``), which hands it to the SuperNode's long-lived worker: the libraries,
+  data and model stay loaded across messages;
+- deployment-subprocess: the same with ``FEDBIP_FLOWER_WORKER=0``, as before the worker: each ClientApp
+  process imports torch, transformers and peft and loads its data and model itself.
 
 Every process uses ``--threads`` intra-op threads (default 1: the engines then give the same bits,
 which the benchmark checks; Flower runs several clients at once on a machine's cores).
@@ -63,9 +66,11 @@ def run_simulation_engine(config: SimulationConfig, out: Path) -> float:
     return time.perf_counter() - start
 
 
-def run_deployment(config: SimulationConfig, out: Path) -> float:
-    """From the SuperLink's start to the end of ``flwr run`` (SuperNodes started with it)."""
-    with LocalFederation(out.parent / f"{out.name}-federation") as federation:
+def run_deployment(config: SimulationConfig, out: Path, *, worker: bool = True) -> float:
+    """From the SuperLink's start to the end of ``flwr run`` (SuperNodes started with it); ``worker``:
+    the relay ClientApp hands messages to a long-lived worker (else each ClientApp process computes)."""
+    env = {"FEDBIP_FLOWER_WORKER": "1" if worker else "0"}
+    with LocalFederation(out.parent / f"{out.name}-federation", env={**os.environ, **env}) as federation:
         start = time.perf_counter()
         federation.start_superlink()
         for index in range(config.clients):
@@ -76,7 +81,12 @@ def run_deployment(config: SimulationConfig, out: Path) -> float:
         return time.perf_counter() - start
 
 
-ENGINES = {"inprocess": run_inprocess, "simulation": run_simulation_engine, "deployment": run_deployment}
+ENGINES = {
+    "inprocess": run_inprocess,
+    "simulation": run_simulation_engine,
+    "deployment": run_deployment,
+    "deployment-subprocess": lambda config, out: run_deployment(config, out, worker=False),
+}
 
 
 def largest_difference(a: Path, b: Path) -> float:
@@ -127,24 +137,30 @@ def main() -> None:
         f"{base.num_layers or 'all'} layers, {base.local_steps} local steps of batch {base.batch_size}; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s) per process"
     )
-    print(f"{'engine':<11} {'per round':>10} {'overhead':>10} {'fixed':>8} {'max |diff|':>11}")
+    print(f"{'engine':<22} {'per round':>10} {'overhead':>10} {'x in-proc':>9} {'fixed':>8} {'max |diff|':>11}")
+    inprocess = per_round.get("inprocess", float("nan"))
     for engine in engines:
-        overhead = per_round[engine] - per_round.get("inprocess", float("nan"))
+        overhead = per_round[engine] - inprocess
         diff = differences.get(engine, 0.0)
-        print(f"{engine:<11} {per_round[engine]:9.2f}s {overhead:+9.2f}s {fixed[engine]:7.1f}s {diff:11.3g}")
+        print(
+            f"{engine:<22} {per_round[engine]:9.2f}s {overhead:+9.2f}s {per_round[engine] / inprocess:9.2f} "
+            f"{fixed[engine]:7.1f}s {diff:11.3g}"
+        )
     if args.write_docs:
         names = {"inprocess": "in-process", "simulation": "Simulation Engine"}
-        names["deployment"] = f"Deployment Engine, {base.clients} SuperNodes"
+        names["deployment"] = f"Deployment Engine, {base.clients} SuperNodes (relay and worker)"
+        names["deployment-subprocess"] = f"Deployment Engine, {base.clients} SuperNodes (a ClientApp process computes)"
         rows = [
-            "| engine | per round | Flower's overhead per round | fixed (start-up, evaluation, outputs) "
+            "| engine | per round | × in-process | Flower's overhead per round | fixed (start-up, evaluation, outputs) "
             "| largest adapter difference |",
-            "|---|---|---|---|---|",
+            "|---|---|---|---|---|---|",
         ]
         for engine in engines:
-            overhead = "–" if engine == "inprocess" else f"{per_round[engine] - per_round['inprocess']:+.1f} s"
+            overhead = "–" if engine == "inprocess" else f"{per_round[engine] - inprocess:+.1f} s"
             diff = "–" if engine == "inprocess" else f"{differences[engine]:.3g}"
             rows.append(
-                f"| {names[engine]} | {per_round[engine]:.1f} s | {overhead} | {fixed[engine]:.0f} s | {diff} |"
+                f"| {names[engine]} | {per_round[engine]:.1f} s | {per_round[engine] / inprocess:.2f} | {overhead} "
+                f"| {fixed[engine]:.0f} s | {diff} |"
             )
         write_generated(ROOT / "docs" / "flower.md", "flower-overhead", "\n".join(rows), note)
     if args.json is not None:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -879,3 +880,72 @@ def test_the_serverapps_overwrite_keeps_the_old_run_until_the_new_one_is_complet
     assert seen and all(seen)
     assert (out / "summary.json").read_bytes() != old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_the_relay_clientapp_keeps_one_worker_per_supernode(
+    identity: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deployment's ClientApp (``relay``) imports no torch and hands each message to a long-lived worker:
+    two messages of one SuperNode are answered by the same worker process, with fedbip's ClientApp's
+    replies (the same as calling it here); another SuperNode gets its own worker; a bad client's error
+    comes back as fedbip's one line; the worker stops (socket removed) when asked."""
+    import signal
+
+    from fedbip_cli.simulate.flower import relay
+    from fedbip_cli.simulate.flower.worker import socket_path
+
+    check = subprocess.run(
+        [sys.executable, "-c", "import sys, fedbip_cli.simulate.flower.relay; print('torch' in sys.modules)"],
+        capture_output=True, text=True, env={**os.environ, **OFFLINE}, timeout=120,
+    )  # fmt: skip
+    assert check.stdout.strip() == "False", check.stderr
+    monkeypatch.setenv("FEDBIP_FLOWER_WORKER_IDLE", "60")
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+
+    def ask(node: dict[str, Any]) -> tuple[Message, Context]:
+        request = Message(
+            RecordDict({CONFIG: ConfigRecord({"config": config_to_json(TINY)})}),
+            message_type=MessageType.QUERY,
+            dst_node_id=1,
+        )
+        return request, Context(1, 7, node, RecordDict(), {})
+
+    workers = set()
+    caplog.set_level("DEBUG", logger="fedbip_cli.simulate.flower.relay")
+    try:
+        answers = []
+        for node in (
+            {"partition-id": 0, "num-partitions": 3},
+            {"partition-id": 0, "num-partitions": 3},
+            {"partition-id": 1, "num-partitions": 3},
+        ):
+            request, context = ask(node)
+            answers.append(relay.forward(request, context))
+            workers.add(socket_path(node))
+            expected = introduce(*ask(node))
+            assert dict(answers[-1].content[CLIENT]) == dict(expected.content[CLIENT])
+        assert len(workers) == 2 and all(path.exists() for path in workers)
+        pids = [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("worker ")]
+        assert len(pids) == 3 and pids[0] == pids[1] != pids[2], pids  # the first SuperNode's worker, twice
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        (bad / "train.jsonl").write_text('{"text": 3, "label": "a"}\n')
+        failed = relay.forward(*ask({"data-dir": str(bad)}))
+        workers.add(socket_path({"data-dir": str(bad)}))
+        assert failed.has_error() and "train.jsonl:1" in failed.error.reason
+    finally:
+        pids = [
+            int(p)
+            for p in subprocess.run(
+                ["pgrep", "-f", "fedbip_cli.simulate.flower.worker"], capture_output=True, text=True
+            ).stdout.split()
+        ]
+        for path in workers:
+            for pid in pids:
+                if str(path) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                    os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while any(path.exists() for path in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert not any(path.exists() for path in workers)

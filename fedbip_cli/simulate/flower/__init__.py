@@ -18,3 +18,7 @@ OFFLINE_ENV = {
 }
 for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
+
+# The action of a method's post-training train messages ("train.finish"): here, where the light relay
+# ClientApp (``relay``) can name it without importing the heavy apps.
+FINISH = "finish"

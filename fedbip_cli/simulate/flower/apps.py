@@ -28,8 +28,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedbip_cli.errors import FedbipError, UsageError
 from fedbip_cli.outdir import Outputs, recover
 from fedbip_cli.simulate import checkpoint
+from fedbip_cli.simulate.flower import FINISH
 from fedbip_cli.simulate.flower.carriage import (
-    FINISH,
     KEPT,
     KEPT_ROUND,
     client_view,

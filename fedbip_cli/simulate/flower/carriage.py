@@ -28,7 +28,6 @@ from fedbip_cli.simulate.strategies import State
 KEPT = "kept"  # the client's kept state, sent by the server when the client may lack it, and returned
 SERVER = "server/"  # the method's server state, one ArrayRecord per name
 KEPT_ROUND = "kept-round"  # the round the server's copy of the kept state was made in (0: θ⁰)
-FINISH = "finish"  # the action of the post-training phase's train messages ("train.finish")
 
 
 def server_records(server: dict[str, State]) -> dict[str, ArrayRecord]:

@@ -33,7 +33,8 @@ from fedbip_cli.defence import ClipNorm
 from fedbip_cli.errors import UsageError
 from fedbip_cli.simulate import loop
 from fedbip_cli.simulate.data import load_bbc
-from fedbip_cli.simulate.flower.carriage import FINISH, KEPT, KEPT_ROUND, server_records
+from fedbip_cli.simulate.flower import FINISH
+from fedbip_cli.simulate.flower.carriage import KEPT, KEPT_ROUND, server_records
 from fedbip_cli.simulate.flower.clientdata import check_name
 from fedbip_cli.simulate.flower.records import ARRAYS, CLIENT, CONFIG, METRICS, config_to_json, to_record
 from fedbip_cli.simulate.flower.validation import Expected, LeftOut, check_train_reply, sender, state_of
