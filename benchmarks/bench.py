@@ -4,7 +4,10 @@ For each workload (see ``workloads.py``: seeded fp16 PEFT adapters with planted 
 under ``benchmarks/.work/``), every contender runs in its own process on the same files, in this
 order, with the page cache warm (every input file is read once first):
 
-1. the I/O floor (``floor.py``): read every input byte, write the merged adapters' bytes;
+1. the I/O floor (``floor.py``): read every input byte, write the merged adapters' bytes; and the
+   arithmetic floor (``arithmetic.py``): a lower bound of the exact algorithm's float64 operations at
+   the machine's float64 GEMM rate, measured in the same run (merges are also reported against the
+   larger of the two floors);
 2. ``fedbip --version`` (once per run): the start-up every CLI run pays;
 3. ``fedbip merge DIR --out OUT --no-cache --json`` (global), the same with ``--layerwise``, and
    ``fedbip inspect-similarity DIR --no-cache --format json`` (stdout to a file, whose rows are
@@ -41,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import docgen, measure, report, workloads  # noqa: E402
 from benchmarks.contenders import FEDBIP, Run, fedbip_rows, python_rows  # noqa: E402
 
-CONTENDERS = ("floor", "startup", "merge", "merge-layerwise", "inspect", "sketch", "peft", "dense")
+CONTENDERS = ("floor", "arithmetic", "startup", "merge", "merge-layerwise", "inspect", "sketch", "peft", "dense")
 
 
 def child_env() -> dict[str, str]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import measure, workloads
+from benchmarks import arithmetic, measure, workloads
 from benchmarks.report import Row
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +37,7 @@ class Run:
     env: dict[str, str]
     rows: list[Row] = field(default_factory=list)
     floor: dict = field(default_factory=dict)
+    gemm: dict = field(default_factory=dict)  # GFLOP/s of float64 and float32 products (``arithmetic``)
 
     @property
     def label(self) -> str:
@@ -77,6 +78,12 @@ class Run:
         return measured, json.loads(result_path.read_text()) if measured.status == "ok" else None
 
 
+def max_floor(run: Run, *, write: bool) -> float | None:
+    """max(I/O floor, arithmetic floor) for a merge (``write``) or a similarity."""
+    floors = [f for f in (floor_seconds(run, write=write), arithmetic_seconds(run, merge=write)) if f]
+    return max(floors) if floors else None
+
+
 def floor_seconds(run: Run, *, write: bool = True) -> float | None:
     """The I/O floor to compare with: read + write for merges, read alone for similarity."""
     if not run.floor:
@@ -86,6 +93,39 @@ def floor_seconds(run: Run, *, write: bool = True) -> float | None:
 
 def ratio(seconds: float | None, floor: float | None) -> float | None:
     return None if seconds is None or not floor else seconds / floor
+
+
+GEMM_SIZE = 2048
+
+
+def arithmetic_seconds(run: Run, *, merge: bool) -> float | None:
+    """The arithmetic floor: ``arithmetic``'s lower bound of the exact merge's (or similarity's) float64
+    operations at this machine's float64 GEMM rate, measured in the same run."""
+    if not run.gemm:
+        return None
+    shapes = list(run.wl.modules().values())
+    flops = (arithmetic.merge_flops if merge else arithmetic.similarity_flops)(run.wl.clients, run.wl.rank, shapes)
+    return flops / (run.gemm["float64"] * 1e9)
+
+
+def gemm_row(run: Run) -> None:
+    """The machine's GEMM rates (a child with torch's default threads) and the arithmetic floor's row."""
+    measured, result = run.child("arithmetic.py", "gemm", {"size": GEMM_SIZE})
+    if result is None:
+        run.row("arithmetic", "arithmetic floor", measured)
+        return
+    run.gemm = result
+    seconds = arithmetic_seconds(run, merge=not run.wl.similarity_only)
+    flops = (seconds or 0.0) * result["float64"] * 1e9
+    run.row(
+        "arithmetic",
+        "arithmetic floor",
+        None,
+        wall_s=seconds,
+        how=f"{flops / 1e9:,.0f} GFLOP (a lower bound of the exact algorithm's float64 work: Grams, outputs from the "
+        f"shared basis, one product per client's SVD) at this machine's float64 GEMM rate, {result['float64']:.1f} "
+        f"GFLOP/s ({result['float32']:.1f} in float32), measured in this run",
+    )
 
 
 def floor_row(run: Run) -> None:
@@ -127,6 +167,7 @@ def cli(run: Run, key: str, label: str, args: list[str], *, write: bool) -> None
         per_client_s=measured.wall_s / run.wl.clients,
         stdout=str(stdout),
         floor_ratio=ratio(measured.wall_s, floor_seconds(run, write=write)),
+        both_ratio=ratio(measured.wall_s, max_floor(run, write=write)),
         how=f"`fedbip {shown} --device {run.args.device}`; vs the floor's " + ("read + write" if write else "read"),
     )
 
@@ -142,6 +183,8 @@ def fedbip_rows(run: Run) -> None:
     wl, clients = run.wl, str(run.gen.clients)
     if run.wanted("floor"):
         floor_row(run)
+    if run.wanted("arithmetic"):
+        gemm_row(run)
     if not wl.similarity_only:
         for key, label, extra in (
             ("merge", "fedbip merge", []),

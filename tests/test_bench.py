@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import measure  # noqa: E402
+from benchmarks.arithmetic import merge_flops, similarity_flops  # noqa: E402
 from benchmarks.paper_weights import paper_weights  # noqa: E402
 from benchmarks.workloads import client_names, workload  # noqa: E402
 
@@ -47,10 +48,17 @@ def test_bench_tiny_end_to_end(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
 
     rows = {row["key"]: row for row in json.loads(rows_path.read_text())["rows"]}
-    assert list(rows) == ["floor", "merge", "merge-layerwise", "inspect", "peft", "dense"]
+    assert list(rows) == ["floor", "arithmetic", "merge", "merge-layerwise", "inspect", "peft", "dense"]
     assert {row["status"] for row in rows.values()} == {"ok"}
     wl = workload("tiny")
     assert rows["floor"]["wall_s"] > 0
+    shapes = list(wl.modules().values())
+    floor = merge_flops(wl.clients, wl.rank, shapes) / (
+        json.loads((tmp_path / "work" / "tiny-0" / "runs" / "gemm.result.json").read_text())["float64"] * 1e9
+    )
+    assert rows["arithmetic"]["wall_s"] == pytest.approx(floor)
+    for key in ("merge", "merge-layerwise"):  # against the larger floor
+        assert rows[key]["both_ratio"] == pytest.approx(rows[key]["wall_s"] / max(floor, rows["floor"]["wall_s"]))
     for key in ("merge", "merge-layerwise"):
         assert rows[key]["rel_err"] < 2e-3  # fp16 outputs: storage rounding only
         assert rows[key]["energy_gap"] < 1e-4
@@ -79,6 +87,16 @@ def test_bench_tiny_end_to_end(tmp_path: Path) -> None:
     torch.testing.assert_close(ours, torch.tensor(manifest["groups"]["model"]["weights"], dtype=torch.float64))
     similarity = manifest["groups"]["model"]["similarity"]
     assert similarity[0][2] > max(similarity[0][1], similarity[1][2])  # clients 0 and 2 share a planted cluster
+
+
+def test_the_arithmetic_floor_counts_by_hand() -> None:
+    """K = 2 clients of rank 3 on a 10 × 7 module: n = 6 stacked columns, both sides' bases 6 wide.
+    Grams n²(d_out + d_in); outputs K · 2 d p R per side; one product per client's SVD, K · 2 p_B p_A R."""
+    assert merge_flops(2, 3, [(10, 7)]) == 36 * 17 + 2 * 2 * (10 * 6 + 7 * 6) * 3 + 2 * 2 * 6 * 6 * 3
+    assert similarity_flops(2, 3, [(10, 7), (10, 7)]) == 2 * 36 * 17
+    # 40 clients of rank 8 on 384 × 384: n = 320 < 384; 60 clients: n = 480, the bases stop at 384
+    assert merge_flops(60, 8, [(384, 384)]) == 480**2 * 768 + 60 * 2 * 2 * 384 * 384 * 8 + 60 * 2 * 384 * 384 * 8
+    assert merge_flops(2, 3, [(10, 7)], output_rank=1) < merge_flops(2, 3, [(10, 7)])
 
 
 def test_measure_own_peak_rss_timeout_and_failure() -> None:
