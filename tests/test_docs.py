@@ -391,13 +391,15 @@ def test_bench_summary_for_the_docs_takes_its_ratios_from_one_run() -> None:
 
     rows = [
         row("floor", 2.0, floor_ratio=1.0),
-        row("merge", 64.0, floor_ratio=16.0),
+        row("arithmetic", 8.0),
+        row("merge", 64.0, floor_ratio=16.0, both_ratio=8.0),
         row("peft", 76800.0, estimated=True),
         row("inspect", 26.0, clients=1000, name="many-clients"),
     ]
     assert report.speedups(rows) == {"7b-attn": 1200.0}
     tables = report.docs_tables(rows)
-    assert "| 7b-attn | 32 | 64 | 16.0 | 2 | ≈ 2,400 | **1,200×** | 700 |" in tables
+    assert "| 7b-attn | 32 | 64 | 16.0 | 8 | 8.0 | 2 | ≈ 2,400 | **1,200×** | 700 |" in tables
+    assert "| 7b-attn merge ≤ 2× max(I/O floor, arithmetic floor) | 8.0× | **missed** |" in tables
     assert "| many-clients: inspect | 1,000 | 26 | 700 |" in tables
     bullet = report.readme_bullet(rows)
     assert "32 clients of a 7B model's attention LoRA (1,075 MB) merged in 64 s, **1,200×** faster" in bullet
