@@ -283,9 +283,9 @@ def selection_table(reference: Path, selecting: Path) -> str:
         elif all(r != "trails" for r in results.values()):
             verdict = "keeps the best of both"
         else:
-            verdict = "no: " + " and ".join(
-                f"{'it' if b == 'without' else b} beats it" for b, r in results.items() if r == "trails"
-            )
+            who = {"without": f"{name} without selection", "local": "local training"}
+            beaten_by = [who[b] for b, r in results.items() if r == "trails"]
+            verdict = f"no: {' and '.join(beaten_by)} {'beat' if len(beaten_by) > 1 else 'beats'} it"
         cells = [" ".join(f"{d:+.3f}" for d in against[b]) + f" ({statistics.fmean(against[b]):+.3f})" for b in against]
         lines.append(
             f"| {name} | {spread(mine)} | {spread(without)} | {spread(local)} | {cells[0]} | {cells[1]} | "
