@@ -98,14 +98,17 @@ def ratio(seconds: float | None, floor: float | None) -> float | None:
 GEMM_SIZE = 2048
 
 
+def arithmetic_flops(run: Run, *, merge: bool) -> float:
+    """``arithmetic``'s lower bound of the exact merge's (or similarity's) float64 operations."""
+    shapes = list(run.wl.modules().values())
+    return (arithmetic.merge_flops if merge else arithmetic.similarity_flops)(run.wl.clients, run.wl.rank, shapes)
+
+
 def arithmetic_seconds(run: Run, *, merge: bool) -> float | None:
-    """The arithmetic floor: ``arithmetic``'s lower bound of the exact merge's (or similarity's) float64
-    operations at this machine's float64 GEMM rate, measured in the same run."""
+    """The arithmetic floor: ``arithmetic_flops`` at this machine's float64 GEMM rate, measured in the same run."""
     if not run.gemm:
         return None
-    shapes = list(run.wl.modules().values())
-    flops = (arithmetic.merge_flops if merge else arithmetic.similarity_flops)(run.wl.clients, run.wl.rank, shapes)
-    return flops / (run.gemm["float64"] * 1e9)
+    return arithmetic_flops(run, merge=merge) / (run.gemm["float64"] * 1e9)
 
 
 def gemm_row(run: Run) -> None:
@@ -116,7 +119,7 @@ def gemm_row(run: Run) -> None:
         return
     run.gemm = result
     seconds = arithmetic_seconds(run, merge=not run.wl.similarity_only)
-    flops = (seconds or 0.0) * result["float64"] * 1e9
+    flops = arithmetic_flops(run, merge=not run.wl.similarity_only)
     run.row(
         "arithmetic",
         "arithmetic floor",

@@ -511,7 +511,7 @@ class Simulation:
             return self._first_round[data.name]
         merged, own = run.bar[data.name], run.personal(data.name)
         state, loss = train_client(self.model, self.config, data, own, round_, index)
-        if own is not merged:  # a selecting client: it keeps what it trained, sends the merge plus its update
+        if data.name in run.own:  # a selecting client: it keeps what it trained, sends the merge plus its update
             reply = ClientReply(selection.sent_state(merged, own, state), loss, (merged,), kept=state)
         else:
             reply = ClientReply(state, loss, (merged,), kept=state if self.config.select_on_validation else None)
@@ -590,9 +590,10 @@ class Simulation:
             run.seconds["server"] += server_seconds
             start = time.perf_counter()
             choices = self._select(run, kept) if self.config.select_on_validation is not None else {}
+            elapsed = time.perf_counter() - start
             for client in choices:  # the choice is the client's work
-                client_seconds[client] += (time.perf_counter() - start) / len(choices)
-            run.seconds["train"] += time.perf_counter() - start
+                client_seconds[client] += elapsed / len(choices)
+            run.seconds["train"] += elapsed
             if round_ == self.config.rounds and method is not None and method.finish is not None:
                 for index, data in enumerate(self.data):  # the method's post-training phase
                     start = time.perf_counter()

@@ -35,7 +35,7 @@ from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedbip_cli.simulate.flower import FINISH
-from fedbip_cli.simulate.flower.worker import IDLE_SECONDS, receive, send, socket_path
+from fedbip_cli.simulate.flower.worker import IDLE_SECONDS, connect, receive, send, socket_path
 
 START_TIMEOUT = 120.0  # seconds to wait for a new worker's socket
 log = logging.getLogger(__name__)
@@ -62,27 +62,17 @@ def forward(message: Message, context: Context) -> Message:
 
 def _connect(path: Path) -> socket.socket:
     """A connection to the worker at ``path``, started first when none answers there."""
-    connection = _try(path)
+    connection = connect(path)
     if connection is not None:
         return connection
     _start(path)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        connection = _try(path)
+        connection = connect(path)
         if connection is not None:
             return connection
         time.sleep(0.05)
     raise RuntimeError(f"fedbip's Flower worker did not start at {path} within {START_TIMEOUT:.0f} s")
-
-
-def _try(path: Path) -> socket.socket | None:
-    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        connection.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError):
-        connection.close()
-        return None
-    return connection
 
 
 def _start(path: Path) -> None:

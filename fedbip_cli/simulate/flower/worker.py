@@ -147,14 +147,25 @@ def _stop(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-def _in_use(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def connect(path: Path) -> socket.socket | None:
+    """A connection to the worker listening at ``path``, or None when none answers there."""
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(str(path))
-    except OSError:
+        connection.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        connection.close()
+        return None
+    return connection
+
+
+def _in_use(path: Path) -> bool:
+    try:
+        probe = connect(path)
+    except OSError:  # any other failure to connect: nobody serves there either
         return False
-    finally:
-        probe.close()
+    if probe is None:
+        return False
+    probe.close()
     return True
 
 
